@@ -1,0 +1,1 @@
+"""distswitch: switcher networks that prune task networks, trained distributed."""

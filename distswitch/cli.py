@@ -1,0 +1,76 @@
+"""`distswitch` command line: train | export.
+
+User errors (bad config, missing data, unknown names) print one line and exit with status 2;
+`--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from distswitch.config import ConfigError, load_config
+from distswitch.registry import UnknownNameError
+
+USER_ERRORS = (ConfigError, UnknownNameError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distswitch", description="Switcher networks: train, prune, export.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a TNN (+ switcher) and export the compact model")
+    train.add_argument("config", help="YAML config, e.g. configs/fashion_lenet5.yaml")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 switcher.width=32")
+    train.add_argument("--summary-json", metavar="PATH", help="also write the final summary here")
+
+    export = sub.add_parser("export", help="compact model from a training checkpoint")
+    export.add_argument("checkpoint", help="e.g. outputs/run/checkpoints/best.pt")
+    export.add_argument("--out", required=True, help="where to write the compact model (.pt)")
+    return parser
+
+
+def _cmd_train(args) -> int:
+    from distswitch.run import train
+
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg, summary_json=args.summary_json)
+    dense, small = summary["dense"], summary["compact"]
+    print(
+        f"{summary['method']} {summary['model']} on {summary['dataset']}: "
+        f"test acc {summary['test_acc']:.4f} (val {summary['val_acc']:.4f}, epoch {summary['selected_epoch'] + 1}), "
+        f"kept {summary['kept_fraction']:.1%} of gated units, "
+        f"params {dense['params']:,} -> {small['params']:,}, MACs {dense['macs']:,} -> {small['macs']:,}"
+    )
+    print(f"results: {summary['out_dir']}/summary.json, compact model: {summary['model_path']}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from distswitch.run import export_checkpoint
+
+    result = export_checkpoint(args.checkpoint, args.out)
+    print(json.dumps({k: result[k] for k in ("kept_fraction", "dense", "compact", "model_path")}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from distswitch.data.datasets import DataError  # imported late: `--help` stays fast
+
+    try:
+        return {"train": _cmd_train, "export": _cmd_export}[args.command](args)
+    except (*USER_ERRORS, DataError) as exc:
+        if args.debug:
+            raise
+        print(f"distswitch: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distswitch: interrupted; the last epoch's checkpoint is in out_dir/checkpoints/last.pt", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

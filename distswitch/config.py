@@ -1,0 +1,301 @@
+"""Typed, frozen run configuration: YAML file + dotted overrides -> validated `Config`.
+
+The config is validated once, before anything runs, and crosses process boundaries as a plain dict
+(`Config.to_dict` / `Config.from_dict`). Names that depend on registries (models, datasets, methods,
+switchers) are checked against those registries by `validate_names` in cli/launch code, so this module
+stays at the top of the data flow and imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem: the message names the key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "lenet5"
+    gated: Literal["all", "fc", "classifier"] = "all"
+
+
+@dataclass(frozen=True)
+class SwitcherConfig:
+    arch: str = "rowwise"
+    width: int = 32
+    granularity: Literal["neuron", "connection"] = "neuron"
+    # Optional L1 penalty on the factors (mean over units) in SNN steps; 0 = the papers' setting.
+    l1: float = 0.0
+    # Factor value the switcher starts at (output bias), so a fresh switcher leaves the TNN intact.
+    init_factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    # k: k TNN steps, then 1 SNN step; "epoch": whole epochs alternate (TNN first), as in the papers.
+    update_ratio: Union[int, Literal["epoch"]] = 4
+    # Dense TNN epochs before the switcher is switched on.
+    warmup_epochs: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: int = 1024
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    # constant | cosine (to 0 over the run) | multistep (x gamma at `milestones`, in epochs)
+    scheduler: Literal["constant", "cosine", "multistep"] = "cosine"
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    tnn: OptimizerConfig = field(default_factory=OptimizerConfig)
+    snn: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(name="adam", lr=1e-3, momentum=0.0, weight_decay=0.0)
+    )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "fashion-mnist"
+    # None = the dataset's default location (Fashion-MNIST: Debian's /usr/share/datasets/fashion-mnist).
+    root: Union[str, None] = None
+    download: bool = False
+    loader: Literal["torch"] = "torch"
+    # Use only the first N examples of the training split (after the validation split is carved out).
+    train_limit: Union[int, None] = None
+    # Validation examples carved from the training set with a fixed permutation (split_seed).
+    val_size: int = 5000
+    split_seed: int = 0
+    augment: bool = True
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Baselines (magnitude, slimming): prune to `kept_fraction`, then fine-tune the last epochs."""
+
+    kept_fraction: float = 0.5
+    finetune_epochs: int = 2
+    # Slimming's L1 coefficient on the per-neuron scales (Liu et al. 2017 use 1e-4 to 1e-5).
+    l1: float = 1e-4
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: str = "switch"
+    switcher: SwitcherConfig = field(default_factory=SwitcherConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    out_dir: str = "outputs/run"
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        cfg = _build(cls, data, prefix="")
+        _check_values(cfg)
+        return cfg
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return "a list of " + _describe(typing.get_args(tp)[0])
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming `key` and the allowed values."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{key}: got {value!r}; expected {_describe(tp)}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise bad
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return tuple(_coerce(typing.get_args(tp)[0], v, key) for v in value)
+    if tp is type(None):
+        if value is None:
+            return None
+        raise bad
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise bad
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; allowed keys here: {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp, value, key = hints[name], data[name], prefix + name
+        kwargs[name] = _build(tp, value, key + ".") if dataclasses.is_dataclass(tp) else _coerce(tp, value, key)
+    return cls(**kwargs)
+
+
+def _check_values(cfg: Config) -> None:
+    def require(ok: bool, key: str, value: Any, allowed: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: got {value!r}; must be {allowed}")
+
+    require(cfg.switcher.width > 0, "switcher.width", cfg.switcher.width, "a positive integer")
+    require(cfg.switcher.l1 >= 0 and math.isfinite(cfg.switcher.l1), "switcher.l1", cfg.switcher.l1, ">= 0")
+    ratio = cfg.schedule.update_ratio
+    require(ratio == "epoch" or ratio >= 1, "schedule.update_ratio", ratio, "an integer >= 1 or 'epoch'")
+    require(cfg.schedule.warmup_epochs >= 0, "schedule.warmup_epochs", cfg.schedule.warmup_epochs, ">= 0")
+    require(cfg.train.epochs >= 1, "train.epochs", cfg.train.epochs, ">= 1")
+    require(cfg.train.batch_size >= 1, "train.batch_size", cfg.train.batch_size, ">= 1")
+    require(cfg.train.eval_batch_size >= 1, "train.eval_batch_size", cfg.train.eval_batch_size, ">= 1")
+    for phase in ("tnn", "snn"):
+        opt: OptimizerConfig = getattr(cfg.optim, phase)
+        key = f"optim.{phase}"
+        require(math.isfinite(opt.lr) and opt.lr > 0, f"{key}.lr", opt.lr, "a finite number > 0")
+        require(0 <= opt.momentum < 1, f"{key}.momentum", opt.momentum, "in [0, 1)")
+        require(opt.weight_decay >= 0, f"{key}.weight_decay", opt.weight_decay, ">= 0")
+        require(0 < opt.gamma <= 1, f"{key}.gamma", opt.gamma, "in (0, 1]")
+        require(not opt.nesterov or opt.momentum > 0, f"{key}.nesterov", opt.nesterov, "false when momentum is 0")
+    if cfg.method == "switch":
+        require(
+            cfg.schedule.warmup_epochs < cfg.train.epochs,
+            "schedule.warmup_epochs",
+            cfg.schedule.warmup_epochs,
+            f"< train.epochs ({cfg.train.epochs}) so the switcher trains at all",
+        )
+    limit = cfg.data.train_limit
+    require(limit is None or limit >= 1, "data.train_limit", limit, "null or >= 1")
+    require(cfg.data.val_size >= 1, "data.val_size", cfg.data.val_size, ">= 1")
+    require(cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, ">= 0")
+    require(0 < cfg.prune.kept_fraction <= 1, "prune.kept_fraction", cfg.prune.kept_fraction, "in (0, 1]")
+    require(cfg.prune.l1 >= 0, "prune.l1", cfg.prune.l1, ">= 0")
+    if cfg.method in ("magnitude", "slimming"):
+        require(
+            0 < cfg.prune.finetune_epochs < cfg.train.epochs,
+            "prune.finetune_epochs",
+            cfg.prune.finetune_epochs,
+            f"in [1, train.epochs) = [1, {cfg.train.epochs})",
+        )
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.epochs=3' -> (['train', 'epochs'], 3); the value is parsed as YAML (3, 0.1, true, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.epochs=3")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.epochs=3")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, float) and math.isnan(value):
+        value = float("nan")
+    return key.split("."), value
+
+
+def merge_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    merged = _deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = merged
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return merged
+
+
+def _deepcopy(data: Any) -> Any:
+    return {k: _deepcopy(v) for k, v in data.items()} if isinstance(data, dict) else data
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (None = all defaults), apply dotted overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; pass a YAML file such as configs/fashion_lenet5.yaml")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    return Config.from_dict(merge_overrides(data, list(overrides)))

@@ -1,0 +1,206 @@
+"""The alternating training loop (no Ray, MLflow or FFCV here: those observe it from outside).
+
+Per epoch::
+
+    method.on_epoch_start(epoch)            # baselines prune here
+    for each batch:
+        phase = method.phase_at(epoch, step)          # Phase.TNN or Phase.SNN
+        factors = source(gates.weights())             # once per step, from the weights;
+                                                      # with grad only in the source's phase
+        gates.set(factors if method.gated(epoch) else None)
+        TNN phase: tnn.train();  SNN phase: tnn.eval() (BatchNorm statistics frozen too)
+        loss = cross_entropy + method.penalty(factors)
+        loss.backward(inputs=params[phase])           # the frozen side gets no gradient at all
+        optimizers[phase].step()
+    schedulers step; validate with the current factors; on_epoch_end(stats)
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distswitch.config import Config, OptimizerConfig
+from distswitch.gates import GateSet, kept_report
+from distswitch.methods import Method
+from distswitch.schedule import Phase
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    gated: bool
+    steps: dict[str, int]
+    train_loss: dict[str, float]
+    train_acc: dict[str, float]
+    val_loss: float
+    val_acc: float
+    kept_fraction: float
+    kept: dict
+    lr: dict[str, float]
+    seconds: float
+    images_per_s: float
+    selectable: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimizerConfig, epochs: int):
+    """Stepped once per epoch."""
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
+    if cfg.scheduler == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.milestones), gamma=cfg.gamma)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+class Engine:
+    """Trains one TNN (+ the method's factor source) on one device."""
+
+    def __init__(self, cfg: Config, tnn: nn.Module, gates: GateSet, method: Method, device: torch.device) -> None:
+        self.cfg, self.tnn, self.gates, self.method, self.device = cfg, tnn, gates, method, device
+        self.source = method.source
+        source_params = [p for p in self.source.parameters() if p.requires_grad] if self.source is not None else []
+        self.params = {Phase.TNN: [p for p in tnn.parameters() if p.requires_grad], Phase.SNN: []}
+        self.params[method.source_phase] += source_params
+        opt_cfg = {Phase.TNN: cfg.optim.tnn, Phase.SNN: cfg.optim.snn}
+        self.optimizers = {ph: build_optimizer(ps, opt_cfg[ph]) for ph, ps in self.params.items() if ps}
+        self.schedulers = {ph: build_scheduler(o, opt_cfg[ph], cfg.train.epochs) for ph, o in self.optimizers.items()}
+
+    # -- factors ---------------------------------------------------------------------------
+    def compute_factors(self, epoch: int, with_grad: bool = False) -> list[torch.Tensor] | None:
+        """The source's factors for the current weights; None where the method runs dense."""
+        if self.source is None or not self.method.gated(epoch):
+            return None
+        with torch.set_grad_enabled(with_grad):
+            return self.source(self.gates.weights())
+
+    # -- one step --------------------------------------------------------------------------
+    def step(self, epoch: int, phase: Phase, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+        """One optimisation step of `phase`; returns (loss, correct predictions)."""
+        factors = self.compute_factors(epoch, with_grad=phase == self.method.source_phase)
+        self.gates.set(factors)
+        self.tnn.train(phase == Phase.TNN)
+        if self.source is not None:
+            self.source.train(phase == self.method.source_phase)
+        logits = self.tnn(x)
+        loss = F.cross_entropy(logits, y)
+        total = loss
+        if factors is not None and phase == self.method.source_phase:
+            total = loss + self.method.penalty(factors, epoch)
+        opt = self.optimizers.get(phase)
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+            total.backward(inputs=self.params[phase])
+            opt.step()
+        return loss.item(), int((logits.argmax(1) == y).sum())
+
+    # -- epochs ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, loader: Iterable, epoch: int) -> tuple[float, float]:
+        """(mean loss, accuracy) with the factors of the current weights, TNN in eval mode."""
+        self.gates.set(self.compute_factors(epoch))
+        self.tnn.eval()
+        loss_sum, correct, n = 0.0, 0, 0
+        for x, y in loader:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            logits = self.tnn(x)
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+            n += len(y)
+        return loss_sum / max(n, 1), correct / max(n, 1)
+
+    def train_epoch(self, epoch: int, loader, val_loader, progress: Callable | None = None) -> EpochStats:
+        self.method.on_epoch_start(epoch, self.gates.weights())
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        sums = {ph: [0, 0.0, 0, 0] for ph in Phase}  # steps, loss sum, correct, examples
+        start = time.perf_counter()
+        bar = progress(loader, epoch) if progress else None
+        for step, (x, y) in enumerate(loader):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            phase = self.method.phase_at(epoch, step)
+            loss, correct = self.step(epoch, phase, x, y)
+            s = sums[phase]
+            s[0] += 1
+            s[1] += loss * len(y)
+            s[2] += correct
+            s[3] += len(y)
+            if bar is not None:
+                bar.update(1)
+                if step % 20 == 0:
+                    bar.set_postfix(phase=phase.value, loss=f"{loss:.3f}", acc=f"{correct / len(y):.3f}")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        with warnings.catch_warnings():
+            # Schedules count epochs, not the phase's own steps: a phase that took no step this
+            # epoch (warm-up, whole-epoch alternation) still advances, which torch warns about.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            for sched in self.schedulers.values():
+                sched.step()
+        factors = self.compute_factors(epoch)
+        kept = kept_report(self.gates.specs, factors)
+        if bar is not None:
+            bar.set_postfix(kept=f"{kept['kept_fraction']:.3f}")
+            bar.close()
+        val_loss, val_acc = self.evaluate(val_loader, epoch)
+        images = sum(s[3] for s in sums.values())
+        return EpochStats(
+            epoch=epoch,
+            gated=self.method.gated(epoch),
+            steps={ph.value: s[0] for ph, s in sums.items()},
+            train_loss={ph.value: s[1] / s[3] for ph, s in sums.items() if s[3]},
+            train_acc={ph.value: s[2] / s[3] for ph, s in sums.items() if s[3]},
+            val_loss=val_loss,
+            val_acc=val_acc,
+            kept_fraction=kept["kept_fraction"],
+            kept=kept,
+            lr={ph.value: opt.param_groups[0]["lr"] for ph, opt in self.optimizers.items()},
+            seconds=seconds,
+            images_per_s=images / seconds if seconds > 0 else float("nan"),
+            selectable=self.method.selectable(epoch),
+        )
+
+    def fit(self, train_loader, val_loader, start_epoch: int = 0, on_epoch_end: Callable[[EpochStats], None] | None = None,
+            progress: Callable | None = None) -> list[EpochStats]:
+        history = []
+        for epoch in range(start_epoch, self.cfg.train.epochs):
+            stats = self.train_epoch(epoch, train_loader, val_loader, progress)
+            history.append(stats)
+            if on_epoch_end is not None:
+                on_epoch_end(stats)
+        return history
+
+    # -- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "tnn": self.tnn.state_dict(),
+            "source": self.source.state_dict() if self.source is not None else None,
+            "optimizers": {ph.value: o.state_dict() for ph, o in self.optimizers.items()},
+            "schedulers": {ph.value: s.state_dict() for ph, s in self.schedulers.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tnn.load_state_dict(state["tnn"])
+        if self.source is not None:
+            self.source.load_state_dict(state["source"])
+        for ph, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][ph.value])
+        for ph, s in self.schedulers.items():
+            s.load_state_dict(state["schedulers"][ph.value])

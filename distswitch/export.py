@@ -1,0 +1,167 @@
+"""The compact model: fold positive factors into the weights, remove switched-off units.
+
+Removal uses Torch-Pruning's dependency graph, so coupled channels (residual additions, depthwise
+convolutions) are handled as groups. A unit is removed only where that is exact:
+
+- ``out`` gates: every layer producing that channel of the coupled group has factor 0 there (a
+  residual stream channel goes only when every block writing to it is off);
+- ``in`` gates: the features are read by the gated Linear alone and made by some layer, which then
+  stops making them (the model's own input is never trimmed);
+- ``weight`` gates: connections are zeroed in place (unstructured sparsity; dense shapes stay).
+
+The result is a plain nn.Module built from the registry; it is saved as a state dict plus an
+architecture JSON (model name, shapes, the removal plan), so loading unpickles none of our classes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from distswitch.gates import GateSpec
+from distswitch.models import create_tnn
+
+FORMAT = "distswitch.compact/1"
+_OUT_HANDLERS = {"conv": tp.prune_conv_out_channels, "linear": tp.prune_linear_out_channels}
+_IN_HANDLERS = {"conv": tp.prune_conv_in_channels, "linear": tp.prune_linear_in_channels}
+_PRODUCERS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels, tp.prune_depthwise_conv_out_channels)
+_CONSUMERS = (tp.prune_conv_in_channels, tp.prune_linear_in_channels, tp.prune_depthwise_conv_in_channels)
+
+
+@torch.no_grad()
+def fold_factors(model: nn.Module, specs: list[GateSpec], factors: list[torch.Tensor]) -> None:
+    """Multiply each factor into the affine parameters it scales, in place (no hooks needed after)."""
+    modules = dict(model.named_modules())
+    for spec, f in zip(specs, factors):
+        f = f.detach().to(modules[spec.layer].weight)
+        if spec.side == "weight":
+            modules[spec.layer].weight.mul_(f)
+        elif spec.side == "in":
+            modules[spec.layer].weight.mul_(f[None, :])
+        else:
+            point = modules[spec.point]
+            point.weight.mul_(f.view(-1, *([1] * (point.weight.dim() - 1))))
+            if point.bias is not None:
+                point.bias.mul_(f)
+
+
+def _kind(module: nn.Module) -> str:
+    return "conv" if isinstance(module, nn.Conv2d) else "linear"
+
+
+def removal_plan(model: nn.Module, specs: list[GateSpec], factors: list[torch.Tensor], example: torch.Tensor) -> list[dict]:
+    """[{"layer", "dim": "out"|"in", "idxs"}]: the exact removals, one entry per coupled group."""
+    modules = dict(model.named_modules())
+    names = {m: n for n, m in modules.items()}
+    zeros = {}
+    for spec, f in zip(specs, factors):
+        if spec.side == "out":
+            zeros[spec.layer] = set(torch.nonzero(f.detach() == 0).flatten().tolist())
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    plan, covered = [], set()
+    for spec, f in zip(specs, factors):
+        layer = modules[spec.layer]
+        if spec.side == "out" and spec.layer not in covered and zeros[spec.layer]:
+            idxs = sorted(zeros[spec.layer])
+            group = graph.get_pruning_group(layer, _OUT_HANDLERS[_kind(layer)], idxs=idxs)
+            producers = [names[d.target.module] for d, _ in group if d.handler in _PRODUCERS]
+            covered.update(producers)
+            keep = set(idxs)
+            for p in producers:
+                keep &= zeros.get(p, set())
+            if keep:
+                plan.append({"layer": spec.layer, "dim": "out", "idxs": sorted(keep)})
+        elif spec.side == "in":
+            idxs = torch.nonzero(f.detach() == 0).flatten().tolist()
+            if not idxs:
+                continue
+            group = graph.get_pruning_group(layer, _IN_HANDLERS[_kind(layer)], idxs=idxs)
+            consumers = {names[d.target.module] for d, _ in group if d.handler in _CONSUMERS}
+            has_producer = any(d.handler in _PRODUCERS for d, _ in group)
+            if consumers == {spec.layer} and has_producer:
+                plan.append({"layer": spec.layer, "dim": "in", "idxs": idxs})
+    return plan
+
+
+def apply_plan(model: nn.Module, plan: list[dict], example: torch.Tensor) -> None:
+    """Remove the planned units in place (also used to rebuild a saved compact model's shapes)."""
+    if not plan:
+        return
+    modules = dict(model.named_modules())
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    groups = []
+    for item in plan:
+        layer = modules[item["layer"]]
+        handlers = _OUT_HANDLERS if item["dim"] == "out" else _IN_HANDLERS
+        groups.append(graph.get_pruning_group(layer, handlers[_kind(layer)], idxs=list(item["idxs"])))
+    for group in groups:
+        group.prune()
+
+
+def compact_model(model: nn.Module, specs: list[GateSpec], factors: list[torch.Tensor] | None,
+                  example: torch.Tensor) -> list[dict]:
+    """Turn a plain (hook-free) copy of the TNN into the compact network in place; returns the plan."""
+    if factors is None:
+        return []
+    model.eval()
+    fold_factors(model, specs, factors)
+    plan = removal_plan(model, specs, factors, example)
+    apply_plan(model, plan, example)
+    return plan
+
+
+def count(model: nn.Module, example: torch.Tensor) -> dict:
+    """Parameters (all and nonzero) and multiply-accumulates for one example."""
+    macs, params = tp.utils.count_ops_and_params(model, example[:1])
+    nonzero = sum(int((p != 0).sum()) for p in model.parameters())
+    return {"params": int(params), "nonzero_params": nonzero, "macs": int(macs)}
+
+
+def architecture(model_name: str, in_channels: int, num_classes: int, image_size: int, plan: list[dict],
+                 compact: nn.Module) -> dict:
+    widths = {n: int(m.weight.shape[0]) for n, m in compact.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    return {
+        "format": FORMAT,
+        "model": model_name,
+        "in_channels": in_channels,
+        "num_classes": num_classes,
+        "image_size": image_size,
+        "plan": plan,
+        "widths": widths,
+    }
+
+
+def save_compact(path: str | Path, arch: dict, model: nn.Module) -> None:
+    """model.pt (state dict + architecture JSON string) and model.arch.json beside it, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bundle = {"format": FORMAT, "arch": json.dumps(arch), "state_dict": model.state_dict()}
+    atomic_save(bundle, path)
+    tmp = path.with_suffix(".arch.json.tmp")
+    tmp.write_text(json.dumps(arch, indent=2))
+    os.replace(tmp, path.with_suffix(".arch.json"))
+
+
+def load_compact(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a compact model from the registry and its plan; needs no pickle (weights_only)."""
+    bundle = torch.load(path, map_location=map_location, weights_only=True)
+    if bundle.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a distswitch compact model (format {bundle.get('format')!r}, expected {FORMAT!r})")
+    arch = json.loads(bundle["arch"])
+    model = create_tnn(arch["model"], arch["in_channels"], arch["num_classes"], arch["image_size"])
+    example = torch.zeros(1, arch["in_channels"], arch["image_size"], arch["image_size"])
+    apply_plan(model, arch["plan"], example)
+    model.load_state_dict(bundle["state_dict"])
+    return model.eval()
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves a file that looks complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

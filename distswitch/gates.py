@@ -1,0 +1,208 @@
+"""Where factors attach to a network: one mechanism (forward hooks) for every model.
+
+A *gated layer* is a Conv2d or Linear whose units (output channels / neurons, or input features, or
+single connections) can be scaled by a factor. Three sides:
+
+- ``out``: one factor per output unit, applied to the layer's affine output -- after its BatchNorm
+  when one follows, because BN would normalise a scale applied before it away. Applying it before the
+  activation keeps it foldable into the affine parameters for any activation (ReLU6 included), and a
+  zero factor makes the unit's output exactly 0.
+- ``in``: one factor per input feature of a Linear layer (the papers' "neurons" variant for the
+  classifier: y = (x * g) W^T).
+- ``weight``: one factor per connection of a Linear layer (the papers' "connections" variant:
+  y = x (W * G)^T).
+
+The switcher describes unit ``i`` by row ``i`` of `GateSet.weights()`: the unit's incoming weights
+(``out``), outgoing weights (``in``), or the layer's weight matrix (``weight``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Side = Literal["out", "in", "weight"]
+GATED_MODES = ("all", "fc", "classifier")
+_WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """One gated layer.
+
+    Attributes:
+        layer: name of the Conv2d/Linear whose weights describe the units.
+        point: name of the module whose output (``out``) / input (``in``) is scaled; for ``weight``
+            the layer itself.
+        side: ``out`` | ``in`` | ``weight`` (see module docstring).
+        units: number of factors per row dimension (channels, neurons or input features).
+        fan: weights describing one unit (row length of the description matrix).
+    """
+
+    layer: str
+    point: str
+    side: Side
+    units: int
+    fan: int
+
+    @property
+    def factor_shape(self) -> tuple[int, ...]:
+        return (self.units, self.fan) if self.side == "weight" else (self.units,)
+
+
+def _classifier_name(model: nn.Module) -> str:
+    """The output layer: the last Linear registered in the model (its outputs are the classes)."""
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no Linear output layer to treat as the classifier")
+    return linears[-1]
+
+
+def find_gates(model: nn.Module, gated: str, granularity: str) -> list[GateSpec]:
+    """The gated layers of `model` for `model.gated` = all | fc | classifier.
+
+    all: every conv channel and hidden FC neuron (granularity "connection": every Linear's weights).
+    fc: hidden FC neurons only (connection: every Linear's weights). classifier: the classifier's
+    input features (connection: its weights) -- the papers' setting for ResNet and MobileNet.
+    """
+    if gated not in GATED_MODES:
+        raise ValueError(f"model.gated: got {gated!r}; choose one of: {', '.join(GATED_MODES)}")
+    modules = list(model.named_modules())
+    classifier = _classifier_name(model)
+    specs = []
+    for i, (name, layer) in enumerate(modules):
+        if not isinstance(layer, _WEIGHT_LAYERS):
+            continue
+        is_linear = isinstance(layer, nn.Linear)
+        w = layer.weight
+        if granularity == "connection" and is_linear and (gated != "classifier" or name == classifier):
+            specs.append(GateSpec(name, name, "weight", w.shape[0], w.shape[1]))
+        elif gated == "classifier":
+            if name == classifier and granularity == "neuron":
+                specs.append(GateSpec(name, name, "in", w.shape[1], w.shape[0]))
+        elif name != classifier and (gated == "all" or (gated == "fc" and is_linear)):
+            specs.append(GateSpec(name, _affine_output(modules, i), "out", w.shape[0], w[0].numel()))
+    if not specs:
+        raise ValueError(f"model.gated={gated!r} with granularity {granularity!r} selects no layer of this model")
+    return specs
+
+
+def _affine_output(modules: list[tuple[str, nn.Module]], i: int) -> str:
+    """The BatchNorm right after layer i (same width) if there is one, else the layer itself."""
+    name, layer = modules[i]
+    width = layer.weight.shape[0]
+    for next_name, nxt in modules[i + 1 :]:
+        if isinstance(nxt, (nn.BatchNorm1d, nn.BatchNorm2d)) and nxt.num_features == width:
+            return next_name
+        if isinstance(nxt, _WEIGHT_LAYERS):
+            break
+    return name
+
+
+class GateSet:
+    """Hooks that scale the gated units of `model` by the factors last passed to `set`.
+
+    With no factors set (None) the hooks leave the network unchanged, so one model object serves the
+    dense warm-up, gated training and evaluation. Factors are set once per step, never per sample.
+    """
+
+    def __init__(self, model: nn.Module, specs: list[GateSpec]) -> None:
+        self.model = model
+        self.specs = list(specs)
+        modules = dict(model.named_modules())
+        self._layers = [modules[s.layer] for s in self.specs]
+        self._factors: list[torch.Tensor] | None = None
+        self._handles = []
+        for k, spec in enumerate(self.specs):
+            point = modules[spec.point]
+            if spec.side == "out":
+                self._handles.append(point.register_forward_hook(self._out_hook(k)))
+            elif spec.side == "in":
+                self._handles.append(point.register_forward_pre_hook(self._in_hook(k)))
+            else:
+                self._handles.append(point.register_forward_hook(self._weight_hook(k)))
+
+    def weights(self) -> list[torch.Tensor]:
+        """Description matrices, one per gated layer: shape [units, fan] (a view of the weights)."""
+        out = []
+        for spec, layer in zip(self.specs, self._layers):
+            w = layer.weight
+            out.append(w.t() if spec.side == "in" else w.reshape(w.shape[0], -1))
+        return out
+
+    def set(self, factors: list[torch.Tensor] | None) -> None:
+        if factors is not None:
+            check_factors(self.specs, factors)
+        self._factors = factors
+
+    @property
+    def factors(self) -> list[torch.Tensor] | None:
+        return self._factors
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._factors = None
+
+    def _out_hook(self, k: int):
+        def hook(module, inputs, output):
+            if self._factors is None:
+                return output
+            f = self._factors[k]
+            return output * f.view(1, -1, *([1] * (output.dim() - 2)))
+
+        return hook
+
+    def _in_hook(self, k: int):
+        def hook(module, inputs):
+            if self._factors is None:
+                return inputs
+            return (inputs[0] * self._factors[k],) + tuple(inputs[1:])
+
+        return hook
+
+    def _weight_hook(self, k: int):
+        # Recomputes the Linear with masked weights; the discarded dense product is cheap next to
+        # the convolutions, and a hook keeps the state_dict keys of the plain model.
+        def hook(module, inputs, output):
+            if self._factors is None:
+                return output
+            return F.linear(inputs[0], module.weight * self._factors[k], module.bias)
+
+        return hook
+
+
+def check_factors(specs: list[GateSpec], factors: list[torch.Tensor]) -> None:
+    """The one place factor shapes are checked against the gate specs."""
+    if len(factors) != len(specs):
+        raise ValueError(f"expected {len(specs)} factor tensors (one per gated layer), got {len(factors)}")
+    for spec, f in zip(specs, factors):
+        if tuple(f.shape) != spec.factor_shape:
+            raise ValueError(f"factors for {spec.layer} ({spec.side}): shape {tuple(f.shape)}, expected {spec.factor_shape}")
+
+
+def kept_units(spec: GateSpec, factor: torch.Tensor) -> int:
+    """Units still on: nonzero factor; for connection gates, neurons with any nonzero connection."""
+    f = factor.detach()
+    return int((f != 0).any(dim=1).sum()) if spec.side == "weight" else int((f != 0).sum())
+
+
+def kept_report(specs: list[GateSpec], factors: list[torch.Tensor] | None) -> dict:
+    """Per-layer and overall kept units (and connections for connection gates)."""
+    layers = {}
+    total = kept = 0
+    for k, spec in enumerate(specs):
+        on = spec.units if factors is None else kept_units(spec, factors[k])
+        row = {"units": spec.units, "kept": on}
+        if spec.side == "weight":
+            nz = spec.units * spec.fan if factors is None else int((factors[k] != 0).sum())
+            row.update(connections=spec.units * spec.fan, kept_connections=nz)
+        layers[spec.layer] = row
+        total += spec.units
+        kept += on
+    return {"layers": layers, "units": total, "kept": kept, "kept_fraction": kept / max(total, 1)}

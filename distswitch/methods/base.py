@@ -1,0 +1,86 @@
+"""What a method decides; the alternation loop itself lives in `distswitch.engine`.
+
+A method owns a *factor source*: an nn.Module mapping the gated layers' description matrices to
+factors (the switcher; free scales for slimming; fixed masks for magnitude pruning) or None for a
+dense network. Its parameters train in `source_phase` (SNN for the switcher, TNN for slimming).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from distswitch.config import Config
+from distswitch.gates import GateSpec
+from distswitch.registry import Registry
+from distswitch.schedule import Phase
+
+MethodBuilder = Callable[[Config, list[GateSpec], int], "Method"]
+METHODS: Registry[MethodBuilder] = Registry("method", "method")
+
+
+def build_method(cfg: Config, specs: list[GateSpec], steps_per_epoch: int) -> "Method":
+    return METHODS.get(cfg.method)(cfg, specs, steps_per_epoch)
+
+
+class Method:
+    """Defaults describe dense training: TNN steps only, no factors."""
+
+    source: nn.Module | None = None
+    source_phase: Phase = Phase.TNN
+
+    def __init__(self, cfg: Config, specs: list[GateSpec], steps_per_epoch: int) -> None:
+        self.cfg, self.specs, self.steps_per_epoch = cfg, specs, steps_per_epoch
+
+    def phase_at(self, epoch: int, step: int) -> Phase:
+        return Phase.TNN
+
+    def gated(self, epoch: int) -> bool:
+        """Whether the factors act on the network during `epoch`."""
+        return False
+
+    def penalty(self, factors: list[torch.Tensor], epoch: int) -> torch.Tensor | float:
+        """Extra loss on the factors in steps of `source_phase` (0 for the papers' method)."""
+        return 0.0
+
+    def on_epoch_start(self, epoch: int, weights: list[torch.Tensor]) -> None:
+        """Hook for one-off changes, e.g. the baselines' pruning step."""
+
+    def selectable(self, epoch: int) -> bool:
+        """Whether the model after `epoch` may be chosen as the result (validation accuracy)."""
+        return True
+
+
+class FixedFactors(nn.Module):
+    """Factors that ignore the weights: learnable scales (slimming) times a fixed 0/1 mask.
+
+    Not a switcher: this is plain learned gating, used only by the baselines.
+    """
+
+    def __init__(self, specs: list[GateSpec], learnable: bool) -> None:
+        super().__init__()
+        self.scales = nn.ParameterList(
+            nn.Parameter(torch.ones(s.factor_shape), requires_grad=learnable) for s in specs
+        )
+        for k, s in enumerate(specs):
+            self.register_buffer(f"mask{k}", torch.ones(s.factor_shape))
+
+    def masks(self) -> list[torch.Tensor]:
+        return [getattr(self, f"mask{k}") for k in range(len(self.scales))]
+
+    def set_masks(self, masks: list[torch.Tensor]) -> None:
+        for mask, new in zip(self.masks(), masks):
+            mask.copy_(new)
+
+    def forward(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [s * m for s, m in zip(self.scales, self.masks())]
+
+
+def keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """0/1 mask keeping the `keep` highest scores (ties broken by index, so it is deterministic)."""
+    mask = torch.zeros_like(scores)
+    order = torch.argsort(scores.flatten(), descending=True, stable=True)
+    mask.view(-1)[order[:keep]] = 1.0
+    return mask

@@ -1,0 +1,37 @@
+"""The switcher method: TNN and SNN trained alternately on the task loss."""
+
+from __future__ import annotations
+
+import torch
+
+from distswitch.config import Config
+from distswitch.gates import GateSpec
+from distswitch.methods.base import METHODS, Method
+from distswitch.schedule import Alternation, Phase
+from distswitch.switcher import build_switcher
+
+
+@METHODS.register("switch")
+class Switch(Method):
+    source_phase = Phase.SNN
+
+    def __init__(self, cfg: Config, specs: list[GateSpec], steps_per_epoch: int) -> None:
+        super().__init__(cfg, specs, steps_per_epoch)
+        self.source = build_switcher(specs, cfg.switcher)
+        self.alternation = Alternation(cfg.schedule.update_ratio, cfg.schedule.warmup_epochs, steps_per_epoch)
+
+    def phase_at(self, epoch: int, step: int) -> Phase:
+        return self.alternation.phase_at(epoch, step)
+
+    def gated(self, epoch: int) -> bool:
+        return self.alternation.gated(epoch)
+
+    def penalty(self, factors: list[torch.Tensor], epoch: int):
+        if self.cfg.switcher.l1 == 0:
+            return 0.0
+        # Mean factor over all units: the coefficient does not scale with network size.
+        return self.cfg.switcher.l1 * torch.cat([f.flatten() for f in factors]).mean()
+
+    def selectable(self, epoch: int) -> bool:
+        # Only switched networks are results of this method, never a dense warm-up epoch.
+        return self.gated(epoch)

@@ -1,0 +1,164 @@
+"""Switcher networks (SNN): the TNN's weights in, non-negative factors out.
+
+Contract (checked by `GateSet.set`): ``forward(weights)`` takes one description matrix per gated
+layer, shape [units, fan] (see `distswitch.gates`), and returns one factor tensor per layer, shape
+[units] for neuron gates or [units, fan] for connection gates. Every factor is >= 0; a final ReLU
+makes exact zeros possible (the papers' only source of pruning). Factors are a function of the
+weights alone: no per-neuron free parameters, no layer index, no input data.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distswitch.config import SwitcherConfig
+from distswitch.gates import GateSpec
+from distswitch.registry import Registry
+
+SwitcherBuilder = Callable[[list[GateSpec], SwitcherConfig], nn.Module]
+SWITCHERS: Registry[SwitcherBuilder] = Registry("switcher", "switcher.arch")
+
+_QUANTILES = 16
+
+
+def build_switcher(specs: list[GateSpec], cfg: SwitcherConfig) -> nn.Module:
+    return SWITCHERS.get(cfg.arch)(specs, cfg)
+
+
+def describe_rows(w: torch.Tensor) -> torch.Tensor:
+    """A fixed-size description of each row of `w` [units, fan] -> [units, 2 * 16 + 6].
+
+    Scale-free within a layer (weights divided by the layer's std) so one network serves layers of
+    any fan-in and initialisation; the row's norm relative to its layer keeps the magnitude signal.
+    """
+    w = w.detach().float()
+    units, fan = w.shape
+    scale = w.std() if w.numel() > 1 else w.abs().mean()
+    z = w / (scale + 1e-8)
+    pos = torch.linspace(0, fan - 1, _QUANTILES, device=w.device).round().long()
+    sorted_z = z.sort(dim=1).values[:, pos]
+    sorted_abs = z.abs().sort(dim=1).values[:, pos]
+    norms = z.norm(dim=1) / math.sqrt(fan)
+    rel_norm = torch.log(norms / (norms.mean() + 1e-8) + 1e-8)
+    stats = torch.stack(
+        [
+            z.mean(dim=1),
+            z.std(dim=1) if fan > 1 else torch.zeros(units, device=w.device),
+            z.abs().mean(dim=1),
+            norms,
+            rel_norm,
+            torch.full((units,), math.log(fan) / 10, device=w.device),
+        ],
+        dim=1,
+    )
+    return torch.cat([sorted_z, sorted_abs, stats], dim=1)
+
+
+DESCRIPTION_SIZE = 2 * _QUANTILES + 6
+
+
+@SWITCHERS.register("rowwise")
+class RowwiseSwitcher(nn.Module):
+    """One small MLP shared by all gated layers, applied to each unit's row description.
+
+    Neuron gates: factor_i = relu(mlp(d_i)). Connection gates: the MLP gives a per-row slope and
+    offset, factor_ij = relu(a_i * |w_ij| / std + b_i), so the cost stays linear in the weights.
+    Starts at factor = `init_factor` everywhere (zero last-layer weights), i.e. the dense network.
+    """
+
+    def __init__(self, specs: list[GateSpec], cfg: SwitcherConfig) -> None:
+        super().__init__()
+        self.sides = [s.side for s in specs]
+        w = cfg.width
+        self.body = nn.Sequential(nn.Linear(DESCRIPTION_SIZE, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU())
+        self.neuron_head = nn.Linear(w, 1)
+        self.connection_head = nn.Linear(w, 2)
+        for head in (self.neuron_head, self.connection_head):
+            nn.init.zeros_(head.weight)
+        nn.init.constant_(self.neuron_head.bias, cfg.init_factor)
+        with torch.no_grad():
+            self.connection_head.bias.copy_(torch.tensor([0.0, cfg.init_factor]))
+
+    def forward(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for side, w in zip(self.sides, weights):
+            h = self.body(describe_rows(w))
+            if side == "weight":
+                slope, offset = self.connection_head(h).unbind(dim=1)
+                z = w.detach().abs() / (w.detach().std() + 1e-8)
+                out.append(F.relu(slope[:, None] * z + offset[:, None]))
+            else:
+                out.append(F.relu(self.neuron_head(h).squeeze(1)))
+        return out
+
+
+class _UNet(nn.Module):
+    """Encoder-decoder over one weight matrix seen as a 1-channel image [1, 1, units, fan]."""
+
+    def __init__(self, width: int, depth: int) -> None:
+        super().__init__()
+        self.depth = depth
+        chans = [width * 2**i for i in range(depth + 1)]
+        self.down = nn.ModuleList(_block(1 if i == 0 else chans[i - 1], chans[i]) for i in range(depth + 1))
+        self.up = nn.ModuleList(nn.ConvTranspose2d(chans[i + 1], chans[i], 2, stride=2) for i in range(depth))
+        self.merge = nn.ModuleList(_block(2 * chans[i], chans[i]) for i in range(depth))
+        self.head = nn.Conv2d(chans[0], 1, 1)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        units, fan = w.shape
+        mult = 2**self.depth
+        x = w.detach()[None, None]
+        x = F.pad(x, (0, -fan % mult, 0, -units % mult))
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x)
+            if i < self.depth:
+                skips.append(x)
+                x = F.max_pool2d(x, 2)
+        for i in reversed(range(self.depth)):
+            x = self.merge[i](torch.cat([self.up[i](x), skips[i]], dim=1))
+        return self.head(x)[0, 0, :units, :fan]
+
+
+def _block(cin: int, cout: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout, track_running_stats=False), nn.ReLU())
+
+
+@SWITCHERS.register("unet")
+class UNetSwitcher(nn.Module):
+    """The papers' switcher: one U-Net per gated layer over its raw weight matrix.
+
+    The output map is averaged over the fan axis for neuron gates; a final BatchNorm + ReLU gives
+    factors >= 0 with exact zeros, as in the authors' code. BatchNorm uses the statistics of the
+    one weight image (no running stats), so factors depend on the current weights alone. The final
+    BN starts at scale 0.1 / shift `init_factor`, so factors start near `init_factor`.
+    """
+
+    def __init__(self, specs: list[GateSpec], cfg: SwitcherConfig) -> None:
+        super().__init__()
+        self.sides = [s.side for s in specs]
+        self.nets = nn.ModuleList(_UNet(cfg.width, _depth(s.units, s.fan)) for s in specs)
+        self.norms = nn.ModuleList(nn.BatchNorm1d(1, track_running_stats=False) for _ in specs)
+        for norm in self.norms:
+            nn.init.constant_(norm.weight, 0.1)
+            nn.init.constant_(norm.bias, cfg.init_factor)
+
+    def forward(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for side, w, net, norm in zip(self.sides, weights, self.nets, self.norms):
+            m = net(w)
+            if side != "weight":
+                m = m.mean(dim=1)
+            flat = norm(m.reshape(1, 1, -1)).reshape(m.shape)
+            out.append(F.relu(flat))
+        return out
+
+
+def _depth(units: int, fan: int) -> int:
+    """Poolings the smaller side allows (at most 3: the authors' nets have 3 to 4 levels)."""
+    return max(0, min(3, int(math.log2(max(min(units, fan), 1))) - 1))
