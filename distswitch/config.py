@@ -46,6 +46,9 @@ class ScheduleConfig:
     update_ratio: Union[int, Literal["epoch"]] = 4
     # Dense TNN epochs before the switcher is switched on.
     warmup_epochs: int = 0
+    # Last epochs: TNN steps only, the switcher frozen (its factors still act) -- the counterpart
+    # of the baselines' fine-tuning.
+    finetune_epochs: int = 0
 
 
 @dataclass(frozen=True)
@@ -231,12 +234,14 @@ def _check_values(cfg: Config) -> None:
         require(opt.weight_decay >= 0, f"{key}.weight_decay", opt.weight_decay, ">= 0")
         require(0 < opt.gamma <= 1, f"{key}.gamma", opt.gamma, "in (0, 1]")
         require(not opt.nesterov or opt.momentum > 0, f"{key}.nesterov", opt.nesterov, "false when momentum is 0")
+    require(cfg.schedule.finetune_epochs >= 0, "schedule.finetune_epochs", cfg.schedule.finetune_epochs, ">= 0")
     if cfg.method == "switch":
+        busy = cfg.schedule.warmup_epochs + cfg.schedule.finetune_epochs
         require(
-            cfg.schedule.warmup_epochs < cfg.train.epochs,
+            busy < cfg.train.epochs,
             "schedule.warmup_epochs",
             cfg.schedule.warmup_epochs,
-            f"< train.epochs ({cfg.train.epochs}) so the switcher trains at all",
+            f"such that warmup_epochs + finetune_epochs ({busy}) < train.epochs ({cfg.train.epochs}), so the switcher trains at all",
         )
     limit = cfg.data.train_limit
     require(limit is None or limit >= 1, "data.train_limit", limit, "null or >= 1")

@@ -16,19 +16,21 @@ class Phase(enum.Enum):
 class Alternation:
     """`update_ratio` k: k TNN steps then 1 SNN step; "epoch": whole epochs alternate, TNN first.
 
-    Epochs before `warmup_epochs` train the dense TNN (`gated` is False there). Steps are counted
+    Epochs before `warmup_epochs` train the dense TNN (`gated` is False there); from epoch
+    `finetune_from` on, only the TNN trains (the switcher's factors still act). Steps are counted
     from the end of the warm-up, so the pattern does not depend on the epoch length.
     """
 
     update_ratio: Union[int, str]
     warmup_epochs: int
     steps_per_epoch: int
+    finetune_from: Union[int, None] = None
 
     def gated(self, epoch: int) -> bool:
         return epoch >= self.warmup_epochs
 
     def phase_at(self, epoch: int, step_in_epoch: int) -> Phase:
-        if not self.gated(epoch):
+        if not self.gated(epoch) or (self.finetune_from is not None and epoch >= self.finetune_from):
             return Phase.TNN
         if self.update_ratio == "epoch":
             return Phase.TNN if (epoch - self.warmup_epochs) % 2 == 0 else Phase.SNN

@@ -18,7 +18,8 @@ class Switch(Method):
     def __init__(self, cfg: Config, specs: list[GateSpec], steps_per_epoch: int) -> None:
         super().__init__(cfg, specs, steps_per_epoch)
         self.source = build_switcher(specs, cfg.switcher)
-        self.alternation = Alternation(cfg.schedule.update_ratio, cfg.schedule.warmup_epochs, steps_per_epoch)
+        self.alternation = Alternation(cfg.schedule.update_ratio, cfg.schedule.warmup_epochs, steps_per_epoch,
+                                       finetune_from=cfg.train.epochs - cfg.schedule.finetune_epochs)
 
     def phase_at(self, epoch: int, step: int) -> Phase:
         return self.alternation.phase_at(epoch, step)

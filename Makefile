@@ -1,0 +1,40 @@
+# Two commands do everything on a fresh machine: `make train` and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+DEB_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev dataset-fashion-mnist
+UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+CONFIG ?= configs/fashion_lenet5.yaml
+ARGS ?=
+
+.PHONY: setup train test test-fast clean
+
+## setup: Debian packages (FFCV's build needs, offline Fashion-MNIST), uv, then the locked venv.
+setup:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "setup: installing Debian packages: $$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "setup: missing Debian packages; run: sudo apt-get install -y $$missing" >&2; exit 1; \
+	  fi; \
+	fi
+	@if ! command -v uv >/dev/null 2>&1 && [ ! -x "$(UV)" ]; then \
+	  echo "setup: installing uv"; python3 -m pip install --quiet --user uv 2>/dev/null || python3 -m pip install --quiet uv; \
+	fi
+	@$$(command -v uv || echo $(UV)) sync --locked --quiet
+
+## train: the main job on the embedded default (Fashion-MNIST, LeNet5, switcher); ARGS="train.epochs=2 ..."
+train: setup
+	$$(command -v uv || echo $(UV)) run --locked distswitch train $(CONFIG) $(ARGS)
+
+## test: the whole suite, slow (real training) tests included
+test: setup
+	$$(command -v uv || echo $(UV)) run --locked pytest -q $(ARGS)
+
+## test-fast: skip the slow tests while developing
+test-fast: setup
+	$$(command -v uv || echo $(UV)) run --locked pytest -q -m "not slow" $(ARGS)
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,52 @@
+"""Shared fixtures: repository paths, the Fashion-MNIST location, small configs and fake data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from distswitch.config import Config
+from distswitch.data import DatasetInfo
+from distswitch.data.datasets import FASHION_MNIST_DEBIAN
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "fashion_lenet5.yaml"
+
+# What Fashion-MNIST looks like to the models: 1x28x28 images, 10 classes.
+FASHION_INFO = DatasetInfo("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), "none")
+
+
+@pytest.fixture
+def fashion_mnist_root() -> Path:
+    """The Debian Fashion-MNIST folder; its absence fails the test (it is part of `make setup`)."""
+    root = Path(FASHION_MNIST_DEBIAN)
+    names = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+    missing = [n for n in names if not (root / n).is_file()]
+    if missing:
+        pytest.fail(f"Fashion-MNIST is missing under {root} ({', '.join(missing)}); run `make setup`", pytrace=False)
+    return root
+
+
+@pytest.fixture
+def out_dir(tmp_path: Path) -> Path:
+    """A fresh run directory (never the repository's outputs/)."""
+    return tmp_path / "run"
+
+
+def make_config(**sections) -> Config:
+    """A validated Config for tests: CPU, no progress bars, plus the given sections (dicts or values)."""
+    data: dict = {"train": {"device": "cpu", "progress": False}}
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return Config.from_dict(data)
+
+
+def fake_batch(batch: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images shaped like normalised Fashion-MNIST and random labels of its 10 classes."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 1, 28, 28, generator=gen), torch.randint(0, 10, (batch,), generator=gen)

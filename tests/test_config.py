@@ -1,0 +1,187 @@
+"""Configuration: YAML + dotted overrides -> typed, validated Config; user errors name the key."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import DEFAULT_CONFIG, REPO_ROOT, make_config
+from distswitch.cli import main
+from distswitch.config import Config, ConfigError, load_config
+from distswitch.registry import UnknownNameError
+from distswitch.run import validate_names
+
+
+# -- loading and overrides -------------------------------------------------------------------------
+
+def test_overrides_are_parsed_to_the_field_types():
+    cfg = load_config(DEFAULT_CONFIG, ["train.epochs=3", "switcher.width=32", "optim.tnn.lr=0.1",
+                                       "train.progress=false", "data.root=null", "optim.tnn.milestones=[2, 4]"])
+    assert cfg.train.epochs == 3 and type(cfg.train.epochs) is int
+    assert cfg.switcher.width == 32 and type(cfg.switcher.width) is int
+    assert cfg.optim.tnn.lr == 0.1 and type(cfg.optim.tnn.lr) is float
+    assert cfg.train.progress is False
+    assert cfg.data.root is None
+    assert cfg.optim.tnn.milestones == (2, 4)
+
+
+def test_yaml_values_are_kept_where_not_overridden():
+    cfg = load_config(DEFAULT_CONFIG, ["train.epochs=3"])
+    assert cfg.model.name == "lenet5"
+    assert cfg.schedule.update_ratio == 4
+    assert cfg.schedule.warmup_epochs == 1
+    assert cfg.optim.snn.name == "adam" and cfg.optim.snn.lr == pytest.approx(1e-3)
+
+
+def test_integer_given_for_a_float_field_becomes_a_float():
+    cfg = load_config(None, ["optim.tnn.lr=1"])
+    assert cfg.optim.tnn.lr == 1.0 and type(cfg.optim.tnn.lr) is float
+
+
+def test_update_ratio_accepts_the_word_epoch():
+    assert load_config(None, ["schedule.update_ratio=epoch"]).schedule.update_ratio == "epoch"
+
+
+def test_no_file_means_all_defaults():
+    assert load_config(None) == Config()
+
+
+@pytest.mark.parametrize("cfg", [
+    Config(),
+    load_config(DEFAULT_CONFIG, ["optim.tnn.scheduler=multistep", "optim.tnn.milestones=[3, 6]",
+                                 "schedule.update_ratio=epoch", "data.train_limit=100", "data.root=/x"]),
+], ids=["defaults", "non-defaults"])
+def test_dict_round_trip_gives_an_equal_config(cfg):
+    assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_yaml_dump_round_trips_through_a_file(tmp_path):
+    cfg = load_config(DEFAULT_CONFIG, ["optim.snn.milestones=[1]", "switcher.l1=0.5"])
+    path = tmp_path / "cfg.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
+
+
+# -- rejected values: ConfigError naming the key -----------------------------------------------------
+
+@pytest.mark.parametrize("override, key", [
+    ("bogus=1", "bogus"),
+    ("switcher.widht=32", "switcher.widht"),
+    ("train.epochs=x", "train.epochs"),
+    ("train.epochs=3.5", "train.epochs"),
+    ("train.progress=3", "train.progress"),
+    ("switcher.width=0", "switcher.width"),
+    ("switcher.width=-4", "switcher.width"),
+    ("schedule.update_ratio=0", "schedule.update_ratio"),
+    ("schedule.update_ratio=sometimes", "schedule.update_ratio"),
+    ("optim.tnn.lr=0", "optim.tnn.lr"),
+    ("optim.snn.lr=-1", "optim.snn.lr"),
+    ("optim.tnn.lr=.nan", "optim.tnn.lr"),
+    ("optim.tnn.lr=.inf", "optim.tnn.lr"),
+    ("switcher.l1=.nan", "switcher.l1"),
+    ("model.gated=bogus", "model.gated"),
+    ("switcher.granularity=layer", "switcher.granularity"),
+    ("prune.kept_fraction=0", "prune.kept_fraction"),
+    ("schedule.warmup_epochs=8", "schedule.warmup_epochs"),
+])
+def test_bad_value_raises_config_error_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(DEFAULT_CONFIG, [override])
+    assert str(info.value).startswith(f"{key}:"), str(info.value)
+
+
+def test_nan_learning_rate_is_rejected_even_from_a_dict():
+    with pytest.raises(ConfigError, match=r"^optim\.tnn\.lr:"):
+        Config.from_dict({"optim": {"tnn": {"lr": math.nan}}})
+
+
+def test_unknown_key_error_lists_the_allowed_keys():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["switcher.widht=32"])
+    for allowed in ("arch", "width", "granularity"):
+        assert allowed in str(info.value)
+
+
+def test_override_without_equals_sign_is_rejected():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(None, ["train.epochs"])
+
+
+def test_missing_config_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+# -- registry names ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override, key, choice", [
+    ({"model": {"name": "resnet9000"}}, "model.name", "lenet5"),
+    ({"data": {"dataset": "imagenet"}}, "data.dataset", "fashion-mnist"),
+    ({"method": "lottery"}, "method", "magnitude"),
+    ({"switcher": {"arch": "transformer"}}, "switcher.arch", "rowwise"),
+])
+def test_unknown_registry_name_lists_the_choices(override, key, choice):
+    cfg = make_config(**override)
+    with pytest.raises(UnknownNameError) as info:
+        validate_names(cfg)
+    message = str(info.value)
+    assert message.startswith(f"{key}:") and choice in message
+
+
+def test_default_names_are_all_registered():
+    validate_names(load_config(DEFAULT_CONFIG))
+
+
+# -- command line -------------------------------------------------------------------------------------
+
+def _single_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("distswitch: error:"), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["switcher.widht=32"], "switcher.widht"),
+    (["switcher.width=0"], "switcher.width"),
+    (["model.name=resnet9000"], "model.name"),
+])
+def test_cli_reports_a_bad_config_in_one_line_with_status_2(args, needle, capsys, out_dir):
+    status = main(["train", str(DEFAULT_CONFIG), *args, f"out_dir={out_dir}", "train.progress=false"])
+    assert status == 2
+    assert needle in _single_error_line(capsys)
+
+
+def test_cli_reports_a_missing_config_file(capsys, tmp_path):
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in _single_error_line(capsys)
+
+
+def test_cli_reports_an_empty_data_root(capsys, tmp_path, out_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    status = main(["train", str(DEFAULT_CONFIG), f"data.root={empty}", f"out_dir={out_dir}", "train.progress=false"])
+    assert status == 2
+    assert "data.root" in _single_error_line(capsys)
+
+
+def test_cli_debug_flag_raises_instead(tmp_path):
+    with pytest.raises(ConfigError):
+        main(["--debug", "train", str(tmp_path / "missing.yaml")])
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch + torchvision: 4-8 s on 2 cores
+def test_console_script_exits_2_without_traceback():
+    script = Path(sys.executable).parent / "distswitch"
+    assert script.is_file(), f"console script not installed at {script}"
+    proc = subprocess.run([str(script), "train", "configs/fashion_lenet5.yaml", "switcher.width=0"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("distswitch: error: switcher.width:"), proc.stderr

@@ -1,0 +1,281 @@
+"""Gates (where factors act), switchers (weights in, factors out) and the phase schedule."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from distswitch.config import SwitcherConfig
+from distswitch.gates import GateSet, check_factors, find_gates
+from distswitch.models import create_tnn, list_models
+from distswitch.schedule import Alternation, Phase
+from distswitch.switcher import build_switcher
+
+MODELS = list_models()
+GATED = ("all", "fc", "classifier")
+GRANULARITIES = ("neuron", "connection")
+SMALL = ("mlp", "lenet5")  # the U-Net switcher is only exercised on these (slow on big nets)
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def _model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return create_tnn(name, 3, 10, 32).eval()
+
+
+def _input(batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _linears(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+@functools.lru_cache(maxsize=None)
+def _has_hidden_linear(name: str) -> bool:
+    return len(_linears(_model(name))) > 1
+
+
+def _selects_nothing(name: str, gated: str, granularity: str) -> bool:
+    """Only 'fc' neuron gating of a model whose one Linear is its classifier selects no layer."""
+    return gated == "fc" and granularity == "neuron" and not _has_hidden_linear(name)
+
+
+def _randomise(switcher: nn.Module, seed: int = 0) -> None:
+    """Re-initialise every switcher parameter so its output depends visibly on its input."""
+    torch.manual_seed(seed)
+    for p in switcher.parameters():
+        nn.init.normal_(p)
+
+
+# -- find_gates ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, gated, granularity", itertools.product(MODELS, GATED, GRANULARITIES))
+def test_find_gates_raises_only_when_nothing_is_selected(name, gated, granularity):
+    model = _model(name)
+    if _selects_nothing(name, gated, granularity):
+        with pytest.raises(ValueError, match="selects no layer"):
+            find_gates(model, gated, granularity)
+        return
+    specs = find_gates(model, gated, granularity)
+    classifier = _linears(model)[-1]
+    assert len({s.layer for s in specs}) == len(specs), "a layer is gated twice"
+    if gated == "classifier":
+        side = "in" if granularity == "neuron" else "weight"
+        assert [(s.layer, s.side) for s in specs] == [(classifier, side)]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_all_neuron_gates_every_conv_and_linear_but_the_classifier(name):
+    model = _model(name)
+    specs = find_gates(model, "all", "neuron")
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert [s.layer for s in specs] == layers[:-1]
+    modules = dict(model.named_modules())
+    for s in specs:
+        assert s.side == "out" and s.units == modules[s.layer].weight.shape[0]
+        # The factor acts after the layer's BatchNorm when one follows, else on the layer itself.
+        assert s.point == s.layer or isinstance(modules[s.point], BN_TYPES)
+
+
+def test_unknown_gated_mode_is_rejected_naming_the_key():
+    with pytest.raises(ValueError, match="model.gated"):
+        find_gates(_model("mlp"), "everything", "neuron")
+
+
+# -- gated forward with real switchers ----------------------------------------------------------------
+
+CASES = [
+    (name, gated, gran, arch)
+    for name, gated, gran in itertools.product(MODELS, GATED, GRANULARITIES)
+    if not _selects_nothing(name, gated, gran)
+    for arch in (("rowwise", "unet") if name in SMALL else ("rowwise",))
+]
+
+
+@pytest.mark.parametrize("name, gated, granularity, arch", CASES)
+def test_switcher_factors_fit_the_gates_and_the_model_still_classifies(name, gated, granularity, arch):
+    model = _model(name)
+    specs = find_gates(model, gated, granularity)
+    gates = GateSet(model, specs)
+    switcher = build_switcher(specs, SwitcherConfig(arch=arch, width=8, granularity=granularity))
+    with torch.no_grad():
+        factors = switcher(gates.weights())
+    assert [tuple(f.shape) for f in factors] == [s.factor_shape for s in specs]
+    assert all(bool((f >= 0).all()) for f in factors)
+    gates.set(factors)
+    with torch.no_grad():
+        out = model(_input())
+    assert out.shape == (2, 10) and bool(torch.isfinite(out).all())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_gates_without_factors_leave_the_output_bit_identical(name):
+    model, x = _model(name), _input()
+    with torch.no_grad():
+        plain = model(x)
+        gates = GateSet(model, find_gates(model, "all", "neuron"))
+        assert torch.equal(model(x), plain)
+        gates.set([torch.full(s.factor_shape, 0.5) for s in gates.specs])
+        assert not torch.equal(model(x), plain)
+        gates.set(None)
+        assert torch.equal(model(x), plain)
+
+
+@pytest.mark.parametrize("name, granularity", itertools.product(SMALL, GRANULARITIES))
+def test_unit_factors_leave_the_output_bit_identical(name, granularity):
+    model, x = _model(name), _input()
+    with torch.no_grad():
+        plain = model(x)
+        gates = GateSet(model, find_gates(model, "all", granularity))
+        gates.set([torch.ones(s.factor_shape) for s in gates.specs])
+        assert torch.equal(model(x), plain)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_zero_factors_on_an_out_gate_make_that_output_exactly_zero(name):
+    model, x = _model(name), _input()
+    specs = find_gates(model, "all", "neuron")
+    gates = GateSet(model, specs)
+    modules = dict(model.named_modules())
+    has_bn = any(isinstance(m, BN_TYPES) for m in model.modules())
+    seen = {}
+    for s in specs:
+        modules[s.point].register_forward_hook(lambda m, i, o, key=s.point: seen.__setitem__(key, o.detach().clone()))
+    for k, s in enumerate(specs):
+        if not has_bn:
+            assert s.point == s.layer
+        gates.set([torch.zeros(t.factor_shape) if j == k else torch.ones(t.factor_shape) for j, t in enumerate(specs)])
+        with torch.no_grad():
+            model(x)
+        assert seen[s.point].abs().max() == 0, f"{s.point} not switched off"
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_zero_input_factors_on_the_classifier_leave_only_its_bias(name):
+    model, x = _model(name), _input()
+    specs = find_gates(model, "classifier", "neuron")
+    gates = GateSet(model, specs)
+    gates.set([torch.zeros(specs[0].factor_shape)])
+    bias = dict(model.named_modules())[specs[0].layer].bias
+    with torch.no_grad():
+        assert torch.equal(model(x), bias.expand(2, -1))
+
+
+def test_zero_connection_factors_leave_only_the_bias():
+    model, x = _model("mlp"), _input()
+    specs = find_gates(model, "classifier", "connection")
+    gates = GateSet(model, specs)
+    gates.set([torch.zeros(specs[0].factor_shape)])
+    with torch.no_grad():
+        assert torch.equal(model(x), model[5].bias.expand(2, -1))
+
+
+# -- switcher properties ------------------------------------------------------------------------------
+
+def _mlp_switcher(arch: str = "rowwise", **kw):
+    model = _model("mlp")
+    specs = find_gates(model, "all", "neuron")  # layers '1' (300 units) and '3' (100 units)
+    return model, GateSet(model, specs), build_switcher(specs, SwitcherConfig(arch=arch, **kw))
+
+
+@pytest.mark.parametrize("arch", ["rowwise", "unet"])
+def test_a_fresh_switcher_starts_at_init_factor(arch):
+    _, gates, switcher = _mlp_switcher(arch, width=8, init_factor=1.0)
+    with torch.no_grad():
+        factors = switcher(gates.weights())
+    for f in factors:
+        assert float(f.mean()) == pytest.approx(1.0, abs=1e-4)
+    if arch == "rowwise":
+        assert all(bool((f == 1).all()) for f in factors)
+
+
+def test_changing_one_neurons_weights_changes_its_factor():
+    model, gates, switcher = _mlp_switcher()
+    _randomise(switcher)
+    with torch.no_grad():
+        before = switcher(gates.weights())[0]
+        assert torch.equal(switcher(gates.weights())[0], before), "factors are not a function of the weights"
+        assert before.unique().numel() > 1, "switcher output is constant; the test would prove nothing"
+        i = int(before.argmax())
+        model[1].weight[i].mul_(3.0)
+        after = switcher(gates.weights())[0]
+    assert after[i] != before[i]
+
+
+def test_permuting_neurons_permutes_their_factors():
+    model, gates, switcher = _mlp_switcher()
+    _randomise(switcher)
+    perm = torch.randperm(300, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = switcher(gates.weights())[0]
+        model[1].weight.copy_(model[1].weight[perm])
+        after = switcher(gates.weights())[0]
+    torch.testing.assert_close(after, before[perm], atol=1e-5, rtol=1e-5)
+
+
+def test_layers_with_identical_weights_get_identical_factors():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 20), nn.ReLU(), nn.Linear(20, 20), nn.ReLU(), nn.Linear(20, 10))
+    with torch.no_grad():
+        model[2].weight.copy_(model[0].weight)
+        model[2].bias.copy_(model[0].bias)
+    specs = find_gates(model, "all", "neuron")
+    assert [s.layer for s in specs] == ["0", "2"]
+    switcher = build_switcher(specs, SwitcherConfig(arch="rowwise"))
+    _randomise(switcher, seed=1)
+    with torch.no_grad():
+        first, second = switcher(GateSet(model, specs).weights())
+    assert first.unique().numel() > 1, "switcher output is constant; the test would prove nothing"
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_a_negative_head_bias_switches_every_unit_exactly_off(granularity):
+    model = _model("lenet5")
+    specs = find_gates(model, "all", granularity)
+    switcher = build_switcher(specs, SwitcherConfig(granularity=granularity, init_factor=-0.5))
+    with torch.no_grad():
+        factors = switcher(GateSet(model, specs).weights())
+    assert all(int(torch.count_nonzero(f)) == 0 for f in factors)
+
+
+def test_check_factors_rejects_a_wrong_shape_and_a_wrong_count():
+    _, gates, switcher = _mlp_switcher()
+    good = [torch.ones(s.factor_shape) for s in gates.specs]
+    check_factors(gates.specs, good)
+    with pytest.raises(ValueError, match="expected"):
+        check_factors(gates.specs, [torch.ones(299), good[1]])
+    with pytest.raises(ValueError, match="expected 2 factor tensors"):
+        check_factors(gates.specs, good[:1])
+    with pytest.raises(ValueError):
+        gates.set([good[0], torch.ones(100, 1)])
+
+
+# -- schedule -----------------------------------------------------------------------------------------
+
+def test_update_ratio_alternates_counted_from_the_end_of_warmup():
+    alt = Alternation(update_ratio=3, warmup_epochs=1, steps_per_epoch=10)
+    T, S = Phase.TNN, Phase.SNN
+    assert [alt.phase_at(0, s) for s in range(10)] == [T] * 10
+    assert not alt.gated(0) and alt.gated(1)
+    pattern = [T, T, T, S] * 5
+    assert [alt.phase_at(1, s) for s in range(10)] == pattern[:10]
+    assert [alt.phase_at(2, s) for s in range(10)] == pattern[10:20]
+
+
+def test_update_ratio_one_alternates_every_step():
+    alt = Alternation(update_ratio=1, warmup_epochs=0, steps_per_epoch=3)
+    got = [alt.phase_at(e, s) for e in range(2) for s in range(3)]
+    assert got == [Phase.TNN, Phase.SNN] * 3
+
+
+def test_epoch_mode_alternates_whole_epochs_tnn_first():
+    alt = Alternation(update_ratio="epoch", warmup_epochs=2, steps_per_epoch=5)
+    expected = {0: Phase.TNN, 1: Phase.TNN, 2: Phase.TNN, 3: Phase.SNN, 4: Phase.TNN, 5: Phase.SNN}
+    for epoch, phase in expected.items():
+        assert {alt.phase_at(epoch, s) for s in range(5)} == {phase}
