@@ -36,6 +36,9 @@ class SwitcherConfig:
     granularity: Literal["neuron", "connection"] = "neuron"
     # Optional L1 penalty on the factors (mean over units) in SNN steps; 0 = the papers' setting.
     l1: float = 0.0
+    # With l1 > 0: the penalty acts only while the kept fraction of units is above this target
+    # (null = always), so a run settles near a chosen size instead of shrinking without end.
+    target_kept: Union[float, None] = None
     # Factor value the switcher starts at (output bias), so a fresh switcher leaves the TNN intact.
     init_factor: float = 1.0
 
@@ -220,6 +223,9 @@ def _check_values(cfg: Config) -> None:
 
     require(cfg.switcher.width > 0, "switcher.width", cfg.switcher.width, "a positive integer")
     require(cfg.switcher.l1 >= 0 and math.isfinite(cfg.switcher.l1), "switcher.l1", cfg.switcher.l1, ">= 0")
+    target = cfg.switcher.target_kept
+    require(target is None or 0 < target < 1, "switcher.target_kept", target, "null or in (0, 1)")
+    require(target is None or cfg.switcher.l1 > 0, "switcher.target_kept", target, "null unless switcher.l1 > 0")
     ratio = cfg.schedule.update_ratio
     require(ratio == "epoch" or ratio >= 1, "schedule.update_ratio", ratio, "an integer >= 1 or 'epoch'")
     require(cfg.schedule.warmup_epochs >= 0, "schedule.warmup_epochs", cfg.schedule.warmup_epochs, ">= 0")

@@ -28,10 +28,14 @@ class Switch(Method):
         return self.alternation.gated(epoch)
 
     def penalty(self, factors: list[torch.Tensor], epoch: int):
-        if self.cfg.switcher.l1 == 0:
+        sw = self.cfg.switcher
+        if sw.l1 == 0:
+            return 0.0
+        flat = torch.cat([f.flatten() for f in factors])
+        if sw.target_kept is not None and float((flat != 0).float().mean()) <= sw.target_kept:
             return 0.0
         # Mean factor over all units: the coefficient does not scale with network size.
-        return self.cfg.switcher.l1 * torch.cat([f.flatten() for f in factors]).mean()
+        return sw.l1 * flat.mean()
 
     def selectable(self, epoch: int) -> bool:
         # Only switched networks are results of this method, never a dense warm-up epoch.
