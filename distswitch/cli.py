@@ -33,9 +33,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args) -> int:
+    cfg = load_config(args.config, args.overrides)  # before the heavy imports: bad input fails fast
     from distswitch.run import train
 
-    cfg = load_config(args.config, args.overrides)
     summary = train(cfg, summary_json=args.summary_json)
     dense, small = summary["dense"], summary["compact"]
     print(

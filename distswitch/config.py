@@ -223,6 +223,8 @@ def _check_values(cfg: Config) -> None:
 
     require(cfg.switcher.width > 0, "switcher.width", cfg.switcher.width, "a positive integer")
     require(cfg.switcher.l1 >= 0 and math.isfinite(cfg.switcher.l1), "switcher.l1", cfg.switcher.l1, ">= 0")
+    init = cfg.switcher.init_factor
+    require(math.isfinite(init) and init > 0, "switcher.init_factor", init, "a finite number > 0")
     target = cfg.switcher.target_kept
     require(target is None or 0 < target < 1, "switcher.target_kept", target, "null or in (0, 1)")
     require(target is None or cfg.switcher.l1 > 0, "switcher.target_kept", target, "null unless switcher.l1 > 0")
@@ -243,12 +245,13 @@ def _check_values(cfg: Config) -> None:
     require(cfg.schedule.finetune_epochs >= 0, "schedule.finetune_epochs", cfg.schedule.finetune_epochs, ">= 0")
     if cfg.method == "switch":
         busy = cfg.schedule.warmup_epochs + cfg.schedule.finetune_epochs
-        require(
-            busy < cfg.train.epochs,
-            "schedule.warmup_epochs",
-            cfg.schedule.warmup_epochs,
-            f"such that warmup_epochs + finetune_epochs ({busy}) < train.epochs ({cfg.train.epochs}), so the switcher trains at all",
-        )
+        if busy >= cfg.train.epochs:
+            w, f = cfg.schedule.warmup_epochs, cfg.schedule.finetune_epochs
+            key = "schedule.finetune_epochs" if f else "schedule.warmup_epochs"
+            raise ConfigError(
+                f"{key}: warmup_epochs {w} + finetune_epochs {f} leave no switcher epoch of "
+                f"train.epochs={cfg.train.epochs}; lower them or raise train.epochs"
+            )
     limit = cfg.data.train_limit
     require(limit is None or limit >= 1, "data.train_limit", limit, "null or >= 1")
     require(cfg.data.val_size >= 1, "data.val_size", cfg.data.val_size, ">= 1")

@@ -17,6 +17,7 @@ Per epoch::
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -151,7 +152,7 @@ class Engine:
         with warnings.catch_warnings():
             # Schedules count epochs, not the phase's own steps: a phase that took no step this
             # epoch (warm-up, whole-epoch alternation) still advances, which torch warns about.
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             for sched in self.schedulers.values():
                 sched.step()
         factors = self.compute_factors(epoch)

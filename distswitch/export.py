@@ -74,8 +74,9 @@ def removal_plan(model: nn.Module, specs: list[GateSpec], factors: list[torch.Te
             keep = set(idxs)
             for p in producers:
                 keep &= zeros.get(p, set())
+            keep = _leave_one(sorted(keep), spec.units)
             if keep:
-                plan.append({"layer": spec.layer, "dim": "out", "idxs": sorted(keep)})
+                plan.append({"layer": spec.layer, "dim": "out", "idxs": keep})
         elif spec.side == "in":
             idxs = torch.nonzero(f.detach() == 0).flatten().tolist()
             if not idxs:
@@ -84,8 +85,14 @@ def removal_plan(model: nn.Module, specs: list[GateSpec], factors: list[torch.Te
             consumers = {names[d.target.module] for d, _ in group if d.handler in _CONSUMERS}
             has_producer = any(d.handler in _PRODUCERS for d, _ in group)
             if consumers == {spec.layer} and has_producer:
-                plan.append({"layer": spec.layer, "dim": "in", "idxs": idxs})
+                plan.append({"layer": spec.layer, "dim": "in", "idxs": _leave_one(idxs, spec.units)})
     return plan
+
+
+def _leave_one(idxs: list[int], units: int) -> list[int]:
+    """A layer switched off entirely keeps one (all-zero) unit: its output stays exactly 0 and the
+    network keeps valid shapes (a 0-channel conv cannot run)."""
+    return idxs[1:] if len(idxs) >= units else idxs
 
 
 def apply_plan(model: nn.Module, plan: list[dict], example: torch.Tensor) -> None:

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distswitch.config import ConfigError
+
 Side = Literal["out", "in", "weight"]
 GATED_MODES = ("all", "fc", "classifier")
 _WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
@@ -70,7 +72,7 @@ def find_gates(model: nn.Module, gated: str, granularity: str) -> list[GateSpec]
     input features (connection: its weights) -- the papers' setting for ResNet and MobileNet.
     """
     if gated not in GATED_MODES:
-        raise ValueError(f"model.gated: got {gated!r}; choose one of: {', '.join(GATED_MODES)}")
+        raise ConfigError(f"model.gated: got {gated!r}; choose one of: {', '.join(GATED_MODES)}")
     modules = list(model.named_modules())
     classifier = _classifier_name(model)
     specs = []
@@ -87,7 +89,10 @@ def find_gates(model: nn.Module, gated: str, granularity: str) -> list[GateSpec]
         elif name != classifier and (gated == "all" or (gated == "fc" and is_linear)):
             specs.append(GateSpec(name, _affine_output(modules, i), "out", w.shape[0], w[0].numel()))
     if not specs:
-        raise ValueError(f"model.gated={gated!r} with granularity {granularity!r} selects no layer of this model")
+        raise ConfigError(
+            f"model.gated: {gated!r} with switcher.granularity {granularity!r} selects no layer of "
+            f"{type(model).__name__}; use 'all' or 'classifier'"
+        )
     return specs
 
 

@@ -18,7 +18,7 @@ DEFAULT_CONFIG = REPO_ROOT / "configs" / "fashion_lenet5.yaml"
 FASHION_INFO = DatasetInfo("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), "none")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def fashion_mnist_root() -> Path:
     """The Debian Fashion-MNIST folder; its absence fails the test (it is part of `make setup`)."""
     root = Path(FASHION_MNIST_DEBIAN)
@@ -27,6 +27,27 @@ def fashion_mnist_root() -> Path:
     if missing:
         pytest.fail(f"Fashion-MNIST is missing under {root} ({', '.join(missing)}); run `make setup`", pytrace=False)
     return root
+
+
+# A config owned by the tests: configs/*.yaml are tuned independently and must not move these tests.
+TEST_CONFIG_YAML = """\
+model: {name: lenet5, gated: all}
+method: switch
+switcher: {arch: rowwise, width: 16, granularity: neuron}
+schedule: {update_ratio: 4, warmup_epochs: 1}
+train: {epochs: 8, batch_size: 128, seed: 0, device: cpu, progress: false}
+optim:
+  tnn: {name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 5.0e-4, scheduler: cosine}
+  snn: {name: adam, lr: 1.0e-3, momentum: 0.0, weight_decay: 0.0, scheduler: cosine}
+data: {dataset: fashion-mnist}
+"""
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "test_config.yaml"
+    path.write_text(TEST_CONFIG_YAML)
+    return path
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ from distswitch.run import validate_names
 
 # -- loading and overrides -------------------------------------------------------------------------
 
-def test_overrides_are_parsed_to_the_field_types():
-    cfg = load_config(DEFAULT_CONFIG, ["train.epochs=3", "switcher.width=32", "optim.tnn.lr=0.1",
+def test_overrides_are_parsed_to_the_field_types(config_file):
+    cfg = load_config(config_file, ["train.epochs=3", "switcher.width=32", "optim.tnn.lr=0.1",
                                        "train.progress=false", "data.root=null", "optim.tnn.milestones=[2, 4]"])
     assert cfg.train.epochs == 3 and type(cfg.train.epochs) is int
     assert cfg.switcher.width == 32 and type(cfg.switcher.width) is int
@@ -29,9 +29,9 @@ def test_overrides_are_parsed_to_the_field_types():
     assert cfg.optim.tnn.milestones == (2, 4)
 
 
-def test_yaml_values_are_kept_where_not_overridden():
-    cfg = load_config(DEFAULT_CONFIG, ["train.epochs=3"])
-    assert cfg.model.name == "lenet5"
+def test_yaml_values_are_kept_where_not_overridden(config_file):
+    cfg = load_config(config_file, ["train.epochs=3"])
+    assert cfg.model.name == "lenet5" and cfg.switcher.width == 16
     assert cfg.schedule.update_ratio == 4
     assert cfg.schedule.warmup_epochs == 1
     assert cfg.optim.snn.name == "adam" and cfg.optim.snn.lr == pytest.approx(1e-3)
@@ -52,15 +52,15 @@ def test_no_file_means_all_defaults():
 
 @pytest.mark.parametrize("cfg", [
     Config(),
-    load_config(DEFAULT_CONFIG, ["optim.tnn.scheduler=multistep", "optim.tnn.milestones=[3, 6]",
-                                 "schedule.update_ratio=epoch", "data.train_limit=100", "data.root=/x"]),
+    load_config(None, ["optim.tnn.scheduler=multistep", "optim.tnn.milestones=[3, 6]", "method=magnitude",
+                       "schedule.update_ratio=epoch", "data.train_limit=100", "data.root=/x", "switcher.l1=0.5"]),
 ], ids=["defaults", "non-defaults"])
 def test_dict_round_trip_gives_an_equal_config(cfg):
     assert Config.from_dict(cfg.to_dict()) == cfg
 
 
-def test_yaml_dump_round_trips_through_a_file(tmp_path):
-    cfg = load_config(DEFAULT_CONFIG, ["optim.snn.milestones=[1]", "switcher.l1=0.5"])
+def test_yaml_dump_round_trips_through_a_file(tmp_path, config_file):
+    cfg = load_config(config_file, ["optim.snn.milestones=[1]", "switcher.l1=0.5"])
     path = tmp_path / "cfg.yaml"
     path.write_text(cfg.to_yaml())
     assert load_config(path) == cfg
@@ -87,11 +87,20 @@ def test_yaml_dump_round_trips_through_a_file(tmp_path):
     ("switcher.granularity=layer", "switcher.granularity"),
     ("prune.kept_fraction=0", "prune.kept_fraction"),
     ("schedule.warmup_epochs=8", "schedule.warmup_epochs"),
+    ("schedule.finetune_epochs=-1", "schedule.finetune_epochs"),
+    ("switcher.target_kept=1.0", "switcher.target_kept"),
+    ("switcher.target_kept=0.5", "switcher.target_kept"),  # without switcher.l1 > 0 it would do nothing
 ])
-def test_bad_value_raises_config_error_naming_the_key(override, key):
+def test_bad_value_raises_config_error_naming_the_key(override, key, config_file):
     with pytest.raises(ConfigError) as info:
-        load_config(DEFAULT_CONFIG, [override])
+        load_config(config_file, [override])
     assert str(info.value).startswith(f"{key}:"), str(info.value)
+
+
+def test_warmup_and_finetune_epochs_must_leave_switcher_epochs(config_file):
+    assert load_config(config_file, ["schedule.finetune_epochs=6"]).schedule.finetune_epochs == 6
+    with pytest.raises(ConfigError, match="finetune_epochs"):
+        load_config(config_file, ["schedule.finetune_epochs=7"])  # 1 warm-up + 7 of 8 epochs
 
 
 def test_nan_learning_rate_is_rejected_even_from_a_dict():
@@ -132,7 +141,7 @@ def test_unknown_registry_name_lists_the_choices(override, key, choice):
     assert message.startswith(f"{key}:") and choice in message
 
 
-def test_default_names_are_all_registered():
+def test_shipped_config_is_valid_and_its_names_are_registered():
     validate_names(load_config(DEFAULT_CONFIG))
 
 
@@ -151,8 +160,8 @@ def _single_error_line(capsys) -> str:
     (["switcher.width=0"], "switcher.width"),
     (["model.name=resnet9000"], "model.name"),
 ])
-def test_cli_reports_a_bad_config_in_one_line_with_status_2(args, needle, capsys, out_dir):
-    status = main(["train", str(DEFAULT_CONFIG), *args, f"out_dir={out_dir}", "train.progress=false"])
+def test_cli_reports_a_bad_config_in_one_line_with_status_2(args, needle, capsys, out_dir, config_file):
+    status = main(["train", str(config_file), *args, f"out_dir={out_dir}", "train.progress=false"])
     assert status == 2
     assert needle in _single_error_line(capsys)
 
@@ -162,12 +171,23 @@ def test_cli_reports_a_missing_config_file(capsys, tmp_path):
     assert "missing.yaml" in _single_error_line(capsys)
 
 
-def test_cli_reports_an_empty_data_root(capsys, tmp_path, out_dir):
+def test_cli_reports_an_empty_data_root(capsys, tmp_path, out_dir, config_file):
     empty = tmp_path / "empty"
     empty.mkdir()
-    status = main(["train", str(DEFAULT_CONFIG), f"data.root={empty}", f"out_dir={out_dir}", "train.progress=false"])
+    status = main(["train", str(config_file), f"data.root={empty}", f"out_dir={out_dir}", "train.progress=false"])
     assert status == 2
     assert "data.root" in _single_error_line(capsys)
+
+
+@pytest.mark.parametrize("args, key", [
+    (["model.name=resnet18", "model.gated=fc"], "model.gated"),  # resnet18's only Linear is its classifier
+    (["data.train_limit=10"], "train.batch_size"),  # 10 examples cannot fill one batch of 128
+])
+def test_cli_reports_settings_that_fail_once_data_is_loaded_in_one_line(args, key, capsys, out_dir, config_file,
+                                                                       fashion_mnist_root):
+    status = main(["train", str(config_file), *args, f"out_dir={out_dir}", "train.progress=false"])
+    assert status == 2
+    assert key in _single_error_line(capsys)
 
 
 def test_cli_debug_flag_raises_instead(tmp_path):

@@ -13,7 +13,7 @@ from distswitch.config import SwitcherConfig
 from distswitch.gates import GateSet, check_factors, find_gates
 from distswitch.models import create_tnn, list_models
 from distswitch.schedule import Alternation, Phase
-from distswitch.switcher import build_switcher
+from distswitch.switcher import build_switcher, describe_rows
 
 MODELS = list_models()
 GATED = ("all", "fc", "classifier")
@@ -45,16 +45,28 @@ def _selects_nothing(name: str, gated: str, granularity: str) -> bool:
     return gated == "fc" and granularity == "neuron" and not _has_hidden_linear(name)
 
 
-def _randomise(switcher: nn.Module, seed: int = 0) -> None:
-    """Re-initialise every switcher parameter so its output depends visibly on its input."""
+def _randomise(switcher: nn.Module, weights: list[torch.Tensor], seed: int = 0) -> None:
+    """Re-initialise every parameter so the output depends visibly on the weights; for the rowwise
+    switcher the heads' biases are then centred so that about half of the factors are 0."""
     torch.manual_seed(seed)
-    for p in switcher.parameters():
-        nn.init.normal_(p)
+    with torch.no_grad():
+        for p in switcher.parameters():
+            nn.init.normal_(p, std=0.5)
+        if not hasattr(switcher, "neuron_head"):
+            return
+        hidden = [switcher.body(describe_rows(w)) for w in weights]
+        pre = torch.cat([switcher.neuron_head(h).flatten() for h in hidden])
+        switcher.neuron_head.bias.sub_(pre.median())
+        pre = []
+        for h, w in zip(hidden, weights):
+            slope, offset = switcher.connection_head(h).unbind(dim=1)
+            pre.append((slope[:, None] * w.abs() / w.std() + offset[:, None]).flatten())
+        switcher.connection_head.bias[1].sub_(torch.cat(pre).median())
 
 
 # -- find_gates ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, gated, granularity", itertools.product(MODELS, GATED, GRANULARITIES))
+@pytest.mark.parametrize("name, gated, granularity", list(itertools.product(MODELS, GATED, GRANULARITIES)))
 def test_find_gates_raises_only_when_nothing_is_selected(name, gated, granularity):
     model = _model(name)
     if _selects_nothing(name, gated, granularity):
@@ -103,10 +115,14 @@ def test_switcher_factors_fit_the_gates_and_the_model_still_classifies(name, gat
     specs = find_gates(model, gated, granularity)
     gates = GateSet(model, specs)
     switcher = build_switcher(specs, SwitcherConfig(arch=arch, width=8, granularity=granularity))
+    _randomise(switcher, gates.weights())
     with torch.no_grad():
         factors = switcher(gates.weights())
     assert [tuple(f.shape) for f in factors] == [s.factor_shape for s in specs]
     assert all(bool((f >= 0).all()) for f in factors)
+    if arch == "rowwise":  # centred heads: the ReLU really clips, and some units stay on
+        flat = torch.cat([f.flatten() for f in factors])
+        assert 0 < int((flat == 0).sum()) < flat.numel()
     gates.set(factors)
     with torch.no_grad():
         out = model(_input())
@@ -120,13 +136,13 @@ def test_gates_without_factors_leave_the_output_bit_identical(name):
         plain = model(x)
         gates = GateSet(model, find_gates(model, "all", "neuron"))
         assert torch.equal(model(x), plain)
-        gates.set([torch.full(s.factor_shape, 0.5) for s in gates.specs])
+        gates.set([torch.full(s.factor_shape, 0.5 if k == 0 else 1.0) for k, s in enumerate(gates.specs)])
         assert not torch.equal(model(x), plain)
         gates.set(None)
         assert torch.equal(model(x), plain)
 
 
-@pytest.mark.parametrize("name, granularity", itertools.product(SMALL, GRANULARITIES))
+@pytest.mark.parametrize("name, granularity", list(itertools.product(SMALL, GRANULARITIES)))
 def test_unit_factors_leave_the_output_bit_identical(name, granularity):
     model, x = _model(name), _input()
     with torch.no_grad():
@@ -142,17 +158,18 @@ def test_zero_factors_on_an_out_gate_make_that_output_exactly_zero(name):
     specs = find_gates(model, "all", "neuron")
     gates = GateSet(model, specs)
     modules = dict(model.named_modules())
-    has_bn = any(isinstance(m, BN_TYPES) for m in model.modules())
+    if not any(isinstance(m, BN_TYPES) for m in model.modules()):
+        assert all(s.point == s.layer for s in specs)
     seen = {}
-    for s in specs:
+    for s in specs:  # registered after the gates' hooks, so they see the gated output
         modules[s.point].register_forward_hook(lambda m, i, o, key=s.point: seen.__setitem__(key, o.detach().clone()))
-    for k, s in enumerate(specs):
-        if not has_bn:
-            assert s.point == s.layer
-        gates.set([torch.zeros(t.factor_shape) if j == k else torch.ones(t.factor_shape) for j, t in enumerate(specs)])
+    for parity in (0, 1):  # every other gated layer switched off, the rest left on
+        off = {k for k in range(len(specs)) if k % 2 == parity}
+        gates.set([torch.zeros(s.factor_shape) if k in off else torch.ones(s.factor_shape) for k, s in enumerate(specs)])
         with torch.no_grad():
             model(x)
-        assert seen[s.point].abs().max() == 0, f"{s.point} not switched off"
+        for k in off:
+            assert seen[specs[k].point].abs().max() == 0, f"{specs[k].point} not switched off"
 
 
 @pytest.mark.parametrize("name", SMALL)
@@ -196,7 +213,7 @@ def test_a_fresh_switcher_starts_at_init_factor(arch):
 
 def test_changing_one_neurons_weights_changes_its_factor():
     model, gates, switcher = _mlp_switcher()
-    _randomise(switcher)
+    _randomise(switcher, gates.weights())
     with torch.no_grad():
         before = switcher(gates.weights())[0]
         assert torch.equal(switcher(gates.weights())[0], before), "factors are not a function of the weights"
@@ -209,7 +226,7 @@ def test_changing_one_neurons_weights_changes_its_factor():
 
 def test_permuting_neurons_permutes_their_factors():
     model, gates, switcher = _mlp_switcher()
-    _randomise(switcher)
+    _randomise(switcher, gates.weights())
     perm = torch.randperm(300, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         before = switcher(gates.weights())[0]
@@ -227,9 +244,10 @@ def test_layers_with_identical_weights_get_identical_factors():
     specs = find_gates(model, "all", "neuron")
     assert [s.layer for s in specs] == ["0", "2"]
     switcher = build_switcher(specs, SwitcherConfig(arch="rowwise"))
-    _randomise(switcher, seed=1)
+    weights = GateSet(model, specs).weights()
+    _randomise(switcher, weights, seed=1)
     with torch.no_grad():
-        first, second = switcher(GateSet(model, specs).weights())
+        first, second = switcher(weights)
     assert first.unique().numel() > 1, "switcher output is constant; the test would prove nothing"
     assert torch.equal(first, second)
 
@@ -279,3 +297,11 @@ def test_epoch_mode_alternates_whole_epochs_tnn_first():
     expected = {0: Phase.TNN, 1: Phase.TNN, 2: Phase.TNN, 3: Phase.SNN, 4: Phase.TNN, 5: Phase.SNN}
     for epoch, phase in expected.items():
         assert {alt.phase_at(epoch, s) for s in range(5)} == {phase}
+
+
+def test_finetune_epochs_train_only_the_tnn_while_the_factors_act():
+    alt = Alternation(update_ratio=1, warmup_epochs=1, steps_per_epoch=4, finetune_from=3)
+    assert [alt.phase_at(2, s) for s in range(4)] == [Phase.TNN, Phase.SNN] * 2
+    for epoch in (3, 4):
+        assert alt.gated(epoch)
+        assert {alt.phase_at(epoch, s) for s in range(4)} == {Phase.TNN}

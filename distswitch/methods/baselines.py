@@ -35,6 +35,11 @@ class _PruneOnce(Method):
         return epoch >= self.prune_epoch
 
 
+def _count(fraction: float, n: int) -> int:
+    """ceil(fraction * n), at least 1; rounded first so 0.55 * 100 keeps 55, not 56."""
+    return max(1, math.ceil(round(fraction * n, 6)))
+
+
 def _importance(spec: GateSpec, w: torch.Tensor) -> torch.Tensor:
     """Per connection |w|; per unit the L2 norm of its row."""
     w = w.detach()
@@ -54,7 +59,7 @@ class Magnitude(_PruneOnce):
         out = []
         for spec, w in zip(self.specs, weights):
             score = _importance(spec, w)
-            out.append(keep_top(score, max(1, math.ceil(frac * score.numel()))))
+            out.append(keep_top(score, _count(frac, score.numel())))
         return out
 
 
@@ -75,7 +80,7 @@ class Slimming(_PruneOnce):
         # One global threshold on |scale| (Liu et al.), but every layer keeps at least one unit.
         scales = [s.detach().abs() for s in self.source.scales]
         flat = torch.cat([s.flatten() for s in scales])
-        keep = max(1, math.ceil(self.cfg.prune.kept_fraction * flat.numel()))
+        keep = _count(self.cfg.prune.kept_fraction, flat.numel())
         global_mask = keep_top(flat, keep)
         out, start = [], 0
         for s in scales:

@@ -1,0 +1,217 @@
+"""The alternating engine: each phase trains only its own side; methods' factors and penalties."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from conftest import FASHION_INFO, fake_batch, make_config
+from distswitch.engine import Engine
+from distswitch.gates import kept_report
+from distswitch.run import build
+from distswitch.schedule import Phase
+
+CPU = torch.device("cpu")
+
+
+def _engine(name: str = "lenet5", method: str = "switch", steps_per_epoch: int = 10, **sections) -> Engine:
+    sections.setdefault("schedule", {"warmup_epochs": 0})
+    train = {"epochs": 3, **sections.pop("train", {})}
+    cfg = make_config(model={"name": name}, method=method, train=train, **sections)
+    torch.manual_seed(0)
+    tnn, gates, meth = build(cfg, FASHION_INFO, steps_per_epoch, CPU)
+    return Engine(cfg, tnn, gates, meth, CPU)
+
+
+def _tnn_state(engine: Engine) -> dict[str, torch.Tensor]:
+    tnn = engine.tnn
+    return {n: t.detach().clone() for n, t in [*tnn.named_parameters(), *tnn.named_buffers()]}
+
+
+def _source_state(engine: Engine) -> dict[str, torch.Tensor]:
+    return {n: t.detach().clone() for n, t in engine.source.state_dict().items()}
+
+
+def _changed(before: dict, after: dict) -> list[str]:
+    return [n for n in before if not torch.equal(before[n], after[n])]
+
+
+def _steps(engine: Engine, phase: Phase, n: int, epoch: int = 0) -> None:
+    for i in range(n):
+        engine.step(epoch, phase, *fake_batch(4, seed=i))
+
+
+MODELS = ["mlp", "lenet5", "mobilenet", "vgg16"]  # the last two: BatchNorm statistics too
+
+
+# -- phase freezing ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", MODELS)
+def test_snn_steps_leave_every_tnn_parameter_and_buffer_bit_identical(name):
+    engine = _engine(name)
+    _steps(engine, Phase.TNN, 2)  # non-trivial optimiser state and BatchNorm statistics first
+    tnn, source = _tnn_state(engine), _source_state(engine)
+    _steps(engine, Phase.SNN, 3)
+    assert _changed(tnn, _tnn_state(engine)) == []
+    assert _changed(source, _source_state(engine)), "the switcher did not learn in its own phase"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_tnn_steps_leave_every_switcher_parameter_bit_identical(name):
+    engine = _engine(name)
+    _steps(engine, Phase.SNN, 2)
+    tnn, source = _tnn_state(engine), _source_state(engine)
+    _steps(engine, Phase.TNN, 3)
+    assert _changed(source, _source_state(engine)) == []
+    changed = _changed(tnn, _tnn_state(engine))
+    assert {n for n, _ in engine.tnn.named_parameters()} <= set(changed)
+
+
+def test_batchnorm_statistics_move_only_in_tnn_steps():
+    engine = _engine("mobilenet")
+    bn = [n for n, _ in engine.tnn.named_buffers() if n.endswith("running_mean")]
+    assert bn, "mobilenet has no BatchNorm statistics to check"
+    before = _tnn_state(engine)
+    _steps(engine, Phase.SNN, 1)
+    assert _changed(before, _tnn_state(engine)) == []
+    _steps(engine, Phase.TNN, 1)
+    assert set(bn) <= set(_changed(before, _tnn_state(engine)))
+
+
+def test_the_gates_carry_the_switchers_factors_after_a_step():
+    engine = _engine("mlp")
+    engine.step(0, Phase.TNN, *fake_batch())
+    expected = engine.compute_factors(0)
+    assert [torch.equal(a, b) for a, b in zip(engine.gates.factors, expected)] == [True, True]
+
+
+def test_warmup_epochs_run_the_dense_network():
+    engine = _engine("mlp", schedule={"warmup_epochs": 1})
+    assert engine.compute_factors(0) is None
+    engine.step(0, Phase.TNN, *fake_batch())
+    assert engine.gates.factors is None
+    assert engine.compute_factors(1) is not None
+
+
+def test_an_epoch_takes_k_tnn_steps_per_snn_step():
+    engine = _engine("mlp", schedule={"warmup_epochs": 0, "update_ratio": 4})
+    batches = [fake_batch(4, seed=i) for i in range(10)]
+    stats = engine.train_epoch(0, batches, batches[:2])
+    assert stats.steps == {"tnn": 8, "snn": 2}
+    assert stats.gated and 0 <= stats.val_acc <= 1
+
+
+def test_a_phase_without_steps_in_an_epoch_does_not_warn_about_its_scheduler():
+    # During the warm-up the SNN optimizer takes no step, yet its (per-epoch) scheduler advances;
+    # the engine means to silence torch's "scheduler before optimizer" warning for that.
+    engine = _engine("mlp", schedule={"warmup_epochs": 1})
+    batches = [fake_batch(4, seed=i) for i in range(3)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats = engine.train_epoch(0, batches, batches[:1])
+    assert stats.steps == {"tnn": 3, "snn": 0}
+    assert [str(w.message) for w in caught if "lr_scheduler" in str(w.message)] == []
+
+
+def test_finetune_epochs_keep_the_factors_but_freeze_the_switcher():
+    engine = _engine("mlp", schedule={"warmup_epochs": 0, "update_ratio": 1, "finetune_epochs": 1},
+                     train={"epochs": 2})
+    batches = [fake_batch(4, seed=i) for i in range(4)]
+    assert engine.train_epoch(0, batches, batches[:1]).steps == {"tnn": 2, "snn": 2}
+    source = _source_state(engine)
+    stats = engine.train_epoch(1, batches, batches[:1])
+    assert stats.steps == {"tnn": 4, "snn": 0} and stats.gated
+    assert engine.gates.factors is not None
+    assert _changed(source, _source_state(engine)) == []
+
+
+# -- penalties and methods ------------------------------------------------------------------------
+
+def _mean_factor(engine: Engine) -> float:
+    return float(torch.cat([f.flatten() for f in engine.compute_factors(0)]).mean())
+
+
+def test_l1_penalty_is_the_mean_factor_times_the_coefficient():
+    engine = _engine("mlp", switcher={"l1": 0.25})
+    factors = engine.compute_factors(0)  # a fresh switcher: every factor is exactly 1
+    assert float(engine.method.penalty(factors, 0)) == pytest.approx(0.25)
+    assert _engine("mlp").method.penalty(factors, 0) == 0
+
+
+def _on(n: int) -> list[torch.Tensor]:
+    """mlp factors (300 + 100 units) with the first n units on (factor 1), the rest off."""
+    flat = (torch.arange(400) < n).float()
+    return [flat[:300], flat[300:]]
+
+
+def test_l1_penalty_acts_only_above_the_target_kept_fraction():
+    method = _engine("mlp", switcher={"l1": 0.5, "target_kept": 0.6}).method
+    assert float(method.penalty(_on(400), 0)) == pytest.approx(0.5)
+    assert float(method.penalty(_on(241), 0)) == pytest.approx(0.5 * 241 / 400)
+    assert method.penalty(_on(100), 0) == 0
+
+
+def test_l1_penalty_stops_exactly_at_the_target_kept_fraction():
+    method = _engine("mlp", switcher={"l1": 0.5, "target_kept": 0.6}).method
+    assert method.penalty(_on(240), 0) == 0  # 240 / 400 = 0.6 is not above the target
+
+
+def test_l1_penalty_pushes_factors_down_in_snn_steps():
+    plain = _engine("lenet5", switcher={"l1": 0.0}, optim={"snn": {"lr": 1e-2}})
+    sparse = _engine("lenet5", switcher={"l1": 100.0}, optim={"snn": {"lr": 1e-2}})
+    for engine in (plain, sparse):
+        for _ in range(5):
+            engine.step(0, Phase.SNN, *fake_batch(4, seed=0))
+    assert _mean_factor(sparse) < _mean_factor(plain)
+    assert _mean_factor(sparse) < 1.0
+
+
+def test_dense_method_has_no_switcher_and_no_snn_optimizer():
+    engine = _engine("lenet5", method="dense")
+    assert engine.source is None
+    assert set(engine.optimizers) == {Phase.TNN}
+    assert engine.compute_factors(2) is None
+    engine.step(2, Phase.TNN, *fake_batch())
+    assert engine.gates.factors is None
+
+
+def test_slimming_scales_train_with_the_tnn():
+    engine = _engine("mlp", method="slimming", prune={"finetune_epochs": 1})
+    assert set(engine.optimizers) == {Phase.TNN}
+    before = _source_state(engine)
+    engine.step(0, Phase.TNN, *fake_batch())
+    assert [n for n in _changed(before, _source_state(engine)) if n.startswith("scales")]
+
+
+@pytest.mark.parametrize("name, kept_fraction, expected", [
+    ("lenet5", 0.5, {"0": 10, "3": 25, "7": 250}),
+    ("lenet5", 0.25, {"0": 5, "3": 13, "7": 125}),
+    ("mlp", 0.55, {"1": 165, "3": 55}),
+])
+def test_magnitude_keeps_ceil_fraction_of_units_per_layer_at_the_prune_epoch(name, kept_fraction, expected):
+    engine = _engine(name, method="magnitude", prune={"kept_fraction": kept_fraction, "finetune_epochs": 1})
+    method, gates = engine.method, engine.gates
+    for epoch in (0, 1):  # before the prune epoch (train.epochs=3 - finetune 1 = 2): dense
+        method.on_epoch_start(epoch, gates.weights())
+        assert engine.compute_factors(epoch) is None
+        assert kept_report(gates.specs, method.source(gates.weights()))["kept_fraction"] == 1.0
+    method.on_epoch_start(2, gates.weights())
+    factors = engine.compute_factors(2)
+    report = kept_report(gates.specs, factors)
+    assert {layer: row["kept"] for layer, row in report["layers"].items()} == expected
+    for w, f in zip(gates.weights(), factors):
+        norms = w.detach().norm(dim=1)
+        assert float(norms[f == 0].max()) <= float(norms[f == 1].min()), "a weaker unit was kept"
+
+
+def test_state_dict_round_trip_restores_the_factors():
+    engine = _engine("mlp")
+    _steps(engine, Phase.SNN, 2)
+    _steps(engine, Phase.TNN, 2)
+    restored = _engine("mlp")
+    restored.load_state_dict(engine.state_dict())
+    for a, b in zip(engine.compute_factors(0), restored.compute_factors(0)):
+        assert torch.equal(a, b)
+    assert _changed(_tnn_state(engine), _tnn_state(restored)) == []

@@ -1,0 +1,161 @@
+"""The compact model: same outputs as the gated model, fewer parameters, a pickle-free file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from distswitch.export import architecture, compact_model, count, load_compact, save_compact
+from distswitch.gates import GateSet, find_gates
+from distswitch.models import create_tnn, list_models
+
+TOLERANCE = 1e-4  # the package's own export check (run.EXPORT_TOLERANCE)
+
+
+def _gated(name: str, gated: str = "all", granularity: str = "neuron", size: int = 32):
+    """A model with non-trivial BatchNorm statistics, in eval mode, its gates, and a hook-free copy."""
+    torch.manual_seed(0)
+    model = create_tnn(name, 3, 10, size)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(4, 3, size, size) * 2 + 0.5)
+    model.eval()
+    plain = create_tnn(name, 3, 10, size)
+    plain.load_state_dict(model.state_dict())
+    specs = find_gates(model, gated, granularity)
+    return model, GateSet(model, specs), plain
+
+
+def _random_factors(specs, seed: int = 0, zero_prob: float = 0.4) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.rand(s.factor_shape, generator=gen) * 2 * (torch.rand(s.factor_shape, generator=gen) >= zero_prob)
+            for s in specs]
+
+
+def _inputs(size: int = 32) -> torch.Tensor:
+    return torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(7))
+
+
+def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+def _params(model: nn.Module) -> int:
+    return count(model, _inputs()[:1])["params"]
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_compact_model_matches_the_gated_model_and_is_smaller(name, tmp_path):
+    model, gates, plain = _gated(name)
+    factors = _random_factors(gates.specs)
+    gates.set(factors)
+    x = _inputs()
+    reference = _outputs(model, x)
+    dense_params = _params(plain)
+
+    plan = compact_model(plain, gates.specs, factors, x[:1])
+    compact_out = _outputs(plain, x)
+    assert _max_diff(compact_out, reference) <= TOLERANCE
+    assert plan, "nothing was removed"
+    assert _params(plain) < dense_params
+
+    path = tmp_path / "model.pt"
+    save_compact(path, architecture(name, 3, 10, 32, plan, plain), plain)
+    bundle = torch.load(path, weights_only=True)  # no pickled classes of ours
+    assert json.loads(bundle["arch"])["plan"] == plan
+    assert json.loads(path.with_suffix(".arch.json").read_text())["model"] == name
+    loaded = load_compact(path)
+    assert torch.equal(_outputs(loaded, x), compact_out)
+    assert _params(loaded) == _params(plain)
+
+
+def test_compact_model_without_factors_is_the_dense_model():
+    model, gates, plain = _gated("lenet5")
+    x = _inputs()
+    assert compact_model(plain, gates.specs, None, x[:1]) == []
+    assert torch.equal(_outputs(plain, x), _outputs(model, x))
+
+
+def test_classifier_input_gates_compact_exactly():
+    model, gates, plain = _gated("lenet5", gated="classifier")
+    factors = _random_factors(gates.specs, seed=1)
+    gates.set(factors)
+    x = _inputs()
+    reference, dense_params = _outputs(model, x), _params(plain)
+    plan = compact_model(plain, gates.specs, factors, x[:1])
+    assert _max_diff(_outputs(plain, x), reference) <= TOLERANCE
+    removed = len(plan[0]["idxs"])
+    assert removed == int((factors[0] == 0).sum())
+    # Each removed feature is one FC neuron (50 x 5 x 5 weights at 32x32, + bias) and one
+    # classifier column (10 weights).
+    assert dense_params - _params(plain) == removed * (1250 + 1 + 10)
+
+
+def test_connection_gates_fold_into_the_weights_exactly():
+    model, gates, plain = _gated("mlp", granularity="connection")
+    factors = _random_factors(gates.specs, seed=2)
+    gates.set(factors)
+    x = _inputs()
+    reference = _outputs(model, x)
+    assert compact_model(plain, gates.specs, factors, x[:1]) == []  # unstructured: shapes stay
+    assert _max_diff(_outputs(plain, x), reference) <= TOLERANCE
+    stats = count(plain, x[:1])
+    assert stats["nonzero_params"] < stats["params"]
+    for spec, f in zip(gates.specs, factors):
+        weight = dict(plain.named_modules())[spec.layer].weight
+        assert bool((weight[f == 0] == 0).all())
+
+
+def _resnet_with_zero_stream_channel(writers: list[str], channel: int = 5):
+    """resnet18 with factor 0 for one channel of layer1's residual stream in the given layers only."""
+    model, gates, plain = _gated("resnet18")
+    factors = [torch.ones(s.factor_shape) for s in gates.specs]
+    for k, spec in enumerate(gates.specs):
+        if spec.layer in writers:
+            factors[k][channel] = 0.0
+    gates.set(factors)
+    return model, gates, plain, factors
+
+
+# The layers writing layer1's 64-channel residual stream: the stem and both blocks' second convs.
+STREAM_WRITERS = ["conv1", "layer1.0.conv2", "layer1.1.conv2"]
+
+
+def test_a_residual_channel_zero_in_one_writer_is_kept():
+    model, gates, plain, factors = _resnet_with_zero_stream_channel(["layer1.0.conv2"])
+    x = _inputs()
+    reference, dense_params = _outputs(model, x), _params(plain)
+    compact_model(plain, gates.specs, factors, x[:1])
+    assert _max_diff(_outputs(plain, x), reference) <= TOLERANCE
+    assert _params(plain) == dense_params
+
+
+def test_a_residual_channel_zero_in_every_writer_is_removed():
+    model, gates, plain, factors = _resnet_with_zero_stream_channel(STREAM_WRITERS)
+    x = _inputs()
+    reference, dense_params = _outputs(model, x), _params(plain)
+    compact_model(plain, gates.specs, factors, x[:1])
+    assert _max_diff(_outputs(plain, x), reference) <= TOLERANCE
+    # One channel of the stream: 3 writers' conv filters (27 + 576 + 576) and BN pairs (3 x 2),
+    # 2 blocks' conv1 inputs (2 x 576), layer2.0's conv1 (128 x 9) and downsample (128) inputs.
+    assert dense_params - _params(plain) == 27 + 576 + 576 + 6 + 2 * 576 + 128 * 9 + 128
+
+
+def test_a_conv_layer_switched_off_entirely_still_exports():
+    model, gates, plain = _gated("lenet5")
+    factors = [torch.ones(s.factor_shape) for s in gates.specs]
+    factors[0].zero_()  # every channel of the first conv off: the network outputs a constant
+    gates.set(factors)
+    x = _inputs()
+    reference = _outputs(model, x)
+    compact_model(plain, gates.specs, factors, x[:1])
+    assert _max_diff(_outputs(plain, x), reference) <= TOLERANCE

@@ -1,0 +1,120 @@
+"""Real (short) training runs on Fashion-MNIST through the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import DEFAULT_CONFIG
+from distswitch.cli import main
+from distswitch.config import load_config
+from distswitch.data import BatchLoader, load_splits
+from distswitch.export import count, load_compact
+
+pytestmark = pytest.mark.slow
+
+QUIET = ["train.progress=false", "train.device=cpu"]
+
+
+def _train(out: Path, *overrides: str) -> dict:
+    summary_path = out.parent / f"{out.name}_summary.json"
+    status = main(["train", str(DEFAULT_CONFIG), *QUIET, *overrides, f"out_dir={out}", "--summary-json", str(summary_path)])
+    assert status == 0
+    return json.loads(summary_path.read_text())
+
+
+@pytest.fixture(scope="module")
+def switch_run(tmp_path_factory, fashion_mnist_root) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("switch") / "run"
+    # The shipped default job, shortened: 1 dense warm-up, 1 alternating and 1 fine-tuning epoch.
+    return out, _train(out, "data.train_limit=5000", "train.epochs=3", "schedule.warmup_epochs=1",
+                       "schedule.finetune_epochs=1")
+
+
+def _accuracy(model: torch.nn.Module, loader: BatchLoader) -> float:
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    return correct / total
+
+
+def test_switch_training_reports_accuracy_size_and_speed(switch_run):
+    out, summary = switch_run
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert summary["test_acc"] >= 0.75
+    assert 0.75 <= summary["val_acc"] <= 1
+    assert 0 < summary["kept_fraction"] <= 1
+    for size in ("dense", "compact"):
+        assert summary[size]["params"] > 0 and summary[size]["macs"] > 0
+    assert summary["compact"]["params"] <= summary["dense"]["params"]
+    assert summary["compact"]["macs"] <= summary["dense"]["macs"]
+    assert summary["seconds_per_epoch"] > 0 and summary["images_per_s"] > 0
+    assert summary["train_examples"] == 5000
+    assert len(summary["history"]) == 3
+    # Warm-up epochs (schedule.warmup_epochs=1) are dense; only switched epochs can be selected.
+    assert summary["selected_epoch"] >= 1
+    assert summary["export_max_abs_diff"] <= 1e-4
+    for name in ("model.pt", "model.arch.json", "config.yaml", "checkpoints/best.pt", "checkpoints/last.pt"):
+        assert (out / name).is_file(), name
+
+
+def test_saved_model_reproduces_the_reported_test_accuracy(switch_run):
+    out, summary = switch_run
+    cfg = load_config(out / "config.yaml")
+    splits = load_splits(cfg.data)
+    model = load_compact(out / "model.pt")
+    assert count(model, torch.zeros(1, 1, 28, 28))["params"] == summary["compact"]["params"]
+    loader = BatchLoader(splits.test, splits.info, 1000, train=False)
+    assert _accuracy(model, loader) == pytest.approx(summary["test_acc"], abs=0.002)
+
+
+def test_export_command_rebuilds_the_same_compact_model(switch_run, tmp_path, capsys):
+    out, _ = switch_run
+    exported = tmp_path / "exported.pt"
+    assert main(["export", str(out / "checkpoints" / "best.pt"), "--out", str(exported)]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["model_path"] == str(exported)
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(load_compact(exported)(x), load_compact(out / "model.pt")(x), atol=1e-6, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def baseline_runs(tmp_path_factory, fashion_mnist_root) -> dict[str, dict]:
+    common = ["data.train_limit=3000", "train.epochs=2"]
+    prune = ["prune.kept_fraction=0.5", "prune.finetune_epochs=1"]
+    root = tmp_path_factory.mktemp("baselines")
+    return {
+        "dense": _train(root / "dense", *common, "method=dense"),
+        "magnitude": _train(root / "magnitude", *common, *prune, "method=magnitude"),
+        "slimming": _train(root / "slimming", *common, *prune, "method=slimming"),
+    }
+
+
+def test_dense_baseline_keeps_every_unit(baseline_runs):
+    summary = baseline_runs["dense"]
+    assert summary["kept_fraction"] == 1.0
+    assert summary["compact"]["params"] == summary["dense"]["params"]
+    assert summary["test_acc"] > 0.5
+
+
+def test_magnitude_baseline_keeps_half_the_units_and_is_smaller(baseline_runs):
+    summary = baseline_runs["magnitude"]
+    # lenet5 gates 20 + 50 + 500 units; half of each layer stays: 10 + 25 + 250 = 285 of 570.
+    assert summary["kept_units"] == 285 and summary["gated_units"] == 570
+    assert summary["compact"]["params"] < summary["dense"]["params"]
+    assert summary["compact"]["params"] < baseline_runs["dense"]["compact"]["params"]
+    assert summary["selected_epoch"] == 1  # only the pruned (fine-tuned) epoch is a result
+    assert summary["test_acc"] > 0.5
+
+
+def test_slimming_baseline_prunes_to_about_half_and_is_smaller(baseline_runs):
+    summary = baseline_runs["slimming"]
+    assert 285 <= summary["kept_units"] <= 287  # global threshold, at least one unit per layer
+    assert summary["compact"]["params"] < summary["dense"]["params"]
+    assert summary["test_acc"] > 0.5
