@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,21 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` as a string; users mean a number (as in YAML 1.2 and Python)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 class ConfigError(ValueError):
@@ -275,7 +291,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.epochs=3")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _yaml_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     if isinstance(value, float) and math.isnan(value):
@@ -309,7 +325,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist; pass a YAML file such as configs/fashion_lenet5.yaml")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = _yaml_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
     return Config.from_dict(merge_overrides(data, list(overrides)))

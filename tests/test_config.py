@@ -11,7 +11,7 @@ import pytest
 
 from conftest import DEFAULT_CONFIG, REPO_ROOT, make_config
 from distswitch.cli import main
-from distswitch.config import Config, ConfigError, load_config
+from distswitch.config import Config, ConfigError, load_config, parse_override
 from distswitch.registry import UnknownNameError
 from distswitch.run import validate_names
 
@@ -205,3 +205,13 @@ def test_console_script_exits_2_without_traceback():
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("distswitch: error: switcher.width:"), proc.stderr
+
+
+@pytest.mark.parametrize("text, value", [("3e-3", 0.003), ("1E5", 100000.0), ("-2e-4", -0.0002), ("3", 3)])
+def test_exponent_numbers_without_a_dot_are_numbers_not_strings(text, value, tmp_path):
+    # YAML 1.1 would read 3e-3 as the string '3e-3'; in files and overrides it is a number.
+    assert parse_override(f"optim.snn.lr={text}")[1] == value
+    path = tmp_path / "c.yaml"
+    path.write_text(f"optim:\n  snn:\n    lr: {text}\n")
+    if value > 0:
+        assert load_config(path).optim.snn.lr == value
