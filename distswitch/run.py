@@ -117,7 +117,7 @@ def train(cfg: Config, summary_json: str | Path | None = None) -> dict:
     epoch = selected["epoch"]
     test_loss, test_acc = engine.evaluate(test_loader, epoch)
     example = next(iter(val_loader))[0][:8]
-    export = export_compact(cfg, info, engine, gates, epoch, example, out / "model.pt")
+    export = export_compact(cfg, info, engine, epoch, example, out / "model.pt")
 
     summary = {
         "model": cfg.model.name,
@@ -144,8 +144,8 @@ def train(cfg: Config, summary_json: str | Path | None = None) -> dict:
     return summary
 
 
-def export_compact(cfg: Config, info: DatasetInfo, engine: Engine, gates: GateSet, epoch: int,
-                   example: torch.Tensor, path: Path) -> dict:
+def export_compact(cfg: Config, info: DatasetInfo, engine: Engine, epoch: int, example: torch.Tensor,
+                   path: Path) -> dict:
     """Fold + remove, check equivalence with the gated model, save; returns the size figures."""
     factors = engine.compute_factors(epoch)
     engine.gates.set(factors)
@@ -156,7 +156,7 @@ def export_compact(cfg: Config, info: DatasetInfo, engine: Engine, gates: GateSe
     compact = create_tnn(cfg.model.name, info.channels, info.num_classes, info.image_size)
     compact.load_state_dict({k: v.cpu() for k, v in engine.tnn.state_dict().items()})
     cpu_factors = [f.detach().cpu() for f in factors] if factors is not None else None
-    plan = compact_model(compact, gates.specs, cpu_factors, example[:1].cpu())
+    plan = compact_model(compact, engine.gates.specs, cpu_factors, example[:1].cpu())
     with torch.no_grad():
         diff = float((compact.eval()(example.cpu()) - reference).abs().max())
     if diff > EXPORT_TOLERANCE:
@@ -165,7 +165,7 @@ def export_compact(cfg: Config, info: DatasetInfo, engine: Engine, gates: GateSe
     small = count(compact, example[:1].cpu())
     arch = architecture(cfg.model.name, info.channels, info.num_classes, info.image_size, plan, compact)
     save_compact(path, arch, compact)
-    kept = kept_report(gates.specs, cpu_factors)
+    kept = kept_report(engine.gates.specs, cpu_factors)
     return {
         "kept_fraction": kept["kept_fraction"],
         "kept_units": kept["kept"],
@@ -212,7 +212,7 @@ def export_checkpoint(path: str | Path, out: str | Path) -> dict:
     engine.load_state_dict(bundle["engine"])
     torch.manual_seed(0)
     example = torch.randn(8, info.channels, info.image_size, info.image_size)
-    return export_compact(cfg, info, engine, gates, bundle["epoch"], example, Path(out))
+    return export_compact(cfg, info, engine, bundle["epoch"], example, Path(out))
 
 
 def _epoch_line(cfg: Config, s: EpochStats) -> str:
