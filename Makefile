@@ -2,7 +2,8 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 DEB_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev dataset-fashion-mnist
-UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+# Expanded at each use: after `setup` installs uv with pip, `python3 -m uv` finds it even off PATH.
+UV = $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 CONFIG ?= configs/fashion_lenet5.yaml
 ARGS ?=
 
@@ -19,22 +20,22 @@ setup:
 	    echo "setup: missing Debian packages; run: sudo apt-get install -y $$missing" >&2; exit 1; \
 	  fi; \
 	fi
-	@if ! command -v uv >/dev/null 2>&1 && [ ! -x "$(UV)" ]; then \
+	@if ! command -v uv >/dev/null 2>&1 && ! python3 -m uv --version >/dev/null 2>&1; then \
 	  echo "setup: installing uv"; python3 -m pip install --quiet --user uv 2>/dev/null || python3 -m pip install --quiet uv; \
 	fi
-	@$$(command -v uv || echo $(UV)) sync --locked --quiet
+	@$(UV) sync --locked --quiet
 
 ## train: the main job on the embedded default (Fashion-MNIST, LeNet5, switcher); ARGS="train.epochs=2 ..."
 train: setup
-	$$(command -v uv || echo $(UV)) run --locked distswitch train $(CONFIG) $(ARGS)
+	$(UV) run --locked distswitch train $(CONFIG) $(ARGS)
 
 ## test: the whole suite, slow (real training) tests included
 test: setup
-	$$(command -v uv || echo $(UV)) run --locked pytest -q $(ARGS)
+	$(UV) run --locked pytest -q $(ARGS)
 
 ## test-fast: skip the slow tests while developing
 test-fast: setup
-	$$(command -v uv || echo $(UV)) run --locked pytest -q -m "not slow" $(ARGS)
+	$(UV) run --locked pytest -q -m "not slow" $(ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache
