@@ -8,7 +8,9 @@ single connections) can be scaled by a factor. Three sides:
   activation keeps it foldable into the affine parameters for any activation (ReLU6 included), and a
   zero factor makes the unit's output exactly 0.
 - ``in``: one factor per input feature of a Linear layer (the papers' "neurons" variant for the
-  classifier: y = (x * g) W^T).
+  classifier: y = (x * g) W^T). The papers gate every FC layer's inputs, the image pixels included;
+  ``all`` here gates hidden units only (the same hidden neurons, read from their incoming weights),
+  since removing input pixels would change the model's interface.
 - ``weight``: one factor per connection of a Linear layer (the papers' "connections" variant:
   y = x (W * G)^T).
 
