@@ -92,8 +92,9 @@ class Engine:
             return self.source(self.gates.weights())
 
     # -- one step --------------------------------------------------------------------------
-    def step(self, epoch: int, phase: Phase, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
-        """One optimisation step of `phase`; returns (loss, correct predictions)."""
+    def step(self, epoch: int, phase: Phase, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimisation step of `phase`; returns (loss, correct predictions) as device scalars
+        (read them sparingly: each read waits for the device)."""
         factors = self.compute_factors(epoch, with_grad=phase == self.method.source_phase)
         self.gates.set(factors)
         self.tnn.train(phase == Phase.TNN)
@@ -109,7 +110,7 @@ class Engine:
             opt.zero_grad(set_to_none=True)
             total.backward(inputs=self.params[phase])
             opt.step()
-        return loss.item(), int((logits.argmax(1) == y).sum())
+        return loss.detach(), (logits.argmax(1) == y).sum()
 
     # -- epochs ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -130,7 +131,9 @@ class Engine:
         self.method.on_epoch_start(epoch, self.gates.weights())
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
-        sums = {ph: [0, 0.0, 0, 0] for ph in Phase}  # steps, loss sum, correct, examples
+        # Per phase: steps, loss sum, correct, examples; sums stay on the device until the epoch ends.
+        sums = {ph: [0, torch.zeros((), device=self.device), torch.zeros((), device=self.device, dtype=torch.long), 0]
+                for ph in Phase}
         start = time.perf_counter()
         bar = progress(loader, epoch) if progress else None
         for step, (x, y) in enumerate(loader):
@@ -145,7 +148,7 @@ class Engine:
             if bar is not None:
                 bar.update(1)
                 if step % 20 == 0:
-                    bar.set_postfix(phase=phase.value, loss=f"{loss:.3f}", acc=f"{correct / len(y):.3f}")
+                    bar.set_postfix(phase=phase.value, loss=f"{float(loss):.3f}", acc=f"{int(correct) / len(y):.3f}")
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
@@ -161,6 +164,7 @@ class Engine:
             bar.set_postfix(kept=f"{kept['kept_fraction']:.3f}")
             bar.close()
         val_loss, val_acc = self.evaluate(val_loader, epoch)
+        sums = {ph: [s[0], float(s[1]), int(s[2]), s[3]] for ph, s in sums.items()}
         images = sum(s[3] for s in sums.values())
         return EpochStats(
             epoch=epoch,
