@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict
@@ -107,7 +108,9 @@ def train(cfg: Config, summary_json: str | Path | None = None) -> dict:
         atomic_save(bundle, out / "checkpoints" / "last.pt")
         if stats.selectable and stats.val_acc > best["val_acc"]:
             best.update(val_acc=stats.val_acc, epoch=stats.epoch)
-            atomic_save(bundle, out / "checkpoints" / "best.pt")
+            tmp = out / "checkpoints" / "best.pt.tmp"
+            shutil.copyfile(out / "checkpoints" / "last.pt", tmp)  # the same bundle: copy, not re-serialise
+            os.replace(tmp, out / "checkpoints" / "best.pt")
         print(_epoch_line(cfg, stats), file=sys.stderr, flush=True)
 
     engine.fit(train_loader, val_loader, on_epoch_end=on_epoch_end, progress=_progress(cfg))
