@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -48,7 +48,6 @@ class EpochStats:
     seconds: float
     images_per_s: float
     selectable: bool = True
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,19 +112,25 @@ class Engine:
         return loss.detach(), (logits.argmax(1) == y).sum()
 
     # -- epochs ----------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, loader: Iterable, epoch: int) -> tuple[float, float]:
         """(mean loss, accuracy) with the factors of the current weights, TNN in eval mode."""
         self.gates.set(self.compute_factors(epoch))
+        return self._measure(loader)
+
+    @torch.no_grad()
+    def _measure(self, loader: Iterable) -> tuple[float, float]:
+        """(mean loss, accuracy) with the gates as they are set; sums stay on the device."""
         self.tnn.eval()
-        loss_sum, correct, n = 0.0, 0, 0
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        n = 0
         for x, y in loader:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             logits = self.tnn(x)
-            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
+            loss_sum += F.cross_entropy(logits, y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
             n += len(y)
-        return loss_sum / max(n, 1), correct / max(n, 1)
+        return float(loss_sum) / max(n, 1), int(correct) / max(n, 1)
 
     def train_epoch(self, epoch: int, loader, val_loader, progress: Callable | None = None) -> EpochStats:
         self.method.on_epoch_start(epoch, self.gates.weights())
@@ -163,7 +168,8 @@ class Engine:
         if bar is not None:
             bar.set_postfix(kept=f"{kept['kept_fraction']:.3f}")
             bar.close()
-        val_loss, val_acc = self.evaluate(val_loader, epoch)
+        self.gates.set(factors)  # computed once for the kept report and the validation
+        val_loss, val_acc = self._measure(val_loader)
         sums = {ph: [s[0], float(s[1]), int(s[2]), s[3]] for ph, s in sums.items()}
         images = sum(s[3] for s in sums.values())
         return EpochStats(
