@@ -13,8 +13,6 @@ import sys
 from distswitch.config import ConfigError, load_config
 from distswitch.registry import UnknownNameError
 
-USER_ERRORS = (ConfigError, UnknownNameError)
-
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distswitch", description="Switcher networks: train, prune, export.")
@@ -34,9 +32,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)  # before the heavy imports: bad input fails fast
-    from distswitch.run import train
+    from distswitch.launch import launch
 
-    summary = train(cfg, summary_json=args.summary_json)
+    summary = launch(cfg, summary_json=args.summary_json)
     dense, small = summary["dense"], summary["compact"]
     print(
         f"{summary['method']} {summary['model']} on {summary['dataset']}: "
@@ -62,13 +60,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"train": _cmd_train, "export": _cmd_export}[args.command](args)
-    except (*USER_ERRORS, DataError) as exc:
+    except (ConfigError, UnknownNameError, DataError) as exc:
         if args.debug:
             raise
         print(f"distswitch: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("distswitch: interrupted; the last epoch's checkpoint is in out_dir/checkpoints/last.pt", file=sys.stderr)
+        print("distswitch: interrupted; run the same command again to continue from the last epoch checkpoint", file=sys.stderr)
         return 130
 
 

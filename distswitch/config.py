@@ -73,8 +73,9 @@ class ScheduleConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
+    # Global batch: each of distributed.num_workers workers takes batch_size / num_workers.
     batch_size: int = 128
-    eval_batch_size: int = 1024
+    eval_batch_size: int = 1024  # per worker
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress: bool = True
@@ -128,6 +129,30 @@ class PruneConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """Ray Train launch: every run goes through a TorchTrainer, one worker included."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    # Per worker, e.g. {CPU: 4, GPU: 1}; empty = Ray's default (1 CPU, plus 1 GPU with use_gpu).
+    resources_per_worker: dict = field(default_factory=dict)
+    # auto = nccl with GPUs, gloo on CPU.
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # Where Ray Train keeps checkpoints: null = <out_dir>/ray; a shared path or s3://... on multi-node.
+    storage_path: Union[str, None] = None
+    # Ray Train run name (the folder under storage_path); null = the name of out_dir. A second
+    # launch with the same name and storage continues from its latest checkpoint.
+    name: Union[str, None] = None
+    sync_batchnorm: bool = False
+    # Worker-group restarts Ray Train may make after a failure (-1 = unlimited).
+    max_failures: int = 0
+    checkpoint_every: int = 1  # epochs
+    checkpoints_to_keep: int = 2
+    # Local cluster only (no RAY_ADDRESS): CPUs Ray may use; null = all of this machine's.
+    local_cpus: Union[int, None] = None
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: str = "switch"
@@ -137,6 +162,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     out_dir: str = "outputs/run"
 
     def to_dict(self) -> dict[str, Any]:
@@ -170,7 +196,7 @@ def _describe(tp: Any) -> str:
         return "a list of " + _describe(typing.get_args(tp)[0])
     if tp is type(None):
         return "null"
-    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string", dict: "a mapping"}.get(tp, str(tp))
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
@@ -211,6 +237,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        raise bad
+    if tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
         raise bad
     raise bad
 
@@ -274,6 +304,7 @@ def _check_values(cfg: Config) -> None:
     require(cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, ">= 0")
     require(0 < cfg.prune.kept_fraction <= 1, "prune.kept_fraction", cfg.prune.kept_fraction, "in (0, 1]")
     require(cfg.prune.l1 >= 0, "prune.l1", cfg.prune.l1, ">= 0")
+    _check_distributed(cfg, require)
     if cfg.method in ("magnitude", "slimming"):
         require(
             0 < cfg.prune.finetune_epochs < cfg.train.epochs,
@@ -281,6 +312,26 @@ def _check_values(cfg: Config) -> None:
             cfg.prune.finetune_epochs,
             f"in [1, train.epochs) = [1, {cfg.train.epochs})",
         )
+
+
+def _check_distributed(cfg: Config, require) -> None:
+    d = cfg.distributed
+    require(d.num_workers >= 1, "distributed.num_workers", d.num_workers, ">= 1")
+    require(d.max_failures >= -1, "distributed.max_failures", d.max_failures, ">= -1 (-1 = unlimited)")
+    require(d.checkpoint_every >= 1, "distributed.checkpoint_every", d.checkpoint_every, ">= 1 (epochs)")
+    require(d.checkpoints_to_keep >= 1, "distributed.checkpoints_to_keep", d.checkpoints_to_keep, ">= 1")
+    require(d.local_cpus is None or d.local_cpus >= 1, "distributed.local_cpus", d.local_cpus, "null or >= 1")
+    for name, amount in d.resources_per_worker.items():
+        ok = isinstance(name, str) and isinstance(amount, (int, float)) and not isinstance(amount, bool) and amount >= 0
+        require(ok, f"distributed.resources_per_worker.{name}", amount, "a number >= 0")
+    require(d.backend != "nccl" or d.use_gpu, "distributed.backend", d.backend, "'auto' or 'gloo' without GPUs (nccl needs distributed.use_gpu: true)")
+    require(not d.sync_batchnorm or d.use_gpu, "distributed.sync_batchnorm", d.sync_batchnorm,
+            "false without GPUs (torch's SyncBatchNorm has no CPU kernel)")
+    require(d.use_gpu or cfg.train.device != "cuda", "train.device", cfg.train.device,
+            "'auto' or 'cpu' unless distributed.use_gpu is true (workers get no GPU otherwise)")
+    # A global batch split evenly across workers: the same optimisation for any number of workers.
+    require(cfg.train.batch_size % d.num_workers == 0, "train.batch_size", cfg.train.batch_size,
+            f"a multiple of distributed.num_workers ({d.num_workers}): each worker takes an equal share of the global batch")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -7,6 +7,8 @@ Per epoch::
         phase = method.phase_at(epoch, step)          # Phase.TNN or Phase.SNN
         factors = source(gates.weights())             # once per step, from the weights;
                                                       # with grad only in the source's phase
+        (the side that trains runs through its replica wrapper, so only its gradients are
+         all-reduced across workers: see `distswitch.parallel`)
         gates.set(factors if method.gated(epoch) else None)
         TNN phase: tnn.train();  SNN phase: tnn.eval() (BatchNorm statistics frozen too)
         loss = cross_entropy + method.penalty(factors)
@@ -20,7 +22,7 @@ from __future__ import annotations
 import re
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
 import torch
@@ -30,6 +32,7 @@ from torch import nn
 from distswitch.config import Config, OptimizerConfig
 from distswitch.gates import GateSet, kept_report
 from distswitch.methods import Method
+from distswitch.parallel import Replicas
 from distswitch.schedule import Phase
 
 
@@ -47,7 +50,11 @@ class EpochStats:
     lr: dict[str, float]
     seconds: float
     images_per_s: float
+    # Bytes all-reduced per step of each phase (gradient buckets; 0 on one worker).
+    comm_bytes_per_step: dict[str, float]
     selectable: bool = True
+    # SHA-256 of every parameter and buffer, one per worker (rank order), at checkpoint epochs.
+    replica_digests: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,11 +77,15 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimizerConfig, epochs: in
 
 
 class Engine:
-    """Trains one TNN (+ the method's factor source) on one device."""
+    """Trains one TNN (+ the method's factor source) on one device, as one of `replicas.world_size`
+    workers (metrics are summed over all workers, so every worker returns the same figures)."""
 
-    def __init__(self, cfg: Config, tnn: nn.Module, gates: GateSet, method: Method, device: torch.device) -> None:
+    def __init__(self, cfg: Config, tnn: nn.Module, gates: GateSet, method: Method, device: torch.device,
+                 replicas: Replicas | None = None) -> None:
         self.cfg, self.tnn, self.gates, self.method, self.device = cfg, tnn, gates, method, device
         self.source = method.source
+        self.replicas = replicas if replicas is not None else Replicas(tnn, method.source)
+        self.first_step_at: float | None = None  # wall clock (time.time) when the first step ended
         source_params = [p for p in self.source.parameters() if p.requires_grad] if self.source is not None else []
         self.params = {Phase.TNN: [p for p in tnn.parameters() if p.requires_grad], Phase.SNN: []}
         self.params[method.source_phase] += source_params
@@ -83,23 +94,27 @@ class Engine:
         self.schedulers = {ph: build_scheduler(o, opt_cfg[ph], cfg.train.epochs) for ph, o in self.optimizers.items()}
 
     # -- factors ---------------------------------------------------------------------------
-    def compute_factors(self, epoch: int, with_grad: bool = False) -> list[torch.Tensor] | None:
-        """The source's factors for the current weights; None where the method runs dense."""
+    def compute_factors(self, epoch: int, phase: Phase | None = None) -> list[torch.Tensor] | None:
+        """The source's factors for the current weights; None where the method runs dense.
+
+        With grad (through the source's replica wrapper) only in a training step of its phase."""
         if self.source is None or not self.method.gated(epoch):
             return None
-        with torch.set_grad_enabled(with_grad):
+        if phase is not None and phase == self.method.source_phase:
+            return self.replicas.source_for(phase)(self.gates.weights())
+        with torch.no_grad():
             return self.source(self.gates.weights())
 
     # -- one step --------------------------------------------------------------------------
     def step(self, epoch: int, phase: Phase, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimisation step of `phase`; returns (loss, correct predictions) as device scalars
         (read them sparingly: each read waits for the device)."""
-        factors = self.compute_factors(epoch, with_grad=phase == self.method.source_phase)
-        self.gates.set(factors)
-        self.tnn.train(phase == Phase.TNN)
         if self.source is not None:
             self.source.train(phase == self.method.source_phase)
-        logits = self.tnn(x)
+        factors = self.compute_factors(epoch, phase)
+        self.gates.set(factors)
+        self.tnn.train(phase == Phase.TNN)
+        logits = self.replicas.tnn_for(phase)(x)
         loss = F.cross_entropy(logits, y)
         total = loss
         if factors is not None and phase == self.method.source_phase:
@@ -121,30 +136,32 @@ class Engine:
     def _measure(self, loader: Iterable) -> tuple[float, float]:
         """(mean loss, accuracy) with the gates as they are set; sums stay on the device."""
         self.tnn.eval()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
-        n = 0
+        # [loss sum, correct, examples] in float64: exact counts, one all-reduce over workers.
+        sums = torch.zeros(3, device=self.device, dtype=torch.float64)
         for x, y in loader:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             logits = self.tnn(x)
-            loss_sum += F.cross_entropy(logits, y, reduction="sum")
-            correct += (logits.argmax(1) == y).sum()
-            n += len(y)
-        return float(loss_sum) / max(n, 1), int(correct) / max(n, 1)
+            sums[0] += F.cross_entropy(logits, y, reduction="sum")
+            sums[1] += (logits.argmax(1) == y).sum()
+            sums[2] += len(y)
+        loss_sum, correct, n = self.replicas.sum_(sums).tolist()
+        return loss_sum / max(n, 1), correct / max(n, 1)
 
     def train_epoch(self, epoch: int, loader, val_loader, progress: Callable | None = None) -> EpochStats:
         self.method.on_epoch_start(epoch, self.gates.weights())
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
-        # Per phase: steps, loss sum, correct, examples; sums stay on the device until the epoch ends.
-        sums = {ph: [0, torch.zeros((), device=self.device), torch.zeros((), device=self.device, dtype=torch.long), 0]
-                for ph in Phase}
+        # Per phase: [steps, loss sum, correct, examples]; on the device until the epoch ends.
+        sums = {ph: torch.zeros(4, device=self.device, dtype=torch.float64) for ph in Phase}
+        comm_start = dict(self.replicas.comm_bytes)
         start = time.perf_counter()
         bar = progress(loader, epoch) if progress else None
         for step, (x, y) in enumerate(loader):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             phase = self.method.phase_at(epoch, step)
             loss, correct = self.step(epoch, phase, x, y)
+            if self.first_step_at is None:
+                self.first_step_at = time.time()
             s = sums[phase]
             s[0] += 1
             s[1] += loss * len(y)
@@ -152,8 +169,8 @@ class Engine:
             s[3] += len(y)
             if bar is not None:
                 bar.update(1)
-                if step % 20 == 0:
-                    bar.set_postfix(phase=phase.value, loss=f"{float(loss):.3f}", acc=f"{int(correct) / len(y):.3f}")
+                if step % 20 == 0:  # reading the loss waits for the device: not every step
+                    bar.set_description(f"epoch {epoch + 1} {phase.value} loss {float(loss):.3f}")
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
@@ -163,15 +180,20 @@ class Engine:
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             for sched in self.schedulers.values():
                 sched.step()
+        self.replicas.sync_buffers()
         factors = self.compute_factors(epoch)
         kept = kept_report(self.gates.specs, factors)
         if bar is not None:
-            bar.set_postfix(kept=f"{kept['kept_fraction']:.3f}")
             bar.close()
         self.gates.set(factors)  # computed once for the kept report and the validation
         val_loss, val_acc = self._measure(val_loader)
-        sums = {ph: [s[0], float(s[1]), int(s[2]), s[3]] for ph, s in sums.items()}
+        # Steps are equal on all workers; losses, correct and examples add up.
+        local_steps = {ph: int(s[0]) for ph, s in sums.items()}
+        totals = self.replicas.sum_(torch.stack([sums[ph] for ph in Phase])).tolist()
+        sums = {ph: [local_steps[ph], t[1], int(t[2]), int(t[3])] for ph, t in zip(Phase, totals)}
         images = sum(s[3] for s in sums.values())
+        comm = {ph.value: (self.replicas.comm_bytes[ph] - comm_start[ph]) / local_steps[ph]
+                for ph in Phase if local_steps[ph]}
         return EpochStats(
             epoch=epoch,
             gated=self.method.gated(epoch),
@@ -185,6 +207,7 @@ class Engine:
             lr={ph.value: opt.param_groups[0]["lr"] for ph, opt in self.optimizers.items()},
             seconds=seconds,
             images_per_s=images / seconds if seconds > 0 else float("nan"),
+            comm_bytes_per_step=comm,
             selectable=self.method.selectable(epoch),
         )
 

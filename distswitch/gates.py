@@ -103,7 +103,7 @@ def _affine_output(modules: list[tuple[str, nn.Module]], i: int) -> str:
     name, layer = modules[i]
     width = layer.weight.shape[0]
     for next_name, nxt in modules[i + 1 :]:
-        if isinstance(nxt, (nn.BatchNorm1d, nn.BatchNorm2d)) and nxt.num_features == width:
+        if isinstance(nxt, nn.modules.batchnorm._BatchNorm) and nxt.num_features == width:  # SyncBatchNorm too
             return next_name
         if isinstance(nxt, _WEIGHT_LAYERS):
             break

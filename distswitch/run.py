@@ -1,7 +1,9 @@
-"""One training run on one process: data -> TNN + gates -> method -> engine -> select -> test -> export.
+"""One training run, as one worker of a launch: data -> TNN + gates -> method -> engine -> select ->
+test -> export.
 
 Model selection uses the validation split only; the test split is evaluated once, on the selected
-model, and reported as measured.
+model, and reported as measured. No Ray here: the launcher passes a `Session` (checkpoints in and
+out, metrics) and has set up the process group that `distswitch.parallel` uses.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from distswitch.config import Config, ConfigError
@@ -26,9 +31,13 @@ from distswitch.export import architecture, atomic_save, compact_model, count, s
 from distswitch.gates import GateSet, find_gates, kept_report
 from distswitch.methods import METHODS, build_method
 from distswitch.models import MODELS, create_tnn
+from distswitch.parallel import DDPReplicas, Replicas, state_digest
 from distswitch.switcher import SWITCHERS
 
 CHECKPOINT_FORMAT = "distswitch.ckpt/1"
+# The final report's folder -> where its files land in out_dir.
+FINAL_FILES = {"summary.json": "summary.json", "model.pt": "model.pt", "model.arch.json": "model.arch.json",
+               "best.pt": "checkpoints/best.pt"}
 # Eval outputs of the compact model must match the gated model this closely (issue #2).
 EXPORT_TOLERANCE = 1e-4
 
@@ -59,9 +68,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build(cfg: Config, info: DatasetInfo, steps_per_epoch: int, device: torch.device):
+def build(cfg: Config, info: DatasetInfo, steps_per_epoch: int, device: torch.device, sync_batchnorm: bool = False):
     """TNN, its gates and the method (with its factor source), on `device`."""
-    tnn = create_tnn(cfg.model.name, info.channels, info.num_classes, info.image_size).to(device)
+    tnn = create_tnn(cfg.model.name, info.channels, info.num_classes, info.image_size)
+    if sync_batchnorm:  # before the gates: their hooks attach to the modules that will run
+        tnn = torch.nn.SyncBatchNorm.convert_sync_batchnorm(tnn)
+    tnn = tnn.to(device)
     specs = find_gates(tnn, cfg.model.gated, cfg.switcher.granularity)
     gates = GateSet(tnn, specs)
     method = build_method(cfg, specs, steps_per_epoch)
@@ -70,81 +82,244 @@ def build(cfg: Config, info: DatasetInfo, steps_per_epoch: int, device: torch.de
     return tnn, gates, method
 
 
-def _progress(cfg: Config):
-    if not cfg.train.progress:
+class Session:
+    """What a training run needs from whatever launched it; this one is a single local process.
+
+    `distswitch.launch` provides the Ray Train version (one per worker). A session saves checkpoint
+    folders and hands back the latest one on restart; `report` is called by every worker the same
+    number of times (a collective under Ray), with a folder from rank 0 only.
+    """
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.root = Path(out_dir) / "checkpoints"
+
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted(self.root.glob("epoch_*"))
+        return found[-1] if found else None
+
+    def report(self, metrics: dict, checkpoint: Path | None, name: str) -> None:
+        if checkpoint is not None and name == "final":
+            collect_final(checkpoint, self.root.parent)
+        elif checkpoint is not None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            dest = self.root / name
+            tmp = self.root / f".{name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(checkpoint, tmp)
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(tmp, dest)
+
+    def progress(self, total: int, desc: str):
+        return tqdm(total=total, desc=desc, unit="step", leave=True, dynamic_ncols=True, file=sys.stderr)
+
+
+def collect_final(folder: Path, out: Path) -> None:
+    """Copy a final report's files into out_dir, each atomically."""
+    missing = [name for name in FINAL_FILES if not (Path(folder) / name).is_file()]
+    if missing:
+        raise RuntimeError(f"the final checkpoint {folder} lacks {', '.join(missing)}")
+    for name, dest in FINAL_FILES.items():
+        target = Path(out) / dest
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.copyfile(Path(folder) / name, tmp)
+        os.replace(tmp, target)
+
+
+def _progress(cfg: Config, session: Session):
+    if not cfg.train.progress or session.rank != 0:
         return None
-
-    def bar(loader, epoch):
-        return tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="step", leave=True,
-                    dynamic_ncols=True, file=sys.stderr)
-
-    return bar
+    return lambda loader, epoch: session.progress(len(loader), f"epoch {epoch + 1}/{cfg.train.epochs}")
 
 
-def train(cfg: Config, summary_json: str | Path | None = None) -> dict:
-    """Train, select on validation, test once, export the compact model; returns the summary."""
+def make_replicas(tnn: torch.nn.Module, method, device: torch.device) -> Replicas:
+    """DDP replicas whenever a process group exists (a Ray run, one worker included)."""
+    if dist.is_available() and dist.is_initialized():
+        return DDPReplicas(tnn, method.source, method.source_phase, device)
+    return Replicas(tnn, method.source)
+
+
+def train(cfg: Config, session: Session | None = None, device: torch.device | None = None,
+          launched_at: float | None = None, marks: dict[str, float] | None = None) -> dict:
+    """Train (resuming from the session's latest checkpoint), select on validation, test once and
+    export; returns the summary (complete on rank 0). Rank 0's final report carries
+    summary.json, model.pt (the compact model) and best.pt. `launched_at` (wall clock of the
+    launching process's start) gives the summary's start-up overhead, launch to first step, and
+    its timeline (`marks`: the launcher's own wall-clock marks, then this worker's)."""
+    marks = {**(marks or {}), "worker_started": time.time()}
     validate_names(cfg)
-    device = resolve_device(cfg)
-    out = Path(cfg.out_dir)
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(cfg.to_yaml())
+    session = session or Session(cfg.out_dir)
+    device = device or resolve_device(cfg)
+    rank, world = session.rank, session.world_size
     seed_everything(cfg.train.seed)
 
     splits = load_splits(cfg.data)
     info = splits.info
+    marks["data_loaded"] = time.time()
+    shard = {"rank": rank, "world_size": world}
     train_loader = BatchLoader(splits.train, info, cfg.train.batch_size, train=True, seed=cfg.train.seed,
-                               augment=cfg.data.augment, num_workers=cfg.data.num_workers)
-    val_loader = BatchLoader(splits.val, info, cfg.train.eval_batch_size, train=False)
-    test_loader = BatchLoader(splits.test, info, cfg.train.eval_batch_size, train=False)
+                               augment=cfg.data.augment, num_workers=cfg.data.num_workers, **shard)
+    val_loader = BatchLoader(splits.val, info, cfg.train.eval_batch_size, train=False, **shard)
+    test_loader = BatchLoader(splits.test, info, cfg.train.eval_batch_size, train=False, **shard)
 
-    tnn, gates, method = build(cfg, info, len(train_loader), device)
-    engine = Engine(cfg, tnn, gates, method, device)
-    best = {"val_acc": -1.0, "epoch": None}
+    tnn, gates, method = build(cfg, info, len(train_loader), device, sync_batchnorm=cfg.distributed.sync_batchnorm and world > 1)
+    marks["model_built"] = time.time()
+    replicas = make_replicas(tnn, method, device)
+    marks["replicas_ready"] = time.time()  # DDP wrappers built, rank 0's parameters broadcast
+    engine = Engine(cfg, tnn, gates, method, device, replicas)
+    scratch = Path(tempfile.mkdtemp(prefix="distswitch-"))  # this worker's local files (rank 0's best.pt)
     history: list[EpochStats] = []
+    best = {"val_acc": -1.0, "epoch": None}
+    start_epoch = 0
+    latest = session.latest_checkpoint()
+    if latest is not None:
+        state = torch.load(Path(latest) / "state.pt", map_location=device, weights_only=True)
+        _check_resumable(cfg, state, latest)
+        engine.load_state_dict(state["engine"])
+        history = [EpochStats(**h) for h in state["history"]]
+        best = dict(state["best"])
+        start_epoch = state["epoch"] + 1
+        _set_rng(state["rng"], rank)
+        if rank == 0 and (Path(latest) / "best.pt").is_file():
+            shutil.copyfile(Path(latest) / "best.pt", scratch / "best.pt")
+        if rank == 0:
+            print(f"resuming from {latest} after epoch {start_epoch}/{cfg.train.epochs}", file=sys.stderr, flush=True)
 
     def on_epoch_end(stats: EpochStats) -> None:
         history.append(stats)
-        bundle = checkpoint_bundle(cfg, info, engine, stats.epoch, len(train_loader), history)
-        atomic_save(bundle, out / "checkpoints" / "last.pt")
-        if stats.selectable and stats.val_acc > best["val_acc"]:
+        is_best = stats.selectable and stats.val_acc > best["val_acc"]
+        if is_best:  # val_acc is summed over workers: every rank takes the same decision
             best.update(val_acc=stats.val_acc, epoch=stats.epoch)
-            tmp = out / "checkpoints" / "best.pt.tmp"
-            shutil.copyfile(out / "checkpoints" / "last.pt", tmp)  # the same bundle: copy, not re-serialise
-            os.replace(tmp, out / "checkpoints" / "best.pt")
-        print(_epoch_line(cfg, stats), file=sys.stderr, flush=True)
+        last = stats.epoch == cfg.train.epochs - 1
+        checkpoint = (stats.epoch + 1) % cfg.distributed.checkpoint_every == 0 or last
+        rng = replicas.gather(_rng_state()) if checkpoint else None
+        if checkpoint:  # replicas must be identical; a checkpoint of diverged workers is worthless
+            stats.replica_digests = replicas.gather(state_digest(tnn, method.source))
+            if len(set(stats.replica_digests)) > 1:
+                raise RuntimeError(f"worker replicas diverged by the end of epoch {stats.epoch + 1} "
+                                   f"(parameter digests {stats.replica_digests}); please report this")
+        folder = None
+        if rank == 0:
+            print(_epoch_line(cfg, stats), file=sys.stderr, flush=True)
+            if is_best or checkpoint:
+                bundle = checkpoint_bundle(cfg, info, engine, stats.epoch, len(train_loader), history, best, rng)
+            if is_best:
+                atomic_save(bundle, scratch / "best.pt")
+            if checkpoint:
+                folder = scratch / f"epoch_{stats.epoch:04d}"
+                folder.mkdir()
+                atomic_save(bundle, folder / "state.pt")
+                if (scratch / "best.pt").is_file():
+                    shutil.copyfile(scratch / "best.pt", folder / "best.pt")
+        session.report(epoch_metrics(stats), folder, f"epoch_{stats.epoch:04d}")
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
-    engine.fit(train_loader, val_loader, on_epoch_end=on_epoch_end, progress=_progress(cfg))
+    engine.fit(train_loader, val_loader, start_epoch=start_epoch, on_epoch_end=on_epoch_end,
+               progress=_progress(cfg, session))
 
-    selected = torch.load(out / "checkpoints" / "best.pt", map_location=device, weights_only=True)
-    engine.load_state_dict(selected["engine"])
-    epoch = selected["epoch"]
+    # The selected model: rank 0 holds it, every worker gets it (the test split is sharded).
+    epoch = best["epoch"]
+    if rank == 0:
+        selected = torch.load(scratch / "best.pt", map_location=device, weights_only=True)
+        engine.load_state_dict(selected["engine"])
+    replicas.broadcast_state()
     test_loss, test_acc = engine.evaluate(test_loader, epoch)
-    example = next(iter(val_loader))[0][:8]
-    export = export_compact(cfg, info, engine, epoch, example, out / "model.pt")
-
-    summary = {
-        "model": cfg.model.name,
-        "method": cfg.method,
-        "dataset": cfg.data.dataset,
-        "device": str(device),
-        "selected_epoch": epoch,
-        "val_acc": best["val_acc"],
-        "test_acc": test_acc,
-        "test_loss": test_loss,
-        **export,
-        "seconds_per_epoch": float(np.mean([h.seconds for h in history])),
-        "images_per_s": float(np.mean([h.images_per_s for h in history])),
-        "train_examples": len(splits.train),
-        "git_sha": _git_sha(),
-        "torch": torch.__version__,
-        "out_dir": str(out),
-        "history": [h.to_dict() for h in history],
-        "config": cfg.to_dict(),
-    }
-    _write_json(out / "summary.json", summary)
-    if summary_json is not None:
-        _write_json(Path(summary_json), summary)
+    summary = {}
+    final = scratch / "final"
+    if rank == 0:
+        final.mkdir()
+        example = next(iter(BatchLoader(splits.val, info, 8, train=False)))[0]
+        export = export_compact(cfg, info, engine, epoch, example, final / "model.pt")
+        export["model_path"] = str(Path(cfg.out_dir) / "model.pt")  # where the launcher puts it
+        summary = {
+            "model": cfg.model.name,
+            "method": cfg.method,
+            "dataset": cfg.data.dataset,
+            "device": str(device),
+            "workers": world,
+            "selected_epoch": epoch,
+            # Epoch this worker group started at: > 0 after a restart or a relaunch (resume).
+            "resumed_at_epoch": start_epoch,
+            "val_acc": best["val_acc"],
+            "test_acc": test_acc,
+            "test_loss": test_loss,
+            **export,
+            "startup_seconds": (engine.first_step_at - launched_at
+                                if launched_at is not None and engine.first_step_at is not None else None),
+            "startup_timeline": ({k: round(v - launched_at, 2) for k, v in
+                                  {**marks, "first_step": engine.first_step_at or float("nan")}.items()}
+                                 if launched_at is not None else {}),
+            "seconds_per_epoch": float(np.mean([h.seconds for h in history])),
+            "images_per_s": float(np.mean([h.images_per_s for h in history])),
+            "comm_bytes_per_step": history[-1].comm_bytes_per_step if history else {},
+            "train_examples": len(splits.train),
+            "git_sha": _git_sha(),
+            "torch": torch.__version__,
+            "out_dir": str(cfg.out_dir),
+            "history": [h.to_dict() for h in history],
+            "config": cfg.to_dict(),
+        }
+        _write_json(final / "summary.json", summary)
+        shutil.copyfile(scratch / "best.pt", final / "best.pt")
+        if engine.first_step_at is not None and launched_at is not None:
+            print(f"start-up: {summary['startup_seconds']:.1f} s from launch to the first step", file=sys.stderr, flush=True)
+    session.report({"test/acc": test_acc, "test/loss": test_loss, "epoch": cfg.train.epochs - 1},
+                   final if rank == 0 else None, "final")
+    shutil.rmtree(scratch, ignore_errors=True)
     return summary
+
+
+def epoch_metrics(s: EpochStats) -> dict:
+    """Flat per-epoch metrics (what Ray Train records; MLflow-style names)."""
+    m = {"epoch": s.epoch, "val/acc": s.val_acc, "val/loss": s.val_loss, "kept_fraction": s.kept_fraction,
+         "seconds": s.seconds, "images_per_s": s.images_per_s}
+    for ph, v in s.train_loss.items():
+        m[f"{ph}/loss"] = v
+    for ph, v in s.train_acc.items():
+        m[f"{ph}/acc"] = v
+    for ph, v in s.lr.items():
+        m[f"{ph}/lr"] = v
+    for ph, v in s.comm_bytes_per_step.items():
+        m[f"{ph}/comm_bytes_per_step"] = v
+    return m
+
+
+def _check_resumable(cfg: Config, state: dict, where) -> None:
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{where} is not a distswitch checkpoint (format {state.get('format')!r}); "
+                          "use another distributed.name or storage_path")
+    old = Config.from_dict(state["config"])
+    for key in ("model", "method", "switcher", "data"):
+        if getattr(old, key) != getattr(cfg, key):
+            raise ConfigError(f"{key}: differs from the checkpoint at {where} that this run would resume; "
+                              "use another distributed.name (or out_dir) for a new run")
+
+
+def _rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # Tensors and plain values only: checkpoints load with weights_only=True.
+    numpy_state = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng(states: list[dict] | None, rank: int) -> None:
+    """This rank's generators as saved (rank 0's when the run had fewer workers)."""
+    if not states:
+        return
+    state = states[rank] if rank < len(states) else states[0]
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def export_compact(cfg: Config, info: DatasetInfo, engine: Engine, epoch: int, example: torch.Tensor,
@@ -183,7 +358,11 @@ def export_compact(cfg: Config, info: DatasetInfo, engine: Engine, epoch: int, e
 
 
 def checkpoint_bundle(cfg: Config, info: DatasetInfo, engine: Engine, epoch: int, steps_per_epoch: int,
-                      history: list[EpochStats]) -> dict:
+                      history: list[EpochStats], best: dict | None = None, rng: list[dict] | None = None) -> dict:
+    """Everything a run needs to continue after `epoch` exactly as if it had not stopped: both
+    networks, both optimisers and schedules, the history, the selection so far and every worker's
+    generators. The phase position follows from (epoch, steps_per_epoch): checkpoints are taken at
+    epoch ends, and the data order is a function of (seed, epoch)."""
     return {
         "format": CHECKPOINT_FORMAT,
         "config": cfg.to_dict(),
@@ -192,7 +371,8 @@ def checkpoint_bundle(cfg: Config, info: DatasetInfo, engine: Engine, epoch: int
         "steps_per_epoch": steps_per_epoch,
         "engine": engine.state_dict(),
         "history": [h.to_dict() for h in history],
-        "torch_rng": torch.get_rng_state(),
+        "best": dict(best) if best is not None else {"val_acc": -1.0, "epoch": None},
+        "rng": rng,
     }
 
 

@@ -73,13 +73,17 @@ class RowwiseSwitcher(nn.Module):
         self.sides = [s.side for s in specs]
         w = cfg.width
         self.body = nn.Sequential(nn.Linear(DESCRIPTION_SIZE, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU())
-        self.neuron_head = nn.Linear(w, 1)
-        self.connection_head = nn.Linear(w, 2)
-        for head in (self.neuron_head, self.connection_head):
-            nn.init.zeros_(head.weight)
-        nn.init.constant_(self.neuron_head.bias, cfg.init_factor)
-        with torch.no_grad():
-            self.connection_head.bias.copy_(torch.tensor([0.0, cfg.init_factor]))
+        # Only the heads some layer uses: every parameter gets a gradient in each SNN step, which
+        # DDP's reducer relies on (no find_unused_parameters traversal).
+        if any(side != "weight" for side in self.sides):
+            self.neuron_head = nn.Linear(w, 1)
+            nn.init.zeros_(self.neuron_head.weight)
+            nn.init.constant_(self.neuron_head.bias, cfg.init_factor)
+        if "weight" in self.sides:
+            self.connection_head = nn.Linear(w, 2)
+            nn.init.zeros_(self.connection_head.weight)
+            with torch.no_grad():
+                self.connection_head.bias.copy_(torch.tensor([0.0, cfg.init_factor]))
 
     def forward(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
         out = []

@@ -52,16 +52,18 @@ def _randomise(switcher: nn.Module, weights: list[torch.Tensor], seed: int = 0) 
     with torch.no_grad():
         for p in switcher.parameters():
             nn.init.normal_(p, std=0.5)
-        if not hasattr(switcher, "neuron_head"):
+        if not hasattr(switcher, "body"):
             return
         hidden = [switcher.body(describe_rows(w)) for w in weights]
-        pre = torch.cat([switcher.neuron_head(h).flatten() for h in hidden])
-        switcher.neuron_head.bias.sub_(pre.median())
-        pre = []
-        for h, w in zip(hidden, weights):
-            slope, offset = switcher.connection_head(h).unbind(dim=1)
-            pre.append((slope[:, None] * w.abs() / w.std() + offset[:, None]).flatten())
-        switcher.connection_head.bias[1].sub_(torch.cat(pre).median())
+        if hasattr(switcher, "neuron_head"):
+            pre = torch.cat([switcher.neuron_head(h).flatten() for h in hidden])
+            switcher.neuron_head.bias.sub_(pre.median())
+        if hasattr(switcher, "connection_head"):
+            pre = []
+            for h, w in zip(hidden, weights):
+                slope, offset = switcher.connection_head(h).unbind(dim=1)
+                pre.append((slope[:, None] * w.abs() / w.std() + offset[:, None]).flatten())
+            switcher.connection_head.bias[1].sub_(torch.cat(pre).median())
 
 
 # -- find_gates ----------------------------------------------------------------------------------------

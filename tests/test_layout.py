@@ -13,9 +13,10 @@ LEVELS = [
     {"data", "models"},
     {"gates"},
     {"switcher", "schedule"},
-    {"methods"},
+    {"methods", "parallel"},
     {"engine", "export"},
     {"run"},
+    {"launch"},
     {"cli"},
 ]
 LEVEL = {name: i for i, names in enumerate(LEVELS) for name in names}

@@ -1,4 +1,6 @@
-"""Real (short) training runs on Fashion-MNIST through the command line."""
+"""Real (short) training runs on Fashion-MNIST: the default job through the command line (a local
+Ray cluster), the baselines in-process through `distswitch.run.train` (the same training code,
+without the cluster start-up)."""
 
 from __future__ import annotations
 
@@ -13,10 +15,17 @@ from distswitch.cli import main
 from distswitch.config import load_config
 from distswitch.data import BatchLoader, load_splits
 from distswitch.export import count, load_compact
+from distswitch.run import train
 
 pytestmark = pytest.mark.slow
 
 QUIET = ["train.progress=false", "train.device=cpu"]
+
+
+def _train_in_process(out: Path, *overrides: str) -> dict:
+    summary = train(load_config(DEFAULT_CONFIG, [*QUIET, *overrides, f"out_dir={out}"]))
+    assert summary == json.loads((out / "summary.json").read_text())
+    return summary
 
 
 def _train(out: Path, *overrides: str) -> dict:
@@ -59,8 +68,13 @@ def test_switch_training_reports_accuracy_size_and_speed(switch_run):
     # Warm-up epochs (schedule.warmup_epochs=1) are dense; only switched epochs can be selected.
     assert summary["selected_epoch"] >= 1
     assert summary["export_max_abs_diff"] <= 1e-4
-    for name in ("model.pt", "model.arch.json", "config.yaml", "checkpoints/best.pt", "checkpoints/last.pt"):
+    for name in ("model.pt", "model.arch.json", "config.yaml", "checkpoints/best.pt"):
         assert (out / name).is_file(), name
+    # One Ray Train checkpoint per epoch and a final one; the newest `checkpoints_to_keep` (2) stay.
+    ray_run = out / "ray" / out.name
+    assert sorted(p.name for p in ray_run.glob("[ef]*") if p.is_dir()) == ["epoch_0002", "final"]
+    assert (ray_run / "final" / "summary.json").is_file()
+    assert 0 < summary["startup_seconds"] < 300
 
 
 def test_saved_model_reproduces_the_reported_test_accuracy(switch_run):
@@ -90,9 +104,9 @@ def baseline_runs(tmp_path_factory, fashion_mnist_root) -> dict[str, dict]:
     prune = ["prune.kept_fraction=0.5", "prune.finetune_epochs=1"]
     root = tmp_path_factory.mktemp("baselines")
     return {
-        "dense": _train(root / "dense", *common, "method=dense"),
-        "magnitude": _train(root / "magnitude", *common, *prune, "method=magnitude"),
-        "slimming": _train(root / "slimming", *common, *prune, "method=slimming"),
+        "dense": _train_in_process(root / "dense", *common, "method=dense"),
+        "magnitude": _train_in_process(root / "magnitude", *common, *prune, "method=magnitude"),
+        "slimming": _train_in_process(root / "slimming", *common, *prune, "method=slimming"),
     }
 
 

@@ -11,7 +11,7 @@ from distswitch.data.datasets import ArrayDataset, DatasetInfo
 
 
 class _Batches(torch.utils.data.Dataset):
-    """Indexed by a list of example indices; returns one normalised (augmented) batch."""
+    """Indexed by (global batch, slice); returns this worker's slice, normalised (and augmented)."""
 
     def __init__(self, data: ArrayDataset, info: DatasetInfo, augment: bool, seed: int) -> None:
         self.data, self.augment, self.seed = data, augment and info.augment == "crop_flip", seed
@@ -21,59 +21,93 @@ class _Batches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, index: list[int]):
-        idx = torch.as_tensor(index)
-        x = self.data.images[idx].float().div_(255)
+    def __getitem__(self, item: tuple[list[int], slice]):
+        batch, part = item
+        idx = torch.as_tensor(batch)
+        x = self.data.images[idx[part]].float().div_(255)
         if self.augment:
-            # Seeded by the batch's first index too, so a batch's augmentation does not depend on
-            # which DataLoader worker builds it.
+            # Drawn for the whole global batch (seeded by its first index), then sliced: an example's
+            # augmentation does not depend on the number of workers or on which loader process runs.
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(idx[0]))
-            x = _crop_flip(x, gen)
-        return (x - self.mean) / self.std, self.data.labels[idx]
+            x = _crop_flip(x, gen, len(idx), part)
+        return (x - self.mean) / self.std, self.data.labels[idx[part]]
 
 
-def _crop_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
-    n, _, h, w = x.shape
+def _crop_flip(x: torch.Tensor, gen: torch.Generator, n: int, part: slice, pad: int = 4) -> torch.Tensor:
+    """Random crops (zero padding `pad`) and flips; parameters drawn for `n` examples, `part` applied."""
+    _, _, h, w = x.shape
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)[part]
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)[part]
+    flip = (torch.rand(n, generator=gen) < 0.5)[part]
     padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    flip = torch.rand(n, generator=gen) < 0.5
-    out = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    out = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(len(x))])
     out[flip] = out[flip].flip(-1)
     return out
 
 
 class BatchLoader:
-    """Iterates (images float [B, C, H, W] normalised, labels int64 [B]) over one split.
+    """Iterates (images float [B, C, H, W] normalised, labels int64 [B]) over one worker's share.
 
-    Training loaders shuffle with a per-epoch seed (`set_epoch`) derived from `seed`, so a resumed
-    run sees the same order; they drop the last partial batch (BatchNorm needs > 1 example).
+    Training: `batch_size` is the global batch. Every worker draws the same per-epoch permutation
+    (`set_epoch`, seeded from `seed`, so a resumed run sees the same order), cuts it into global
+    batches and takes its equal slice of each, so `world_size` workers x B/world_size examples make
+    the same steps as one worker x B. The last partial global batch is dropped (BatchNorm needs > 1
+    example and workers must take equal steps). Evaluation: each worker reads a contiguous
+    1/world_size of the split in batches of `batch_size`; sum the metrics across workers.
     """
 
     def __init__(self, data: ArrayDataset, info: DatasetInfo, batch_size: int, train: bool, seed: int = 0,
-                 augment: bool = True, num_workers: int = 0) -> None:
+                 augment: bool = True, num_workers: int = 0, rank: int = 0, world_size: int = 1) -> None:
         if train and batch_size > len(data):
             raise ConfigError(
                 f"train.batch_size: {batch_size} is larger than the training split ({len(data)} examples); "
                 "lower it or raise data.train_limit"
             )
+        if train and batch_size % world_size:
+            raise ConfigError(f"train.batch_size: {batch_size} is not a multiple of {world_size} workers")
         self.data, self.info, self.batch_size, self.train = data, info, batch_size, train
         self.seed, self.augment, self.num_workers = seed, augment and train, num_workers
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        n = len(self.data)
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
+        if self.train:
+            return len(self.data) // self.batch_size
+        return -(-len(self._eval_range()) // self.batch_size)
+
+    def _eval_range(self) -> range:
+        n, w, r = len(self.data), self.world_size, self.rank
+        return range(n * r // w, n * (r + 1) // w)
 
     def __iter__(self):
         seed = self.seed * 10_007 + self.epoch
         if self.train:
             sampler = RandomSampler(range(len(self.data)), generator=torch.Generator().manual_seed(seed))
+            share = self.batch_size // self.world_size
+            part = slice(self.rank * share, (self.rank + 1) * share)
         else:
-            sampler = SequentialSampler(range(len(self.data)))
+            sampler = SequentialSampler(self._eval_range())
+            part = slice(None)
         batches = BatchSampler(sampler, self.batch_size, drop_last=self.train)
+        if not self.train:
+            offset = self._eval_range().start
+            batches = [[offset + i for i in b] for b in batches]
         dataset = _Batches(self.data, self.info, self.augment, seed)
-        return iter(DataLoader(dataset, sampler=batches, batch_size=None, num_workers=self.num_workers))
+        return iter(DataLoader(dataset, sampler=[(b, part) for b in batches] if not self.train else _Parts(batches, part),
+                               batch_size=None, num_workers=self.num_workers))
+
+
+class _Parts:
+    """(global batch, this worker's slice) pairs, drawn lazily from a batch sampler."""
+
+    def __init__(self, batches: BatchSampler, part: slice) -> None:
+        self.batches, self.part = batches, part
+
+    def __iter__(self):
+        return ((b, self.part) for b in self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)

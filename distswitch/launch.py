@@ -1,0 +1,296 @@
+"""Launch: a Ray Train (V2) TorchTrainer runs `distswitch.run.train` on every worker.
+
+One code path for every size: one worker or many, a local cluster or the one `RAY_ADDRESS` names
+(`ray job submit` sets it for the entrypoint). The driver validates what it can before Ray starts,
+joins or starts the cluster, checks that the workers fit and that the storage works, runs the
+trainer, and copies the final artifacts (summary.json, model.pt, checkpoints/best.pt) from the
+final Ray checkpoint into out_dir, so they arrive even when rank 0 ran on another node.
+
+Restarts: Ray Train restores its checkpoint list from `<storage_path>/<name>`, so a worker-group
+restart (`distributed.max_failures`) and a second launch of the same command both continue from
+the latest epoch checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from distswitch.config import Config, ConfigError
+from distswitch.data.datasets import DataError
+from distswitch.registry import UnknownNameError
+
+USER_ERRORS = (ConfigError, UnknownNameError, DataError)
+
+# Local clusters only (set before ray.init, inherited by every Ray process it starts). On a small
+# machine Ray Train's start-up is CPU-bound: these switch off background actors and polls that
+# compete with the workers' start (measurements: benchmarks/ray_startup/REPORT.md). They are
+# `setdefault`s: a user's own setting wins.
+LOCAL_CLUSTER_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # no spot preemption on a workstation
+    "RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",  # Prometheus metrics: nothing scrapes a local cluster
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",  # controller poll (default 2 s, added to start and end)
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+# Everywhere: under `uv run`, Ray would re-launch every worker through `uv run` and upload the
+# working directory; our workers already run in this interpreter's environment.
+DRIVER_ENV = {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+
+
+def storage_path(cfg: Config) -> str:
+    """`distributed.storage_path`, or <out_dir>/ray (absolute: Ray rejects relative paths)."""
+    path = cfg.distributed.storage_path or str(Path(cfg.out_dir) / "ray")
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def run_name(cfg: Config) -> str:
+    return cfg.distributed.name or Path(cfg.out_dir).resolve().name
+
+
+def launch(cfg: Config, summary_json: str | Path | None = None) -> dict:
+    """Train `cfg` on Ray Train; returns the summary (also written to out_dir/summary.json)."""
+    from distswitch.run import validate_names  # torch: after the config checks
+
+    validate_names(cfg)
+    out = Path(cfg.out_dir)
+    if (out / "summary.json").is_file():
+        raise ConfigError(f"out_dir: {str(out)!r} already holds a finished run (summary.json); "
+                          f"pass another out_dir=... or remove it")
+    _writable(out, "out_dir")
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    storage = storage_path(cfg)
+
+    marks = {"driver_ready": time.time()}
+    ray, started = _connect(cfg)
+    marks["ray_connected"] = time.time()
+    try:
+        return _run(ray, cfg, out, storage, summary_json, marks)
+    finally:
+        if started:  # our local cluster: stop its processes with us
+            ray.shutdown()
+
+
+def _run(ray, cfg: Config, out: Path, storage: str, summary_json, marks: dict) -> dict:
+    _check_resources(ray, cfg)
+    _check_storage(ray, storage)
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    d = cfg.distributed
+    backend = d.backend if d.backend != "auto" else ("nccl" if d.use_gpu else "gloo")
+    trainer = TorchTrainer(
+        _worker_main,
+        train_loop_config={"config": cfg.to_dict(), "launched_at": _process_start(), "marks": marks},
+        torch_config=TorchConfig(backend=backend),
+        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
+                                     resources_per_worker=dict(d.resources_per_worker) or None),
+        run_config=RunConfig(
+            name=run_name(cfg),
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=d.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=d.checkpoints_to_keep),
+            # Train's print patch copies every print into its log stream: the driver saw lines twice.
+            worker_runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        ),
+    )
+    marks["fit_called"] = time.time()  # the dict is pickled with the trainer: set before fit
+    result = _fit(trainer)
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train finished without a final checkpoint; see {storage}/{run_name(cfg)}")
+    from distswitch.run import collect_final
+
+    with result.checkpoint.as_directory() as folder:
+        collect_final(Path(folder), out)
+    import json
+
+    summary = json.loads((out / "summary.json").read_text())
+    summary["model_path"] = str(out / "model.pt")
+    summary["checkpoint_path"] = str(result.checkpoint.path)
+    _write_text(out / "summary.json", json.dumps(summary, indent=2))
+    if summary_json is not None:
+        _write_text(Path(summary_json), json.dumps(summary, indent=2))
+    return summary
+
+
+def _worker_main(loop_config: dict) -> None:
+    """Runs on every Ray Train worker (the process group is already up)."""
+    import ray.train
+    import ray.train.torch
+
+    from distswitch.run import train
+
+    cfg = Config.from_dict(loop_config["config"])
+    context = ray.train.get_context()
+    session = RaySession(context.get_world_rank(), context.get_world_size())
+    train(cfg, session, ray.train.torch.get_device(), launched_at=loop_config.get("launched_at"),
+          marks=loop_config.get("marks"))
+
+
+def _process_start() -> float:
+    """Wall clock when this (driver) process started: the origin of the start-up figure."""
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+class RaySession:
+    """`distswitch.run.Session` on a Ray Train worker: checkpoints go through `ray.train.report`."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+        self._restored: Path | None = None
+
+    def latest_checkpoint(self) -> Path | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        # A local copy (downloaded when the storage is remote), removed when the run ends.
+        self._restored = Path(tempfile.mkdtemp(prefix="distswitch-restore-"))
+        return Path(checkpoint.to_directory(str(self._restored)))
+
+    def report(self, metrics: dict, checkpoint: Path | None, name: str) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint is not None else None
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name if ckpt is not None else None)
+        if name == "final" and self._restored is not None:
+            shutil.rmtree(self._restored, ignore_errors=True)
+
+    def progress(self, total: int, desc: str):
+        from ray.experimental.tqdm_ray import tqdm
+
+        return tqdm(total=total, desc=desc)
+
+
+# -- the cluster -------------------------------------------------------------------------------------
+
+def _connect(cfg: Config):
+    """Join the cluster in RAY_ADDRESS, or start a local one bound to 127.0.0.1.
+
+    Returns (ray, whether this call started the cluster)."""
+    for key, value in DRIVER_ENV.items():
+        os.environ.setdefault(key, value)
+    import ray
+
+    if ray.is_initialized():
+        return ray, False
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address, logging_level="WARNING")
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise ConfigError(f"RAY_ADDRESS={address!r}: cannot connect ({str(exc).splitlines()[0]}); "
+                              "check the address (and RAY_AUTH_MODE=token if the cluster uses token "
+                              "authentication, as `ray start` does by default), or unset RAY_ADDRESS "
+                              "to start a local cluster") from None
+        return ray, False
+    for key, value in LOCAL_CLUSTER_ENV.items():
+        os.environ.setdefault(key, value)
+    ray.init(
+        address="local",  # a new cluster even when another one runs on this machine
+        num_cpus=cfg.distributed.local_cpus or os.cpu_count(),
+        # The dashboard serves the state API that Train's placement-group cleaner polls (without it
+        # the cleaner warns every second); loopback only.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        _node_ip_address="127.0.0.1",
+        # Idle workers prestarted for tasks we never run only compete with Train's actors for CPU.
+        _system_config={"enable_worker_prestart": False},
+        logging_level="WARNING",
+    )
+    return ray, True
+
+
+def _check_resources(ray, cfg: Config) -> None:
+    """Workers that can never be placed would wait forever: say so instead."""
+    d = cfg.distributed
+    per_worker = dict(d.resources_per_worker) or {"CPU": 1.0}
+    if d.use_gpu:
+        per_worker.setdefault("GPU", 1.0)
+    total = ray.cluster_resources()
+    for name, amount in per_worker.items():
+        need, have = amount * d.num_workers, total.get(name, 0.0)
+        if need > have:
+            where = "this cluster" if os.environ.get("RAY_ADDRESS") else "the local cluster"
+            hint = ("lower distributed.num_workers or resources_per_worker" if name != "GPU"
+                    else "set distributed.use_gpu: false or run on a cluster with GPUs")
+            msg = f"distributed: {d.num_workers} workers need {need:g} {name}, {where} has {have:g}; {hint}"
+            if os.environ.get("RAY_ADDRESS"):  # an autoscaler may add nodes: warn only
+                print(f"distswitch: warning: {msg} (waiting for the autoscaler)", file=sys.stderr)
+            else:
+                raise ConfigError(msg)
+
+
+def _check_storage(ray, storage: str) -> None:
+    """A local storage path must be writable here and, on several nodes, visible from all of them."""
+    if "://" in storage:
+        import pyarrow.fs
+
+        try:
+            pyarrow.fs.FileSystem.from_uri(storage)
+        except Exception as exc:  # unknown scheme, missing credentials library, ...
+            raise ConfigError(f"distributed.storage_path: {storage!r} is not usable ({exc}); "
+                              "use a shared path or s3://bucket/prefix") from None
+        return
+    _writable(Path(storage), "distributed.storage_path")
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) <= 1:
+        return
+    marker = Path(storage) / f".distswitch-probe-{uuid.uuid4().hex}"
+    marker.write_text("probe")
+    try:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        @ray.remote(num_cpus=0)
+        def sees(path: str) -> bool:
+            return os.path.exists(path)
+
+        checks = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                  .remote(str(marker)) for n in nodes]
+        blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, ray.get(checks, timeout=120)) if not ok]
+    finally:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise ConfigError(f"distributed.storage_path: {storage!r} is local to this node; nodes {', '.join(blind)} "
+                          "cannot see it. Use a filesystem mounted on every node or s3://bucket/prefix")
+
+
+def _fit(trainer):
+    """trainer.fit(), with a worker's user error (bad data root, ...) as that one error."""
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    try:
+        return trainer.fit()
+    except WorkerGroupError as exc:
+        for failure in exc.worker_failures.values():
+            cause = getattr(failure, "cause", failure)
+            if isinstance(cause, USER_ERRORS):  # the worker's own message, not a Ray traceback
+                raise cause from None
+        raise
+
+
+def _writable(path: Path, key: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot write to {str(path)!r} ({exc.strerror}); choose a writable directory") from None
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+

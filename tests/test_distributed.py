@@ -1,0 +1,173 @@
+"""Ray Train DDP with real CPU workers (gloo): both phases synchronised, 2 x b equals 1 x 2b, a worker
+killed mid-epoch resumes to the same parameters, and storage / resource checks at launch.
+
+Each run is a real `distswitch train` in a subprocess that starts its own local Ray cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+# LeNet5 has no BatchNorm, so 2 workers x 32 must give the same updates as 1 worker x 64. One TNN
+# step then one SNN step (update_ratio 1), from the first epoch on: both phases every other step.
+CONFIG = """\
+model: {name: lenet5, gated: all}
+method: switch
+switcher: {arch: rowwise, width: 16, l1: 0.5}
+schedule: {update_ratio: 1, warmup_epochs: 0, finetune_epochs: 0}
+train: {epochs: 3, batch_size: 64, seed: 0, device: cpu, progress: false}
+optim:
+  tnn: {name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 5.0e-4, scheduler: cosine}
+  snn: {name: adam, lr: 1.0e-3, momentum: 0.0, weight_decay: 0.0, scheduler: cosine}
+data: {dataset: fashion-mnist, train_limit: 6400, val_size: 1000}
+distributed: {num_workers: 2, max_failures: 1}
+"""
+
+
+def _command(config: Path, out: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "distswitch.cli", "train", str(config), f"out_dir={out}", *overrides]
+
+
+def _run(config: Path, out: Path, *overrides: str) -> dict:
+    proc = subprocess.run(_command(config, out, *overrides), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "summary.json").read_text())
+
+
+def _final_state(out: Path) -> dict:
+    """The engine state (both networks, both optimisers) after the last epoch."""
+    summary = json.loads((out / "summary.json").read_text())
+    last = max((out / "ray" / out.name).glob("epoch_*"))
+    state = torch.load(last / "state.pt", map_location="cpu", weights_only=True)
+    assert state["epoch"] == len(summary["history"]) - 1
+    return state["engine"]
+
+
+def _tensors(state: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    flat = {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            flat[prefix + str(key)] = value
+        elif isinstance(value, dict):
+            flat.update(_tensors(value, f"{prefix}{key}."))
+        elif isinstance(value, (list, tuple)):
+            flat.update(_tensors(dict(enumerate(value)), f"{prefix}{key}."))
+    return flat
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory, fashion_mnist_root) -> Path:
+    path = tmp_path_factory.mktemp("config") / "ddp.yaml"
+    path.write_text(CONFIG)
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_workers(config, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("two") / "two"
+    _run(config, out)
+    return out
+
+
+def test_replicas_stay_identical_through_both_phases(two_workers):
+    summary = json.loads((two_workers / "summary.json").read_text())
+    assert summary["workers"] == 2
+    for epoch in summary["history"]:
+        assert epoch["steps"]["tnn"] > 0 and epoch["steps"]["snn"] > 0
+        digests = epoch["replica_digests"]
+        assert len(digests) == 2 and digests[0] == digests[1], epoch["epoch"]
+
+
+def test_each_phase_all_reduces_only_its_own_gradients(two_workers):
+    summary = json.loads((two_workers / "summary.json").read_text())
+    state = _final_state(two_workers)
+    tnn_bytes = sum(t.numel() * t.element_size() for t in state["tnn"].values() if t.is_floating_point())
+    snn_bytes = sum(t.numel() * t.element_size() for t in state["source"].values())
+    comm = summary["comm_bytes_per_step"]
+    assert comm["tnn"] == tnn_bytes  # every TNN gradient once per TNN step
+    assert comm["snn"] == snn_bytes  # only the switcher's in an SNN step
+    assert comm["snn"] < 0.05 * comm["tnn"]
+
+
+def test_two_workers_update_like_one_worker_with_the_whole_batch(config, tmp_path):
+    # 10 steps (5 TNN, 5 SNN): long runs drift apart by float rounding (sums in another order)
+    # amplified over hundreds of steps, which says nothing about the updates themselves.
+    short = ["train.epochs=1", "data.train_limit=640"]
+    _run(config, tmp_path / "one", *short, "distributed.num_workers=1")
+    _run(config, tmp_path / "two", *short, "distributed.num_workers=2")
+    a, b = _tensors(_final_state(tmp_path / "one")), _tensors(_final_state(tmp_path / "two"))
+    assert a.keys() == b.keys()
+    assert any(k.startswith("source.") for k in a) and any(k.startswith("optimizers.snn") for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def _train_workers() -> list[psutil.Process]:
+    """Ray Train's worker processes on this machine (Ray titles them ray::RayTrainWorker...)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if cmdline.startswith("ray::RayTrainWorker"):
+            found.append(proc)
+    return found
+
+
+def test_worker_killed_mid_epoch_resumes_to_the_uninterrupted_parameters(config, two_workers, tmp_path):
+    out = tmp_path / "killed"
+    run_dir = out / "ray" / out.name
+    proc = subprocess.Popen(_command(config, out), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / "epoch_0000").is_dir():  # epoch 1 is checkpointed: epoch 2 is running
+            assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        workers = _train_workers()
+        assert len(workers) == 2
+        assert not (run_dir / "epoch_0001").exists(), "the kill must land inside epoch 2"
+        os.kill(workers[-1].pid, signal.SIGKILL)
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output[-3000:]
+    resumed, uninterrupted = _tensors(_final_state(out)), _tensors(_final_state(two_workers))
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        assert torch.equal(resumed[key], uninterrupted[key]), key
+    a = json.loads((out / "summary.json").read_text())
+    b = json.loads((two_workers / "summary.json").read_text())
+    assert a["resumed_at_epoch"] == 1 and b["resumed_at_epoch"] == 0  # restarted from epoch 1's checkpoint
+    assert [h["val_acc"] for h in a["history"]] == [h["val_acc"] for h in b["history"]]
+    assert a["test_acc"] == b["test_acc"]
+
+
+def test_more_workers_than_local_cpus_is_refused_before_training(config, tmp_path):
+    proc = subprocess.run(_command(config, tmp_path / "big", "distributed.num_workers=64"), cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("distswitch: error: distributed: 64 workers need 64 CPU"), last
+    assert not (tmp_path / "big" / "summary.json").exists()
+
+
+def test_finished_out_dir_is_not_overwritten(config, two_workers):
+    before = (two_workers / "summary.json").read_bytes()
+    proc = subprocess.run(_command(config, two_workers), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "already holds a finished run" in proc.stderr
+    assert (two_workers / "summary.json").read_bytes() == before
