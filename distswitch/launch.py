@@ -55,9 +55,11 @@ def run_name(cfg: Config) -> str:
 
 def launch(cfg: Config, summary_json: str | Path | None = None) -> dict:
     """Train `cfg` on Ray Train; returns the summary (also written to out_dir/summary.json)."""
-    from distswitch.run import validate_names  # torch: after the config checks
+    from distswitch.run import preflight, validate_names  # torch: after the config checks
 
     validate_names(cfg)
+    if not os.environ.get("RAY_ADDRESS"):  # the data is on this machine: fail before Ray starts
+        preflight(cfg)
     out = Path(cfg.out_dir)
     if (out / "summary.json").is_file():
         raise ConfigError(f"out_dir: {str(out)!r} already holds a finished run (summary.json); "

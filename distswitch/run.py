@@ -82,6 +82,16 @@ def build(cfg: Config, info: DatasetInfo, steps_per_epoch: int, device: torch.de
     return tnn, gates, method
 
 
+def preflight(cfg: Config) -> None:
+    """What only fails once data is loaded (missing data, a batch larger than the split, gates that
+    select nothing), checked in this process on CPU: seconds instead of a cluster start-up."""
+    validate_names(cfg)
+    splits = load_splits(cfg.data)
+    loader = BatchLoader(splits.train, splits.info, cfg.train.batch_size, train=True,
+                         world_size=cfg.distributed.num_workers)
+    build(cfg, splits.info, len(loader), torch.device("cpu"))
+
+
 class Session:
     """What a training run needs from whatever launched it; this one is a single local process.
 
