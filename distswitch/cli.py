@@ -32,9 +32,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)  # before the heavy imports: bad input fails fast
-    from distswitch.launch import launch
+    from distswitch.launch import launch, process_start
 
-    summary = launch(cfg, summary_json=args.summary_json)
+    summary = launch(cfg, summary_json=args.summary_json, launched_at=process_start())
     dense, small = summary["dense"], summary["compact"]
     print(
         f"{summary['method']} {summary['model']} on {summary['dataset']}: "

@@ -53,8 +53,12 @@ def run_name(cfg: Config) -> str:
     return cfg.distributed.name or Path(cfg.out_dir).resolve().name
 
 
-def launch(cfg: Config, summary_json: str | Path | None = None) -> dict:
-    """Train `cfg` on Ray Train; returns the summary (also written to out_dir/summary.json)."""
+def launch(cfg: Config, summary_json: str | Path | None = None, launched_at: float | None = None) -> dict:
+    """Train `cfg` on Ray Train; returns the summary (also written to out_dir/summary.json).
+
+    `launched_at`: the wall-clock origin of the start-up figures (the CLI passes its process start;
+    default: this call)."""
+    launched_at = launched_at if launched_at is not None else time.time()
     from distswitch.run import preflight, validate_names  # torch: after the config checks
 
     validate_names(cfg)
@@ -72,13 +76,13 @@ def launch(cfg: Config, summary_json: str | Path | None = None) -> dict:
     ray, started = _connect(cfg)
     marks["ray_connected"] = time.time()
     try:
-        return _run(ray, cfg, out, storage, summary_json, marks)
+        return _run(ray, cfg, out, storage, summary_json, marks, launched_at)
     finally:
         if started:  # our local cluster: stop its processes with us
             ray.shutdown()
 
 
-def _run(ray, cfg: Config, out: Path, storage: str, summary_json, marks: dict) -> dict:
+def _run(ray, cfg: Config, out: Path, storage: str, summary_json, marks: dict, launched_at: float) -> dict:
     _check_resources(ray, cfg)
     _check_storage(ray, storage)
 
@@ -89,7 +93,7 @@ def _run(ray, cfg: Config, out: Path, storage: str, summary_json, marks: dict) -
     backend = d.backend if d.backend != "auto" else ("nccl" if d.use_gpu else "gloo")
     trainer = TorchTrainer(
         _worker_main,
-        train_loop_config={"config": cfg.to_dict(), "launched_at": _process_start(), "marks": marks},
+        train_loop_config={"config": cfg.to_dict(), "launched_at": launched_at, "marks": marks},
         torch_config=TorchConfig(backend=backend),
         scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                      resources_per_worker=dict(d.resources_per_worker) or None),
@@ -135,8 +139,8 @@ def _worker_main(loop_config: dict) -> None:
           marks=loop_config.get("marks"))
 
 
-def _process_start() -> float:
-    """Wall clock when this (driver) process started: the origin of the start-up figure."""
+def process_start() -> float:
+    """Wall clock when this process started: the CLI's origin for the start-up figure."""
     import psutil
 
     return psutil.Process().create_time()
