@@ -13,6 +13,7 @@ the latest epoch checkpoint.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -110,18 +111,15 @@ def _run(ray, cfg: Config, out: Path, storage: str, summary_json, marks: dict, l
     result = _fit(trainer)
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train finished without a final checkpoint; see {storage}/{run_name(cfg)}")
-    from distswitch.run import collect_final
+    from distswitch.run import write_json, collect_final
 
     with result.checkpoint.as_directory() as folder:
         collect_final(Path(folder), out)
-    import json
-
     summary = json.loads((out / "summary.json").read_text())
-    summary["model_path"] = str(out / "model.pt")
-    summary["checkpoint_path"] = str(result.checkpoint.path)
-    _write_text(out / "summary.json", json.dumps(summary, indent=2))
+    summary["checkpoint_path"] = str(result.checkpoint.path)  # known here only: where Ray stored it
+    write_json(out / "summary.json", summary)
     if summary_json is not None:
-        _write_text(Path(summary_json), json.dumps(summary, indent=2))
+        write_json(Path(summary_json), summary)
     return summary
 
 
@@ -292,11 +290,3 @@ def _writable(path: Path, key: str) -> None:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"{key}: cannot write to {str(path)!r} ({exc.strerror}); choose a writable directory") from None
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-

@@ -273,7 +273,7 @@ def train(cfg: Config, session: Session | None = None, device: torch.device | No
             "history": [h.to_dict() for h in history],
             "config": cfg.to_dict(),
         }
-        _write_json(final / "summary.json", summary)
+        write_json(final / "summary.json", summary)
         shutil.copyfile(scratch / "best.pt", final / "best.pt")
         if engine.first_step_at is not None and launched_at is not None:
             print(f"start-up: {summary['startup_seconds']:.1f} s from launch to the first step", file=sys.stderr, flush=True)
@@ -414,7 +414,7 @@ def _epoch_line(cfg: Config, s: EpochStats) -> str:
             f"kept={s.kept_fraction:.3f} ({s.seconds:.1f}s, {s.images_per_s:.0f} img/s)")
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from distswitch.config import ConfigError
 from distswitch.data.datasets import ArrayDataset, DatasetInfo
@@ -89,15 +89,11 @@ class BatchLoader:
             share = self.batch_size // self.world_size
             part = slice(self.rank * share, (self.rank + 1) * share)
         else:
-            sampler = SequentialSampler(self._eval_range())
+            sampler = self._eval_range()  # this worker's contiguous share, in order
             part = slice(None)
         batches = BatchSampler(sampler, self.batch_size, drop_last=self.train)
-        if not self.train:
-            offset = self._eval_range().start
-            batches = [[offset + i for i in b] for b in batches]
         dataset = _Batches(self.data, self.info, self.augment, seed)
-        return iter(DataLoader(dataset, sampler=[(b, part) for b in batches] if not self.train else _Parts(batches, part),
-                               batch_size=None, num_workers=self.num_workers))
+        return iter(DataLoader(dataset, sampler=_Parts(batches, part), batch_size=None, num_workers=self.num_workers))
 
 
 class _Parts:
