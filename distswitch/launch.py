@@ -57,8 +57,8 @@ def run_name(cfg: Config) -> str:
 def launch(cfg: Config, summary_json: str | Path | None = None, launched_at: float | None = None) -> dict:
     """Train `cfg` on Ray Train; returns the summary (also written to out_dir/summary.json).
 
-    `launched_at`: the wall-clock origin of the start-up figures (the CLI passes its process start;
-    default: this call)."""
+    `launched_at`: the wall-clock origin of the start-up figures (the CLI passes the moment its
+    `main` began; default: this call)."""
     launched_at = launched_at if launched_at is not None else time.time()
     from distswitch.run import preflight, validate_names  # torch: after the config checks
 
@@ -135,13 +135,6 @@ def _worker_main(loop_config: dict) -> None:
     session = RaySession(context.get_world_rank(), context.get_world_size())
     train(cfg, session, ray.train.torch.get_device(), launched_at=loop_config.get("launched_at"),
           marks=loop_config.get("marks"))
-
-
-def process_start() -> float:
-    """Wall clock when this process started: the CLI's origin for the start-up figure."""
-    import psutil
-
-    return psutil.Process().create_time()
 
 
 class RaySession:
