@@ -5,7 +5,7 @@ workers, then 2 workers joining a head started beforehand (`ray start --head`, a
 Every figure is read from the run's summary.json (`startup_timeline`, seconds since the driver
 process started).
 
-    uv run python benchmarks/startup.py --out outputs/startup [--repeats 2]
+    uv run python benchmarks/startup.py --out outputs/startup [--repeats 2] [--loaders ffcv torch]
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ MARKS = ["driver_ready", "ray_connected", "fit_called", "worker_started", "data_
          "replicas_ready", "first_step"]
 
 
-def run(label: str, out: Path, workers: int, env: dict) -> dict:
+def run(label: str, out: Path, workers: int, env: dict, loader: str) -> dict:
+    # Absolute: on a joined cluster relative data paths are the workers' business (cluster/README.md).
     cmd = ["distswitch", "train", "configs/fashion_lenet5.yaml", *SHORT, f"distributed.num_workers={workers}",
-           f"out_dir={out / label}"]
+           f"data.loader={loader}", f"data.beton_dir={REPO / 'data/ffcv/fashion-mnist'}", f"out_dir={out / label}"]
     print("$", shlex.join(cmd), flush=True)
     subprocess.run([str(BIN / "distswitch"), *cmd[1:]], check=True, cwd=REPO, env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -42,14 +43,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--loaders", nargs="+", default=["ffcv", "torch"], help="data.loader values to compare")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     rows = []
     for r in range(args.repeats):
-        rows.append(run(f"local-1w-{r}", args.out, 1, env))
-        rows.append(run(f"local-2w-{r}", args.out, 2, env))
+        for loader in args.loaders:
+            rows.append(run(f"local-1w-{loader}-{r}", args.out, 1, env, loader))
+            rows.append(run(f"local-2w-{loader}-{r}", args.out, 2, env, loader))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -59,7 +62,9 @@ def main() -> None:
                    env=head_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for r in range(args.repeats):
-            rows.append(run(f"head-2w-{r}", args.out, 2, {**head_env, "RAY_ADDRESS": f"127.0.0.1:{port}"}))
+            for loader in args.loaders:
+                rows.append(run(f"head-2w-{loader}-{r}", args.out, 2, {**head_env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
+                                loader))
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=head_env, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)

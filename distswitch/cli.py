@@ -1,4 +1,4 @@
-"""`distswitch` command line: train | export.
+"""`distswitch` command line: train | export | data prepare.
 
 User errors (bad config, missing data, unknown names) print one line and exit with status 2;
 `--debug` shows the traceback instead.
@@ -24,6 +24,20 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config, e.g. configs/fashion_lenet5.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 switcher.width=32")
     train.add_argument("--summary-json", metavar="PATH", help="also write the final summary here")
+
+    data = sub.add_parser("data", help="dataset files: `data prepare` writes .beton files for FFCV")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prep = data_sub.add_parser("prepare", help="write train/val/test .beton files and metadata.json")
+    prep.add_argument("dataset", help="fashion-mnist | mnist | cifar10 | cifar100 | imagefolder")
+    prep.add_argument("--out", required=True, help="folder for the files (data.beton_dir), e.g. data/ffcv/fashion-mnist")
+    prep.add_argument("--root", help="where the source is (default: the dataset's usual place; imagefolder: required)")
+    prep.add_argument("--download", action="store_true", help="fetch the source with torchvision (MNIST, CIFAR)")
+    prep.add_argument("--val-size", type=int, default=5000, help="validation examples carved from train (default 5000)")
+    prep.add_argument("--split-seed", type=int, default=0, help="seed of the validation split (default 0)")
+    prep.add_argument("--workers", type=int, default=0, help="writer processes (default: all cores)")
+    prep.add_argument("--max-resolution", type=int, help="imagefolder: longer side stored, in pixels (default: as is)")
+    prep.add_argument("--jpeg-quality", type=int, default=90, help="imagefolder: JPEG quality (default 90)")
+    prep.add_argument("--force", action="store_true", help="rewrite even when the folder is up to date")
 
     export = sub.add_parser("export", help="compact model from a training checkpoint")
     export.add_argument("checkpoint", help="e.g. outputs/run/checkpoints/best.pt")
@@ -55,6 +69,17 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_data(args) -> int:
+    from distswitch.data.beton import prepare
+
+    if args.val_size < 1:
+        raise ConfigError(f"--val-size: got {args.val_size}; must be >= 1")
+    prepare(args.dataset, args.out, root=args.root, download=args.download, val_size=args.val_size,
+            split_seed=args.split_seed, workers=args.workers, max_resolution=args.max_resolution,
+            jpeg_quality=args.jpeg_quality, force=args.force, log=lambda line: print(line, flush=True))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.time()  # origin of the start-up figure (launch to first step)
     args = _parser().parse_args(argv)
@@ -62,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     from distswitch.data.datasets import DataError  # imported late: `--help` stays fast
 
     try:
-        return {"train": _cmd_train, "export": _cmd_export}[args.command](args)
+        return {"train": _cmd_train, "export": _cmd_export, "data": _cmd_data}[args.command](args)
     except (ConfigError, UnknownNameError, DataError) as exc:
         if args.debug:
             raise

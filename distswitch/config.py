@@ -108,13 +108,23 @@ class DataConfig:
     # None = the dataset's default location (Fashion-MNIST: Debian's /usr/share/datasets/fashion-mnist).
     root: Union[str, None] = None
     download: bool = False
-    loader: Literal["torch"] = "torch"
+    # ffcv: .beton files written by `distswitch data prepare`; torch: in-memory arrays + DataLoader.
+    loader: Literal["ffcv", "torch"] = "ffcv"
+    # Folder of the .beton files and metadata.json; null = data/ffcv/<dataset> (relative paths are
+    # taken from the launching directory; on a cluster put the files on shared storage).
+    beton_dir: Union[str, None] = None
+    # Model input shape; null = the dataset's own. 3 for a grayscale set replicates the channel;
+    # a larger image_size pads with black (Fashion-MNIST as 3x32x32). imagefolder: the crop size.
+    channels: Union[int, None] = None
+    image_size: Union[int, None] = None
     # Use only the first N examples of the training split (after the validation split is carved out).
     train_limit: Union[int, None] = None
     # Validation examples carved from the training set with a fixed permutation (split_seed).
     val_size: int = 5000
     split_seed: int = 0
     augment: bool = True
+    # torch: DataLoader processes (0 = in the training process); ffcv: decoding threads
+    # (0 = this worker's share of the node's cores).
     num_workers: int = 0
 
 
@@ -277,6 +287,9 @@ def _check_values(cfg: Config) -> None:
     ratio = cfg.schedule.update_ratio
     require(ratio == "epoch" or ratio >= 1, "schedule.update_ratio", ratio, "an integer >= 1 or 'epoch'")
     require(cfg.schedule.warmup_epochs >= 0, "schedule.warmup_epochs", cfg.schedule.warmup_epochs, ">= 0")
+    require(cfg.data.channels in (None, 1, 3), "data.channels", cfg.data.channels, "null, 1 or 3")
+    size = cfg.data.image_size
+    require(size is None or 8 <= size <= 4096, "data.image_size", size, "null or an integer in [8, 4096]")
     require(cfg.train.epochs >= 1, "train.epochs", cfg.train.epochs, ">= 1")
     require(cfg.train.batch_size >= 1, "train.batch_size", cfg.train.batch_size, ">= 1")
     require(cfg.train.eval_batch_size >= 1, "train.eval_batch_size", cfg.train.eval_batch_size, ">= 1")

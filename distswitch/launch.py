@@ -13,6 +13,7 @@ the latest epoch checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -50,6 +51,17 @@ def storage_path(cfg: Config) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
+def local_paths(cfg: Config) -> Config:
+    """Data paths made absolute: a local cluster's workers need not share the launcher's directory.
+    (On a remote cluster relative paths are left to the workers: `ray job submit --working-dir`.)"""
+    from distswitch.data.beton import default_dir
+
+    data = cfg.data
+    beton_dir = str(Path(data.beton_dir or default_dir(data.dataset)).expanduser().resolve())
+    root = str(Path(data.root).expanduser().resolve()) if data.root else None
+    return dataclasses.replace(cfg, data=dataclasses.replace(data, beton_dir=beton_dir, root=root))
+
+
 def run_name(cfg: Config) -> str:
     return cfg.distributed.name or Path(cfg.out_dir).resolve().name
 
@@ -64,6 +76,7 @@ def launch(cfg: Config, summary_json: str | Path | None = None, launched_at: flo
 
     validate_names(cfg)
     if not os.environ.get("RAY_ADDRESS"):  # the data is on this machine: fail before Ray starts
+        cfg = local_paths(cfg)
         preflight(cfg)
     out = Path(cfg.out_dir)
     if (out / "summary.json").is_file():

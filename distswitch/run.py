@@ -25,7 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from distswitch.config import Config, ConfigError
-from distswitch.data import DATASETS, BatchLoader, DatasetInfo, load_splits
+from distswitch.data import DATASETS, DatasetInfo, check_data, make_loaders
 from distswitch.engine import Engine, EpochStats
 from distswitch.export import architecture, atomic_save, compact_model, count, save_compact
 from distswitch.gates import GateSet, find_gates, kept_report
@@ -86,10 +86,8 @@ def preflight(cfg: Config) -> None:
     """What only fails once data is loaded (missing data, a batch larger than the split, gates that
     select nothing), checked in this process on CPU: seconds instead of a cluster start-up."""
     validate_names(cfg)
-    splits = load_splits(cfg.data)
-    loader = BatchLoader(splits.train, splits.info, cfg.train.batch_size, train=True,
-                         world_size=cfg.distributed.num_workers)
-    build(cfg, splits.info, len(loader), torch.device("cpu"))
+    info, steps = check_data(cfg, cfg.distributed.num_workers)
+    build(cfg, info, steps, torch.device("cpu"))
 
 
 class Session:
@@ -166,14 +164,9 @@ def train(cfg: Config, session: Session | None = None, device: torch.device | No
     rank, world = session.rank, session.world_size
     seed_everything(cfg.train.seed)
 
-    splits = load_splits(cfg.data)
-    info = splits.info
+    loaders = make_loaders(cfg, rank, world, device)
+    info, train_loader, val_loader, test_loader = loaders.info, loaders.train, loaders.val, loaders.test
     marks["data_loaded"] = time.time()
-    shard = {"rank": rank, "world_size": world}
-    train_loader = BatchLoader(splits.train, info, cfg.train.batch_size, train=True, seed=cfg.train.seed,
-                               augment=cfg.data.augment, num_workers=cfg.data.num_workers, **shard)
-    val_loader = BatchLoader(splits.val, info, cfg.train.eval_batch_size, train=False, **shard)
-    test_loader = BatchLoader(splits.test, info, cfg.train.eval_batch_size, train=False, **shard)
 
     tnn, gates, method = build(cfg, info, len(train_loader), device, sync_batchnorm=cfg.distributed.sync_batchnorm and world > 1)
     marks["model_built"] = time.time()
@@ -242,7 +235,7 @@ def train(cfg: Config, session: Session | None = None, device: torch.device | No
     final = scratch / "final"
     if rank == 0:
         final.mkdir()
-        example = next(iter(BatchLoader(splits.val, info, 8, train=False)))[0]
+        example = loaders.example()
         export = export_compact(cfg, info, engine, epoch, example, final / "model.pt")
         export["model_path"] = str(Path(cfg.out_dir) / "model.pt")  # where the launcher puts it
         summary = {
@@ -266,7 +259,8 @@ def train(cfg: Config, session: Session | None = None, device: torch.device | No
             "seconds_per_epoch": float(np.mean([h.seconds for h in history])),
             "images_per_s": float(np.mean([h.images_per_s for h in history])),
             "comm_bytes_per_step": history[-1].comm_bytes_per_step if history else {},
-            "train_examples": len(splits.train),
+            "train_examples": loaders.train_examples,
+            "data_loader": cfg.data.loader,
             "git_sha": _git_sha(),
             "torch": torch.__version__,
             "out_dir": str(cfg.out_dir),

@@ -29,6 +29,17 @@ def fashion_mnist_root() -> Path:
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fashion_betons(fashion_mnist_root) -> Path:
+    """Fashion-MNIST as .beton files where `data.loader: ffcv` looks by default (data/ffcv/ under
+    the repository, as `make train` writes them); a no-op when they are up to date."""
+    from distswitch.data.beton import default_dir, prepare
+
+    folder = REPO_ROOT / default_dir("fashion-mnist")
+    prepare("fashion-mnist", folder, log=lambda line: None)
+    return folder
+
+
 # A config owned by the tests: configs/*.yaml are tuned independently and must not move these tests.
 TEST_CONFIG_YAML = """\
 model: {name: lenet5, gated: all}

@@ -174,7 +174,8 @@ def test_cli_reports_a_missing_config_file(capsys, tmp_path):
 def test_cli_reports_an_empty_data_root(capsys, tmp_path, out_dir, config_file):
     empty = tmp_path / "empty"
     empty.mkdir()
-    status = main(["train", str(config_file), f"data.root={empty}", f"out_dir={out_dir}", "train.progress=false"])
+    status = main(["train", str(config_file), f"data.root={empty}", "data.loader=torch", f"out_dir={out_dir}",
+                   "train.progress=false"])
     assert status == 2
     assert "data.root" in _single_error_line(capsys)
 

@@ -33,7 +33,7 @@ train: {epochs: 3, batch_size: 64, seed: 0, device: cpu, progress: false}
 optim:
   tnn: {name: sgd, lr: 0.05, momentum: 0.9, weight_decay: 5.0e-4, scheduler: cosine}
   snn: {name: adam, lr: 1.0e-3, momentum: 0.0, weight_decay: 0.0, scheduler: cosine}
-data: {dataset: fashion-mnist, train_limit: 6400, val_size: 1000}
+data: {dataset: fashion-mnist, train_limit: 6400}
 distributed: {num_workers: 2, max_failures: 1}
 """
 

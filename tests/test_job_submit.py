@@ -48,7 +48,7 @@ def head(tmp_path_factory):
         _ray("stop", "--force", env=env, timeout=120)
 
 
-def test_ray_job_submit_runs_distswitch_train_to_success(head, tmp_path, fashion_mnist_root):
+def test_ray_job_submit_runs_distswitch_train_to_success(head, tmp_path, fashion_betons):
     env, address = head
     out = tmp_path / "job"
     job_id = f"distswitch-test-{uuid.uuid4().hex[:8]}"
@@ -57,6 +57,8 @@ def test_ray_job_submit_runs_distswitch_train_to_success(head, tmp_path, fashion
         "--runtime-env", "cluster/runtime_env.yaml", "--",
         "distswitch", "train", "configs/fashion_lenet5.yaml", f"out_dir={out}", "train.epochs=2",
         "schedule.warmup_epochs=0", "schedule.finetune_epochs=0", "data.train_limit=2000", "train.progress=false",
+        # /data is not uploaded: the .beton files are on "shared storage", as cluster/README.md says.
+        f"data.beton_dir={fashion_betons}",
         env=env, timeout=600,
     )
     status = _ray("job", "status", "--address", address, job_id, env=env)

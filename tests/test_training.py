@@ -132,3 +132,14 @@ def test_slimming_baseline_prunes_to_about_half_and_is_smaller(baseline_runs):
     assert 285 <= summary["kept_units"] <= 287  # global threshold, at least one unit per layer
     assert summary["compact"]["params"] < summary["dense"]["params"]
     assert summary["test_acc"] > 0.5
+
+
+def test_training_on_betons_lands_in_the_torch_paths_accuracy_band(baseline_runs, tmp_path):
+    # baseline_runs["dense"] read .beton files (the default loader); the same run on the torch path.
+    # Both loaders give the same batches in the same order, so the runs stay within a small band.
+    assert baseline_runs["dense"]["data_loader"] == "ffcv"
+    torch_run = _train_in_process(tmp_path / "dense_torch", "data.train_limit=3000", "train.epochs=2", "method=dense",
+                                  "data.loader=torch")
+    assert torch_run["data_loader"] == "torch"
+    assert abs(torch_run["test_acc"] - baseline_runs["dense"]["test_acc"]) <= 0.005
+    assert abs(torch_run["val_acc"] - baseline_runs["dense"]["val_acc"]) <= 0.005

@@ -1,6 +1,9 @@
-"""Data: datasets as in-memory uint8 arrays, the deterministic validation split, batch loaders."""
+"""Data: dataset readers and the validation split, .beton preparation, and the two loaders
+(FFCV, the default, and torch's DataLoader) behind `make_loaders`."""
 
-from distswitch.data.datasets import DATASETS, ArrayDataset, DatasetInfo, Splits, load_splits
+from distswitch.data.datasets import DATASETS, ArrayDataset, DataError, DatasetInfo, Splits, load_splits
+from distswitch.data.loaders import Loaders, check_data, make_loaders
 from distswitch.data.torch_loader import BatchLoader
 
-__all__ = ["DATASETS", "ArrayDataset", "DatasetInfo", "Splits", "load_splits", "BatchLoader"]
+__all__ = ["DATASETS", "ArrayDataset", "DataError", "DatasetInfo", "Splits", "load_splits", "BatchLoader",
+           "Loaders", "check_data", "make_loaders"]

@@ -7,14 +7,14 @@ in memory, and batches are then slices rather than per-sample PIL decodes.
 from __future__ import annotations
 
 import gzip
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from distswitch.config import DataConfig
+from distswitch.config import ConfigError, DataConfig
 from distswitch.registry import Registry
 
 
@@ -30,7 +30,26 @@ class DatasetInfo:
     image_size: int
     mean: tuple[float, ...]  # per channel, on the [0, 1] scale
     std: tuple[float, ...]
-    augment: str  # "crop_flip" (CIFAR: random crop, padding 4, horizontal flip) | "none"
+    # "crop_flip" (CIFAR: random crop, padding 4, horizontal flip) | "none" |
+    # "resized_crop" (imagefolder: random resized crop + flip; centre crop for evaluation)
+    augment: str
+    classes: tuple[str, ...] = ()
+
+
+def input_info(info: DatasetInfo, channels: int | None, image_size: int | None) -> DatasetInfo:
+    """What the model sees: the dataset's shape, or the configured `data.channels` / `data.image_size`
+    (a grayscale channel replicated; smaller images padded with black, centred)."""
+    if channels is not None and channels != info.channels:
+        if info.channels != 1:
+            raise DataError(f"data.channels: {info.name} has {info.channels} channels and cannot be shown as {channels}; "
+                            "use null or 3")
+        info = replace(info, channels=channels, mean=info.mean * channels, std=info.std * channels)
+    if image_size is not None and image_size != info.image_size:
+        if image_size < info.image_size and info.augment != "resized_crop":
+            raise DataError(f"data.image_size: {image_size} is smaller than {info.name}'s {info.image_size}x{info.image_size} "
+                            "images (only padding is done); use null or a larger size")
+        info = replace(info, image_size=image_size)
+    return info
 
 
 @dataclass(frozen=True)
@@ -64,14 +83,26 @@ def load_splits(cfg: DataConfig) -> Splits:
     `split_seed` (independent of the training seed); `train_limit` keeps the first N remaining
     training examples in their original order."""
     train_full, test, info = DATASETS.get(cfg.dataset)(cfg)
-    if cfg.val_size >= len(train_full):
-        raise DataError(f"data.val_size: {cfg.val_size} leaves no training examples of {len(train_full)}; lower it")
-    perm = torch.randperm(len(train_full), generator=torch.Generator().manual_seed(cfg.split_seed))
-    val_idx = perm[: cfg.val_size].sort().values
-    train_idx = perm[cfg.val_size :].sort().values
+    train_idx, val_idx = split_indices(len(train_full), cfg.val_size, cfg.split_seed)
     if cfg.train_limit is not None:
         train_idx = train_idx[: cfg.train_limit]
     return Splits(train_full.subset(train_idx), train_full.subset(val_idx), test, info)
+
+
+def split_indices(n: int, val_size: int, split_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) indices into a training set of `n`, each sorted: the one split every loader uses."""
+    if val_size >= n:
+        raise DataError(f"data.val_size: {val_size} leaves no training examples of {n}; lower it")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
+    return perm[val_size:].sort().values, perm[:val_size].sort().values
+
+
+def check_batch(batch_size: int, n_train: int, world_size: int) -> None:
+    if batch_size > n_train:
+        raise ConfigError(f"train.batch_size: {batch_size} is larger than the training split ({n_train} examples); "
+                          "lower it or raise data.train_limit")
+    if batch_size % world_size:
+        raise ConfigError(f"train.batch_size: {batch_size} is not a multiple of {world_size} workers")
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -116,7 +147,13 @@ def _mnist_like(cfg: DataConfig, name: str, default_root: str, tv_class: str, me
     if train is None or test is None:
         hint = "install Debian's dataset-fashion-mnist (make setup)" if name == "fashion-mnist" else "set data.download=true on a connected machine"
         raise DataError(f"data.root: no {name} IDX files under {str(root)!r}; {hint}, or point data.root at them")
-    return train, test, DatasetInfo(name, 10, 1, 28, (mean,), (std,), "none")
+    return train, test, DatasetInfo(name, 10, 1, 28, (mean,), (std,), "none", CLASSES[name])
+
+
+CLASSES = {
+    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+    "mnist": tuple(str(d) for d in range(10)),
+}
 
 
 @DATASETS.register("fashion-mnist")
@@ -129,7 +166,7 @@ def mnist(cfg: DataConfig):
     return _mnist_like(cfg, "mnist", "data/mnist", "MNIST", 0.1307, 0.3081)
 
 
-def _cifar(cfg: DataConfig, name: str, tv_class: str, classes: int):
+def _cifar(cfg: DataConfig, name: str, tv_class: str):
     import torchvision.datasets as tvd
 
     root = cfg.root or f"data/{name}"
@@ -141,17 +178,25 @@ def _cifar(cfg: DataConfig, name: str, tv_class: str, classes: int):
         ArrayDataset(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets, dtype=torch.int64))
         for s in sets
     )
+    classes = tuple(sets[0].classes)
     # The authors' normalisation (method notes): mean (125.3, 123.0, 113.9)/255, std (63.0, 62.1, 66.7)/255.
     mean = (125.3 / 255, 123.0 / 255, 113.9 / 255)
     std = (63.0 / 255, 62.1 / 255, 66.7 / 255)
-    return train, test, DatasetInfo(name, classes, 3, 32, mean, std, "crop_flip")
+    return train, test, DatasetInfo(name, len(classes), 3, 32, mean, std, "crop_flip", classes)
 
 
 @DATASETS.register("cifar10")
 def cifar10(cfg: DataConfig):
-    return _cifar(cfg, "cifar10", "CIFAR10", 10)
+    return _cifar(cfg, "cifar10", "CIFAR10")
 
 
 @DATASETS.register("cifar100")
 def cifar100(cfg: DataConfig):
-    return _cifar(cfg, "cifar100", "CIFAR100", 100)
+    return _cifar(cfg, "cifar100", "CIFAR100")
+
+
+@DATASETS.register("imagefolder")
+def imagefolder(cfg: DataConfig):
+    # A class-per-folder tree (ImageNet size) does not fit in memory: it is read from .beton files only.
+    raise DataError("data.dataset: imagefolder is read from .beton files only; run `distswitch data prepare "
+                    "imagefolder --root TREE --out DIR` and set data.loader=ffcv data.beton_dir=DIR")

@@ -1,4 +1,5 @@
-"""Batches from in-memory arrays through torch's DataLoader, augmentation on whole batches."""
+"""Batches from in-memory arrays through torch's DataLoader (`data.loader: torch`), augmentation
+on whole batches."""
 
 from __future__ import annotations
 
@@ -6,17 +7,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
-from distswitch.config import ConfigError
-from distswitch.data.datasets import ArrayDataset, DatasetInfo
+from distswitch.data.datasets import ArrayDataset, DatasetInfo, check_batch
+from distswitch.data.transform import InputTransform
 
 
 class _Batches(torch.utils.data.Dataset):
-    """Indexed by (global batch, slice); returns this worker's slice, normalised (and augmented)."""
+    """Indexed by (global batch, slice); returns this worker's slice as uint8 (augmented)."""
 
     def __init__(self, data: ArrayDataset, info: DatasetInfo, augment: bool, seed: int) -> None:
         self.data, self.augment, self.seed = data, augment and info.augment == "crop_flip", seed
-        self.mean = torch.tensor(info.mean).view(1, -1, 1, 1)
-        self.std = torch.tensor(info.std).view(1, -1, 1, 1)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -24,13 +23,13 @@ class _Batches(torch.utils.data.Dataset):
     def __getitem__(self, item: tuple[list[int], slice]):
         batch, part = item
         idx = torch.as_tensor(batch)
-        x = self.data.images[idx[part]].float().div_(255)
+        x = self.data.images[idx[part]]
         if self.augment:
             # Drawn for the whole global batch (seeded by its first index), then sliced: an example's
             # augmentation does not depend on the number of workers or on which loader process runs.
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(idx[0]))
             x = _crop_flip(x, gen, len(idx), part)
-        return (x - self.mean) / self.std, self.data.labels[idx[part]]
+        return x, self.data.labels[idx[part]]
 
 
 def _crop_flip(x: torch.Tensor, gen: torch.Generator, n: int, part: slice, pad: int = 4) -> torch.Tensor:
@@ -57,17 +56,15 @@ class BatchLoader:
     """
 
     def __init__(self, data: ArrayDataset, info: DatasetInfo, batch_size: int, train: bool, seed: int = 0,
-                 augment: bool = True, num_workers: int = 0, rank: int = 0, world_size: int = 1) -> None:
-        if train and batch_size > len(data):
-            raise ConfigError(
-                f"train.batch_size: {batch_size} is larger than the training split ({len(data)} examples); "
-                "lower it or raise data.train_limit"
-            )
-        if train and batch_size % world_size:
-            raise ConfigError(f"train.batch_size: {batch_size} is not a multiple of {world_size} workers")
+                 augment: bool = True, num_workers: int = 0, rank: int = 0, world_size: int = 1,
+                 transform: InputTransform | None = None, device: torch.device | str = "cpu") -> None:
+        if train:
+            check_batch(batch_size, len(data), world_size)
         self.data, self.info, self.batch_size, self.train = data, info, batch_size, train
         self.seed, self.augment, self.num_workers = seed, augment and train, num_workers
         self.rank, self.world_size = rank, world_size
+        self.transform = transform or InputTransform(info, info)
+        self.device = torch.device(device)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -93,7 +90,10 @@ class BatchLoader:
             part = slice(None)
         batches = BatchSampler(sampler, self.batch_size, drop_last=self.train)
         dataset = _Batches(self.data, self.info, self.augment, seed)
-        return iter(DataLoader(dataset, sampler=_Parts(batches, part), batch_size=None, num_workers=self.num_workers))
+        loader = DataLoader(dataset, sampler=_Parts(batches, part), batch_size=None, num_workers=self.num_workers,
+                            pin_memory=self.device.type == "cuda")
+        for x, y in loader:  # uint8 crosses to the device: a quarter of float32's bytes
+            yield self.transform(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
 
 
 class _Parts:

@@ -1,0 +1,25 @@
+"""The benchmarks keep running: reduced forms in CI (no timing asserts; the figures are in
+docs/results.md from full runs)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_data_loading_benchmark_reports_every_loader_and_the_ratio(tmp_path):
+    out = tmp_path / "data_loading.json"
+    proc = subprocess.run([sys.executable, "benchmarks/data_loading.py", "--limit", "3072", "--epochs", "2",
+                           "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"ffcv", "dataloader", "distswitch-torch"}
+    assert all(len(r["images_per_s"]) == 2 and min(r["images_per_s"]) > 0 for r in report["results"].values())
+    assert report["ratio_ffcv_vs_dataloader"] > 0 and "FFCV / DataLoader" in proc.stdout

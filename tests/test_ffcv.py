@@ -1,0 +1,308 @@
+""".beton preparation and the FFCV loader: same split and order as the torch path, reproducible,
+atomic, and clear errors for folders that do not match the config."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO_ROOT, make_config
+from distswitch.cli import main
+from distswitch.data import make_loaders
+from distswitch.data.beton import open_betons, prepare
+from distswitch.data.datasets import DataError
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + array.astype(np.uint8).tobytes())
+
+
+def indexed_mnist(root: Path, n_train: int, n_test: int) -> Path:
+    """MNIST-layout IDX files whose image i carries i in its first two pixels (i % 256, i // 256)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28))
+        images[:, 0, 0], images[:, 0, 1] = np.arange(n) % 256, np.arange(n) // 256
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return root
+
+
+def identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def sample_ids(x: torch.Tensor) -> list[int]:
+    """Back from raw uint8 images to the indices `indexed_mnist` wrote into them."""
+    return (x[:, 0, 0, 0].long() + 256 * x[:, 0, 0, 1].long()).tolist()
+
+
+def _quiet(line: str) -> None:
+    pass
+
+
+@pytest.fixture
+def mnist_betons(tmp_path: Path) -> tuple[Path, Path]:
+    root = indexed_mnist(tmp_path / "mnist", 300, 50)
+    out = tmp_path / "betons"
+    prepare("mnist", out, root=str(root), val_size=40, log=_quiet)
+    return root, out
+
+
+def _cfg(out: Path, root: Path, **data) -> object:
+    return make_config(data={"dataset": "mnist", "root": str(root), "beton_dir": str(out), "val_size": 40, **data},
+                       train={"batch_size": 32, "eval_batch_size": 16})
+
+
+# -- preparing ----------------------------------------------------------------------------------------
+
+
+def test_prepare_writes_train_val_test_and_metadata_with_counts_checksum_and_split(mnist_betons):
+    _, out = mnist_betons
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["counts"] == {"train": 260, "val": 40, "test": 50}
+    assert meta["split"] == {"val_size": 40, "split_seed": 0}
+    assert meta["image_shape"] == [1, 28, 28] and meta["info"]["num_classes"] == 10
+    assert len(meta["source"]["sha256"]) == 64 and meta["info"]["mean"] and meta["info"]["std"]
+    for split in ("train", "val", "test"):
+        assert (out / f"{split}.beton").stat().st_size == meta["files"][split]["bytes"]
+
+
+def test_prepare_again_with_the_same_inputs_writes_nothing(mnist_betons, capsys):
+    root, out = mnist_betons
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    status = main(["data", "prepare", "mnist", "--out", str(out), "--root", str(root), "--val-size", "40"])
+    assert status == 0 and "up to date" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_prepare_rewrites_when_the_split_changes(mnist_betons):
+    root, out = mnist_betons
+    meta, written = prepare("mnist", out, root=str(root), val_size=30, log=_quiet)
+    assert written and meta["counts"]["val"] == 30
+
+
+def test_ffcv_loaders_give_the_torch_paths_batches_in_the_same_order(mnist_betons):
+    root, out = mnist_betons
+    ffcv, torch_path = make_loaders(_cfg(out, root, loader="ffcv")), make_loaders(_cfg(out, root, loader="torch"))
+    for split in ("train", "val", "test"):
+        pairs = list(zip(getattr(ffcv, split), getattr(torch_path, split)))
+        assert len(pairs) == len(getattr(torch_path, split)) > 1
+        for (xf, yf), (xt, yt) in pairs:
+            assert torch.equal(xf, xt) and torch.equal(yf, yt)
+
+
+def test_killed_prepare_leaves_no_folder_that_looks_complete(tmp_path, fashion_mnist_root):
+    out = tmp_path / "fm"
+    code = f"from distswitch.data.beton import prepare; prepare('fashion-mnist', {str(out)!r}, workers=1)"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / ".train.beton.partial").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "prepare finished before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "metadata.json").exists() and not (out / "train.beton").exists()
+    with pytest.raises(DataError, match="metadata.json missing"):
+        open_betons(make_config(data={"beton_dir": str(out)}).data)
+    _, written = prepare("fashion-mnist", out, log=_quiet)  # the next run starts clean and completes
+    assert written and not list(out.glob(".*.partial"))
+    assert open_betons(make_config(data={"beton_dir": str(out)}).data).count("train") == 55000
+
+
+# -- loading ------------------------------------------------------------------------------------------
+
+
+def test_resumed_epoch_reads_the_same_order_and_epochs_differ(mnist_betons):
+    root, out = mnist_betons
+    from distswitch.data.ffcv_loader import FfcvLoader
+
+    betons = open_betons(_cfg(out, root).data)
+
+    def order(epoch: int) -> list[int]:
+        loader = FfcvLoader(betons, "train", 32, True, identity, seed=3)
+        loader.set_epoch(epoch)
+        return [i for x, _ in loader for i in sample_ids(x)]
+
+    assert order(2) == order(2)
+    assert order(2) != order(3)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_read_disjoint_shards_that_cover_the_split(mnist_betons, world):
+    root, out = mnist_betons
+    from distswitch.data.ffcv_loader import FfcvLoader
+
+    betons = open_betons(_cfg(out, root).data)
+    train = [[i for x, _ in FfcvLoader(betons, "train", 30 * world, True, identity, rank=r, world_size=world)
+              for i in sample_ids(x)] for r in range(world)]
+    whole = [i for x, _ in FfcvLoader(betons, "train", 30 * world, True, identity) for i in sample_ids(x)]
+    assert all(len(t) == len(train[0]) for t in train)  # equal steps on every rank
+    assert set().union(*map(set, train)) == set(whole) and sum(map(len, train)) == len(whole) == len(set(whole))
+    assert 260 - len(whole) < 30 * world  # only the last partial global batch is left out
+    val = [[i for x, _ in FfcvLoader(betons, "val", 16, False, identity, rank=r, world_size=world)
+            for i in sample_ids(x)] for r in range(world)]
+    assert sorted(i for v in val for i in v) == sorted(set(i for v in val for i in v)) and sum(map(len, val)) == 40
+
+
+def test_grayscale_can_be_shown_to_a_model_as_3x32x32(mnist_betons):
+    root, out = mnist_betons
+    loaders = make_loaders(_cfg(out, root, channels=3, image_size=32))
+    x, _ = next(iter(loaders.val))
+    assert x.shape[1:] == (3, 32, 32) and loaders.info.channels == 3 and loaders.info.image_size == 32
+    black = (0 - loaders.info.mean[0]) / loaders.info.std[0]
+    assert torch.allclose(x[:, :, :2, :], torch.tensor(black)) and torch.equal(x[:, 0], x[:, 2])
+
+
+def test_seeded_crop_flip_is_reproducible_and_each_image_is_a_padded_crop_or_flip(tmp_path):
+    from ffcv.fields import IntField, NDArrayField
+    from ffcv.fields.decoders import NDArrayDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToTensor
+    from ffcv.writer import DatasetWriter
+
+    from distswitch.data.ffcv_loader import SeededCropFlip
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(1, 256, (64, 8, 8, 3)).astype(np.uint8)  # no zeros: padding is recognisable
+    path = tmp_path / "tiny.beton"
+    DatasetWriter(str(path), {"image": NDArrayField(np.dtype("uint8"), (8, 8, 3)), "label": IntField()},
+                  num_workers=1).from_indexed_dataset([(im, 0) for im in images])
+
+    def run(seed: int) -> np.ndarray:
+        loader = Loader(str(path), batch_size=16, num_workers=1, order=OrderOption.SEQUENTIAL,
+                        pipelines={"image": [NDArrayDecoder(), SeededCropFlip(pad=2, seed=seed), ToTensor()],
+                                   "label": None})
+        return np.concatenate([x.numpy().copy() for (x,) in loader])
+
+    a = run(7)
+    assert np.array_equal(a, run(7)) and not np.array_equal(a, run(8))
+    padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
+    for i, out in enumerate(a):
+        candidates = [c for dy in range(5) for dx in range(5)
+                      for c in (padded[i, dy:dy + 8, dx:dx + 8], padded[i, dy:dy + 8, dx:dx + 8][:, ::-1])]
+        flipped_crops = [padded[i, dy:dy + 8, :, :][:, ::-1][:, dx:dx + 8] for dy in range(5) for dx in range(5)]
+        assert any(np.array_equal(out, c) for c in candidates + flipped_crops), f"image {i} is not a crop/flip"
+    assert len({a[i].tobytes() for i in range(64)} & {images[i].tobytes() for i in range(64)}) < 64
+
+
+# -- errors -------------------------------------------------------------------------------------------
+
+
+def _error(capsys, *args: str) -> str:
+    capsys.readouterr()  # drop the fixtures' output (FFCV's writer progress)
+    status = main(["train", *args, "train.progress=false"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.fixture
+def cli_args(mnist_betons, config_file, tmp_path):
+    root, out = mnist_betons
+    return [str(config_file), "data.dataset=mnist", f"data.root={root}", f"data.beton_dir={out}", "data.val_size=40",
+            "train.batch_size=32", f"out_dir={tmp_path / 'run'}"], out
+
+
+def test_missing_beton_folder_says_how_to_prepare(capsys, cli_args, tmp_path):
+    args, _ = cli_args
+    line = _error(capsys, *args, f"data.beton_dir={tmp_path / 'nowhere'}")
+    assert "distswitch data prepare mnist --out" in line
+
+
+def test_truncated_beton_is_refused(capsys, cli_args):
+    args, out = cli_args
+    with open(out / "train.beton", "r+b") as fh:
+        fh.truncate(fh.seek(0, os.SEEK_END) // 2)
+    assert "truncated" in _error(capsys, *args)
+
+
+def test_foreign_file_in_place_of_a_beton_is_refused(capsys, cli_args):
+    args, out = cli_args
+    size = (out / "val.beton").stat().st_size
+    (out / "val.beton").write_bytes(np.random.default_rng(0).integers(0, 256, size).astype(np.uint8).tobytes())
+    assert "not a readable .beton" in _error(capsys, *args)
+
+
+def test_betons_of_another_dataset_are_refused(capsys, cli_args):
+    args, _ = cli_args
+    assert "holds mnist" in _error(capsys, *args, "data.dataset=fashion-mnist", "data.root=null")
+
+
+def test_betons_prepared_with_another_split_are_refused(capsys, cli_args):
+    args, _ = cli_args
+    assert "--val-size 50" in _error(capsys, *args, "data.val_size=50")
+
+
+def test_a_model_shape_the_data_cannot_give_is_refused(capsys, cli_args):
+    args, _ = cli_args
+    assert "data.image_size" in _error(capsys, *args, "data.image_size=16")
+
+
+# -- imagefolder --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def image_tree(tmp_path: Path) -> Path:
+    """ROOT/train/<class>/*.png and ROOT/val/<class>/*.jpg (ImageNet's layout), 3 classes of
+    differently sized images whose colour follows the class."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "tree"
+    for split, n, suffix in (("train", 20, ".png"), ("val", 5, ".jpg")):
+        for c, name in enumerate(("ant", "bee", "cat")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                h, w = rng.integers(30, 60, 2)
+                pixels = rng.integers(0, 60, (h, w, 3)) + np.array([180 if k == c else 0 for k in range(3)])
+                Image.fromarray(pixels.astype(np.uint8)).save(root / split / name / f"{i}{suffix}")
+    return root
+
+
+def test_imagefolder_is_prepared_and_trains_at_the_configured_crop(image_tree, tmp_path):
+    from distswitch.run import train
+
+    out = tmp_path / "betons"
+    meta, _ = prepare("imagefolder", out, root=str(image_tree), val_size=6, log=_quiet)
+    assert meta["counts"] == {"train": 54, "val": 6, "test": 15}
+    assert meta["info"]["classes"] == ["ant", "bee", "cat"] and meta["info"]["augment"] == "resized_crop"
+    # Each class lifts one channel by 180/255 over noise in [0, 60): a third of the images per channel.
+    assert all(0.2 < m < 0.4 for m in meta["info"]["mean"]) and all(s > 0.2 for s in meta["info"]["std"])
+    cfg = make_config(model={"name": "lenet5"}, method="dense",
+                      data={"dataset": "imagefolder", "beton_dir": str(out), "val_size": 6, "image_size": 32},
+                      train={"epochs": 1, "batch_size": 18, "eval_batch_size": 8}, out_dir=str(tmp_path / "run"))
+    loaders = make_loaders(cfg)
+    x, y = next(iter(loaders.train))
+    assert x.shape == (18, 3, 32, 32) and y.shape == (18,) and set(y.tolist()) <= {0, 1, 2}
+    summary = train(cfg)
+    assert summary["dataset"] == "imagefolder" and 0 <= summary["test_acc"] <= 1
+
+
+def test_imagefolder_without_a_test_split_is_refused(image_tree, capsys):
+    shutil.rmtree(image_tree / "val")
+    status = main(["data", "prepare", "imagefolder", "--root", str(image_tree), "--out", str(image_tree / "b")])
+    assert status == 2 and "train/ and test/ (or val/)" in capsys.readouterr().err
+
+
+def test_the_launchers_beton_header_reader_matches_ffcvs_format():
+    import ffcv.types
+
+    from distswitch.data import beton
+
+    assert beton.HEADER == ffcv.types.HeaderType and beton.FIELD_DESC == ffcv.types.FieldDescType
+    assert beton.BETON_VERSION == ffcv.types.CURRENT_VERSION
