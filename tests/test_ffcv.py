@@ -21,7 +21,7 @@ from conftest import REPO_ROOT, make_config
 from distswitch.cli import main
 from distswitch.data import make_loaders
 from distswitch.data.beton import open_betons, prepare
-from distswitch.data.datasets import DataError
+from distswitch.data.datasets import DataError, split_indices
 
 
 def _write_idx(path: Path, array: np.ndarray) -> None:
@@ -306,3 +306,51 @@ def test_the_launchers_beton_header_reader_matches_ffcvs_format():
 
     assert beton.HEADER == ffcv.types.HeaderType and beton.FIELD_DESC == ffcv.types.FieldDescType
     assert beton.BETON_VERSION == ffcv.types.CURRENT_VERSION
+
+
+def _shard_worker(config: dict) -> None:
+    """A Ray Train worker: record the sample ids this rank reads (train epochs 0-1, val)."""
+    import ray.train
+
+    from distswitch.config import DataConfig
+    from distswitch.data.beton import open_betons
+    from distswitch.data.ffcv_loader import FfcvLoader, _cores_per_worker
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    betons = open_betons(DataConfig(**config["data"]))
+    seen = {"threads": _cores_per_worker()}
+    for epoch in (0, 1):
+        loader = FfcvLoader(betons, "train", 60, True, identity, seed=0, rank=rank, world_size=world)
+        loader.set_epoch(epoch)
+        seen[f"train{epoch}"] = [i for x, _ in loader for i in sample_ids(x)]
+    seen["val"] = [i for x, _ in FfcvLoader(betons, "val", 16, False, identity, rank=rank, world_size=world)
+                   for i in sample_ids(x)]
+    Path(config["out"], f"rank{rank}.json").write_text(json.dumps(seen))
+
+
+@pytest.mark.slow
+def test_two_ray_workers_read_disjoint_shards_that_cover_each_epoch(mnist_betons, tmp_path):
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    root, out = mnist_betons
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        TorchTrainer(_shard_worker, scaling_config=ScalingConfig(num_workers=2),
+                     train_loop_config={"data": {"dataset": "mnist", "root": str(root), "beton_dir": str(out),
+                                                 "val_size": 40}, "out": str(tmp_path)},
+                     run_config=RunConfig(name="shards", storage_path=str(tmp_path / "ray"))).fit()
+    finally:
+        ray.shutdown()
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for key in ("train0", "train1"):
+        a, b = (set(r[key]) for r in ranks)
+        assert not a & b and len(a) == len(b) == 120  # 260 // 60 global batches of 30 per rank
+        assert len(a | b) == 240 and (a | b) <= set(split_indices(300, 40, 0)[0].tolist())  # ids of the train split
+    assert ranks[0]["train0"] != ranks[0]["train1"]  # a new order each epoch
+    val = [set(r["val"]) for r in ranks]
+    assert not val[0] & val[1] and val[0] | val[1] == set(split_indices(300, 40, 0)[1].tolist())
+    assert all(r["threads"] == 1 for r in ranks)  # 2 cores shared by 2 workers
