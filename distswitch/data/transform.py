@@ -2,8 +2,8 @@
 
 Both loaders hand over uint8 [B, C, H, W] (on the training device for FFCV's GPU pipeline) and this
 one step finishes the batch wherever it lies. FFCV's own NormalizeImage is not used: its CPU kernel
-is written for 3 channels only, its GPU kernel needs CuPy and has no bf16, and on CPU a torch
-normalisation measured the same images/s (docs/results.md, data loading).
+is written for 3 channels only, its GPU kernel needs CuPy and has no bf16, and on CPU the torch
+normalisation measured faster (benchmarks/normalize_placement.py, docs/results.md).
 """
 
 from __future__ import annotations
