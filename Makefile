@@ -7,7 +7,7 @@ UV = $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 CONFIG ?= configs/fashion_lenet5.yaml
 ARGS ?=
 
-.PHONY: setup data train test test-fast bench-data clean
+.PHONY: setup data train test test-fast bench-data ui clean
 
 ## setup: Debian packages (FFCV's build needs, offline Fashion-MNIST), uv, then the locked venv.
 setup:
@@ -44,6 +44,12 @@ test-fast: setup
 ## bench-data: FFCV vs torch DataLoader images/s (32x32 RGB, batch 512), into outputs/bench/
 bench-data: setup
 	$(UV) run --locked python benchmarks/data_loading.py --out outputs/bench/data_loading.json
+
+## ui: the MLflow UI of a run's store on http://127.0.0.1:5000 (OUT=out_dir, default make train's)
+OUT ?= outputs/fashion_lenet5
+PORT ?= 5000
+ui: setup
+	$(UV) run --locked mlflow ui --backend-store-uri sqlite:///$(abspath $(OUT))/mlflow.db --host 127.0.0.1 --port $(PORT)
 
 clean:
 	rm -rf outputs .pytest_cache

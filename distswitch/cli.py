@@ -1,4 +1,4 @@
-"""`distswitch` command line: train | export | data prepare.
+"""`distswitch` command line: train | export | data prepare | runs.
 
 User errors (bad config, missing data, unknown names) print one line and exit with status 2;
 `--debug` shows the traceback instead.
@@ -38,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--max-resolution", type=int, help="imagefolder: longer side stored, in pixels (default: as is)")
     prep.add_argument("--jpeg-quality", type=int, default=90, help="imagefolder: JPEG quality (default 90)")
     prep.add_argument("--force", action="store_true", help="rewrite even when the folder is up to date")
+
+    runs = sub.add_parser("runs", help="a table of the MLflow runs of an experiment")
+    runs.add_argument("--experiment", default="distswitch", help="MLflow experiment (default: distswitch)")
+    where = runs.add_mutually_exclusive_group()
+    where.add_argument("--uri", help="tracking URI (default: MLFLOW_TRACKING_URI)")
+    where.add_argument("--out-dir", help="a run's out_dir: its own store, sqlite:///OUT_DIR/mlflow.db")
 
     export = sub.add_parser("export", help="compact model from a training checkpoint")
     export.add_argument("checkpoint", help="e.g. outputs/run/checkpoints/best.pt")
@@ -80,6 +86,26 @@ def _cmd_data(args) -> int:
     return 0
 
 
+def _cmd_runs(args) -> int:
+    import os
+    from pathlib import Path
+
+    from distswitch.tracking import format_table, runs_table
+
+    if args.out_dir:
+        db = Path(args.out_dir).resolve() / "mlflow.db"
+        if not db.is_file():
+            raise ConfigError(f"--out-dir: no MLflow store at {db}; pass the out_dir of a run (or --uri)")
+        uri = f"sqlite:///{db}"
+    else:
+        uri = args.uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            raise ConfigError("runs: say which store: --out-dir OUT_DIR, --uri URI or MLFLOW_TRACKING_URI")
+    rows = runs_table(uri, args.experiment)
+    print(format_table(rows) if rows else f"no runs in experiment {args.experiment!r}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.time()  # origin of the start-up figure (launch to first step)
     args = _parser().parse_args(argv)
@@ -87,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     from distswitch.data.datasets import DataError  # imported late: `--help` stays fast
 
     try:
-        return {"train": _cmd_train, "export": _cmd_export, "data": _cmd_data}[args.command](args)
+        commands = {"train": _cmd_train, "export": _cmd_export, "data": _cmd_data, "runs": _cmd_runs}
+        return commands[args.command](args)
     except (ConfigError, UnknownNameError, DataError) as exc:
         if args.debug:
             raise

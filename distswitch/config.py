@@ -163,6 +163,16 @@ class DistributedConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow: null uri = MLFLOW_TRACKING_URI, else sqlite:///<out_dir>/mlflow.db (artifacts in out_dir)."""
+
+    enabled: bool = True
+    uri: Union[str, None] = None
+    experiment: str = "distswitch"
+    run_name: Union[str, None] = None  # null = out_dir's name
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: str = "switch"
@@ -173,6 +183,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     out_dir: str = "outputs/run"
 
     def to_dict(self) -> dict[str, Any]:

@@ -86,17 +86,41 @@ def launch(cfg: Config, summary_json: str | Path | None = None, launched_at: flo
     (out / "config.yaml").write_text(cfg.to_yaml())
     storage = storage_path(cfg)
 
+    tracking = None
+    if cfg.tracking.enabled:  # before Ray starts: an unreachable server fails in seconds
+        from distswitch.tracking import open_run
+
+        tracking = open_run(cfg, run_key=f"{storage}/{run_name(cfg)}")
     marks = {"driver_ready": time.time()}
-    ray, started = _connect(cfg)
-    marks["ray_connected"] = time.time()
     try:
-        return _run(ray, cfg, out, storage, summary_json, marks, launched_at)
-    finally:
-        if started:  # our local cluster: stop its processes with us
-            ray.shutdown()
+        ray, started = _connect(cfg)
+        marks["ray_connected"] = time.time()
+        try:
+            summary = _run(ray, cfg, out, storage, marks, launched_at, tracking)
+        finally:
+            if started:  # our local cluster: stop its processes with us
+                ray.shutdown()
+    except BaseException as exc:
+        if tracking is not None:
+            from distswitch.tracking import fail_run
+
+            fail_run(*tracking, exc)
+        raise
+    from distswitch.run import write_json
+
+    if tracking is not None:
+        from distswitch.tracking import finish_run
+
+        summary["mlflow"] = {"tracking_uri": tracking[0], "run_id": tracking[1], "experiment": cfg.tracking.experiment}
+        write_json(out / "summary.json", summary)
+        finish_run(*tracking, out, summary)
+    if summary_json is not None:
+        write_json(Path(summary_json), summary)
+    return summary
 
 
-def _run(ray, cfg: Config, out: Path, storage: str, summary_json, marks: dict, launched_at: float) -> dict:
+def _run(ray, cfg: Config, out: Path, storage: str, marks: dict, launched_at: float,
+         tracking: tuple[str, str] | None) -> dict:
     _check_resources(ray, cfg)
     _check_storage(ray, storage)
 
@@ -107,7 +131,7 @@ def _run(ray, cfg: Config, out: Path, storage: str, summary_json, marks: dict, l
     backend = d.backend if d.backend != "auto" else ("nccl" if d.use_gpu else "gloo")
     trainer = TorchTrainer(
         _worker_main,
-        train_loop_config={"config": cfg.to_dict(), "launched_at": launched_at, "marks": marks},
+        train_loop_config={"config": cfg.to_dict(), "launched_at": launched_at, "marks": marks, "tracking": tracking},
         torch_config=TorchConfig(backend=backend),
         scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                      resources_per_worker=dict(d.resources_per_worker) or None),
@@ -131,8 +155,6 @@ def _run(ray, cfg: Config, out: Path, storage: str, summary_json, marks: dict, l
     summary = json.loads((out / "summary.json").read_text())
     summary["checkpoint_path"] = str(result.checkpoint.path)  # known here only: where Ray stored it
     write_json(out / "summary.json", summary)
-    if summary_json is not None:
-        write_json(Path(summary_json), summary)
     return summary
 
 
@@ -146,8 +168,13 @@ def _worker_main(loop_config: dict) -> None:
     cfg = Config.from_dict(loop_config["config"])
     context = ray.train.get_context()
     session = RaySession(context.get_world_rank(), context.get_world_size())
+    tracker = None
+    if loop_config.get("tracking") and session.rank == 0:  # only rank 0 talks to MLflow
+        from distswitch.tracking import EpochLogger
+
+        tracker = EpochLogger(*loop_config["tracking"])
     train(cfg, session, ray.train.torch.get_device(), launched_at=loop_config.get("launched_at"),
-          marks=loop_config.get("marks"))
+          marks=loop_config.get("marks"), tracker=tracker)
 
 
 class RaySession:

@@ -12,7 +12,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from distswitch.methods import METHODS, build_method
 from distswitch.models import MODELS, create_tnn
 from distswitch.parallel import DDPReplicas, Replicas, state_digest
 from distswitch.switcher import SWITCHERS
+from distswitch.tracking import git_sha
 
 CHECKPOINT_FORMAT = "distswitch.ckpt/1"
 # The final report's folder -> where its files land in out_dir.
@@ -151,12 +151,13 @@ def make_replicas(tnn: torch.nn.Module, method, device: torch.device) -> Replica
 
 
 def train(cfg: Config, session: Session | None = None, device: torch.device | None = None,
-          launched_at: float | None = None, marks: dict[str, float] | None = None) -> dict:
+          launched_at: float | None = None, marks: dict[str, float] | None = None, tracker=None) -> dict:
     """Train (resuming from the session's latest checkpoint), select on validation, test once and
     export; returns the summary (complete on rank 0). Rank 0's final report carries
     summary.json, model.pt (the compact model) and best.pt. `launched_at` (wall clock of the
     launching process's start) gives the summary's start-up overhead, launch to first step, and
-    its timeline (`marks`: the launcher's own wall-clock marks, then this worker's)."""
+    its timeline (`marks`: the launcher's own wall-clock marks, then this worker's). `tracker`
+    (rank 0 only, `tracking.EpochLogger`) gets each epoch's metrics once its checkpoint is reported."""
     marks = {**(marks or {}), "worker_started": time.time()}
     validate_names(cfg)
     session = session or Session(cfg.out_dir)
@@ -191,6 +192,9 @@ def train(cfg: Config, session: Session | None = None, device: torch.device | No
         if rank == 0:
             print(f"resuming from {latest} after epoch {start_epoch}/{cfg.train.epochs}", file=sys.stderr, flush=True)
 
+    dense_size = count(create_tnn(cfg.model.name, info.channels, info.num_classes, info.image_size),
+                       torch.zeros(1, info.channels, info.image_size, info.image_size)) if tracker is not None else {}
+
     def on_epoch_end(stats: EpochStats) -> None:
         history.append(stats)
         is_best = stats.selectable and stats.val_acc > best["val_acc"]
@@ -218,6 +222,8 @@ def train(cfg: Config, session: Session | None = None, device: torch.device | No
                 if (scratch / "best.pt").is_file():
                     shutil.copyfile(scratch / "best.pt", folder / "best.pt")
         session.report(epoch_metrics(stats), folder, f"epoch_{stats.epoch:04d}")
+        if tracker is not None:
+            tracker.log(tracking_metrics(stats, compact_size(cfg, info, engine, stats.epoch), dense_size), stats.epoch)
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -261,7 +267,8 @@ def train(cfg: Config, session: Session | None = None, device: torch.device | No
             "comm_bytes_per_step": history[-1].comm_bytes_per_step if history else {},
             "train_examples": loaders.train_examples,
             "data_loader": cfg.data.loader,
-            "git_sha": _git_sha(),
+            "git_sha": git_sha(),
+            "factor_histograms": factor_histograms(engine, epoch),
             "torch": torch.__version__,
             "out_dir": str(cfg.out_dir),
             "history": [h.to_dict() for h in history],
@@ -361,6 +368,41 @@ def export_compact(cfg: Config, info: DatasetInfo, engine: Engine, epoch: int, e
     }
 
 
+def compact_size(cfg: Config, info: DatasetInfo, engine: Engine, epoch: int) -> dict:
+    """Parameters and MACs the compact model would have after `epoch` (the export's folding and
+    removal on a CPU copy, without the equivalence check). Local to the calling rank: no
+    collective, no random draws, the training state untouched."""
+    with torch.random.fork_rng(devices=[]):
+        factors = engine.compute_factors(epoch)
+        compact = create_tnn(cfg.model.name, info.channels, info.num_classes, info.image_size)
+        compact.load_state_dict({k: v.detach().cpu() for k, v in engine.tnn.state_dict().items()})
+        example = torch.zeros(1, info.channels, info.image_size, info.image_size)  # sizes do not depend on values
+        cpu_factors = [f.detach().cpu() for f in factors] if factors is not None else None
+        compact_model(compact, engine.gates.specs, cpu_factors, example)
+        return count(compact.eval(), example)
+
+
+def tracking_metrics(stats: EpochStats, size: dict, dense: dict) -> dict:
+    """What MLflow gets per epoch: `epoch_metrics` plus kept fractions per layer and the size."""
+    metrics = epoch_metrics(stats)
+    for layer, row in stats.kept.get("layers", {}).items():
+        metrics[f"kept/{layer}"] = row["kept"] / max(row["units"], 1)
+    metrics.update({"compact/params": size["params"], "compact/macs": size["macs"],
+                    "params_kept": size["params"] / dense["params"], "macs_kept": size["macs"] / dense["macs"]})
+    return metrics
+
+
+def factor_histograms(engine: Engine, epoch: int, bins: int = 20) -> dict:
+    factors = engine.compute_factors(epoch)
+    if factors is None:
+        return {}
+    out = {}
+    for spec, f in zip(engine.gates.specs, factors):
+        counts, edges = np.histogram(f.detach().float().cpu().numpy().ravel(), bins=bins)
+        out[spec.layer] = {"counts": counts.tolist(), "edges": edges.tolist()}
+    return out
+
+
 def checkpoint_bundle(cfg: Config, info: DatasetInfo, engine: Engine, epoch: int, steps_per_epoch: int,
                       history: list[EpochStats], best: dict | None = None, rng: list[dict] | None = None) -> dict:
     """Everything a run needs to continue after `epoch` exactly as if it had not stopped: both
@@ -413,11 +455,3 @@ def write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, path)
-
-
-def _git_sha() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None

@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from conftest import REPO_ROOT
 
@@ -154,6 +155,12 @@ def test_worker_killed_mid_epoch_resumes_to_the_uninterrupted_parameters(config,
     assert a["resumed_at_epoch"] == 1 and b["resumed_at_epoch"] == 0  # restarted from epoch 1's checkpoint
     assert [h["val_acc"] for h in a["history"]] == [h["val_acc"] for h in b["history"]]
     assert a["test_acc"] == b["test_acc"]
+    # One MLflow run across the restart: FINISHED, every epoch logged once (no gap, no duplicate).
+    client = MlflowClient(a["mlflow"]["tracking_uri"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.run_id for r in runs] == [a["mlflow"]["run_id"]] and runs[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val/acc")] == [0, 1, 2]
+    assert [m.value for m in client.get_metric_history(runs[0].info.run_id, "val/acc")] == [h["val_acc"] for h in a["history"]]
 
 
 def test_more_workers_than_local_cpus_is_refused_before_training(config, tmp_path):

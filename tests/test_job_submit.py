@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from mlflow.tracking import MlflowClient
 
 from conftest import REPO_ROOT
 
@@ -70,6 +71,11 @@ def test_ray_job_submit_runs_distswitch_train_to_success(head, tmp_path, fashion
     assert (out / "model.pt").is_file() and (out / "checkpoints" / "best.pt").is_file()
     # The job joined the head (RAY_ADDRESS set by the job server) instead of starting a cluster.
     assert "test acc" in submit.stdout
+    # Its MLflow run (the default store in out_dir): finished, with the epochs and the test accuracy.
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    run = client.get_run(summary["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED" and run.data.metrics["test/acc"] == summary["test_acc"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == [0, 1]
 
 
 def test_dashboard_and_job_server_listen_on_loopback_only(head):

@@ -14,7 +14,7 @@ LEVELS = [
     {"gates"},
     {"switcher", "schedule"},
     {"methods", "parallel"},
-    {"engine", "export"},
+    {"engine", "export", "tracking"},
     {"run"},
     {"launch"},
     {"cli"},

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from conftest import DEFAULT_CONFIG
 from distswitch.cli import main
 from distswitch.config import load_config
-from distswitch.data import BatchLoader, load_splits
+from distswitch.data import BatchLoader, load_splits, make_loaders
 from distswitch.export import count, load_compact
 from distswitch.run import train
 
@@ -43,7 +44,39 @@ def switch_run(tmp_path_factory, fashion_mnist_root) -> tuple[Path, dict]:
                        "schedule.finetune_epochs=1")
 
 
-def _accuracy(model: torch.nn.Module, loader: BatchLoader) -> float:
+def test_the_default_job_leaves_one_finished_mlflow_run_with_metrics_architecture_model_and_figures(switch_run):
+    import mlflow
+
+    out, summary = switch_run
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    experiment = client.get_experiment_by_name("distswitch")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].info.run_id == summary["mlflow"]["run_id"]
+    run = runs[0]
+    assert run.data.params["model.name"] == "lenet5" and run.data.params["train.epochs"] == "3"
+    assert run.data.tags["mlflow.source.git.commit"] == summary["git_sha"]
+    for key in ("tnn/loss", "snn/loss", "val/acc", "val/loss", "kept_fraction", "compact/params", "compact/macs",
+                "params_kept", "macs_kept", "tnn/lr", "snn/lr", "seconds", "images_per_s"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)][-1] == 2, key
+    assert any(k.startswith("kept/") for k in run.data.metrics)
+    assert run.data.metrics["test/acc"] == summary["test_acc"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "summary.json", "model.arch.json", "architecture", "figures"} <= artifacts
+    figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert {"figures/kept_per_layer.png", "figures/accuracy_and_kept.png"} <= figures
+    (out.parent / "dl").mkdir(exist_ok=True)
+    kept = json.loads(Path(client.download_artifacts(run.info.run_id, "architecture/kept.json", str(out.parent / "dl"))).read_text())
+    assert kept["widths"] == summary["widths"]
+    # The logged model reproduces the logged test accuracy on the test split.
+    mlflow.set_tracking_uri(summary["mlflow"]["tracking_uri"])
+    logged = mlflow.search_logged_models(experiment_ids=[experiment.experiment_id], output_format="list")
+    assert len(logged) == 1 and logged[0].source_run_id == run.info.run_id
+    model = mlflow.pytorch.load_model(logged[0].model_uri)
+    test = make_loaders(load_config(out / "config.yaml")).test
+    assert abs(_accuracy(model, test) - summary["test_acc"]) <= 1e-3
+
+
+def _accuracy(model: torch.nn.Module, loader) -> float:
     correct = total = 0
     with torch.no_grad():
         for x, y in loader:

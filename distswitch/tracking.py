@@ -1,0 +1,256 @@
+"""MLflow tracking: one run per training run, opened by the driver, fed by rank 0, closed by the driver.
+
+The driver opens (or, for a resumed run, re-opens) the run and passes its id to the workers; only
+rank 0 logs, by run id through an `MlflowClient` (no active-run global), so a worker-group restart
+continues the same run instead of starting another (the trap in Ray issue #48664). Per-epoch
+metrics are logged after the epoch's checkpoint is reported: an epoch that is re-run after a
+restart was never logged before it. The driver logs the final artifacts and marks the run
+FINISHED, FAILED (with the error) or KILLED.
+
+Default store: `sqlite:///<out_dir>/mlflow.db`, artifacts under `<out_dir>/mlartifacts` (offline).
+`tracking.uri` or `MLFLOW_TRACKING_URI` name a server instead; the URI travels to the workers in
+the trainer's config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from distswitch.config import Config, ConfigError
+
+RUN_KEY_TAG = "distswitch.run_key"  # storage path + run name: what identifies a resumable run
+
+
+def tracking_uri(cfg: Config) -> str:
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(cfg.out_dir).resolve() / 'mlflow.db'}"
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, (list, dict, type(None))) else str(value)
+    return out
+
+
+def open_run(cfg: Config, run_key: str) -> tuple[str, str]:
+    """(uri, run id): the unfinished run with this key (a resume), or a new one with the config
+    logged as params and config.yaml. A store that cannot be reached is a ConfigError."""
+    from mlflow.entities import Param, RunTag
+
+    uri = tracking_uri(cfg)
+    _check_reachable(uri)
+    client = _client(uri)
+    try:
+        experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    except Exception as exc:  # connection refused, bad scheme, ...: say which setting to fix
+        raise ConfigError(f"tracking.uri: cannot reach MLflow at {uri!r} ({type(exc).__name__}: {str(exc)[:200]}); "
+                          "start the server or set tracking.uri / MLFLOW_TRACKING_URI") from None
+    if experiment is None:
+        local = uri.startswith("sqlite:") and not cfg.tracking.uri and not os.environ.get("MLFLOW_TRACKING_URI")
+        location = (Path(cfg.out_dir).resolve() / "mlartifacts").as_uri() if local else None
+        experiment_id = client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    if found and found[0].info.status != "FINISHED":
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "distswitch.relaunches", str(int(found[0].data.tags.get("distswitch.relaunches", "0")) + 1))
+        return uri, run_id
+    tags = {RUN_KEY_TAG: run_key, "distswitch.method": cfg.method, "distswitch.model": cfg.model.name,
+            "distswitch.dataset": cfg.data.dataset}
+    sha = git_sha()
+    if sha:
+        tags["mlflow.source.git.commit"] = sha
+    run = client.create_run(experiment_id, run_name=cfg.tracking.run_name or Path(cfg.out_dir).resolve().name, tags=tags)
+    run_id = run.info.run_id
+    params = [Param(k, v[:6000]) for k, v in flatten(cfg.to_dict()).items()]
+    for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=params[i : i + 100])
+    client.log_text(run_id, cfg.to_yaml(), "config.yaml")
+    client.log_batch(run_id, tags=[RunTag("distswitch.out_dir", str(Path(cfg.out_dir).resolve()))])
+    return uri, run_id
+
+
+def _check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """An HTTP tracking server answers /health within seconds (MLflow's own client retries with
+    backoff for minutes before it gives up)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answered (a proxy or an auth layer may refuse /health); the client decides
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"tracking.uri: cannot reach MLflow at {uri!r} ({exc}); start the server, "
+                          "or set tracking.uri / MLFLOW_TRACKING_URI to a reachable one") from None
+
+
+class EpochLogger:
+    """Rank 0's per-epoch metrics, by run id."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.client, self.run_id = _client(uri), run_id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+
+
+def finish_run(uri: str, run_id: str, out_dir: Path, summary: dict) -> None:
+    """Final metrics, the architecture, the compact model and the figures; then FINISHED."""
+    import mlflow
+    import torch
+
+    from distswitch.export import load_compact
+
+    client = _client(uri)
+    final = {"test/acc": summary["test_acc"], "test/loss": summary["test_loss"], "kept_fraction": summary["kept_fraction"],
+             "compact/params": summary["compact"]["params"], "compact/macs": summary["compact"]["macs"],
+             "dense/params": summary["dense"]["params"], "dense/macs": summary["dense"]["macs"],
+             "selected_epoch": summary["selected_epoch"], "val/selected_acc": summary["val_acc"]}
+    EpochLogger(uri, run_id).log(final, step=len(summary["history"]))
+    for name in ("summary.json", "model.arch.json"):
+        client.log_artifact(run_id, str(out_dir / name))
+    client.log_dict(run_id, {"kept_per_layer": summary["kept_per_layer"], "widths": summary["widths"]},
+                    "architecture/kept.json")
+    for path in figures(summary, out_dir / "figures"):
+        client.log_artifact(run_id, str(path), "figures")
+    model = load_compact(out_dir / "model.pt")
+    arch = json.loads((out_dir / "model.arch.json").read_text())
+    example = torch.zeros(2, arch["in_channels"], arch["image_size"], arch["image_size"]).numpy()
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)  # log_model logs to the active run of the global tracking URI
+    try:
+        with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+            mlflow.pytorch.log_model(model, name="model", input_example=example)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    client.set_terminated(run_id, "FINISHED")
+
+
+def fail_run(uri: str, run_id: str, error: BaseException) -> None:
+    client = _client(uri)
+    client.set_tag(run_id, "distswitch.error", f"{type(error).__name__}: {error}"[:5000])
+    client.set_terminated(run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+
+
+def figures(summary: dict, folder: Path) -> list[Path]:
+    """Kept units per layer (bars), accuracy and kept fraction per epoch (curves), factor histograms."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    layers = summary["kept_per_layer"]
+    fig, ax = plt.subplots(figsize=(max(4, len(layers) * 0.6), 3.5))
+    names = list(layers)
+    ax.bar(range(len(names)), [layers[n]["units"] for n in names], color="#cccccc", label="units")
+    ax.bar(range(len(names)), [layers[n]["kept"] for n in names], color="#1f77b4", label="kept")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("units")
+    ax.set_title(f"kept {summary['kept_fraction']:.1%} of gated units")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(_save(fig, folder / "kept_per_layer.png"))
+
+    history = summary["history"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    epochs = [h["epoch"] + 1 for h in history]
+    ax.plot(epochs, [h["val_acc"] for h in history], marker="o", label="val acc")
+    ax.plot(epochs, [h["kept_fraction"] for h in history], marker="s", label="kept fraction")
+    ax.set_xlabel("epoch")
+    ax.set_ylim(0, 1.02)
+    ax.legend()
+    fig.tight_layout()
+    paths.append(_save(fig, folder / "accuracy_and_kept.png"))
+
+    factors = summary.get("factor_histograms") or {}
+    if factors:
+        fig, axes = plt.subplots(1, len(factors), figsize=(3 * len(factors), 2.8), squeeze=False)
+        for ax, (layer, hist) in zip(axes[0], factors.items()):
+            ax.bar(hist["edges"][:-1], hist["counts"], width=[b - a for a, b in zip(hist["edges"], hist["edges"][1:])],
+                   align="edge")
+            ax.set_title(layer, fontsize=8)
+            ax.set_xlabel("factor")
+        fig.tight_layout()
+        paths.append(_save(fig, folder / "factor_histograms.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+RUN_COLUMNS = ("run", "status", "method", "model", "width", "ratio", "val_acc", "test_acc", "kept", "params", "macs")
+
+
+def runs_table(uri: str, experiment: str) -> list[dict]:
+    """One row per run of `experiment`, newest first (`distswitch runs`)."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = ", ".join(e.name for e in client.search_experiments()) or "none"
+        raise ConfigError(f"--experiment: no experiment {experiment!r} in {uri} (there: {names})")
+    rows = []
+    for run in client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1000):
+        p, m = run.data.params, run.data.metrics
+
+        def num(key, fmt):
+            return format(m[key], fmt) if key in m else "-"
+
+        rows.append({
+            "run": run.info.run_name, "status": run.info.status, "method": p.get("method", "-"),
+            "model": p.get("model.name", "-"), "width": p.get("switcher.width", "-"),
+            "ratio": p.get("schedule.update_ratio", "-"), "val_acc": num("val/selected_acc", ".4f"),
+            "test_acc": num("test/acc", ".4f"), "kept": num("kept_fraction", ".1%"),
+            "params": num("compact/params", ",.0f"), "macs": num("compact/macs", ",.0f"),
+        })
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    widths = {c: max([len(c)] + [len(str(r[c])) for r in rows]) for c in RUN_COLUMNS}
+    lines = ["  ".join(c.ljust(widths[c]) for c in RUN_COLUMNS).rstrip()]
+    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in RUN_COLUMNS).rstrip() for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,128 @@
+"""MLflow tracking against a real MLflow store (sqlite): one run per training run, re-opened on a
+resume, marked FAILED with its error, and a clear error for a server that cannot be reached."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO_ROOT, make_config
+from distswitch.cli import main
+from distswitch.config import ConfigError
+from distswitch.tracking import RUN_KEY_TAG, EpochLogger, fail_run, flatten, open_run
+
+
+def _cfg(tmp_path, **sections):
+    return make_config(out_dir=str(tmp_path / "run"), **sections)
+
+
+def test_a_new_run_holds_the_flattened_config_and_config_yaml(tmp_path):
+    cfg = _cfg(tmp_path, switcher={"width": 24})
+    uri, run_id = open_run(cfg, "store/run")
+    assert uri == f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "RUNNING" and run.info.run_name == "run"
+    assert run.data.params["switcher.width"] == "24" and run.data.params["optim.tnn.lr"] == "0.05"
+    assert set(run.data.params) == set(flatten(cfg.to_dict()))
+    assert run.data.tags[RUN_KEY_TAG] == "store/run"
+    assert "config.yaml" in [a.path for a in MlflowClient(uri).list_artifacts(run_id)]
+    assert MlflowClient(uri).get_experiment(run.info.experiment_id).artifact_location.endswith("/run/mlartifacts")
+
+
+def test_an_unfinished_run_is_continued_not_duplicated(tmp_path):
+    cfg = _cfg(tmp_path)
+    uri, first = open_run(cfg, "store/run")
+    EpochLogger(uri, first).log({"val/acc": 0.5}, step=0)
+    fail_run(uri, first, RuntimeError("worker lost"))
+    _, second = open_run(cfg, "store/run")
+    assert second == first
+    client = MlflowClient(uri)
+    assert client.get_run(first).info.status == "RUNNING"
+    assert len(client.search_runs([client.get_run(first).info.experiment_id])) == 1
+
+
+def test_a_finished_run_is_never_reopened(tmp_path):
+    cfg = _cfg(tmp_path)
+    uri, first = open_run(cfg, "store/run")
+    MlflowClient(uri).set_terminated(first, "FINISHED")
+    _, second = open_run(cfg, "store/run")
+    assert second != first
+
+
+@pytest.mark.parametrize("error, status", [(ValueError("loss is NaN"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+def test_a_failed_run_is_marked_with_its_error(tmp_path, error, status):
+    uri, run_id = open_run(_cfg(tmp_path), "store/run")
+    fail_run(uri, run_id, error)
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == status and type(error).__name__ in run.data.tags["distswitch.error"]
+
+
+def test_metrics_are_logged_per_epoch_step(tmp_path):
+    uri, run_id = open_run(_cfg(tmp_path), "store/run")
+    logger = EpochLogger(uri, run_id)
+    for epoch in range(3):
+        logger.log({"val/acc": 0.1 * epoch, "tnn/loss": 1.0, "note": "not a number"}, step=epoch)
+    history = MlflowClient(uri).get_metric_history(run_id, "val/acc")
+    assert [m.step for m in history] == [0, 1, 2]
+    assert "note" not in MlflowClient(uri).get_run(run_id).data.metrics
+
+
+def test_an_unreachable_tracking_server_is_one_line_and_exit_2_in_seconds(config_file, out_dir, capsys):
+    start = time.time()
+    status = main(["train", str(config_file), f"out_dir={out_dir}", "tracking.uri=http://127.0.0.1:9",
+                   "train.progress=false"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1 and "tracking.uri" in lines[0]
+    assert time.time() - start < 30
+
+
+def test_open_run_refuses_an_unusable_store(tmp_path):
+    with pytest.raises(ConfigError, match="tracking.uri"):
+        open_run(_cfg(tmp_path, tracking={"uri": "http://127.0.0.1:9"}), "k")
+
+
+def test_runs_lists_each_run_with_its_settings_and_results(tmp_path, capsys):
+    cfg = _cfg(tmp_path, switcher={"width": 24}, schedule={"update_ratio": 2})
+    uri, run_id = open_run(cfg, "store/run")
+    EpochLogger(uri, run_id).log({"test/acc": 0.8765, "val/selected_acc": 0.88, "kept_fraction": 0.5,
+                                  "compact/params": 12345, "compact/macs": 67890}, step=3)
+    MlflowClient(uri).set_terminated(run_id, "FINISHED")
+    assert main(["runs", "--out-dir", str(tmp_path / "run")]) == 0
+    header, row = capsys.readouterr().out.strip().splitlines()
+    assert header.split() == ["run", "status", "method", "model", "width", "ratio", "val_acc", "test_acc", "kept",
+                              "params", "macs"]
+    assert row.split() == ["run", "FINISHED", "switch", "lenet5", "24", "2", "0.8800", "0.8765", "50.0%", "12,345", "67,890"]
+
+
+def test_runs_without_a_store_says_how_to_name_one(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["runs"]) == 2
+    assert "--out-dir" in capsys.readouterr().err
+    assert main(["runs", "--out-dir", str(tmp_path)]) == 2
+
+
+@pytest.mark.slow
+def test_make_ui_serves_the_store_on_loopback_only(tmp_path):
+    open_run(_cfg(tmp_path), "store/run")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["make", "--no-print-directory", "ui", f"OUT={tmp_path / 'run'}", f"PORT={port}"],
+                            cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline, hosts = time.time() + 120, set()
+        while time.time() < deadline and not hosts:
+            hosts = {c.laddr.ip for c in psutil.net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+            time.sleep(0.5)
+        assert hosts == {"127.0.0.1"}, hosts
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
