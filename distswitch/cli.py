@@ -1,4 +1,4 @@
-"""`distswitch` command line: train | export | data prepare | runs.
+"""`distswitch` command line: train | tune | export | data prepare | runs.
 
 User errors (bad config, missing data, unknown names) print one line and exit with status 2;
 `--debug` shows the traceback instead.
@@ -24,6 +24,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config, e.g. configs/fashion_lenet5.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 switcher.width=32")
     train.add_argument("--summary-json", metavar="PATH", help="also write the final summary here")
+
+    tune = sub.add_parser("tune", help="Ray Tune over the config's tune.space (ASHA), one MLflow child run per trial")
+    tune.add_argument("config", help="YAML config with a `tune` section, e.g. configs/tune_fashion_lenet5.yaml")
+    tune.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tune.num_samples=4 train.epochs=2")
 
     data = sub.add_parser("data", help="dataset files: `data prepare` writes .beton files for FFCV")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -64,6 +68,18 @@ def _cmd_train(args) -> int:
         f"params {dense['params']:,} -> {small['params']:,}, MACs {dense['macs']:,} -> {small['macs']:,}"
     )
     print(f"results: {summary['out_dir']}/summary.json, compact model: {summary['model_path']}")
+    return 0
+
+
+def _cmd_tune(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from distswitch.tune import tune
+
+    summary = tune(cfg, launched_at=args.started)
+    best = summary["best"]
+    print(f"{summary['num_trials']} trials; best {summary['metric']} {best['metrics'][summary['metric']]:.4f} with "
+          + ", ".join(f"{k}={v}" for k, v in best["config"].items()))
+    print(f"best config: {summary['best_config_path']} (run it with `distswitch train {summary['best_config_path']}`)")
     return 0
 
 
@@ -113,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     from distswitch.data.datasets import DataError  # imported late: `--help` stays fast
 
     try:
-        commands = {"train": _cmd_train, "export": _cmd_export, "data": _cmd_data, "runs": _cmd_runs}
+        commands = {"train": _cmd_train, "tune": _cmd_tune, "export": _cmd_export, "data": _cmd_data, "runs": _cmd_runs}
         return commands[args.command](args)
     except (ConfigError, UnknownNameError, DataError) as exc:
         if args.debug:

@@ -173,6 +173,25 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class TuneConfig:
+    """`distswitch tune`: Ray Tune over the switcher's settings, ASHA early stopping."""
+
+    # Dotted config key -> one of {choice: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]},
+    # {randint: [lo, hi]} (hi exclusive).
+    space: dict = field(default_factory=lambda: {"switcher.width": {"choice": [16, 32, 64]},
+                                                 "schedule.update_ratio": {"choice": [1, 2, 4, 8]}})
+    num_samples: int = 8
+    # val/acc, or tune/score = val/acc - kept_weight * kept_fraction (accuracy traded against size).
+    metric: Literal["val/acc", "tune/score"] = "val/acc"
+    kept_weight: float = 0.1
+    grace_period: int = 1  # ASHA: epochs every trial runs before it may be stopped
+    reduction_factor: int = 2
+    # null = the cluster's CPUs (or GPUs) / what one trial's workers take.
+    max_concurrent_trials: Union[int, None] = None
+    name: Union[str, None] = None  # null = out_dir's name; the same name resumes the search
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: str = "switch"
@@ -184,6 +203,7 @@ class Config:
     prune: PruneConfig = field(default_factory=PruneConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     out_dir: str = "outputs/run"
 
     def to_dict(self) -> dict[str, Any]:
@@ -329,6 +349,7 @@ def _check_values(cfg: Config) -> None:
     require(0 < cfg.prune.kept_fraction <= 1, "prune.kept_fraction", cfg.prune.kept_fraction, "in (0, 1]")
     require(cfg.prune.l1 >= 0, "prune.l1", cfg.prune.l1, ">= 0")
     _check_distributed(cfg, require)
+    _check_tune(cfg, require)
     if cfg.method in ("magnitude", "slimming"):
         require(
             0 < cfg.prune.finetune_epochs < cfg.train.epochs,
@@ -356,6 +377,48 @@ def _check_distributed(cfg: Config, require) -> None:
     # A global batch split evenly across workers: the same optimisation for any number of workers.
     require(cfg.train.batch_size % d.num_workers == 0, "train.batch_size", cfg.train.batch_size,
             f"a multiple of distributed.num_workers ({d.num_workers}): each worker takes an equal share of the global batch")
+
+
+DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
+
+
+def _check_tune(cfg: Config, require) -> None:
+    t = cfg.tune
+    require(t.num_samples >= 1, "tune.num_samples", t.num_samples, ">= 1")
+    require(t.kept_weight >= 0, "tune.kept_weight", t.kept_weight, ">= 0")
+    require(t.grace_period >= 1, "tune.grace_period", t.grace_period, ">= 1 (epochs)")
+    require(t.reduction_factor >= 2, "tune.reduction_factor", t.reduction_factor, ">= 2")
+    require(t.max_concurrent_trials is None or t.max_concurrent_trials >= 1, "tune.max_concurrent_trials",
+            t.max_concurrent_trials, "null or >= 1")
+    for key, spec in t.space.items():
+        where = f"tune.space.{key}"
+        ok = isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS
+        require(ok, where, spec, "one of {choice: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]}, {randint: [lo, hi]}")
+        kind, values = next(iter(spec.items()))
+        if kind == "choice":
+            require(isinstance(values, list) and len(values) >= 1, where, spec, "a non-empty list of choices")
+        else:
+            require(isinstance(values, list) and len(values) == 2 and all(isinstance(v, (int, float)) for v in values)
+                    and values[0] < values[1], where, spec, f"{{{kind}: [lo, hi]}} with lo < hi")
+        probes = values if kind == "choice" else values[:1] if kind == "randint" else [float(v) for v in values]
+        for value in probes:  # every value must make a valid config (key exists, type and range fit)
+            parts = key.split(".")
+            nested: dict = value
+            for part in reversed(parts):
+                nested = {part: nested}
+            base = cfg.to_dict()
+            base["tune"] = {"space": {}}  # a trial's config: no search space of its own
+            try:
+                Config.from_dict(_merge(base, nested))
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {value!r} does not fit the config ({exc})") from None
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -123,13 +123,20 @@ def _run(ray, cfg: Config, out: Path, storage: str, marks: dict, launched_at: fl
          tracking: tuple[str, str] | None) -> dict:
     _check_resources(ray, cfg)
     _check_storage(ray, storage)
+    trainer = make_trainer(cfg, storage, marks, launched_at, tracking)
+    marks["fit_called"] = time.time()  # the dict is pickled with the trainer: set before fit
+    return collect(_fit(trainer), cfg, out, storage)
 
+
+def make_trainer(cfg: Config, storage: str, marks: dict, launched_at: float, tracking: tuple[str, str] | None,
+                 callbacks: list | None = None):
+    """The TorchTrainer that runs `distswitch.run.train` on every worker (train and tune share it)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     d = cfg.distributed
     backend = d.backend if d.backend != "auto" else ("nccl" if d.use_gpu else "gloo")
-    trainer = TorchTrainer(
+    return TorchTrainer(
         _worker_main,
         train_loop_config={"config": cfg.to_dict(), "launched_at": launched_at, "marks": marks, "tracking": tracking},
         torch_config=TorchConfig(backend=backend),
@@ -142,10 +149,13 @@ def _run(ray, cfg: Config, out: Path, storage: str, marks: dict, launched_at: fl
             checkpoint_config=CheckpointConfig(num_to_keep=d.checkpoints_to_keep),
             # Train's print patch copies every print into its log stream: the driver saw lines twice.
             worker_runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            callbacks=callbacks,
         ),
     )
-    marks["fit_called"] = time.time()  # the dict is pickled with the trainer: set before fit
-    result = _fit(trainer)
+
+
+def collect(result, cfg: Config, out: Path, storage: str) -> dict:
+    """The final checkpoint's files into out_dir; returns the summary."""
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train finished without a final checkpoint; see {storage}/{run_name(cfg)}")
     from distswitch.run import write_json, collect_final

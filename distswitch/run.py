@@ -221,7 +221,9 @@ def train(cfg: Config, session: Session | None = None, device: torch.device | No
                 atomic_save(bundle, folder / "state.pt")
                 if (scratch / "best.pt").is_file():
                     shutil.copyfile(scratch / "best.pt", folder / "best.pt")
-        session.report(epoch_metrics(stats), folder, f"epoch_{stats.epoch:04d}")
+        metrics = epoch_metrics(stats)
+        metrics["tune/score"] = stats.val_acc - cfg.tune.kept_weight * stats.kept_fraction  # `distswitch tune`'s trade-off
+        session.report(metrics, folder, f"epoch_{stats.epoch:04d}")
         if tracker is not None:
             tracker.log(tracking_metrics(stats, compact_size(cfg, info, engine, stats.epoch), dense_size), stats.epoch)
         if folder is not None:
@@ -278,8 +280,12 @@ def train(cfg: Config, session: Session | None = None, device: torch.device | No
         shutil.copyfile(scratch / "best.pt", final / "best.pt")
         if engine.first_step_at is not None and launched_at is not None:
             print(f"start-up: {summary['startup_seconds']:.1f} s from launch to the first step", file=sys.stderr, flush=True)
-    session.report({"test/acc": test_acc, "test/loss": test_loss, "epoch": cfg.train.epochs - 1},
-                   final if rank == 0 else None, "final")
+    # The selected epoch's validation figures ride along: a search ranks trials on every report.
+    selected = next((h for h in history if h.epoch == epoch), history[-1])
+    final_metrics = {"test/acc": test_acc, "test/loss": test_loss, "epoch": cfg.train.epochs - 1,
+                     "val/acc": best["val_acc"], "kept_fraction": selected.kept_fraction,
+                     "tune/score": best["val_acc"] - cfg.tune.kept_weight * selected.kept_fraction}
+    session.report(final_metrics, final if rank == 0 else None, "final")
     shutil.rmtree(scratch, ignore_errors=True)
     return summary
 

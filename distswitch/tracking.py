@@ -33,7 +33,7 @@ def tracking_uri(cfg: Config) -> str:
     return f"sqlite:///{Path(cfg.out_dir).resolve() / 'mlflow.db'}"
 
 
-def _client(uri: str):
+def mlflow_client(uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -49,14 +49,15 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def open_run(cfg: Config, run_key: str) -> tuple[str, str]:
+def open_run(cfg: Config, run_key: str, parent_run_id: str | None = None) -> tuple[str, str]:
     """(uri, run id): the unfinished run with this key (a resume), or a new one with the config
-    logged as params and config.yaml. A store that cannot be reached is a ConfigError."""
+    logged as params and config.yaml; `parent_run_id` nests it (a tune trial under its search).
+    A store that cannot be reached is a ConfigError."""
     from mlflow.entities import Param, RunTag
 
     uri = tracking_uri(cfg)
     _check_reachable(uri)
-    client = _client(uri)
+    client = mlflow_client(uri)
     try:
         experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     except Exception as exc:  # connection refused, bad scheme, ...: say which setting to fix
@@ -80,6 +81,8 @@ def open_run(cfg: Config, run_key: str) -> tuple[str, str]:
     sha = git_sha()
     if sha:
         tags["mlflow.source.git.commit"] = sha
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, run_name=cfg.tracking.run_name or Path(cfg.out_dir).resolve().name, tags=tags)
     run_id = run.info.run_id
     params = [Param(k, v[:6000]) for k, v in flatten(cfg.to_dict()).items()]
@@ -111,7 +114,7 @@ class EpochLogger:
     """Rank 0's per-epoch metrics, by run id."""
 
     def __init__(self, uri: str, run_id: str) -> None:
-        self.client, self.run_id = _client(uri), run_id
+        self.client, self.run_id = mlflow_client(uri), run_id
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -129,7 +132,7 @@ def finish_run(uri: str, run_id: str, out_dir: Path, summary: dict) -> None:
 
     from distswitch.export import load_compact
 
-    client = _client(uri)
+    client = mlflow_client(uri)
     final = {"test/acc": summary["test_acc"], "test/loss": summary["test_loss"], "kept_fraction": summary["kept_fraction"],
              "compact/params": summary["compact"]["params"], "compact/macs": summary["compact"]["macs"],
              "dense/params": summary["dense"]["params"], "dense/macs": summary["dense"]["macs"],
@@ -155,7 +158,7 @@ def finish_run(uri: str, run_id: str, out_dir: Path, summary: dict) -> None:
 
 
 def fail_run(uri: str, run_id: str, error: BaseException) -> None:
-    client = _client(uri)
+    client = mlflow_client(uri)
     client.set_tag(run_id, "distswitch.error", f"{type(error).__name__}: {error}"[:5000])
     client.set_terminated(run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
 
@@ -227,7 +230,7 @@ RUN_COLUMNS = ("run", "status", "method", "model", "width", "ratio", "val_acc", 
 
 def runs_table(uri: str, experiment: str) -> list[dict]:
     """One row per run of `experiment`, newest first (`distswitch runs`)."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = ", ".join(e.name for e in client.search_experiments()) or "none"

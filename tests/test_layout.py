@@ -17,6 +17,7 @@ LEVELS = [
     {"engine", "export", "tracking"},
     {"run"},
     {"launch"},
+    {"tune"},
     {"cli"},
 ]
 LEVEL = {name: i for i, names in enumerate(LEVELS) for name in names}

@@ -1,0 +1,258 @@
+"""`distswitch tune`: Ray Tune over the switcher's settings (width, update ratio, learning rates).
+
+Train V2 pattern: every trial is a Tune function that builds the same TorchTrainer as `train`
+(`launch.make_trainer`) and waits for it; `TuneReportCallback` forwards rank 0's epoch reports to
+Tune, where ASHA stops weak trials early. The search's name has no timestamp: running the same
+command again restores the search (`Tuner.restore`) and every trial's Train run resumes from its
+checkpoints. MLflow: one parent run for the search, one nested child run per trial
+(`mlflow.parentRunId`), and at the end the trial table and the best config (also written as YAML,
+ready for `distswitch train`). A trial that Tune stops early has its run closed by a Tune callback
+(KILLED), never left RUNNING.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import yaml
+
+from distswitch.config import Config, ConfigError
+from distswitch.launch import (_check_storage, _connect, _fit, collect, local_paths, make_trainer, run_name,
+                               storage_path)
+
+
+TRIAL_DRIVER_CPU = 0.01
+TRIAL_TAG = "distswitch.tune_trial_id"
+
+
+def search_space(cfg: Config) -> dict:
+    from ray import tune
+
+    make = {"choice": tune.choice, "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v),
+            "randint": lambda v: tune.randint(*v)}
+    return {key: make[kind](values) for key, spec in cfg.tune.space.items() for kind, values in spec.items()}
+
+
+def trial_config(base: dict, values: dict, out_dir: Path, name: str, uri: str | None) -> Config:
+    """The search's config with one trial's values (dotted keys), its own out_dir and run name."""
+    data = json.loads(json.dumps(base))
+    for key, value in values.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    data["out_dir"] = str(out_dir)
+    data["tune"] = {"space": {}}  # a trial searches nothing itself
+    data["distributed"] = {**data.get("distributed", {}), "name": name}
+    if uri:
+        data["tracking"] = {**data.get("tracking", {}), "uri": uri, "run_name": name}
+    return Config.from_dict(data)
+
+
+def max_concurrent(ray, cfg: Config) -> int:
+    """How many trials' worker groups fit in the cluster at once (at least 1)."""
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    d = cfg.distributed
+    need = dict(d.resources_per_worker) or {"CPU": 1, **({"GPU": 1} if d.use_gpu else {})}
+    have = ray.cluster_resources()
+    fits = []
+    for name, amount in need.items():
+        if amount > 0:
+            per_trial = amount * d.num_workers + (TRIAL_DRIVER_CPU if name == "CPU" else 0)
+            fits.append(int(have.get(name, 0) // per_trial))
+    return max(1, min(fits) if fits else 1)
+
+
+def tune(cfg: Config, launched_at: float | None = None) -> dict:
+    """Run the search; returns its summary (also out_dir/tune_summary.json)."""
+    launched_at = launched_at if launched_at is not None else time.time()
+    from distswitch.run import preflight, validate_names, write_json
+
+    validate_names(cfg)
+    if not cfg.tune.space:
+        raise ConfigError("tune.space: empty; give at least one key, e.g. switcher.width: {choice: [16, 32, 64]}")
+    if not os.environ.get("RAY_ADDRESS"):
+        cfg = local_paths(cfg)
+        preflight(cfg)
+    out = Path(cfg.out_dir)
+    if (out / "tune_summary.json").is_file():
+        raise ConfigError(f"out_dir: {str(out)!r} already holds a finished search (tune_summary.json); "
+                          "pass another out_dir=... or remove it")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    name = cfg.tune.name or out.resolve().name
+    storage = storage_path(cfg)
+    parent = None
+    if cfg.tracking.enabled:
+        from distswitch.tracking import open_run
+
+        search_cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, run_name=f"{name} (search)"))
+        parent = open_run(search_cfg, run_key=f"{storage}/{name}/search")
+    try:
+        ray, started = _connect(cfg)
+        try:
+            _check_storage(ray, storage)
+            summary = _search(ray, cfg, out, name, storage, parent, launched_at)
+        finally:
+            if started:
+                ray.shutdown()
+    except BaseException as exc:
+        if parent is not None:
+            from distswitch.tracking import fail_run
+
+            fail_run(*parent, exc)
+        raise
+    write_json(out / "tune_summary.json", summary)
+    if parent is not None:
+        _log_search(parent, out, summary)
+    return summary
+
+
+def _search(ray, cfg: Config, out: Path, name: str, storage: str, parent, launched_at: float) -> dict:
+    from ray import tune as rtune
+    from ray.tune.schedulers import ASHAScheduler
+
+    trainable = rtune.with_parameters(_trial, base=cfg.to_dict(), trials_dir=str(out.resolve() / "trials"),
+                                      storage=storage, parent=parent, launched_at=launched_at)
+    # The trial function only drives its TorchTrainer, whose workers hold the real resources
+    # (Tune refuses an empty request, hence a sliver of a CPU).
+    trainable = rtune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPU})
+    path = f"{storage}/{name}"
+    callbacks = [close_runs_callback(parent[0])] if parent is not None else []
+    if rtune.Tuner.can_restore(path):
+        print(f"resuming the search in {path}", flush=True)
+        tuner = rtune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=search_space(cfg))
+    else:
+        # Iterations are reports: one per epoch, then the final one (test accuracy). ASHA stops a
+        # trial that reaches max_t, so max_t lies beyond the last report: a trial that survives
+        # the rungs ends by itself and closes its MLflow run with the model logged.
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs + 2,
+                                  grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
+        tuner = rtune.Tuner(
+            trainable,
+            param_space=search_space(cfg),
+            tune_config=rtune.TuneConfig(metric=cfg.tune.metric, mode="max", scheduler=scheduler,
+                                         num_samples=cfg.tune.num_samples,
+                                         max_concurrent_trials=max_concurrent(ray, cfg)),
+            run_config=rtune.RunConfig(name=name, storage_path=storage, callbacks=callbacks),
+        )
+    grid = tuner.fit()
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        rows.append({
+            "trial": result.path.rsplit("/", 1)[-1] if result.path else None,
+            **{f"config.{k}": v for k, v in (result.config or {}).items()},
+            "val/acc": metrics.get("val/acc"), "test/acc": metrics.get("test/acc"),
+            "kept_fraction": metrics.get("kept_fraction"), "tune/score": metrics.get("tune/score"),
+            "epochs_reported": metrics.get("training_iteration"),
+            "error": str(result.error)[:300] if result.error else None,
+        })
+    ok = [r for r in grid if not r.error and (r.metrics or {}).get(cfg.tune.metric) is not None]
+    if not ok:
+        raise RuntimeError(f"no trial of the search reported {cfg.tune.metric}; see {path}")
+    best = max(ok, key=lambda r: r.metrics[cfg.tune.metric])
+    best_cfg = trial_config(cfg.to_dict(), best.config, Path(cfg.out_dir) / "best", name="best", uri=None)
+    best_cfg = dataclasses.replace(best_cfg, distributed=dataclasses.replace(best_cfg.distributed, name=None))
+    (out / "best_config.yaml").write_text(best_cfg.to_yaml())
+    return {
+        "name": name, "metric": cfg.tune.metric, "trials": rows, "num_trials": len(rows),
+        "best": {"config": best.config, "metrics": {k: best.metrics.get(k) for k in ("val/acc", "test/acc",
+                                                                                     "kept_fraction", "tune/score")}},
+        "best_config_path": str(out / "best_config.yaml"), "path": path,
+        "mlflow": {"tracking_uri": parent[0], "run_id": parent[1]} if parent else None,
+    }
+
+
+def _trial(values: dict, base: dict, trials_dir: str, storage: str, parent, launched_at: float) -> None:
+    """One trial: the `train` launch with this trial's values, reporting its epochs to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    context = ray.tune.get_context()
+    name, trial_id = context.get_trial_name(), context.get_trial_id()
+    out = Path(trials_dir) / name
+    cfg = trial_config(base, values, out, name, parent[0] if parent else None)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    tracking = None
+    if parent is not None:
+        from distswitch.tracking import open_run
+
+        tracking = open_run(cfg, run_key=f"{storage}/{name}", parent_run_id=parent[1])
+        from distswitch.tracking import mlflow_client
+
+        mlflow_client(tracking[0]).set_tag(tracking[1], TRIAL_TAG, trial_id)
+    try:
+        trainer = make_trainer(cfg, storage, {}, launched_at, tracking, callbacks=[TuneReportCallback()])
+        summary = collect(_fit(trainer), cfg, out, storage)
+    except BaseException as exc:
+        if tracking is not None:
+            from distswitch.tracking import fail_run
+
+            fail_run(*tracking, exc)
+        raise
+    if tracking is not None:
+        from distswitch.run import write_json
+        from distswitch.tracking import finish_run
+
+        summary["mlflow"] = {"tracking_uri": tracking[0], "run_id": tracking[1]}
+        write_json(out / "summary.json", summary)
+        finish_run(*tracking, out, summary)
+
+
+def close_runs_callback(uri: str):
+    """A Tune callback (driver side): a trial that ended without closing its MLflow run (stopped
+    early by ASHA, or killed) gets it closed as KILLED. Built on demand: importing Ray before the
+    launcher sets its environment would switch Ray's `uv run` hook back on."""
+    from ray.tune import Callback
+
+    class CloseRuns(Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            _close(uri, trial.trial_id)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            _close(uri, trial.trial_id)
+
+    return CloseRuns()
+
+
+def _close(uri: str, trial_id: str) -> None:
+    from distswitch.tracking import mlflow_client
+
+    client = mlflow_client(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    for run in client.search_runs(experiments, filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'"):
+        if run.info.status == "RUNNING":
+            client.set_tag(run.info.run_id, "distswitch.stopped_by", "tune (early stopping or trial end)")
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
+def _log_search(parent, out: Path, summary: dict) -> None:
+    from distswitch.tracking import mlflow_client
+
+    client = mlflow_client(parent[0])
+    best = summary["best"]["metrics"]
+    metrics = {f"best/{k}": v for k, v in best.items() if isinstance(v, (int, float)) and not math.isnan(v)}
+    from distswitch.tracking import EpochLogger
+
+    EpochLogger(*parent).log({**metrics, "num_trials": summary["num_trials"]}, step=0)
+    client.log_dict(parent[1], summary["trials"], "trials.json")
+    client.log_text(parent[1], _table(summary["trials"]), "trials.md")
+    client.log_artifact(parent[1], str(out / "best_config.yaml"))
+    client.log_text(parent[1], yaml.safe_dump(summary["best"]["config"]), "best_values.yaml")
+    client.set_terminated(parent[1], "FINISHED")
+
+
+def _table(rows: list[dict]) -> str:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join("" if r.get(k) is None else str(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
