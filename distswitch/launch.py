@@ -91,6 +91,9 @@ def launch(cfg: Config, summary_json: str | Path | None = None, launched_at: flo
         from distswitch.tracking import open_run
 
         tracking = open_run(cfg, run_key=f"{storage}/{run_name(cfg)}")
+        if os.environ.get("RAY_ADDRESS") and tracking[0].startswith("sqlite:"):
+            print(f"distswitch: warning: MLflow logs to {tracking[0]} on a Ray cluster; with several nodes set "
+                  "tracking.uri / MLFLOW_TRACKING_URI to a server (cluster/README.md, MLflow)", file=sys.stderr)
     marks = {"driver_ready": time.time()}
     try:
         ray, started = _connect(cfg)

@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from distswitch.config import Config, ConfigError
@@ -147,14 +148,24 @@ def finish_run(uri: str, run_id: str, out_dir: Path, summary: dict) -> None:
     model = load_compact(out_dir / "model.pt")
     arch = json.loads((out_dir / "model.arch.json").read_text())
     example = torch.zeros(2, arch["in_channels"], arch["image_size"], arch["image_size"]).numpy()
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)  # log_model logs to the active run of the global tracking URI
-    try:
-        with mlflow.start_run(run_id=run_id, log_system_metrics=False):
-            mlflow.pytorch.log_model(model, name="model", input_example=example)
-    finally:
-        mlflow.set_tracking_uri(previous)
+    with global_tracking_uri(uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
+        mlflow.pytorch.log_model(model, name="model", input_example=example)
     client.set_terminated(run_id, "FINISHED")
+
+
+@contextmanager
+def global_tracking_uri(uri: str):
+    """MLflow's global tracking URI set to `uri` for the block (log_model logs to the active run of
+    the global URI). set_tracking_uri also exports MLFLOW_TRACKING_URI; both are put back exactly,
+    or the next run in this process (tune trials, tests) would resolve its store from the leftover."""
+    import mlflow
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)  # None unsets both
 
 
 def fail_run(uri: str, run_id: str, error: BaseException) -> None:

@@ -126,3 +126,23 @@ def test_make_ui_serves_the_store_on_loopback_only(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("before", [None, "sqlite:///elsewhere.db"])
+def test_logging_the_model_leaves_the_processs_tracking_uri_as_it_was(before, monkeypatch, tmp_path):
+    import mlflow
+
+    from distswitch.tracking import global_tracking_uri
+
+    if before is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", before)
+    mlflow.set_tracking_uri(before)
+    with global_tracking_uri(f"sqlite:///{tmp_path / 'x.db'}"):
+        assert os.environ["MLFLOW_TRACKING_URI"].endswith("x.db")
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before
+    cfg = _cfg(tmp_path)
+    from distswitch.tracking import tracking_uri
+
+    assert tracking_uri(cfg) == (before or f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")

@@ -75,3 +75,29 @@ def test_tiny_tune_reports_every_trial_nests_their_runs_and_writes_the_best_conf
     assert len(children) == 4 and {c.info.status for c in children} <= {"FINISHED", "KILLED"}
     assert {"trials.json", "best_config.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert len(client.search_runs([experiment])) == 5  # the parent and its children, nothing else
+
+
+def test_a_trial_that_ends_without_closing_its_run_is_closed_killed(tmp_path):
+    from distswitch.config import Config
+    from distswitch.tracking import mlflow_client, open_run
+    from distswitch.tune import TRIAL_TAG, close_runs_callback
+
+    cfg = Config.from_dict({"out_dir": str(tmp_path / "search")})
+    uri, parent = open_run(cfg, "store/search")
+    _, child = open_run(cfg, "store/trial_0", parent_run_id=parent)
+    _, done = open_run(cfg, "store/trial_1", parent_run_id=parent)
+    client = mlflow_client(uri)
+    client.set_tag(child, TRIAL_TAG, "abc_00000")
+    client.set_tag(done, TRIAL_TAG, "abc_00001")
+    client.set_terminated(done, "FINISHED")
+
+    class Trial:  # what Tune hands its callbacks: only the id is read
+        def __init__(self, trial_id: str) -> None:
+            self.trial_id = trial_id
+
+    callback = close_runs_callback(uri)
+    callback.on_trial_complete(0, [], Trial("abc_00000"))
+    callback.on_trial_error(0, [], Trial("abc_00001"))
+    assert client.get_run(child).info.status == "KILLED"
+    assert client.get_run(done).info.status == "FINISHED"  # a closed run is left as it is
+    assert client.get_run(parent).info.status == "RUNNING"
