@@ -167,6 +167,10 @@ def collect(result, cfg: Config, out: Path, storage: str) -> dict:
         collect_final(Path(folder), out)
     summary = json.loads((out / "summary.json").read_text())
     summary["checkpoint_path"] = str(result.checkpoint.path)  # known here only: where Ray stored it
+    if not summary.get("git_sha"):  # a worker without the repository (or git) next to its code
+        from distswitch.tracking import git_sha
+
+        summary["git_sha"] = git_sha()
     write_json(out / "summary.json", summary)
     return summary
 
