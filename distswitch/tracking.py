@@ -134,8 +134,10 @@ def finish_run(uri: str, run_id: str, out_dir: Path, summary: dict) -> None:
     from distswitch.export import load_compact
 
     client = mlflow_client(uri)
-    final = {"test/acc": summary["test_acc"], "test/loss": summary["test_loss"], "kept_fraction": summary["kept_fraction"],
-             "compact/params": summary["compact"]["params"], "compact/macs": summary["compact"]["macs"],
+    # The selected model's figures; `selected/` keeps them out of the per-epoch series.
+    final = {"test/acc": summary["test_acc"], "test/loss": summary["test_loss"],
+             "selected/kept_fraction": summary["kept_fraction"],
+             "selected/compact/params": summary["compact"]["params"], "selected/compact/macs": summary["compact"]["macs"],
              "dense/params": summary["dense"]["params"], "dense/macs": summary["dense"]["macs"],
              "selected_epoch": summary["selected_epoch"], "val/selected_acc": summary["val_acc"]}
     EpochLogger(uri, run_id).log(final, step=len(summary["history"]))
@@ -257,8 +259,8 @@ def runs_table(uri: str, experiment: str) -> list[dict]:
             "run": run.info.run_name, "status": run.info.status, "method": p.get("method", "-"),
             "model": p.get("model.name", "-"), "width": p.get("switcher.width", "-"),
             "ratio": p.get("schedule.update_ratio", "-"), "val_acc": num("val/selected_acc", ".4f"),
-            "test_acc": num("test/acc", ".4f"), "kept": num("kept_fraction", ".1%"),
-            "params": num("compact/params", ",.0f"), "macs": num("compact/macs", ",.0f"),
+            "test_acc": num("test/acc", ".4f"), "kept": num("selected/kept_fraction", ".1%"),
+            "params": num("selected/compact/params", ",.0f"), "macs": num("selected/compact/macs", ",.0f"),
         })
     return rows
 

@@ -91,8 +91,8 @@ def test_open_run_refuses_an_unusable_store(tmp_path):
 def test_runs_lists_each_run_with_its_settings_and_results(tmp_path, capsys):
     cfg = _cfg(tmp_path, switcher={"width": 24}, schedule={"update_ratio": 2})
     uri, run_id = open_run(cfg, "store/run")
-    EpochLogger(uri, run_id).log({"test/acc": 0.8765, "val/selected_acc": 0.88, "kept_fraction": 0.5,
-                                  "compact/params": 12345, "compact/macs": 67890}, step=3)
+    EpochLogger(uri, run_id).log({"test/acc": 0.8765, "val/selected_acc": 0.88, "selected/kept_fraction": 0.5,
+                                  "selected/compact/params": 12345, "selected/compact/macs": 67890}, step=3)
     MlflowClient(uri).set_terminated(run_id, "FINISHED")
     assert main(["runs", "--out-dir", str(tmp_path / "run")]) == 0
     header, row = capsys.readouterr().out.strip().splitlines()
