@@ -124,6 +124,8 @@ class FfcvLoader:
         count = betons.count(split) if limit is None else min(limit, betons.count(split))
         self.order = _Order(np.arange(count, dtype=np.uint64), train, seed, batch_size, rank, world_size)
         self.local_batch = batch_size // world_size if train else batch_size
+        n = len(self.order.sample_order(0))  # the same length every epoch: computed once
+        self._len = n // self.local_batch if train else -(-n // self.local_batch)
         self._loader: Loader | None = None
 
     def _build(self) -> Loader:
@@ -158,8 +160,7 @@ class FfcvLoader:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        n = len(self.order.sample_order(0))
-        return n // self.local_batch if self.train else -(-n // self.local_batch)
+        return self._len
 
     def __iter__(self):
         if self._loader is None:
