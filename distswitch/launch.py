@@ -234,6 +234,12 @@ def _connect(cfg: Config):
     for key, value in DRIVER_ENV.items():
         os.environ.setdefault(key, value)
     import ray
+    from ray._private import ray_constants
+
+    # Ray reads the uv hook's switch once, at its first import: a process that imported ray before
+    # this call (a notebook, a test session) would still ship workers an uploaded copy without .git.
+    if os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"].lower() in ("0", "false"):
+        ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = False
 
     if ray.is_initialized():
         return ray, False

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Before anything imports ray (Ray reads it once, at import): workers run in this environment,
+# not in an uploaded copy of the working directory re-launched through `uv run`.
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 import pytest
 import torch
@@ -27,6 +32,16 @@ def fashion_mnist_root() -> Path:
     if missing:
         pytest.fail(f"Fashion-MNIST is missing under {root} ({', '.join(missing)}); run `make setup`", pytrace=False)
     return root
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_tracking_uri():
+    """A test that leaves MLFLOW_TRACKING_URI changed sends every later run in the session to its
+    store (it once put a stray run into the tune test's experiment)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    after = os.environ.get("MLFLOW_TRACKING_URI")
+    assert after == before, f"the test left MLFLOW_TRACKING_URI={after!r} (was {before!r})"
 
 
 @pytest.fixture(scope="session", autouse=True)

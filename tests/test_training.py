@@ -17,6 +17,7 @@ from distswitch.config import load_config
 from distswitch.data import BatchLoader, load_splits, make_loaders
 from distswitch.export import count, load_compact
 from distswitch.run import train
+from distswitch.tracking import global_tracking_uri
 
 pytestmark = pytest.mark.slow
 
@@ -70,10 +71,10 @@ def test_the_default_job_leaves_one_finished_mlflow_run_with_metrics_architectur
     kept = json.loads(Path(client.download_artifacts(run.info.run_id, "architecture/kept.json", str(out.parent / "dl"))).read_text())
     assert kept["widths"] == summary["widths"]
     # The logged model reproduces the logged test accuracy on the test split.
-    mlflow.set_tracking_uri(summary["mlflow"]["tracking_uri"])
-    logged = mlflow.search_logged_models(experiment_ids=[experiment.experiment_id], output_format="list")
-    assert len(logged) == 1 and logged[0].source_run_id == run.info.run_id
-    model = mlflow.pytorch.load_model(logged[0].model_uri)
+    with global_tracking_uri(summary["mlflow"]["tracking_uri"]):  # a bare set_tracking_uri leaks into later tests
+        logged = mlflow.search_logged_models(experiment_ids=[experiment.experiment_id], output_format="list")
+        assert len(logged) == 1 and logged[0].source_run_id == run.info.run_id
+        model = mlflow.pytorch.load_model(logged[0].model_uri)
     test = make_loaders(load_config(out / "config.yaml")).test
     assert abs(_accuracy(model, test) - summary["test_acc"]) <= 1e-3
 

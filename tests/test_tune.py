@@ -74,8 +74,7 @@ def test_tiny_tune_reports_every_trial_nests_their_runs_and_writes_the_best_conf
     children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == 4 and {c.info.status for c in children} <= {"FINISHED", "KILLED"}
     assert {"trials.json", "best_config.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
-    # Not asserted yet: CI twice found a 6th run in this experiment (not a child of the search);
-    # see the issue-5 note. Locally the same search leaves exactly 5.
+    assert len(client.search_runs([experiment])) == 5  # the parent and its 4 children, nothing else
 
 
 def test_a_trial_that_ends_without_closing_its_run_is_closed_killed(tmp_path):
