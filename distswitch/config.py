@@ -57,6 +57,9 @@ class SwitcherConfig:
     target_kept: Union[float, None] = None
     # Factor value the switcher starts at (output bias), so a fresh switcher leaves the TNN intact.
     init_factor: float = 1.0
+    # Fewest units a gated layer may keep: below it, training stops with an error at the end of
+    # the epoch (the last checkpoint stays the one before). 0 lets a layer go dark entirely.
+    min_kept: int = 1
 
 
 @dataclass(frozen=True)
@@ -312,6 +315,7 @@ def _check_values(cfg: Config) -> None:
     require(cfg.switcher.l1 >= 0 and math.isfinite(cfg.switcher.l1), "switcher.l1", cfg.switcher.l1, ">= 0")
     init = cfg.switcher.init_factor
     require(math.isfinite(init) and init > 0, "switcher.init_factor", init, "a finite number > 0")
+    require(cfg.switcher.min_kept >= 0, "switcher.min_kept", cfg.switcher.min_kept, "an integer >= 0")
     target = cfg.switcher.target_kept
     require(target is None or 0 < target < 1, "switcher.target_kept", target, "null or in (0, 1)")
     require(target is None or cfg.switcher.l1 > 0, "switcher.target_kept", target, "null unless switcher.l1 > 0")

@@ -14,11 +14,14 @@ Per epoch::
         loss = cross_entropy + method.penalty(factors)
         loss.backward(inputs=params[phase])           # the frozen side gets no gradient at all
         optimizers[phase].step()
-    schedulers step; validate with the current factors; on_epoch_end(stats)
+    schedulers step; validate with the current factors
+    a non-finite loss or factor, or a layer below switcher.min_kept: raise TrainingStopped
+    on_epoch_end(stats)                               # (so the epoch is never checkpointed)
 """
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import warnings
@@ -34,6 +37,14 @@ from distswitch.gates import GateSet, kept_report
 from distswitch.methods import Method
 from distswitch.parallel import Replicas
 from distswitch.schedule import Phase
+
+
+LOSS_FAULT, FACTOR_FAULT = 1, 2  # a step's fault code: its loss, or its factors, not finite
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot usefully go on (it diverged, or a layer lost its last units). Resuming from
+    the last checkpoint would repeat it: launchers must not retry it."""
 
 
 @dataclass
@@ -106,8 +117,9 @@ class Engine:
             return self.source(self.gates.weights())
 
     # -- one step --------------------------------------------------------------------------
-    def step(self, epoch: int, phase: Phase, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimisation step of `phase`; returns (loss, correct predictions) as device scalars
+    def step(self, epoch: int, phase: Phase, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One optimisation step of `phase`; returns (loss, correct predictions, fault: 0, or
+        LOSS_FAULT / FACTOR_FAULT when the loss / the factors were not finite) as device scalars
         (read them sparingly: each read waits for the device)."""
         if self.source is not None:
             self.source.train(phase == self.method.source_phase)
@@ -124,7 +136,10 @@ class Engine:
             opt.zero_grad(set_to_none=True)
             total.backward(inputs=self.params[phase])
             opt.step()
-        return loss.detach(), (logits.argmax(1) == y).sum()
+        fault = torch.where(torch.isfinite(loss), 0, LOSS_FAULT)
+        for f in factors or ():
+            fault = torch.where(torch.isfinite(f).all(), fault, FACTOR_FAULT)
+        return loss.detach(), (logits.argmax(1) == y).sum(), fault
 
     # -- epochs ----------------------------------------------------------------------------
     def evaluate(self, loader: Iterable, epoch: int) -> tuple[float, float]:
@@ -154,12 +169,15 @@ class Engine:
         # Per phase: [steps, loss sum, correct, examples]; on the device until the epoch ends.
         sums = {ph: torch.zeros(4, device=self.device, dtype=torch.float64) for ph in Phase}
         comm_start = dict(self.replicas.comm_bytes)
+        # The first faulty step as step * 4 + fault (-1: none), kept on the device.
+        first_fault = torch.full((), -1, device=self.device, dtype=torch.int64)
         start = time.perf_counter()
         bar = progress(loader, epoch) if progress else None
         for step, (x, y) in enumerate(loader):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             phase = self.method.phase_at(epoch, step)
-            loss, correct = self.step(epoch, phase, x, y)
+            loss, correct, fault = self.step(epoch, phase, x, y)
+            first_fault = torch.where((fault == 0) | (first_fault >= 0), first_fault, step * 4 + fault)
             if self.first_step_at is None:
                 self.first_step_at = time.time()
             s = sums[phase]
@@ -180,13 +198,18 @@ class Engine:
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             for sched in self.schedulers.values():
                 sched.step()
+        if bar is not None:
+            bar.close()
+        self._check_finite(epoch, self.replicas.gather(int(first_fault)))
         self.replicas.sync_buffers()
         factors = self.compute_factors(epoch)
         kept = kept_report(self.gates.specs, factors)
-        if bar is not None:
-            bar.close()
+        self._check_kept(epoch, kept)
         self.gates.set(factors)  # computed once for the kept report and the validation
         val_loss, val_acc = self._measure(val_loader)
+        if not math.isfinite(val_loss):
+            raise TrainingStopped(f"training diverged: validation loss is {val_loss} after epoch {epoch + 1}, "
+                                  "with finite training losses; lower optim.tnn.lr / optim.snn.lr")
         # Steps are equal on all workers; losses, correct and examples add up.
         local_steps = {ph: int(s[0]) for ph, s in sums.items()}
         totals = self.replicas.sum_(torch.stack([sums[ph] for ph in Phase])).tolist()
@@ -211,6 +234,34 @@ class Engine:
             selectable=self.method.selectable(epoch),
         )
 
+    def _check_finite(self, epoch: int, faults: list[int]) -> None:
+        """Stop at the first faulty step of any worker (the same decision on every worker)."""
+        found = [(code // 4, code % 4, rank) for rank, code in enumerate(faults) if code >= 0]
+        if not found:
+            return
+        step, fault, rank = min(found)
+        phase = self.method.phase_at(epoch, step)
+        where = f"at step {step + 1} of epoch {epoch + 1} ({phase.value.upper()} phase, worker {rank})"
+        if fault == FACTOR_FAULT:
+            raise TrainingStopped(f"training diverged: the switcher's factors are not finite {where}; "
+                                  "lower optim.snn.lr; the last checkpoint is the previous epoch's")
+        # Either side's last update may be the cause: name the phase, suggest both rates.
+        raise TrainingStopped(f"training diverged: the loss is not finite {where}; lower optim.tnn.lr or "
+                              "optim.snn.lr, or check the data; the last checkpoint is the previous epoch's")
+
+    def _check_kept(self, epoch: int, kept: dict) -> None:
+        """switcher.min_kept: a layer switched (almost) off is stopped on, never trained on silently."""
+        floor = self.cfg.switcher.min_kept
+        if self.source is None or floor == 0:
+            return
+        dark = {layer: row["kept"] for layer, row in kept["layers"].items() if row["kept"] < floor}
+        if dark:
+            layers = ", ".join(f"{layer} ({n} of {kept['layers'][layer]['units']})" for layer, n in dark.items())
+            raise TrainingStopped(
+                f"the switcher kept fewer than switcher.min_kept={floor} units in {layers} after epoch {epoch + 1}; "
+                "lower switcher.l1 or optim.snn.lr, raise switcher.target_kept, or set switcher.min_kept=0 "
+                "to allow empty layers; the last checkpoint is the previous epoch's")
+
     def fit(self, train_loader, val_loader, start_epoch: int = 0, on_epoch_end: Callable[[EpochStats], None] | None = None,
             progress: Callable | None = None) -> list[EpochStats]:
         history = []
@@ -229,6 +280,27 @@ class Engine:
             "optimizers": {ph.value: o.state_dict() for ph, o in self.optimizers.items()},
             "schedulers": {ph.value: s.state_dict() for ph, s in self.schedulers.items()},
         }
+
+    def retune(self, saved: dict) -> None:
+        """After `load_state_dict`: optimiser settings changed in the config since the checkpoint
+        (`saved`: its config's `optim` section) take effect. A loaded optimiser and scheduler bring
+        back the old learning rate, so a run resumed with a lower rate would otherwise keep the old
+        one. Cosine, multistep and constant schedules scale with the base rate: rescaling is exact."""
+        for ph, opt in self.optimizers.items():
+            old, new = saved[ph.value], getattr(self.cfg.optim, ph.value)
+            if old["lr"] != new.lr:
+                ratio = new.lr / old["lr"]
+                for group in opt.param_groups:
+                    group["lr"] *= ratio
+                    if "initial_lr" in group:
+                        group["initial_lr"] *= ratio
+                sched = self.schedulers[ph]
+                sched.base_lrs = [lr * ratio for lr in sched.base_lrs]
+                sched._last_lr = [lr * ratio for lr in sched._last_lr]
+            for group in opt.param_groups:
+                group["weight_decay"] = new.weight_decay
+                if "momentum" in group:
+                    group["momentum"] = new.momentum
 
     def load_state_dict(self, state: dict) -> None:
         self.tnn.load_state_dict(state["tnn"])

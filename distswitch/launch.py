@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -75,16 +76,20 @@ def launch(cfg: Config, summary_json: str | Path | None = None, launched_at: flo
     from distswitch.run import preflight, validate_names  # torch: after the config checks
 
     validate_names(cfg)
-    if not os.environ.get("RAY_ADDRESS"):  # the data is on this machine: fail before Ray starts
+    if os.environ.get("RAY_ADDRESS"):
+        _check_ray_address(os.environ["RAY_ADDRESS"])
+    else:  # the data and the cluster are this machine's: fail before Ray starts
         cfg = local_paths(cfg)
         preflight(cfg)
+        _check_fits(cfg, _local_resources(cfg), remote=False)
     out = Path(cfg.out_dir)
     if (out / "summary.json").is_file():
         raise ConfigError(f"out_dir: {str(out)!r} already holds a finished run (summary.json); "
                           f"pass another out_dir=... or remove it")
     _writable(out, "out_dir")
-    (out / "config.yaml").write_text(cfg.to_yaml())
     storage = storage_path(cfg)
+    _check_previous_launch(cfg, out, storage)
+    _write_text(out / "config.yaml", cfg.to_yaml())
 
     tracking = None
     if cfg.tracking.enabled:  # before Ray starts: an unreachable server fails in seconds
@@ -161,9 +166,14 @@ def collect(result, cfg: Config, out: Path, storage: str) -> dict:
     """The final checkpoint's files into out_dir; returns the summary."""
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train finished without a final checkpoint; see {storage}/{run_name(cfg)}")
-    from distswitch.run import write_json, collect_final
+    from distswitch.run import STOPPED_FILE, collect_final, write_json
 
     with result.checkpoint.as_directory() as folder:
+        if (Path(folder) / STOPPED_FILE).is_file():
+            from distswitch.engine import TrainingStopped
+
+            message = json.loads((Path(folder) / STOPPED_FILE).read_text())["message"]
+            raise TrainingStopped(f"{message} (kept in {result.checkpoint.path}; the same command resumes from it)")
         collect_final(Path(folder), out)
     summary = json.loads((out / "summary.json").read_text())
     summary["checkpoint_path"] = str(result.checkpoint.path)  # known here only: where Ray stored it
@@ -180,6 +190,7 @@ def _worker_main(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from distswitch.engine import TrainingStopped
     from distswitch.run import train
 
     cfg = Config.from_dict(loop_config["config"])
@@ -190,8 +201,13 @@ def _worker_main(loop_config: dict) -> None:
         from distswitch.tracking import EpochLogger
 
         tracker = EpochLogger(*loop_config["tracking"])
-    train(cfg, session, ray.train.torch.get_device(), launched_at=loop_config.get("launched_at"),
-          marks=loop_config.get("marks"), tracker=tracker)
+    try:
+        train(cfg, session, ray.train.torch.get_device(), launched_at=loop_config.get("launched_at"),
+              marks=loop_config.get("marks"), tracker=tracker)
+    except TrainingStopped:
+        # Raising would make Ray Train retry from the last checkpoint, into the same stop. `train`
+        # reported the stop as the latest checkpoint; the driver raises it (`collect`).
+        return
 
 
 class RaySession:
@@ -271,23 +287,74 @@ def _connect(cfg: Config):
 
 
 def _check_resources(ray, cfg: Config) -> None:
+    _check_fits(cfg, ray.cluster_resources(), remote=bool(os.environ.get("RAY_ADDRESS")))
+
+
+def _local_resources(cfg: Config) -> dict:
+    """What the local cluster `_connect` starts will have (known before starting it)."""
+    import torch
+
+    return {"CPU": float(cfg.distributed.local_cpus or os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+
+
+def _check_fits(cfg: Config, total: dict, remote: bool) -> None:
     """Workers that can never be placed would wait forever: say so instead."""
     d = cfg.distributed
     per_worker = dict(d.resources_per_worker) or {"CPU": 1.0}
     if d.use_gpu:
         per_worker.setdefault("GPU", 1.0)
-    total = ray.cluster_resources()
     for name, amount in per_worker.items():
         need, have = amount * d.num_workers, total.get(name, 0.0)
         if need > have:
-            where = "this cluster" if os.environ.get("RAY_ADDRESS") else "the local cluster"
+            where = "this cluster" if remote else "the local cluster"
             hint = ("lower distributed.num_workers or resources_per_worker" if name != "GPU"
                     else "set distributed.use_gpu: false or run on a cluster with GPUs")
             msg = f"distributed: {d.num_workers} workers need {need:g} {name}, {where} has {have:g}; {hint}"
-            if os.environ.get("RAY_ADDRESS"):  # an autoscaler may add nodes: warn only
+            if remote:  # an autoscaler may add nodes: warn only
                 print(f"distswitch: warning: {msg} (waiting for the autoscaler)", file=sys.stderr)
             else:
                 raise ConfigError(msg)
+
+
+def _check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """A host:port that nothing answers at fails in seconds, before an MLflow run is opened
+    (`ray.init` would retry for much longer)."""
+    if "://" in address and not address.startswith("ray://"):
+        return  # not a GCS address; ray.init says what it makes of it
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto" and other forms Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(f"RAY_ADDRESS={address!r}: nothing answers at {host}:{port} ({exc.strerror or exc}); "
+                          "start the cluster (`ray start --head`), fix the address, or unset RAY_ADDRESS "
+                          "to start a local cluster") from None
+
+
+def _check_previous_launch(cfg: Config, out: Path, storage: str) -> None:
+    """A relaunch resumes the checkpoints in storage: refuse, before Ray starts, settings that
+    could not resume them (the workers check the checkpoint itself again)."""
+    run_dir = Path(storage) / run_name(cfg)
+    previous = out / "config.yaml"
+    if "://" in storage or not previous.is_file() or not any(run_dir.glob("epoch_*")):
+        return
+    from distswitch.config import load_config
+
+    try:
+        old = load_config(previous)
+    except ConfigError:
+        return  # written by another version: the workers' check on the checkpoint decides
+    for key in ("model", "method", "switcher", "data"):
+        if getattr(old, key) != getattr(cfg, key):
+            raise ConfigError(f"{key}: differs from the checkpoint in {run_dir} that this run would resume; "
+                              f"use another out_dir (or distributed.name) for a new run, or the earlier {key} settings")
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _check_storage(ray, storage: str) -> None:

@@ -15,6 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from distswitch.config import Config, ConfigError
 from distswitch.data import DATASETS, DatasetInfo, check_data, make_loaders
-from distswitch.engine import Engine, EpochStats
+from distswitch.engine import Engine, EpochStats, TrainingStopped
 from distswitch.export import architecture, atomic_save, compact_model, count, save_compact
 from distswitch.gates import GateSet, find_gates, kept_report
 from distswitch.methods import METHODS, build_method
@@ -35,6 +36,8 @@ from distswitch.switcher import SWITCHERS
 from distswitch.tracking import git_sha
 
 CHECKPOINT_FORMAT = "distswitch.ckpt/1"
+# In a checkpoint folder: training stopped for good (TrainingStopped) after that folder's state.
+STOPPED_FILE, STOPPED_METRIC = "stopped.json", "stopped"
 # The final report's folder -> where its files land in out_dir.
 FINAL_FILES = {"summary.json": "summary.json", "model.pt": "model.pt", "model.arch.json": "model.arch.json",
                "best.pt": "checkpoints/best.pt"}
@@ -77,6 +80,10 @@ def build(cfg: Config, info: DatasetInfo, steps_per_epoch: int, device: torch.de
     specs = find_gates(tnn, cfg.model.gated, cfg.switcher.granularity)
     gates = GateSet(tnn, specs)
     method = build_method(cfg, specs, steps_per_epoch)
+    smallest = min(specs, key=lambda spec: spec.units, default=None)
+    if cfg.method == "switch" and smallest is not None and cfg.switcher.min_kept > smallest.units:
+        raise ConfigError(f"switcher.min_kept: got {cfg.switcher.min_kept}; layer {smallest.layer} has only "
+                          f"{smallest.units} units; use at most {smallest.units}")
     if method.source is not None:
         method.source.to(device)
     return tnn, gates, method
@@ -179,10 +186,16 @@ def train(cfg: Config, session: Session | None = None, device: torch.device | No
     best = {"val_acc": -1.0, "epoch": None}
     start_epoch = 0
     latest = session.latest_checkpoint()
+    if latest is not None and (Path(latest) / STOPPED_FILE).is_file() and rank == 0:
+        print(f"the last attempt stopped: {json.loads((Path(latest) / STOPPED_FILE).read_text())['message']}",
+              file=sys.stderr, flush=True)
+    if latest is not None and not (Path(latest) / "state.pt").is_file():
+        latest = None  # a stop before the first epoch checkpoint: nothing to resume
     if latest is not None:
         state = torch.load(Path(latest) / "state.pt", map_location=device, weights_only=True)
         _check_resumable(cfg, state, latest)
         engine.load_state_dict(state["engine"])
+        engine.retune(state["config"]["optim"])
         history = [EpochStats(**h) for h in state["history"]]
         best = dict(state["best"])
         start_epoch = state["epoch"] + 1
@@ -226,11 +239,18 @@ def train(cfg: Config, session: Session | None = None, device: torch.device | No
         session.report(metrics, folder, f"epoch_{stats.epoch:04d}")
         if tracker is not None:
             tracker.log(tracking_metrics(stats, compact_size(cfg, info, engine, stats.epoch), dense_size), stats.epoch)
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
+        if folder is not None:  # rank 0 keeps the latest checkpoint's files for a stop (below)
+            if last_checkpoint:
+                shutil.rmtree(last_checkpoint.pop(), ignore_errors=True)
+            last_checkpoint.append(folder)
 
-    engine.fit(train_loader, val_loader, start_epoch=start_epoch, on_epoch_end=on_epoch_end,
-               progress=_progress(cfg, session))
+    last_checkpoint: list[Path] = []
+    try:
+        engine.fit(train_loader, val_loader, start_epoch=start_epoch, on_epoch_end=on_epoch_end,
+                   progress=_progress(cfg, session))
+    except TrainingStopped as exc:
+        _report_stop(session, exc, scratch, last_checkpoint, latest, replicas)
+        raise
 
     # The selected model: rank 0 holds it, every worker gets it (the test split is sharded).
     epoch = best["epoch"]
@@ -288,6 +308,23 @@ def train(cfg: Config, session: Session | None = None, device: torch.device | No
     session.report(final_metrics, final if rank == 0 else None, "final")
     shutil.rmtree(scratch, ignore_errors=True)
     return summary
+
+
+def _report_stop(session: Session, exc: TrainingStopped, scratch: Path, last_checkpoint: list[Path],
+                 restored: Path | None, replicas: Replicas) -> None:
+    """A stop for good becomes the run's latest checkpoint: the last good epoch's files (so the same
+    command, with e.g. a lower learning rate, resumes from them) plus stopped.json with the reason.
+    Every worker calls it (the stop is decided on all-reduced figures)."""
+    token = replicas.gather(uuid.uuid4().hex[:8])[0]  # rank 0's: one folder name on every worker
+    folder = None
+    if session.rank == 0:
+        folder = scratch / f"stopped_{token}"
+        source = last_checkpoint[-1] if last_checkpoint else restored
+        if source is not None and (Path(source) / "state.pt").is_file():
+            shutil.copytree(source, folder, ignore=shutil.ignore_patterns(STOPPED_FILE))
+        folder.mkdir(exist_ok=True)
+        (folder / STOPPED_FILE).write_text(json.dumps({"message": str(exc)}))
+    session.report({STOPPED_METRIC: str(exc)}, folder, f"stopped_{token}")
 
 
 def epoch_metrics(s: EpochStats) -> dict:
@@ -445,6 +482,10 @@ def export_checkpoint(path: str | Path, out: str | Path) -> dict:
     tnn, gates, method = build(cfg, info, bundle["steps_per_epoch"], device)
     engine = Engine(cfg, tnn, gates, method, device)
     engine.load_state_dict(bundle["engine"])
+    if engine.compute_factors(bundle["epoch"]) is None:
+        why = "a dense warm-up epoch" if method.source is not None else f"method {cfg.method!r} has none"
+        raise ConfigError(f"checkpoint {str(path)!r} has no switcher factors ({why}): nothing to compact; "
+                          "pass a checkpoint of a switched epoch, e.g. <out_dir>/checkpoints/best.pt")
     torch.manual_seed(0)
     example = torch.randn(8, info.channels, info.image_size, info.image_size)
     return export_compact(cfg, info, engine, bundle["epoch"], example, Path(out))

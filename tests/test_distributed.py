@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -178,3 +179,71 @@ def test_finished_out_dir_is_not_overwritten(config, two_workers):
     assert proc.returncode == 2
     assert "already holds a finished run" in proc.stderr
     assert (two_workers / "summary.json").read_bytes() == before
+
+
+def test_a_diverging_run_stops_once_in_one_line_keeps_its_last_good_checkpoint_and_resumes_when_fixed(config, tmp_path):
+    # Epoch 1 is a dense warm-up (finite); in epoch 2 the first SNN step (Adam, lr 1e30) sends the
+    # switcher's factors to inf. max_failures=1: a stop must not be retried into the same divergence.
+    out = tmp_path / "nan"
+    short = ["train.epochs=2", "schedule.warmup_epochs=1", "data.train_limit=1280"]
+    proc = subprocess.run(_command(config, out, *short, "optim.snn.lr=1e30"), cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.match(r"distswitch: stopped: training diverged: the (loss is|switcher's factors are) not finite at "
+                    r"step \d+ of epoch 2 \((TNN|SNN) phase, worker \d\)", last), last
+    assert "Traceback" not in proc.stderr and "resuming from" not in proc.stderr  # one attempt, no retry
+    run_dir = out / "ray" / out.name
+    [stopped] = run_dir.glob("stopped_*")
+    assert str(stopped) in last and (stopped / "stopped.json").is_file()
+    good = torch.load(run_dir / "epoch_0000" / "state.pt", map_location="cpu", weights_only=True)
+    kept = torch.load(stopped / "state.pt", map_location="cpu", weights_only=True)
+    assert good["epoch"] == kept["epoch"] == 0  # the last good epoch, nothing of the diverged one
+    assert all(torch.isfinite(t).all() for t in _tensors(kept["engine"]).values() if t.is_floating_point())
+    assert not (out / "summary.json").exists()
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FAILED" and "training diverged" in run.data.tags["distswitch.error"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == [0]
+    # The same command with a sane learning rate continues from the kept epoch, in the same run.
+    again = subprocess.run(_command(config, out, *short), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "the last attempt stopped: training diverged" in again.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_at_epoch"] == 1 and summary["mlflow"]["run_id"] == run.info.run_id
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == [0, 1]
+
+
+def test_the_driver_killed_mid_run_continues_from_the_last_checkpoint_when_run_again(config, two_workers, tmp_path):
+    out = tmp_path / "driver"
+    run_dir = out / "ray" / out.name
+    proc = subprocess.Popen(_command(config, out), cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / "epoch_0000").is_dir():
+            assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+            time.sleep(0.1)
+        assert not (run_dir / "epoch_0001").exists(), "the kill must land inside epoch 2"
+        proc.send_signal(signal.SIGKILL)  # the driver only: its local Ray cluster must go with it
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.time() + 60
+    while _train_workers():  # Ray's processes share the driver's fate
+        assert time.time() < deadline, "Ray Train workers outlived their driver by 60 s"
+        time.sleep(0.5)
+    again = subprocess.run(_command(config, out), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stderr
+    a = json.loads((out / "summary.json").read_text())
+    assert a["resumed_at_epoch"] == 1
+    resumed, uninterrupted = _tensors(_final_state(out)), _tensors(_final_state(two_workers))
+    for key in uninterrupted:
+        assert torch.equal(resumed[key], uninterrupted[key]), key
+    # The killed driver's MLflow run is the one continued: one run, FINISHED, each epoch once.
+    client = MlflowClient(a["mlflow"]["tracking_uri"])
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED" and run.data.tags["distswitch.relaunches"] == "1"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == [0, 1, 2]

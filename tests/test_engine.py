@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import FASHION_INFO, fake_batch, make_config
-from distswitch.engine import Engine
+from distswitch.config import ConfigError
+from distswitch.engine import Engine, TrainingStopped
 from distswitch.gates import kept_report
 from distswitch.run import build
 from distswitch.schedule import Phase
@@ -215,3 +216,61 @@ def test_state_dict_round_trip_restores_the_factors():
     for a, b in zip(engine.compute_factors(0), restored.compute_factors(0)):
         assert torch.equal(a, b)
     assert _changed(_tnn_state(engine), _tnn_state(restored)) == []
+
+
+def _nan_at(index: int, n: int = 10) -> list:
+    batches = [fake_batch(4, seed=i) for i in range(n)]
+    batches[index][0][0, 0, 0, 0] = float("nan")
+    return batches
+
+
+@pytest.mark.parametrize("index, phase", [(5, "TNN"), (4, "SNN")])
+def test_a_non_finite_loss_stops_the_epoch_naming_its_step_and_phase(index, phase):
+    engine = _engine("mlp", schedule={"warmup_epochs": 0, "update_ratio": 4})  # steps 0-3 TNN, 4 SNN, ...
+    with pytest.raises(TrainingStopped, match=rf"loss is not finite at step {index + 1} of epoch 1 \({phase} phase, worker 0\); "
+                                              "lower optim.tnn.lr or optim.snn.lr"):
+        engine.train_epoch(0, _nan_at(index), [fake_batch(4)])
+
+
+def test_non_finite_factors_stop_training_at_the_first_step():
+    engine = _engine("mlp", schedule={"warmup_epochs": 0, "update_ratio": 4})
+    with torch.no_grad():
+        engine.source.neuron_head.bias.fill_(float("inf"))
+    with pytest.raises(TrainingStopped, match=r"diverged: the switcher's factors are not finite at step 1 of epoch 1 .*lower optim.snn.lr"):
+        engine.train_epoch(0, [fake_batch(4, seed=i) for i in range(3)], [fake_batch(4)])
+
+
+def test_a_layer_switched_entirely_off_stops_training_unless_min_kept_is_zero():
+    batches = [fake_batch(4, seed=i) for i in range(3)]
+    for floor in (1, 0):
+        engine = _engine("mlp", schedule={"warmup_epochs": 0, "update_ratio": 4},
+                         switcher={"init_factor": 1.0, "min_kept": floor})
+        with torch.no_grad():
+            engine.source.neuron_head.bias.fill_(-10.0)  # every factor exactly 0
+        if floor:
+            with pytest.raises(TrainingStopped, match=r"fewer than switcher.min_kept=1 units in .*\(0 of \d+\) after epoch 1"):
+                engine.train_epoch(0, batches, batches[:1])
+        else:
+            assert engine.train_epoch(0, batches, batches[:1]).kept_fraction == 0
+
+
+def test_min_kept_above_the_smallest_layer_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"switcher.min_kept: got 100000; layer .* has only \d+ units"):
+        _engine("mlp", switcher={"min_kept": 100000})
+    _engine("mlp", method="dense", switcher={"min_kept": 100000})  # no switcher: nothing to keep
+
+
+def test_a_resumed_engine_takes_the_configs_new_learning_rate_not_the_checkpoints():
+    old = _engine("mlp", optim={"snn": {"name": "adam", "lr": 1.0}, "tnn": {"name": "sgd", "lr": 0.1, "scheduler": "cosine"}})
+    batches = [fake_batch(4, seed=i) for i in range(5)]
+    old.train_epoch(0, batches, batches[:1])
+    state = old.state_dict()
+    new = _engine("mlp", optim={"snn": {"name": "adam", "lr": 1e-3}, "tnn": {"name": "sgd", "lr": 0.01, "scheduler": "cosine"}})
+    new.load_state_dict(state)
+    assert new.optimizers[Phase.SNN].param_groups[0]["lr"] == old.optimizers[Phase.SNN].param_groups[0]["lr"]  # a bare load
+    new.retune(old.cfg.to_dict()["optim"])
+    for ph, factor in ((Phase.SNN, 1e-3), (Phase.TNN, 0.1)):  # the new rate, at the same point of its schedule
+        assert new.optimizers[ph].param_groups[0]["lr"] == pytest.approx(old.optimizers[ph].param_groups[0]["lr"] * factor)
+        new.schedulers[ph].step()
+        old.schedulers[ph].step()
+        assert new.optimizers[ph].param_groups[0]["lr"] == pytest.approx(old.optimizers[ph].param_groups[0]["lr"] * factor)
