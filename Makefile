@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine: `make train` and `make test`.
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
-DEB_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev dataset-fashion-mnist
+DEB_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev dataset-fashion-mnist iproute2
 # Expanded at each use: after `setup` installs uv with pip, `python3 -m uv` finds it even off PATH.
 UV = $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 CONFIG ?= configs/fashion_lenet5.yaml

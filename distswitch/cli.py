@@ -1,8 +1,8 @@
 """`distswitch` command line: train | tune | export | data prepare | runs.
 
 User errors (bad config, missing data, unknown names) print one line and exit with status 2;
-training that stopped for good (it diverged, a layer lost its last units) prints one line and
-exits with status 1. `--debug` shows the traceback instead.
+training that stopped for good (it diverged, a layer lost its last units) or that Ray gave up on
+(workers lost beyond `distributed.max_failures`) prints one line and exits with status 1. `--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -139,10 +139,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:
         from distswitch.engine import TrainingStopped  # here: torch is not needed before an error
+        from distswitch.launch import RunFailed
 
-        if not isinstance(exc, TrainingStopped) or args.debug:
+        if not isinstance(exc, (TrainingStopped, RunFailed)) or args.debug:
             raise
-        print(f"distswitch: stopped: {exc}", file=sys.stderr)
+        print(f"distswitch: {'stopped' if isinstance(exc, TrainingStopped) else 'failed'}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("distswitch: interrupted; run the same command again to continue from the last epoch checkpoint", file=sys.stderr)

@@ -157,8 +157,10 @@ class DistributedConfig:
     # launch with the same name and storage continues from its latest checkpoint.
     name: Union[str, None] = None
     sync_batchnorm: bool = False
-    # Worker-group restarts Ray Train may make after a failure (-1 = unlimited).
-    max_failures: int = 0
+    # Worker-group restarts Ray Train may make after a failure (-1 = unlimited). Not 0 (Ray's
+    # default): a run left for days should survive a lost worker; each restart resumes the latest
+    # checkpoint, and a stop (divergence, a dark layer) is never retried.
+    max_failures: int = 3
     checkpoint_every: int = 1  # epochs
     checkpoints_to_keep: int = 2
     # Local cluster only (no RAY_ADDRESS): CPUs Ray may use; null = all of this machine's.

@@ -89,7 +89,9 @@ def launch(cfg: Config, summary_json: str | Path | None = None, launched_at: flo
     _writable(out, "out_dir")
     storage = storage_path(cfg)
     _check_previous_launch(cfg, out, storage)
-    _write_text(out / "config.yaml", cfg.to_yaml())
+    from distswitch.run import write_text
+
+    write_text(out / "config.yaml", cfg.to_yaml())
 
     tracking = None
     if cfg.tracking.enabled:  # before Ray starts: an unreachable server fails in seconds
@@ -121,7 +123,13 @@ def launch(cfg: Config, summary_json: str | Path | None = None, launched_at: flo
 
         summary["mlflow"] = {"tracking_uri": tracking[0], "run_id": tracking[1], "experiment": cfg.tracking.experiment}
         write_json(out / "summary.json", summary)
-        finish_run(*tracking, out, summary)
+        try:
+            finish_run(*tracking, out, summary)
+        except BaseException as exc:  # the results are on disk; the run must not stay RUNNING
+            from distswitch.tracking import fail_run
+
+            fail_run(*tracking, exc)
+            raise
     if summary_json is not None:
         write_json(Path(summary_json), summary)
     return summary
@@ -133,7 +141,7 @@ def _run(ray, cfg: Config, out: Path, storage: str, marks: dict, launched_at: fl
     _check_storage(ray, storage)
     trainer = make_trainer(cfg, storage, marks, launched_at, tracking)
     marks["fit_called"] = time.time()  # the dict is pickled with the trainer: set before fit
-    return collect(_fit(trainer), cfg, out, storage)
+    return collect(_fit(trainer, cfg, storage), cfg, out, storage)
 
 
 def make_trainer(cfg: Config, storage: str, marks: dict, launched_at: float, tracking: tuple[str, str] | None,
@@ -351,12 +359,6 @@ def _check_previous_launch(cfg: Config, out: Path, storage: str) -> None:
                               f"use another out_dir (or distributed.name) for a new run, or the earlier {key} settings")
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _check_storage(ray, storage: str) -> None:
     """A local storage path must be writable here and, on several nodes, visible from all of them."""
     if "://" in storage:
@@ -391,8 +393,14 @@ def _check_storage(ray, storage: str) -> None:
                           "cannot see it. Use a filesystem mounted on every node or s3://bucket/prefix")
 
 
-def _fit(trainer):
-    """trainer.fit(), with a worker's user error (bad data root, ...) as that one error."""
+class RunFailed(RuntimeError):
+    """Ray Train gave up on the workers (failures beyond distributed.max_failures); the message says
+    which worker failed and which checkpoint a rerun would resume."""
+
+
+def _fit(trainer, cfg: Config, storage: str):
+    """trainer.fit(), with a worker's user error (bad data root, ...) as that one error, and a run
+    Ray gave up on as one RunFailed line instead of Ray's traceback."""
     from ray.train.v2.api.exceptions import WorkerGroupError
 
     try:
@@ -402,7 +410,22 @@ def _fit(trainer):
             cause = getattr(failure, "cause", failure)
             if isinstance(cause, USER_ERRORS):  # the worker's own message, not a Ray traceback
                 raise cause from None
-        raise
+        rank, failure = min(exc.worker_failures.items(), key=lambda item: item[0])
+        cause = getattr(failure, "cause", failure)
+        first = (str(cause).strip().splitlines() or [""])[0][:300]
+        raise RunFailed(f"worker {rank} failed ({type(cause).__name__}{': ' + first if first else ''}); "
+                        f"distributed.max_failures={cfg.distributed.max_failures} allows no more restarts; "
+                        f"{_resume_hint(cfg, storage)}") from exc
+
+
+def _resume_hint(cfg: Config, storage: str) -> str:
+    run_dir = f"{storage}/{run_name(cfg)}"
+    if "://" not in storage:
+        done = sorted(p for p in Path(run_dir).glob("epoch_*") if (p / "state.pt").is_file())
+        if not done:
+            return f"no epoch had been checkpointed in {run_dir}; the same command starts again"
+        return f"the last checkpoint, {done[-1]}, is intact: the same command resumes from it"
+    return f"the same command resumes from the last checkpoint in {run_dir}"
 
 
 def _writable(path: Path, key: str) -> None:

@@ -323,7 +323,7 @@ def _report_stop(session: Session, exc: TrainingStopped, scratch: Path, last_che
         if source is not None and (Path(source) / "state.pt").is_file():
             shutil.copytree(source, folder, ignore=shutil.ignore_patterns(STOPPED_FILE))
         folder.mkdir(exist_ok=True)
-        (folder / STOPPED_FILE).write_text(json.dumps({"message": str(exc)}))
+        write_json(folder / STOPPED_FILE, {"message": str(exc)})
     session.report({STOPPED_METRIC: str(exc)}, folder, f"stopped_{token}")
 
 
@@ -498,7 +498,13 @@ def _epoch_line(cfg: Config, s: EpochStats) -> str:
 
 
 def write_json(path: Path, data: dict) -> None:
+    write_text(path, json.dumps(data, indent=2))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Atomically (temp file + rename): a reader or a crash never sees half a file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)

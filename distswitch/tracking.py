@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -151,7 +152,9 @@ def finish_run(uri: str, run_id: str, out_dir: Path, summary: dict) -> None:
     arch = json.loads((out_dir / "model.arch.json").read_text())
     example = torch.zeros(2, arch["in_channels"], arch["image_size"], arch["image_size"]).numpy()
     with global_tracking_uri(uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
-        mlflow.pytorch.log_model(model, name="model", input_example=example)
+        # pt2 (torch.export): loading it runs no pickle, so needs none of our classes. MLflow's
+        # default, except on Databricks: said explicitly.
+        mlflow.pytorch.log_model(model, name="model", input_example=example, serialization_format="pt2")
     client.set_terminated(run_id, "FINISHED")
 
 
@@ -171,9 +174,16 @@ def global_tracking_uri(uri: str):
 
 
 def fail_run(uri: str, run_id: str, error: BaseException) -> None:
-    client = mlflow_client(uri)
-    client.set_tag(run_id, "distswitch.error", f"{type(error).__name__}: {error}"[:5000])
-    client.set_terminated(run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+    """Mark the run FAILED (KILLED on Ctrl-C) with the error; called while `error` propagates, so a
+    store that fails now only warns: the original error is the one to see."""
+    try:
+        _check_reachable(uri)  # seconds, where MLflow's client would retry for minutes
+        client = mlflow_client(uri)
+        client.set_tag(run_id, "distswitch.error", f"{type(error).__name__}: {error}"[:5000])
+        client.set_terminated(run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+    except Exception as exc:
+        print(f"distswitch: warning: could not mark MLflow run {run_id} failed at {uri} ({type(exc).__name__}: "
+              f"{str(exc)[:200]})", file=sys.stderr)
 
 
 def figures(summary: dict, folder: Path) -> list[Path]:
@@ -224,8 +234,10 @@ def figures(summary: dict, folder: Path) -> list[Path]:
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    fig.savefig(path, dpi=110)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # the suffix tells savefig the format
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    os.replace(tmp, path)
     return path
 
 

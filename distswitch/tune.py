@@ -86,7 +86,9 @@ def tune(cfg: Config, launched_at: float | None = None) -> dict:
         raise ConfigError(f"out_dir: {str(out)!r} already holds a finished search (tune_summary.json); "
                           "pass another out_dir=... or remove it")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(cfg.to_yaml())
+    from distswitch.run import write_text  # torch: imported once the run is on
+
+    write_text(out / "config.yaml", cfg.to_yaml())
     name = cfg.tune.name or out.resolve().name
     storage = storage_path(cfg)
     parent = None
@@ -161,7 +163,9 @@ def _search(ray, cfg: Config, out: Path, name: str, storage: str, parent, launch
     best = max(ok, key=lambda r: r.metrics[cfg.tune.metric])
     best_cfg = trial_config(cfg.to_dict(), best.config, Path(cfg.out_dir) / "best", name="best", uri=None)
     best_cfg = dataclasses.replace(best_cfg, distributed=dataclasses.replace(best_cfg.distributed, name=None))
-    (out / "best_config.yaml").write_text(best_cfg.to_yaml())
+    from distswitch.run import write_text
+
+    write_text(out / "best_config.yaml", best_cfg.to_yaml())
     return {
         "name": name, "metric": cfg.tune.metric, "trials": rows, "num_trials": len(rows),
         "best": {"config": best.config, "metrics": {k: best.metrics.get(k) for k in ("val/acc", "test/acc",
@@ -181,7 +185,9 @@ def _trial(values: dict, base: dict, trials_dir: str, storage: str, parent, laun
     out = Path(trials_dir) / name
     cfg = trial_config(base, values, out, name, parent[0] if parent else None)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(cfg.to_yaml())
+    from distswitch.run import write_text  # torch: imported once the run is on
+
+    write_text(out / "config.yaml", cfg.to_yaml())
     tracking = None
     if parent is not None:
         from distswitch.tracking import open_run
@@ -192,7 +198,7 @@ def _trial(values: dict, base: dict, trials_dir: str, storage: str, parent, laun
         mlflow_client(tracking[0]).set_tag(tracking[1], TRIAL_TAG, trial_id)
     try:
         trainer = make_trainer(cfg, storage, {}, launched_at, tracking, callbacks=[TuneReportCallback()])
-        summary = collect(_fit(trainer), cfg, out, storage)
+        summary = collect(_fit(trainer, cfg, storage), cfg, out, storage)
     except BaseException as exc:
         if tracking is not None:
             from distswitch.tracking import fail_run

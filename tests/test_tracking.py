@@ -146,3 +146,10 @@ def test_logging_the_model_leaves_the_processs_tracking_uri_as_it_was(before, mo
     from distswitch.tracking import tracking_uri
 
     assert tracking_uri(cfg) == (before or f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+
+
+def test_marking_a_run_failed_in_a_store_that_is_gone_only_warns(tmp_path, capsys):
+    from distswitch.tracking import fail_run
+
+    fail_run("http://127.0.0.1:9", "abc", RuntimeError("the real error"))  # port 9: nothing listens
+    assert "could not mark MLflow run abc failed" in capsys.readouterr().err

@@ -1,0 +1,185 @@
+"""A two-node Ray cluster on one machine: each node in its own network namespace, joined by a veth
+pair with private addresses that exist only inside the test's namespaces. A 2-worker run spans
+both nodes (one CPU each); the worker node's raylet is killed mid-run.
+
+Needs root and iproute2 (`make setup` installs it); the namespaces are removed afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from conftest import DEFAULT_CONFIG, REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+SUBNET = "10.213.7"  # private; only the test's own namespaces have these addresses
+HEAD_IP, WORKER_IP, GCS_PORT = f"{SUBNET}.1", f"{SUBNET}.2", 6379
+
+
+def _ip(*args: str) -> str:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"ip {' '.join(args)}: {proc.stderr}"
+    return proc.stdout
+
+
+class Cluster:
+    """Two namespaces, a veth pair between them, a Ray head in one and a worker node in the other."""
+
+    def __init__(self, tmp: Path) -> None:
+        tag = uuid.uuid4().hex[:6]
+        self.head, self.worker = f"dsh-{tag}", f"dsw-{tag}"
+        self.tmp = tmp
+        self.env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+                    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_USAGE_STATS_ENABLED": "0",
+                    # A lost node is declared dead after ~3 s instead of ~15 s.
+                    "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+        self.env.pop("RAY_ADDRESS", None)
+        _ip("netns", "add", self.head)
+        _ip("netns", "add", self.worker)
+        _ip("link", "add", f"vh{tag}", "type", "veth", "peer", "name", f"vw{tag}")
+        for ns, dev, addr in ((self.head, f"vh{tag}", HEAD_IP), (self.worker, f"vw{tag}", WORKER_IP)):
+            _ip("link", "set", dev, "netns", ns)
+            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            _ip("-n", ns, "link", "set", dev, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+
+    def exec(self, ns: str, *args: str, **kwargs):
+        return subprocess.run(["ip", "netns", "exec", ns, *args], env=self.env, capture_output=True, text=True,
+                              cwd=REPO_ROOT, **kwargs)
+
+    def start_head(self) -> None:
+        started = self.exec(self.head, str(BIN / "ray"), "start", "--head", f"--node-ip-address={HEAD_IP}",
+                            f"--port={GCS_PORT}", "--num-cpus=1", "--dashboard-host=127.0.0.1",
+                            f"--temp-dir={self.tmp / 'ray-head'}", "--disable-usage-stats", timeout=180)
+        assert started.returncode == 0, started.stderr[-3000:]
+
+    def start_worker(self) -> None:
+        started = self.exec(self.worker, str(BIN / "ray"), "start", f"--address={HEAD_IP}:{GCS_PORT}",
+                            f"--node-ip-address={WORKER_IP}", "--num-cpus=1", f"--temp-dir={self.tmp / 'ray-worker'}",
+                            "--disable-usage-stats", timeout=180)
+        assert started.returncode == 0, started.stderr[-3000:]
+
+    def pids(self, ns: str) -> list[int]:
+        return [int(p) for p in _ip("netns", "pids", ns).split()]
+
+    def processes(self, ns: str, name: str) -> list[psutil.Process]:
+        found = []
+        for pid in self.pids(ns):
+            try:
+                proc = psutil.Process(pid)
+                if name in " ".join(proc.cmdline()[:1]) or proc.name() == name:
+                    found.append(proc)
+            except psutil.NoSuchProcess:
+                pass
+        return found
+
+    def kill_all(self, ns: str) -> None:
+        deadline = time.time() + 30
+        while (pids := self.pids(ns)) and time.time() < deadline:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
+
+    def destroy(self) -> None:
+        for ns in (self.worker, self.head):
+            self.kill_all(ns)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=60)  # takes the veth with it
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.fail("network namespaces need root (the CI and development machines run as root)", pytrace=False)
+    c = Cluster(tmp_path_factory.mktemp("nodes"))
+    try:
+        c.start_head()
+        c.start_worker()
+        yield c
+    finally:
+        c.destroy()
+        leftovers = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert c.head not in leftovers and c.worker not in leftovers
+
+
+def _train(cluster: Cluster, out: Path, betons: Path, *overrides: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "distswitch.cli", "train", str(DEFAULT_CONFIG), f"out_dir={out}",
+            "distributed.num_workers=2", "train.epochs=3", "schedule.warmup_epochs=0", "schedule.finetune_epochs=0",
+            "data.train_limit=6000", "train.progress=false", f"data.beton_dir={betons}", *overrides]
+    env = {**cluster.env, "RAY_ADDRESS": f"{HEAD_IP}:{GCS_PORT}"}
+    return subprocess.Popen(["ip", "netns", "exec", cluster.head, *args], env=env, cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _kill_worker_node_in_epoch_2(cluster: Cluster, proc: subprocess.Popen, run_dir: Path) -> None:
+    deadline = time.time() + 400
+    while not (run_dir / "epoch_0000").is_dir():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.1)
+    # The run spans both nodes: one Train worker in each namespace.
+    assert len(cluster.processes(cluster.head, "ray::RayTrainWorker")) == 1
+    assert len(cluster.processes(cluster.worker, "ray::RayTrainWorker")) == 1
+    assert not (run_dir / "epoch_0001").exists(), "the kill must land inside epoch 2"
+    [raylet] = cluster.processes(cluster.worker, "raylet")
+    raylet.send_signal(signal.SIGKILL)
+
+
+def test_a_run_spanning_two_nodes_survives_losing_the_worker_nodes_raylet(cluster, tmp_path, fashion_betons):
+    out = tmp_path / "span"
+    proc = _train(cluster, out, fashion_betons, "distributed.max_failures=2")
+    try:
+        _kill_worker_node_in_epoch_2(cluster, proc, out / "ray" / out.name)
+        time.sleep(5)  # the node is declared dead; then it comes back, as a replaced node would
+        cluster.kill_all(cluster.worker)
+        cluster.start_worker()
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["workers"] == 2 and summary["resumed_at_epoch"] == 1 and len(summary["history"]) == 3
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == [0, 1, 2]
+
+
+def test_without_restarts_losing_a_node_is_one_clear_line_and_the_checkpoint_stays(cluster, tmp_path, fashion_betons):
+    if len(cluster.processes(cluster.worker, "raylet")) == 0:  # the previous test's node may be gone
+        cluster.kill_all(cluster.worker)
+        cluster.start_worker()
+    out = tmp_path / "norestart"
+    run_dir = out / "ray" / out.name
+    proc = _train(cluster, out, fashion_betons, "distributed.max_failures=0")
+    try:
+        _kill_worker_node_in_epoch_2(cluster, proc, run_dir)
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, output[-4000:]
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("distswitch: failed: worker ") and "distributed.max_failures=0" in last, last
+    assert f"the last checkpoint, {run_dir / 'epoch_0000'}, is intact" in last, last
+    state = torch.load(run_dir / "epoch_0000" / "state.pt", map_location="cpu", weights_only=True)
+    assert state["epoch"] == 0
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FAILED"
