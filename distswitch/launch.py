@@ -108,8 +108,8 @@ def launch(cfg: Config, summary_json: str | Path | None = None, launched_at: flo
         try:
             summary = _run(ray, cfg, out, storage, marks, launched_at, tracking)
         finally:
-            if started:  # our local cluster: stop its processes with us
-                ray.shutdown()
+            if started:  # our connection, and our local cluster: closed with us (a joined cluster runs on);
+                ray.shutdown()  # also ends Ray's log stream, so the last line printed is ours
     except BaseException as exc:
         if tracking is not None:
             from distswitch.tracking import fail_run
@@ -254,7 +254,8 @@ class RaySession:
 def _connect(cfg: Config):
     """Join the cluster in RAY_ADDRESS, or start a local one bound to 127.0.0.1.
 
-    Returns (ray, whether this call started the cluster)."""
+    Returns (ray, whether this call connected: then the caller shuts the connection down, which
+    also stops a local cluster it started)."""
     for key, value in DRIVER_ENV.items():
         os.environ.setdefault(key, value)
     import ray
@@ -276,7 +277,7 @@ def _connect(cfg: Config):
                               "check the address (and RAY_AUTH_MODE=token if the cluster uses token "
                               "authentication, as `ray start` does by default), or unset RAY_ADDRESS "
                               "to start a local cluster") from None
-        return ray, False
+        return ray, True
     for key, value in LOCAL_CLUSTER_ENV.items():
         os.environ.setdefault(key, value)
     ray.init(

@@ -23,3 +23,14 @@ def test_data_loading_benchmark_reports_every_loader_and_the_ratio(tmp_path):
     assert set(report["results"]) == {"ffcv", "dataloader", "distswitch-torch"}
     assert all(len(r["images_per_s"]) == 2 and min(r["images_per_s"]) > 0 for r in report["results"].values())
     assert report["ratio_ffcv_vs_dataloader"] > 0 and "FFCV / DataLoader" in proc.stdout
+
+
+def test_switcher_overhead_benchmark_times_both_methods_side_by_side(tmp_path):
+    out = tmp_path / "overhead.json"
+    proc = subprocess.run([sys.executable, "benchmarks/switcher_overhead.py", "--rounds", "1", "--train-limit", "1024",
+                           "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["steps_per_epoch"]["dense"]["snn"] == 0 and report["steps_per_epoch"]["switch"]["snn"] > 0
+    assert all(len(v) == 1 and v[0] > 0 for v in report["seconds_per_epoch"].values())
+    assert report["switch_over_dense"] > 0

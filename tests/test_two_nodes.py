@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import sys
 import time
 import uuid
@@ -42,6 +44,7 @@ class Cluster:
     def __init__(self, tmp: Path) -> None:
         tag = uuid.uuid4().hex[:6]
         self.head, self.worker = f"dsh-{tag}", f"dsw-{tag}"
+        self.devices = {self.head: f"vh{tag}", self.worker: f"vw{tag}"}
         self.tmp = tmp
         self.env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
                     "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_USAGE_STATS_ENABLED": "0",
@@ -58,18 +61,21 @@ class Cluster:
             _ip("-n", ns, "link", "set", "lo", "up")
 
     def exec(self, ns: str, *args: str, **kwargs):
-        return subprocess.run(["ip", "netns", "exec", ns, *args], env=self.env, capture_output=True, text=True,
+        # Both namespaces share the machine's hostname, which resolves to loopback: gloo must be
+        # told its interface (as on any multi-homed node; cluster/README.md).
+        env = {**self.env, "GLOO_SOCKET_IFNAME": self.devices[ns]}
+        return subprocess.run(["ip", "netns", "exec", ns, *args], env=env, capture_output=True, text=True,
                               cwd=REPO_ROOT, **kwargs)
 
     def start_head(self) -> None:
         started = self.exec(self.head, str(BIN / "ray"), "start", "--head", f"--node-ip-address={HEAD_IP}",
                             f"--port={GCS_PORT}", "--num-cpus=1", "--dashboard-host=127.0.0.1",
-                            f"--temp-dir={self.tmp / 'ray-head'}", "--disable-usage-stats", timeout=180)
+                            f"--temp-dir={self.tmp / 'h'}", "--disable-usage-stats", timeout=180)
         assert started.returncode == 0, started.stderr[-3000:]
 
     def start_worker(self) -> None:
         started = self.exec(self.worker, str(BIN / "ray"), "start", f"--address={HEAD_IP}:{GCS_PORT}",
-                            f"--node-ip-address={WORKER_IP}", "--num-cpus=1", f"--temp-dir={self.tmp / 'ray-worker'}",
+                            f"--node-ip-address={WORKER_IP}", "--num-cpus=1", f"--temp-dir={self.tmp / 'w'}",
                             "--disable-usage-stats", timeout=180)
         assert started.returncode == 0, started.stderr[-3000:]
 
@@ -107,30 +113,41 @@ class Cluster:
 def cluster(tmp_path_factory):
     if os.geteuid() != 0:
         pytest.fail("network namespaces need root (the CI and development machines run as root)", pytrace=False)
-    c = Cluster(tmp_path_factory.mktemp("nodes"))
+    # Ray's session folders hold Unix sockets (paths <= 107 bytes): a short root, not pytest's tmp.
+    root = Path(tempfile.mkdtemp(prefix="dsn-", dir="/tmp"))
+    c = Cluster(root)
     try:
         c.start_head()
         c.start_worker()
         yield c
     finally:
         c.destroy()
+        shutil.rmtree(root, ignore_errors=True)
         leftovers = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         assert c.head not in leftovers and c.worker not in leftovers
 
 
 def _train(cluster: Cluster, out: Path, betons: Path, *overrides: str) -> subprocess.Popen:
+    """`distswitch train` in the head's namespace; its output goes to out's sibling <name>.log."""
     args = [sys.executable, "-m", "distswitch.cli", "train", str(DEFAULT_CONFIG), f"out_dir={out}",
             "distributed.num_workers=2", "train.epochs=3", "schedule.warmup_epochs=0", "schedule.finetune_epochs=0",
             "data.train_limit=6000", "train.progress=false", f"data.beton_dir={betons}", *overrides]
     env = {**cluster.env, "RAY_ADDRESS": f"{HEAD_IP}:{GCS_PORT}"}
-    return subprocess.Popen(["ip", "netns", "exec", cluster.head, *args], env=env, cwd=REPO_ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with (out.parent / f"{out.name}.log").open("w") as log:
+        return subprocess.Popen(["ip", "netns", "exec", cluster.head, *args], env=env, cwd=REPO_ROOT,
+                                stdout=log, stderr=subprocess.STDOUT)
 
 
-def _kill_worker_node_in_epoch_2(cluster: Cluster, proc: subprocess.Popen, run_dir: Path) -> None:
+def _output(out: Path) -> str:
+    return (out.parent / f"{out.name}.log").read_text()
+
+
+def _kill_worker_node_in_epoch_2(cluster: Cluster, proc: subprocess.Popen, out: Path) -> None:
+    run_dir = out / "ray" / out.name
     deadline = time.time() + 400
     while not (run_dir / "epoch_0000").is_dir():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        assert proc.poll() is None and time.time() < deadline, f"no first checkpoint: {_output(out)[-4000:]}"
         time.sleep(0.1)
     # The run spans both nodes: one Train worker in each namespace.
     assert len(cluster.processes(cluster.head, "ray::RayTrainWorker")) == 1
@@ -144,14 +161,15 @@ def test_a_run_spanning_two_nodes_survives_losing_the_worker_nodes_raylet(cluste
     out = tmp_path / "span"
     proc = _train(cluster, out, fashion_betons, "distributed.max_failures=2")
     try:
-        _kill_worker_node_in_epoch_2(cluster, proc, out / "ray" / out.name)
+        _kill_worker_node_in_epoch_2(cluster, proc, out)
         time.sleep(5)  # the node is declared dead; then it comes back, as a replaced node would
         cluster.kill_all(cluster.worker)
         cluster.start_worker()
-        output, _ = proc.communicate(timeout=600)
+        proc.wait(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
+    output = _output(out)
     assert proc.returncode == 0, output[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["workers"] == 2 and summary["resumed_at_epoch"] == 1 and len(summary["history"]) == 3
@@ -169,11 +187,12 @@ def test_without_restarts_losing_a_node_is_one_clear_line_and_the_checkpoint_sta
     run_dir = out / "ray" / out.name
     proc = _train(cluster, out, fashion_betons, "distributed.max_failures=0")
     try:
-        _kill_worker_node_in_epoch_2(cluster, proc, run_dir)
-        output, _ = proc.communicate(timeout=600)
+        _kill_worker_node_in_epoch_2(cluster, proc, out)
+        proc.wait(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
+    output = _output(out)
     assert proc.returncode == 1, output[-4000:]
     last = output.strip().splitlines()[-1]
     assert last.startswith("distswitch: failed: worker ") and "distributed.max_failures=0" in last, last
