@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import ast
+import functools
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import distswitch
@@ -29,14 +32,33 @@ def _top(module_path: Path) -> str:
     return rel.parts[0].removesuffix(".py")
 
 
+_IMPORTS = """
+import ast, json, sys
+out = {}
+for path in sys.argv[1:]:
+    names = []
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.append(node.module)
+        elif isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+    out[path] = names
+print(json.dumps(out))
+"""
+
+
+@functools.cache
+def _imports() -> dict[str, list[str]]:
+    """Every package module's imported names. Parsed in a fresh interpreter: in a long test session
+    CPython 3.11's ast.parse can fail with "AST constructor recursion depth mismatch" once other
+    libraries have run (seen in CI after the Ray tests)."""
+    paths = [str(p) for p in ROOT.rglob("*.py")]
+    proc = subprocess.run([sys.executable, "-c", _IMPORTS, *paths], capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout)
+
+
 def _imported_tops(path: Path) -> set[str]:
-    tops = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        tops |= {n.split(".")[1] for n in names if n.startswith("distswitch.")}
-    return tops
+    return {n.split(".")[1] for n in _imports()[str(path)] if n.startswith("distswitch.")}
 
 
 def test_every_package_module_has_a_place_in_the_flow():
