@@ -81,7 +81,7 @@ def build(cfg: Config, info: DatasetInfo, steps_per_epoch: int, device: torch.de
     gates = GateSet(tnn, specs)
     method = build_method(cfg, specs, steps_per_epoch)
     smallest = min(specs, key=lambda spec: spec.units, default=None)
-    if cfg.method == "switch" and smallest is not None and cfg.switcher.min_kept > smallest.units:
+    if method.source is not None and smallest is not None and cfg.switcher.min_kept > smallest.units:
         raise ConfigError(f"switcher.min_kept: got {cfg.switcher.min_kept}; layer {smallest.layer} has only "
                           f"{smallest.units} units; use at most {smallest.units}")
     if method.source is not None:

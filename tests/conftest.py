@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 # Before anything imports ray (Ray reads it once, at import): workers run in this environment,
@@ -97,3 +98,10 @@ def fake_batch(batch: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tenso
     """Random images shaped like normalised Fashion-MNIST and random labels of its 10 classes."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 1, 28, 28, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -8,22 +8,14 @@ table runs in-process in seconds.
 from __future__ import annotations
 
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import FASHION_INFO, TEST_CONFIG_YAML, make_config
+from conftest import FASHION_INFO, TEST_CONFIG_YAML, free_port, make_config
 from distswitch.cli import main
-
-
-def _free_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _betons(tmp: Path, fashion_betons: Path, damage=None) -> Path:
@@ -130,7 +122,7 @@ COMMANDS = ("train", "export", "tune", "data")
 
 
 def _argv(spec, tmp: Path, config: Path, betons: Path) -> tuple[list[str], dict]:
-    args = spec(tmp, betons) if callable(spec) else [a.format(tmp=tmp, port=_free_port(), config=config) for a in spec]
+    args = spec(tmp, betons) if callable(spec) else [a.format(tmp=tmp, port=free_port(), config=config) for a in spec]
     env = dict(a.split("=", 1) for a in args if a.startswith("RAY_ADDRESS="))
     args = [a for a in args if not a.startswith("RAY_ADDRESS=")]
     if args and args[0] in COMMANDS:
