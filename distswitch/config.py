@@ -181,8 +181,8 @@ class TrackingConfig:
 class TuneConfig:
     """`distswitch tune`: Ray Tune over the switcher's settings, ASHA early stopping."""
 
-    # Dotted config key -> one of {choice: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]},
-    # {randint: [lo, hi]} (hi exclusive).
+    # Dotted config key -> one of {choice: [...]}, {grid: [...]} (every value, each num_samples
+    # times, in order), {uniform: [lo, hi]}, {loguniform: [lo, hi]}, {randint: [lo, hi]} (hi exclusive).
     space: dict = field(default_factory=lambda: {"switcher.width": {"choice": [16, 32, 64]},
                                                  "schedule.update_ratio": {"choice": [1, 2, 4, 8]}})
     num_samples: int = 8
@@ -385,7 +385,7 @@ def _check_distributed(cfg: Config, require) -> None:
             f"a multiple of distributed.num_workers ({d.num_workers}): each worker takes an equal share of the global batch")
 
 
-DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
+DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 
 
 def _check_tune(cfg: Config, require) -> None:
@@ -399,14 +399,15 @@ def _check_tune(cfg: Config, require) -> None:
     for key, spec in t.space.items():
         where = f"tune.space.{key}"
         ok = isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS
-        require(ok, where, spec, "one of {choice: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]}, {randint: [lo, hi]}")
+        require(ok, where, spec, "one of {choice: [...]}, {grid: [...]}, {uniform: [lo, hi]}, {loguniform: [lo, hi]}, "
+                "{randint: [lo, hi]}")
         kind, values = next(iter(spec.items()))
-        if kind == "choice":
-            require(isinstance(values, list) and len(values) >= 1, where, spec, "a non-empty list of choices")
+        if kind in ("choice", "grid"):
+            require(isinstance(values, list) and len(values) >= 1, where, spec, f"a non-empty list of {kind} values")
         else:
             require(isinstance(values, list) and len(values) == 2 and all(isinstance(v, (int, float)) for v in values)
                     and values[0] < values[1], where, spec, f"{{{kind}: [lo, hi]}} with lo < hi")
-        probes = values if kind == "choice" else values[:1] if kind == "randint" else [float(v) for v in values]
+        probes = values if kind in ("choice", "grid") else values[:1] if kind == "randint" else [float(v) for v in values]
         for value in probes:  # every value must make a valid config (key exists, type and range fit)
             parts = key.split(".")
             nested: dict = value

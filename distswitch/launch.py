@@ -240,7 +240,9 @@ class RaySession:
 
         ckpt = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint is not None else None
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name if ckpt is not None else None)
-        if name == "final" and self._restored is not None:
+
+    def close(self) -> None:
+        if self._restored is not None:
             shutil.rmtree(self._restored, ignore_errors=True)
 
     def progress(self, total: int, desc: str):

@@ -130,6 +130,9 @@ class Session:
     def progress(self, total: int, desc: str):
         return tqdm(total=total, desc=desc, unit="step", leave=True, dynamic_ncols=True, file=sys.stderr)
 
+    def close(self) -> None:
+        """The run is over on this worker (finished, stopped or failed): drop local copies."""
+
 
 def collect_final(folder: Path, out: Path) -> None:
     """Copy a final report's files into out_dir, each atomically."""
@@ -166,8 +169,18 @@ def train(cfg: Config, session: Session | None = None, device: torch.device | No
     its timeline (`marks`: the launcher's own wall-clock marks, then this worker's). `tracker`
     (rank 0 only, `tracking.EpochLogger`) gets each epoch's metrics once its checkpoint is reported."""
     marks = {**(marks or {}), "worker_started": time.time()}
-    validate_names(cfg)
     session = session or Session(cfg.out_dir)
+    scratch = Path(tempfile.mkdtemp(prefix="distswitch-"))  # this worker's local files (rank 0's best.pt)
+    try:
+        return _train(cfg, session, device, launched_at, marks, tracker, scratch)
+    finally:  # a stop or an error too: only a killed worker leaves its scratch behind
+        shutil.rmtree(scratch, ignore_errors=True)
+        session.close()
+
+
+def _train(cfg: Config, session: Session, device: torch.device | None, launched_at: float | None,
+           marks: dict[str, float], tracker, scratch: Path) -> dict:
+    validate_names(cfg)
     device = device or resolve_device(cfg)
     rank, world = session.rank, session.world_size
     seed_everything(cfg.train.seed)
@@ -181,7 +194,6 @@ def train(cfg: Config, session: Session | None = None, device: torch.device | No
     replicas = make_replicas(tnn, method, device)
     marks["replicas_ready"] = time.time()  # DDP wrappers built, rank 0's parameters broadcast
     engine = Engine(cfg, tnn, gates, method, device, replicas)
-    scratch = Path(tempfile.mkdtemp(prefix="distswitch-"))  # this worker's local files (rank 0's best.pt)
     history: list[EpochStats] = []
     best = {"val_acc": -1.0, "epoch": None}
     start_epoch = 0
@@ -281,6 +293,7 @@ def train(cfg: Config, session: Session | None = None, device: torch.device | No
             **export,
             "startup_seconds": (engine.first_step_at - launched_at
                                 if launched_at is not None and engine.first_step_at is not None else None),
+            "startup_origin": launched_at,  # wall clock (time.time) of the timeline's 0
             "startup_timeline": ({k: round(v - launched_at, 2) for k, v in
                                   {**marks, "first_step": engine.first_step_at or float("nan")}.items()}
                                  if launched_at is not None else {}),
@@ -306,7 +319,6 @@ def train(cfg: Config, session: Session | None = None, device: torch.device | No
                      "val/acc": best["val_acc"], "kept_fraction": selected.kept_fraction,
                      "tune/score": best["val_acc"] - cfg.tune.kept_weight * selected.kept_fraction}
     session.report(final_metrics, final if rank == 0 else None, "final")
-    shutil.rmtree(scratch, ignore_errors=True)
     return summary
 
 

@@ -33,8 +33,8 @@ TRIAL_TAG = "distswitch.tune_trial_id"
 def search_space(cfg: Config) -> dict:
     from ray import tune
 
-    make = {"choice": tune.choice, "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v),
-            "randint": lambda v: tune.randint(*v)}
+    make = {"choice": tune.choice, "grid": tune.grid_search, "uniform": lambda v: tune.uniform(*v),
+            "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(*v)}
     return {key: make[kind](values) for key, spec in cfg.tune.space.items() for kind, values in spec.items()}
 
 
@@ -182,6 +182,7 @@ def _trial(values: dict, base: dict, trials_dir: str, storage: str, parent, laun
 
     context = ray.tune.get_context()
     name, trial_id = context.get_trial_name(), context.get_trial_id()
+    stopping = _stop_event()
     out = Path(trials_dir) / name
     cfg = trial_config(base, values, out, name, parent[0] if parent else None)
     out.mkdir(parents=True, exist_ok=True)
@@ -200,7 +201,11 @@ def _trial(values: dict, base: dict, trials_dir: str, storage: str, parent, laun
         trainer = make_trainer(cfg, storage, {}, launched_at, tracking, callbacks=[TuneReportCallback()])
         summary = collect(_fit(trainer, cfg, storage), cfg, out, storage)
     except BaseException as exc:
-        if tracking is not None:
+        if tracking is not None and stopping is not None and stopping.is_set():
+            # Tune stopped the trial (ASHA): its TrainController dies with the trial's actor, and
+            # that error is the stop's doing. KILLED, as the driver's callback closes it too.
+            _close(tracking[0], trial_id)
+        elif tracking is not None:
             from distswitch.tracking import fail_run
 
             fail_run(*tracking, exc)
@@ -212,6 +217,19 @@ def _trial(values: dict, base: dict, trials_dir: str, storage: str, parent, laun
         summary["mlflow"] = {"tracking_uri": tracking[0], "run_id": tracking[1]}
         write_json(out / "summary.json", summary)
         finish_run(*tracking, out, summary)
+
+
+def _stop_event():
+    """The event Tune sets when it stops this trial (`Trainable.cleanup` -> session.finish), or None.
+
+    Ray has no public way to ask whether a trial is being stopped. The session object is taken
+    at the trial's start: Tune drops its global reference to it while stopping."""
+    try:
+        from ray.train._internal.session import get_session
+
+        return get_session().stop_event
+    except Exception:  # another Ray version: fall back to FAILED, as for any error
+        return None
 
 
 def close_runs_callback(uri: str):

@@ -124,6 +124,23 @@ def test_two_workers_update_like_one_worker_with_the_whole_batch(config, tmp_pat
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
+def test_a_worker_leaves_no_scratch_files_whether_it_finishes_or_stops(config, tmp_path, monkeypatch):
+    import tempfile
+
+    from distswitch.engine import TrainingStopped
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the worker's mkdtemp goes
+    short = ["train.epochs=2", "data.train_limit=640", "distributed.num_workers=1"]
+    train(load_config(config, [f"out_dir={tmp_path / 'done'}", *short]), Session(tmp_path / "done"))
+    assert list(scratch.iterdir()) == []
+    with pytest.raises(TrainingStopped):
+        train(load_config(config, [f"out_dir={tmp_path / 'stop'}", *short, "optim.tnn.lr=1e30"]), Session(tmp_path / "stop"))
+    assert list(scratch.iterdir()) == []
+    assert (tmp_path / "stop" / "checkpoints").is_dir()  # the stop was reported before the cleanup
+
+
 def _train_workers() -> list[psutil.Process]:
     """Ray Train's worker processes on this machine (Ray titles them ray::RayTrainWorker...)."""
     found = []

@@ -109,12 +109,13 @@ def test_ffcv_loaders_give_the_torch_paths_batches_in_the_same_order(mnist_beton
 def test_killed_prepare_leaves_no_folder_that_looks_complete(tmp_path, fashion_mnist_root):
     out = tmp_path / "fm"
     code = f"from distswitch.data.beton import prepare; prepare('fashion-mnist', {str(out)!r}, workers=1)"
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while not (out / ".train.beton.partial").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert proc.poll() is None, "prepare finished before it could be interrupted"
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # with FFCV's writer processes, which would outlive their parent
     proc.wait()
     assert not (out / "metadata.json").exists() and not (out / "train.beton").exists()
     with pytest.raises(DataError, match="metadata.json missing"):
@@ -306,6 +307,26 @@ def test_the_launchers_beton_header_reader_matches_ffcvs_format():
 
     assert beton.HEADER == ffcv.types.HeaderType and beton.FIELD_DESC == ffcv.types.FieldDescType
     assert beton.BETON_VERSION == ffcv.types.CURRENT_VERSION
+
+
+def test_importing_ffcv_through_distswitch_compiles_nothing_and_leaves_numba_intact():
+    # A fresh interpreter: this session may have imported ffcv already.
+    code = """
+import numba.core.dispatcher as d
+compiled = []
+real = d.Dispatcher.compile
+d.Dispatcher.compile = lambda self, sig: compiled.append(self.py_func.__name__) or real(self, sig)
+from distswitch.data.beton import import_ffcv
+import_ffcv()
+import numba.typed, numba.typed.typeddict, ffcv.fields.rgb_image as rgb
+assert compiled == [], compiled
+assert numba.typed.Dict is numba.typed.typeddict.Dict
+assert dict(rgb.IMAGE_MODES) == {"jpg": 0, "raw": 1}
+import distswitch.data.ffcv_loader
+assert compiled == [], compiled
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def _shard_worker(config: dict) -> None:

@@ -4,14 +4,19 @@ code, one MLflow parent run with a nested child run per trial, and the best conf
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import DEFAULT_CONFIG
-from distswitch.cli import main
+from conftest import DEFAULT_CONFIG, REPO_ROOT
 from distswitch.config import ConfigError, load_config
-from distswitch.tune import max_concurrent, trial_config
+from distswitch.tune import TRIAL_TAG, max_concurrent, trial_config
 
 
 def test_a_trial_config_takes_the_trial_values_and_its_own_out_dir(tmp_path):
@@ -53,28 +58,78 @@ def test_concurrent_trials_follow_the_cluster_and_the_workers_per_trial(cpus, gp
     assert max_concurrent(_Cluster(cpus, gpus), cfg) == expected
 
 
+def _ray_processes(actors_only: bool = False) -> list[psutil.Process]:
+    """Ray's workers and actors (ray::...), and unless `actors_only` its GCS and raylets."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if cmdline.startswith("ray::") or (not actors_only and ("gcs_server" in cmdline or "/raylet" in cmdline)):
+            found.append(proc)
+    return found
+
+
 @pytest.mark.slow
-def test_tiny_tune_reports_every_trial_nests_their_runs_and_writes_the_best_config(tmp_path):
+def test_asha_stops_a_weak_trial_mid_run_and_a_killed_search_resumes_with_no_duplicate_run(tmp_path):
+    # Three trials in grid order, one at a time (2 CPUs): a learning one, then two that cannot learn
+    # (tnn lr 1e-6). ASHA's first rung (1 epoch of 3) stops trial 2 below trial 1. The driver is
+    # SIGKILLed inside trial 3's second epoch, long enough after trial 2's stop for Tune to have
+    # saved its experiment state (every >= 10 s); the same command restores the search.
     out = tmp_path / "search"
-    status = main(["tune", str(DEFAULT_CONFIG), f"out_dir={out}", "tune.num_samples=1", "train.epochs=1",
-                   "schedule.warmup_epochs=0", "schedule.finetune_epochs=0", "data.train_limit=1024",
-                   "distributed.num_workers=1", "train.progress=false",
-                   "tune.space={switcher.width: {choice: [8, 16]}, schedule.update_ratio: {choice: [1, 4]}}"])
-    assert status == 0
+    command = [sys.executable, "-m", "distswitch.cli", "tune", str(DEFAULT_CONFIG), f"out_dir={out}",
+               "tune.num_samples=1", "train.epochs=3", "schedule.warmup_epochs=0", "schedule.finetune_epochs=0",
+               "data.train_limit=1024", "distributed.num_workers=1", "train.progress=false",
+               "tune.grace_period=1", "tune.reduction_factor=2", "tune.space={optim.tnn.lr: {grid: [0.05, 1.0e-6, 1.0e-6]}}"]
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 400
+        while not list((out / "ray").glob("_trial_*_00002/epoch_0000")):  # trial 3's first epoch checkpoint
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.time() < deadline, "the third trial never finished its first epoch"
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert not list((out / "ray").glob("_trial_*_00002/epoch_0002")), "the kill must land inside trial 3"
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed_at = time.time()
+    assert not (out / "tune_summary.json").exists()
+    while _ray_processes(actors_only=True):  # no old trial may still write to the checkpoints
+        assert time.time() < killed_at + 120, "Ray's actors outlived the killed search driver by 120 s"
+        time.sleep(1)
+    print(f"the killed search's actors were gone after {time.time() - killed_at:.0f} s")
+
+    rerun = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
+    assert "resuming the search in" in rerun.stdout + rerun.stderr
+
     summary = json.loads((out / "tune_summary.json").read_text())
-    assert summary["num_trials"] == 1 and all(r["val/acc"] is not None and r["error"] is None for r in summary["trials"])
+    rows = sorted(summary["trials"], key=lambda r: r["trial"])
+    assert [r["config.optim.tnn.lr"] for r in rows] == [0.05, 1e-6, 1e-6]
+    assert all(r["error"] is None for r in rows)
+    assert rows[1]["epochs_reported"] == 1  # stopped at the first rung: of 3 epochs + the final report
+    assert rows[0]["epochs_reported"] == 4 and rows[0]["test/acc"] is not None
+    trial3 = json.loads(next((out / "trials").glob("*_00002/summary.json")).read_text())
+    assert trial3["resumed_at_epoch"] >= 1  # its Train run went on from its checkpoint
+    assert summary["best"]["config"] == {"optim.tnn.lr": 0.05}
     best = load_config(out / "best_config.yaml")
-    assert best.switcher.width == summary["best"]["config"]["switcher.width"]
-    assert best.schedule.update_ratio == summary["best"]["config"]["schedule.update_ratio"]
-    assert best.tune.space == {} and best.distributed.name is None
+    assert best.optim.tnn.lr == 0.05 and best.tune.space == {} and best.distributed.name is None
+
     client = MlflowClient(summary["mlflow"]["tracking_uri"])
     parent = client.get_run(summary["mlflow"]["run_id"])
     assert parent.info.status == "FINISHED"
     experiment = parent.info.experiment_id
     children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert len(children) == 1 and {c.info.status for c in children} <= {"FINISHED", "KILLED"}
+    by_lr = sorted(children, key=lambda c: (-float(c.data.params["optim.tnn.lr"]), c.info.start_time))
+    assert len({c.data.tags[TRIAL_TAG] for c in children}) == 3  # one run per trial, the resumed one included
+    assert [c.info.status for c in by_lr] == ["FINISHED", "KILLED", "FINISHED"]
+    assert by_lr[1].data.tags["distswitch.stopped_by"].startswith("tune")
     assert {"trials.json", "best_config.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert len(client.search_runs([experiment])) == 2  # the parent and its child, nothing else
+    assert len(client.search_runs([experiment])) == 4  # the parent and its 3 children, nothing else
+    while left := _ray_processes():  # the killed driver's cluster shared its fate; the rerun's closed
+        names = sorted({" ".join(p.info["cmdline"] or [])[:60] for p in left})
+        assert time.time() < killed_at + 180, f"Ray processes left 180 s after the kill: {names}"
+        time.sleep(1)
 
 
 def test_a_trial_that_ends_without_closing_its_run_is_closed_killed(tmp_path):

@@ -29,6 +29,27 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".ti
 MEAN_STD_SAMPLE = 2000  # imagefolder: images read to estimate the channel mean / std
 
 
+def import_ffcv() -> None:
+    """Import ffcv without its ~4 CPU-seconds of import-time JIT.
+
+    `ffcv.fields.rgb_image` fills a numba typed Dict at import, which compiles numba's dict code in
+    every process that imports ffcv: each Ray worker, at each start. That dict is only ever read
+    from Python (the decoders copy its ints into their closures), so a plain dict stands in for
+    `numba.typed.Dict` during the import. The real one is back as soon as ffcv is imported.
+    """
+    import sys
+
+    if "ffcv.fields.rgb_image" in sys.modules:
+        return
+    import numba.typed
+
+    numba.typed.Dict = dict  # numba.typed resolves Dict lazily (module __getattr__): shadow it ...
+    try:
+        import ffcv  # noqa: F401
+    finally:
+        del numba.typed.Dict  # ... and unshadow it
+
+
 def default_dir(dataset: str) -> str:
     return f"data/ffcv/{dataset}"
 
@@ -152,6 +173,7 @@ def prepare(dataset: str, out: str | Path, root: str | None = None, download: bo
     meta_path.unlink(missing_ok=True)  # from here on the folder does not look prepared until the end
     for stale in out.glob(".*.partial"):
         stale.unlink()
+    import_ffcv()
     import ffcv
     from ffcv.writer import DatasetWriter
 

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from numba import njit
 
-from distswitch.data.beton import BetonSet
+from distswitch.data.beton import BetonSet, import_ffcv
 from distswitch.data.transform import InputTransform
 
+import_ffcv()  # before any ffcv module: see there
 from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, NDArrayDecoder, RandomResizedCropRGBImageDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline.allocation_query import AllocationQuery
