@@ -113,8 +113,6 @@ def test_asha_stops_a_weak_trial_mid_run_and_a_killed_search_resumes_with_no_dup
     assert all(r["error"] is None for r in rows)
     assert rows[1]["epochs_reported"] == 1  # stopped at the first rung: of 3 epochs + the final report
     assert rows[0]["epochs_reported"] == 4 and rows[0]["test/acc"] is not None
-    trial3 = json.loads(next((out / "trials").glob("*_00002/summary.json")).read_text())
-    assert trial3["resumed_at_epoch"] >= 1  # its Train run went on from its checkpoint
     assert summary["best"]["config"] == {"optim.tnn.lr": 0.05}
     best = load_config(out / "best_config.yaml")
     assert best.optim.tnn.lr == 0.05 and best.tune.space == {} and best.distributed.name is None
@@ -126,6 +124,9 @@ def test_asha_stops_a_weak_trial_mid_run_and_a_killed_search_resumes_with_no_dup
     children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     by_lr = sorted(children, key=lambda c: (-float(c.data.params["optim.tnn.lr"]), c.info.start_time))
     assert len({c.data.tags[TRIAL_TAG] for c in children}) == 4  # one run per trial, the resumed one included
+    # Trial 3's run is the one the rerun continued. (Its Train run resumes from its last checkpoint
+    # that Train registered; the kill may land before epoch 1's is, and then it starts over.)
+    assert [c.data.tags.get("distswitch.relaunches") for c in by_lr] == [None, None, "1", None]
     # Trial 4 is not stopped: at each rung it matches or beats the restored trial 3 (same rate, seed).
     assert [c.info.status for c in by_lr] == ["FINISHED", "KILLED", "FINISHED", "FINISHED"]
     assert by_lr[1].data.tags["distswitch.stopped_by"].startswith("tune")
