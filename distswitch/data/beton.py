@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,8 +38,6 @@ def import_ffcv() -> None:
     from Python (the decoders copy its ints into their closures), so a plain dict stands in for
     `numba.typed.Dict` during the import. The real one is back as soon as ffcv is imported.
     """
-    import sys
-
     if "ffcv.fields.rgb_image" in sys.modules:
         return
     import numba.typed
