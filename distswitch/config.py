@@ -35,6 +35,11 @@ def _yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
+def channels_last_on(train: "TrainConfig", device_type: str) -> bool:
+    """train.channels_last, where null means: on CUDA (NHWC convolutions use tensor cores), not on CPU."""
+    return train.channels_last if train.channels_last is not None else device_type == "cuda"
+
+
 class ConfigError(ValueError):
     """A user-facing configuration problem: the message names the key and what is allowed."""
 
@@ -82,6 +87,14 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress: bool = True
+    # fp32, or autocast to bf16 / fp16 (fp16 with a gradient scaler per phase). Weights, optimiser
+    # state and the switcher's factors stay fp32.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # Convolution activations and weights in NHWC; null = on for CUDA (tensor cores), off on CPU.
+    channels_last: Union[bool, None] = None
+    # torch.compile: none | switcher (the factor source, run every step) | all (the TNN too).
+    # Compiling costs tens of seconds per worker at start (cached on disk for later runs).
+    compile: Literal["none", "switcher", "all"] = "none"
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ Per epoch::
          all-reduced across workers: see `distswitch.parallel`)
         gates.set(factors if method.gated(epoch) else None)
         TNN phase: tnn.train();  SNN phase: tnn.eval() (BatchNorm statistics frozen too)
-        loss = cross_entropy + method.penalty(factors)
+        loss = cross_entropy + method.penalty(factors)   # the TNN's forward under train.precision's autocast
         loss.backward(inputs=params[phase])           # the frozen side gets no gradient at all
-        optimizers[phase].step()
+        optimizers[phase].step()                      # fp16: through the phase's gradient scaler
     schedulers step; validate with the current factors
     a non-finite loss or factor, or a layer below switcher.min_kept: raise TrainingStopped
     on_epoch_end(stats)                               # (so the epoch is never checkpointed)
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distswitch.config import Config, OptimizerConfig
+from distswitch.config import Config, OptimizerConfig, channels_last_on
 from distswitch.gates import GateSet, kept_report
 from distswitch.methods import Method
 from distswitch.parallel import Replicas
@@ -71,6 +71,9 @@ class EpochStats:
         return asdict(self)
 
 
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def build_optimizer(params: list[nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
@@ -103,6 +106,25 @@ class Engine:
         opt_cfg = {Phase.TNN: cfg.optim.tnn, Phase.SNN: cfg.optim.snn}
         self.optimizers = {ph: build_optimizer(ps, opt_cfg[ph]) for ph, ps in self.params.items() if ps}
         self.schedulers = {ph: build_scheduler(o, opt_cfg[ph], cfg.train.epochs) for ph, o in self.optimizers.items()}
+        self.amp_dtype = AMP_DTYPES[cfg.train.precision]
+        # One scaler per phase: the two sides' gradients have unrelated ranges. Disabled ones are
+        # pass-throughs (scale() returns the loss, step() steps).
+        self.scalers = {ph: torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+                        for ph in self.optimizers}
+        self.memory_format = torch.channels_last if channels_last_on(cfg.train, device.type) else torch.contiguous_format
+        if cfg.train.compile != "none" and self.source is not None:
+            self.source.compile()  # in place: DDP wrappers and state_dict keys are unchanged
+        if cfg.train.compile == "all":
+            tnn.compile()
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(self.device, non_blocking=True)
+        if x.dim() == 4:  # a no-op for distswitch's loaders (their transform gives this layout)
+            x = x.contiguous(memory_format=self.memory_format)
+        return x, y.to(self.device, non_blocking=True)
 
     # -- factors ---------------------------------------------------------------------------
     def compute_factors(self, epoch: int, phase: Phase | None = None) -> list[torch.Tensor] | None:
@@ -126,16 +148,19 @@ class Engine:
         factors = self.compute_factors(epoch, phase)
         self.gates.set(factors)
         self.tnn.train(phase == Phase.TNN)
-        logits = self.replicas.tnn_for(phase)(x)
-        loss = F.cross_entropy(logits, y)
+        with self._autocast():  # the factors above stay fp32: the switcher is small
+            logits = self.replicas.tnn_for(phase)(x)
+        loss = F.cross_entropy(logits.float(), y)
         total = loss
         if factors is not None and phase == self.method.source_phase:
             total = loss + self.method.penalty(factors, epoch)
         opt = self.optimizers.get(phase)
         if opt is not None:
             opt.zero_grad(set_to_none=True)
-            total.backward(inputs=self.params[phase])
-            opt.step()
+            scaler = self.scalers[phase]
+            scaler.scale(total).backward(inputs=self.params[phase])
+            scaler.step(opt)  # fp16: skipped when a gradient is inf/nan (then the scale backs off)
+            scaler.update()
         fault = torch.where(torch.isfinite(loss), 0, LOSS_FAULT)
         for f in factors or ():
             fault = torch.where(torch.isfinite(f).all(), fault, FACTOR_FAULT)
@@ -154,8 +179,9 @@ class Engine:
         # [loss sum, correct, examples] in float64: exact counts, one all-reduce over workers.
         sums = torch.zeros(3, device=self.device, dtype=torch.float64)
         for x, y in loader:
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            logits = self.tnn(x)
+            x, y = self._to_device(x, y)
+            with self._autocast():
+                logits = self.tnn(x).float()
             sums[0] += F.cross_entropy(logits, y, reduction="sum")
             sums[1] += (logits.argmax(1) == y).sum()
             sums[2] += len(y)
@@ -174,7 +200,7 @@ class Engine:
         start = time.perf_counter()
         bar = progress(loader, epoch) if progress else None
         for step, (x, y) in enumerate(loader):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = self._to_device(x, y)
             phase = self.method.phase_at(epoch, step)
             loss, correct, fault = self.step(epoch, phase, x, y)
             first_fault = torch.where((fault == 0) | (first_fault >= 0), first_fault, step * 4 + fault)
@@ -279,6 +305,7 @@ class Engine:
             "source": self.source.state_dict() if self.source is not None else None,
             "optimizers": {ph.value: o.state_dict() for ph, o in self.optimizers.items()},
             "schedulers": {ph.value: s.state_dict() for ph, s in self.schedulers.items()},
+            "scalers": {ph.value: s.state_dict() for ph, s in self.scalers.items()},
         }
 
     def retune(self, saved: dict) -> None:
@@ -310,3 +337,7 @@ class Engine:
             o.load_state_dict(state["optimizers"][ph.value])
         for ph, s in self.schedulers.items():
             s.load_state_dict(state["schedulers"][ph.value])
+        for ph, s in self.scalers.items():
+            saved = state.get("scalers", {}).get(ph.value)
+            if s.is_enabled() and saved:  # a run switched to fp16 on resume starts a fresh scale
+                s.load_state_dict(saved)

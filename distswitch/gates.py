@@ -160,7 +160,8 @@ class GateSet:
         def hook(module, inputs, output):
             if self._factors is None:
                 return output
-            f = self._factors[k]
+            # In the output's dtype: fp32 factors would promote autocast's bf16/fp16 activations.
+            f = self._factors[k].to(output.dtype)
             return output * f.view(1, -1, *([1] * (output.dim() - 2)))
 
         return hook
@@ -169,7 +170,7 @@ class GateSet:
         def hook(module, inputs):
             if self._factors is None:
                 return inputs
-            return (inputs[0] * self._factors[k],) + tuple(inputs[1:])
+            return (inputs[0] * self._factors[k].to(inputs[0].dtype),) + tuple(inputs[1:])
 
         return hook
 

@@ -8,6 +8,7 @@ out, metrics) and has set up the process group that `distswitch.parallel` uses.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -24,7 +25,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from distswitch.config import Config, ConfigError
+from distswitch.config import Config, ConfigError, channels_last_on
 from distswitch.data import DATASETS, DatasetInfo, check_data, make_loaders
 from distswitch.engine import Engine, EpochStats, TrainingStopped
 from distswitch.export import architecture, atomic_save, compact_model, count, save_compact
@@ -77,6 +78,8 @@ def build(cfg: Config, info: DatasetInfo, steps_per_epoch: int, device: torch.de
     if sync_batchnorm:  # before the gates: their hooks attach to the modules that will run
         tnn = torch.nn.SyncBatchNorm.convert_sync_batchnorm(tnn)
     tnn = tnn.to(device)
+    if channels_last_on(cfg.train, device.type):
+        tnn = tnn.to(memory_format=torch.channels_last)  # 4-d weights only
     specs = find_gates(tnn, cfg.model.gated, cfg.switcher.granularity)
     gates = GateSet(tnn, specs)
     method = build_method(cfg, specs, steps_per_epoch)
@@ -184,6 +187,9 @@ def _train(cfg: Config, session: Session, device: torch.device | None, launched_
     device = device or resolve_device(cfg)
     rank, world = session.rank, session.world_size
     seed_everything(cfg.train.seed)
+    # Shapes are fixed for a run: let cuDNN pick the fastest kernels (a process setting; workers
+    # are processes of their own).
+    torch.backends.cudnn.benchmark = device.type == "cuda"
 
     loaders = make_loaders(cfg, rank, world, device)
     info, train_loader, val_loader, test_loader = loaders.info, loaders.train, loaders.val, loaders.test
@@ -394,7 +400,7 @@ def export_compact(cfg: Config, info: DatasetInfo, engine: Engine, epoch: int, e
     factors = engine.compute_factors(epoch)
     engine.gates.set(factors)
     engine.tnn.eval()
-    example = example.to(engine.device)
+    example = example.to(engine.device, torch.float32)  # the check runs in fp32 whatever train.precision
     with torch.no_grad():
         reference = engine.tnn(example).cpu()
     compact = create_tnn(cfg.model.name, info.channels, info.num_classes, info.image_size)
@@ -489,6 +495,8 @@ def export_checkpoint(path: str | Path, out: str | Path) -> dict:
     if not isinstance(bundle, dict) or bundle.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"{str(path)!r} is not a distswitch training checkpoint (expected format {CHECKPOINT_FORMAT})")
     cfg = Config.from_dict(bundle["config"])
+    # One switcher pass on CPU: compiling it would cost more than it saves.
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile="none", channels_last=False))
     info = DatasetInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in bundle["data_info"].items()})
     device = torch.device("cpu")
     tnn, gates, method = build(cfg, info, bundle["steps_per_epoch"], device)

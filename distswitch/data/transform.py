@@ -15,8 +15,9 @@ from distswitch.data.datasets import DatasetInfo
 
 
 class InputTransform:
-    def __init__(self, source: DatasetInfo, target: DatasetInfo, dtype: torch.dtype = torch.float32) -> None:
-        self.source, self.target, self.dtype = source, target, dtype
+    def __init__(self, source: DatasetInfo, target: DatasetInfo, dtype: torch.dtype = torch.float32,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
+        self.source, self.target, self.dtype, self.memory_format = source, target, dtype, memory_format
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         # Crop-based sources (imagefolder) are already decoded at the target size.
         self.pad = 0 if source.augment == "resized_crop" else target.image_size - source.image_size
@@ -37,4 +38,5 @@ class InputTransform:
         if x.shape[1] != self.target.channels:
             x = x.expand(-1, self.target.channels, -1, -1)
         mean, std = self._mean_std(x.device)
-        return ((x.float() - mean) / std).to(self.dtype)
+        # Padding and channel expansion do not keep FFCV's NHWC layout: restore the configured one.
+        return ((x.float() - mean) / std).to(self.dtype).contiguous(memory_format=self.memory_format)
