@@ -106,6 +106,60 @@ def test_ffcv_loaders_give_the_torch_paths_batches_in_the_same_order(mnist_beton
             assert torch.equal(xf, xt) and torch.equal(yf, yt)
 
 
+def cifar_batches(root: Path, name: str, n_train: int, n_test: int) -> Path:
+    """CIFAR's python-batch layout (what torchvision's download unpacks): image i of a split has its
+    red plane at i % 256, green at class * 10, blue at 200; labels i % classes."""
+    import pickle
+
+    classes = 10 if name == "cifar10" else 100
+    folder, train_files, test_file, meta, names_key, labels_key = (
+        ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "batches.meta", "label_names", "labels")
+        if name == "cifar10" else ("cifar-100-python", ["train"], "test", "meta", "fine_label_names", "fine_labels"))
+    base = root / folder
+    base.mkdir(parents=True)
+
+    def batch(ids: np.ndarray) -> dict:
+        labels = ids % classes
+        planes = np.stack([np.broadcast_to(v[:, None], (len(ids), 1024)) for v in (ids % 256, labels * 10 % 256, np.full(len(ids), 200))], 1)
+        return {"data": planes.reshape(len(ids), 3072).astype(np.uint8), labels_key: labels.tolist()}
+
+    for part, ids in zip(train_files, np.array_split(np.arange(n_train), len(train_files))):
+        (base / part).write_bytes(pickle.dumps(batch(ids)))
+    (base / test_file).write_bytes(pickle.dumps(batch(np.arange(n_test))))
+    (base / meta).write_bytes(pickle.dumps({names_key: [f"class{c}" for c in range(classes)]}))
+    return root
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_batches_are_prepared_as_rgb_32x32_with_their_classes_and_read_alike_by_both_loaders(tmp_path, name):
+    root, out = cifar_batches(tmp_path / name, name, 250, 40), tmp_path / "betons"
+    meta, written = prepare(name, out, root=str(root), val_size=50, log=_quiet)
+    assert written and meta["counts"] == {"train": 200, "val": 50, "test": 40}
+    assert meta["image_shape"] == [3, 32, 32] and meta["info"]["augment"] == "crop_flip"
+    assert len(meta["info"]["classes"]) == meta["info"]["num_classes"] == (10 if name == "cifar10" else 100)
+    cfg = dict(dataset=name, root=str(root), beton_dir=str(out), val_size=50)
+    loaders = {kind: make_loaders(make_config(data={**cfg, "loader": kind}, train={"batch_size": 20, "eval_batch_size": 20}))
+               for kind in ("ffcv", "torch")}
+    (x, y), (xt, yt) = next(iter(loaders["ffcv"].test)), next(iter(loaders["torch"].test))
+    assert torch.equal(x, xt) and torch.equal(y, yt) and x.shape == (20, 3, 32, 32)
+    # Planes are R, G, B: test image i has red i, green its class * 10, blue 200 (before normalising).
+    pixels = (x * torch.tensor(meta["info"]["std"]).view(1, 3, 1, 1) + torch.tensor(meta["info"]["mean"]).view(1, 3, 1, 1)) * 255
+    expected = torch.stack([torch.arange(20.0), (torch.arange(20) % meta["info"]["num_classes"]) * 10.0, torch.full((20,), 200.0)], 1)
+    assert torch.allclose(pixels[:, :, 16, 16], expected, atol=0.01) and torch.equal(y, torch.arange(20) % meta["info"]["num_classes"])
+    xb, _ = next(iter(loaders["ffcv"].train))
+    assert xb.shape == (20, 3, 32, 32)
+
+
+def test_a_damaged_cifar_batch_is_named_in_one_line(tmp_path):
+    root = cifar_batches(tmp_path / "c", "cifar10", 50, 10)
+    (root / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"\x80\x04 truncated")
+    with pytest.raises(DataError, match="data_batch_3.*cannot be read as a CIFAR batch"):
+        prepare("cifar10", tmp_path / "out", root=str(root), val_size=10, log=_quiet)
+    shutil.rmtree(root / "cifar-10-batches-py")
+    with pytest.raises(DataError, match="no cifar10 batches under .*data.download=true"):
+        prepare("cifar10", tmp_path / "out", root=str(root), val_size=10, log=_quiet)
+
+
 def test_killed_prepare_leaves_no_folder_that_looks_complete(tmp_path, fashion_mnist_root):
     out = tmp_path / "fm"
     code = f"from distswitch.data.beton import prepare; prepare('fashion-mnist', {str(out)!r}, workers=1)"

@@ -166,33 +166,75 @@ def mnist(cfg: DataConfig):
     return _mnist_like(cfg, "mnist", "data/mnist", "MNIST", 0.1307, 0.3081)
 
 
-def _cifar(cfg: DataConfig, name: str, tv_class: str):
-    import torchvision.datasets as tvd
+# name: (torchvision class, folder in the archive, train files, test files, meta file, class-name key, label key)
+_CIFAR = {
+    "cifar10": ("CIFAR10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                "batches.meta", "label_names", "labels"),
+    "cifar100": ("CIFAR100", "cifar-100-python", ["train"], ["test"], "meta", "fine_label_names", "fine_labels"),
+}
 
-    root = cfg.root or f"data/{name}"
-    try:
-        sets = [getattr(tvd, tv_class)(root, train=split, download=cfg.download) for split in (True, False)]
-    except RuntimeError as exc:
-        raise DataError(f"data.root: {name} not found under {root!r} ({exc}); set data.download=true on a connected machine") from None
-    train, test = (
-        ArrayDataset(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets, dtype=torch.int64))
-        for s in sets
-    )
-    classes = tuple(sets[0].classes)
+
+def _cifar(cfg: DataConfig, name: str):
+    """CIFAR's python batches, read here (torchvision only downloads them): its reader demands the
+    official files' MD5s, so a subset or a re-packed copy could not be used, and a damaged file
+    deserves a message naming it."""
+    tv_class, folder, train_files, test_files, meta_file, names_key, labels_key = _CIFAR[name]
+    root = Path(cfg.root or f"data/{name}")
+    base = root / folder
+    if not base.is_dir() and cfg.download:
+        import torchvision.datasets as tvd
+
+        getattr(tvd, tv_class)(str(root), train=True, download=True)  # one archive, both splits, MD5-checked
+    missing = [f for f in [*train_files, *test_files, meta_file] if not (base / f).is_file()]
+    if missing:
+        raise DataError(f"data.root: no {name} batches under {str(base)!r} (missing {', '.join(missing)}); set "
+                        f"data.download=true on a connected machine, or point data.root at the folder holding {folder}/")
+    classes = tuple(str(c) for c in _unpickle(base / meta_file)[names_key])
+    train, test = (_cifar_split(base, files, labels_key, len(classes)) for files in (train_files, test_files))
     # The authors' normalisation (method notes): mean (125.3, 123.0, 113.9)/255, std (63.0, 62.1, 66.7)/255.
     mean = (125.3 / 255, 123.0 / 255, 113.9 / 255)
     std = (63.0 / 255, 62.1 / 255, 66.7 / 255)
     return train, test, DatasetInfo(name, len(classes), 3, 32, mean, std, "crop_flip", classes)
 
 
+def _unpickle(path: Path) -> dict:
+    import pickle
+
+    try:
+        with open(path, "rb") as fh:
+            entry = pickle.load(fh, encoding="latin1")
+    except Exception as exc:  # truncated or foreign: name the file, not the unpickler's state
+        raise DataError(f"data.root: {str(path)!r} cannot be read as a CIFAR batch ({type(exc).__name__}); "
+                        "download it again (data.download=true after deleting the folder)") from None
+    if not isinstance(entry, dict):
+        raise DataError(f"data.root: {str(path)!r} is not a CIFAR batch (no dict inside)")
+    return entry
+
+
+def _cifar_split(base: Path, files: list[str], labels_key: str, num_classes: int) -> ArrayDataset:
+    images, labels = [], []
+    for name in files:
+        entry = _unpickle(base / name)
+        data, targets = np.asarray(entry.get("data", []), dtype=np.uint8), np.asarray(entry.get(labels_key, []))
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(targets) != len(data) or len(data) == 0:
+            raise DataError(f"data.root: {str(base / name)!r} is not a CIFAR batch: expected 'data' [N, 3072] uint8 "
+                            f"and N '{labels_key}', got data {data.shape} and {len(targets)} labels")
+        if targets.min() < 0 or targets.max() >= num_classes:
+            raise DataError(f"data.root: {str(base / name)!r} has labels outside 0..{num_classes - 1}")
+        images.append(data)
+        labels.append(targets)
+    x = torch.from_numpy(np.concatenate(images)).reshape(-1, 3, 32, 32)  # CIFAR stores planes: R, G, B
+    return ArrayDataset(x.contiguous(), torch.from_numpy(np.concatenate(labels).astype(np.int64)))
+
+
 @DATASETS.register("cifar10")
 def cifar10(cfg: DataConfig):
-    return _cifar(cfg, "cifar10", "CIFAR10")
+    return _cifar(cfg, "cifar10")
 
 
 @DATASETS.register("cifar100")
 def cifar100(cfg: DataConfig):
-    return _cifar(cfg, "cifar100", "CIFAR100")
+    return _cifar(cfg, "cifar100")
 
 
 @DATASETS.register("imagefolder")
