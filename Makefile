@@ -7,7 +7,7 @@ UV = $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 CONFIG ?= configs/fashion_lenet5.yaml
 ARGS ?=
 
-.PHONY: setup data train test test-fast bench-data ui clean
+.PHONY: setup data train test test-fast bench bench-data ui clean
 
 ## setup: Debian packages (FFCV's build needs, offline Fashion-MNIST), uv, then the locked venv.
 setup:
@@ -40,6 +40,15 @@ test: setup
 ## test-fast: skip the slow tests while developing
 test-fast: setup
 	$(UV) run --locked pytest -q -m "not slow" $(ARGS)
+
+## bench: every CPU benchmark of docs/results.md, full size, into outputs/bench/ (about 30 min on 2 cores)
+BENCH = $(UV) run --locked python benchmarks
+bench: data bench-data
+	$(BENCH)/switcher_overhead.py --rounds 3 --out outputs/bench/switcher_overhead.json
+	$(BENCH)/step_breakdown.py --out outputs/bench/step_breakdown.json
+	$(BENCH)/reference_mlp.py --out outputs/bench/reference_mlp.json
+	$(BENCH)/time_to_accuracy.py --out outputs/bench/time_to_accuracy.json
+	$(BENCH)/communication.py --out outputs/bench/communication.json
 
 ## bench-data: FFCV vs torch DataLoader images/s (32x32 RGB, batch 512), into outputs/bench/
 bench-data: setup

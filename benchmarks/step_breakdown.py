@@ -1,6 +1,7 @@
 """Where switch-training's extra time per step goes: one step of dense training against a switch
 TNN step, a switch TNN step with the factors cached (the gate hooks' cost alone), a switch SNN step,
-and the switcher's forward pass alone, on one fixed batch, interleaved in one process.
+and the switcher's forward pass alone, each also with the switcher compiled (train.compile=switcher),
+on one fixed batch, interleaved in one process.
 
     uv run python benchmarks/step_breakdown.py [--config C] [--threads N] [--rounds 8] [--steps 30] [--out F]
 """
@@ -8,29 +9,15 @@ and the switcher's forward pass alone, on one fixed batch, interleaved in one pr
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
 
-from distswitch.config import load_config
+from common import engine_for, environment, write_report
 from distswitch.data import check_data
-from distswitch.engine import Engine
-from distswitch.run import build, seed_everything
 from distswitch.schedule import Phase
-
-
-def engine_for(config: str, method: str, overrides: list[str]) -> Engine:
-    cfg = load_config(config, [f"method={method}", "schedule.warmup_epochs=0", "schedule.finetune_epochs=0",
-                               "train.device=cpu", f"out_dir={tempfile.mkdtemp()}/run", *overrides])
-    seed_everything(cfg.train.seed)
-    info, steps = check_data(cfg, 1)  # the prepared data's shape and classes, as the launcher reads them
-    tnn, gates, meth = build(cfg, info, steps, torch.device("cpu"))
-    return Engine(cfg, tnn, gates, meth, torch.device("cpu"))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -43,7 +30,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    dense, switch, cached = (engine_for(args.config, m, args.overrides) for m in ("dense", "switch", "switch"))
+    variants = (["method=dense"], ["method=switch"], ["method=switch"], ["method=switch", "train.compile=switcher"])
+    dense, switch, cached, compiled = (engine_for(args.config, ["train.device=cpu", *v, *args.overrides], loaders=False)[1]
+                                       for v in variants)
     info, _ = check_data(dense.cfg, 1)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(dense.cfg.train.batch_size, info.channels, info.image_size, info.image_size, generator=gen)
@@ -51,20 +40,23 @@ def main(argv: list[str] | None = None) -> dict:
     factors = cached.compute_factors(0)
     cached.compute_factors = lambda epoch, phase=None: factors  # the hooks run, the switcher does not
 
-    def switcher_only():
+    def switcher_only(engine):
         with torch.no_grad():
-            switch.source(switch.gates.weights())
+            engine.source(engine.gates.weights())
 
     blocks = {
         "dense step": lambda: dense.step(0, Phase.TNN, x, y),
         "switch TNN step": lambda: switch.step(0, Phase.TNN, x, y),
         "switch TNN step, factors cached": lambda: cached.step(0, Phase.TNN, x, y),
         "switch SNN step": lambda: switch.step(0, Phase.SNN, x, y),
-        "switcher forward (no grad)": switcher_only,
+        "switcher forward (no grad)": lambda: switcher_only(switch),
+        "switch TNN step, compiled switcher": lambda: compiled.step(0, Phase.TNN, x, y),
+        "switch SNN step, compiled switcher": lambda: compiled.step(0, Phase.SNN, x, y),
+        "compiled switcher forward (no grad)": lambda: switcher_only(compiled),
     }
     ms: dict[str, list[float]] = {k: [] for k in blocks}
     for fn in blocks.values():
-        for _ in range(10):  # warm-up: allocator, first-call paths
+        for _ in range(10):  # warm-up: allocator, first-call paths, torch.compile
             fn()
     for _ in range(args.rounds):
         for name, fn in blocks.items():
@@ -75,14 +67,10 @@ def main(argv: list[str] | None = None) -> dict:
     median = {k: statistics.median(v) for k, v in ms.items()}
     result = {"config": args.config, "overrides": args.overrides, "batch_size": len(x), "threads": args.threads,
               "gates": [(s.layer, s.side, s.units, s.fan) for s in switch.gates.specs],
-              "median_ms": median, "ms": ms, "torch": torch.__version__, "cpus": os.cpu_count(),
-              "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "median_ms": median, "ms": ms, **environment()}
     for name, value in median.items():
-        print(f"{name:34s} {value:7.2f} ms  ({value / median['dense step']:.2f} x dense)")
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(json.dumps(result, indent=1) + "\n")
+        print(f"{name:38s} {value:7.2f} ms  ({value / median['dense step']:.2f} x dense)")
+    write_report(result, args.out)
     return result
 
 

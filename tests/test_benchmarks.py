@@ -29,8 +29,40 @@ def test_data_loading_benchmark_reports_every_loader_and_the_ratio(tmp_path):
     assert report["ratio_ffcv_vs_dataloader"] > 0 and "FFCV / DataLoader" in stdout
 
 
-def test_switcher_overhead_benchmark_times_both_methods_side_by_side(tmp_path):
+def test_switcher_overhead_benchmark_times_dense_eager_and_compiled_switch_side_by_side(tmp_path):
     report, _ = _bench("switcher_overhead.py", tmp_path / "overhead.json", "--rounds", "1", "--train-limit", "1024")
-    assert report["steps_per_epoch"]["dense"]["snn"] == 0 and report["steps_per_epoch"]["switch"]["snn"] > 0
+    steps = report["steps_per_epoch"]
+    assert steps["dense"]["snn"] == 0 and steps["switch"]["snn"] > 0 and steps["switch_compiled"] == steps["switch"]
     assert all(len(v) == 1 and v[0] > 0 for v in report["seconds_per_epoch"].values())
-    assert report["switch_over_dense"] > 0
+    assert report["switch_over_dense"] > 0 and report["switch_compiled_over_dense"] > 0
+
+
+def test_reference_benchmark_alternates_whole_epochs_and_reports_per_step_against_the_reference(tmp_path):
+    report, _ = _bench("reference_mlp.py", tmp_path / "reference.json", "--epochs", "2", "data.train_limit=640")
+    assert [r["phase"] for r in report["epochs"]] == ["tnn", "snn"]  # the papers' whole-epoch alternation
+    assert all(r["steps"] == 10 for r in report["epochs"])  # 640 images at batch 64
+    assert report["batch_size"] == 64 and report["switcher"] == "rowwise"
+    assert report["faster_than_reference_per_step"] > 0
+    assert report["faster_than_reference_per_epoch"] is None  # not a full epoch: no per-epoch claim
+    assert 0 <= report["test_acc_after_2_epochs"] <= 1
+
+
+def test_time_to_accuracy_stops_each_method_at_the_first_epoch_reaching_the_target(tmp_path):
+    report, _ = _bench("time_to_accuracy.py", tmp_path / "tta.json", "--target", "0.5",
+                       "train.epochs=3", "schedule.finetune_epochs=1", "data.train_limit=1024")
+    for method in ("dense", "switch"):
+        rows, hit = report["epochs"][method], report["reached"][method]
+        assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1))
+        assert all(a["train_s"] < b["train_s"] for a, b in zip(rows, rows[1:]))
+        assert all(r["test_acc"] < 0.5 for r in rows[:-1])
+        if hit is None:
+            assert len(rows) == 3 and rows[-1]["test_acc"] < 0.5
+        else:
+            assert hit == rows[-1] and hit["test_acc"] >= 0.5
+
+
+def test_communication_benchmark_counts_each_phase_s_own_parameter_bytes(tmp_path):
+    report, stdout = _bench("communication.py", tmp_path / "comm.json", "--model", "lenet5")
+    assert len(report["settings"]) == 3 and "SNN/TNN" in stdout
+    for row in report["settings"]:
+        assert row["bytes_per_step"] == {"tnn": 4 * row["parameters"]["tnn"], "snn": 4 * row["parameters"]["snn"]}
