@@ -3,7 +3,7 @@
     uv run python benchmarks/loader_band.py
 """
 
-import json, sys, tempfile
+import json, tempfile
 from distswitch.config import load_config
 from distswitch.run import train
 out = {}

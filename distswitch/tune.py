@@ -22,8 +22,7 @@ from pathlib import Path
 import yaml
 
 from distswitch.config import Config, ConfigError
-from distswitch.launch import (_check_storage, _connect, _fit, collect, local_paths, make_trainer, run_name,
-                               storage_path)
+from distswitch.launch import (_check_storage, _connect, _fit, collect, local_paths, make_trainer, storage_path)
 
 
 TRIAL_DRIVER_CPU = 0.01

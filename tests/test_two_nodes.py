@@ -7,7 +7,6 @@ Needs root and iproute2 (`make setup` installs it); the namespaces are removed a
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
