@@ -7,7 +7,7 @@ UV = $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 CONFIG ?= configs/fashion_lenet5.yaml
 ARGS ?=
 
-.PHONY: setup data train test test-fast bench bench-data ui clean
+.PHONY: setup data train test test-fast bench bench-gpu bench-data ui clean
 
 ## setup: Debian packages (FFCV's build needs, offline Fashion-MNIST), uv, then the locked venv.
 setup:
@@ -49,6 +49,12 @@ bench: data bench-data
 	$(BENCH)/reference_mlp.py --out outputs/bench/reference_mlp.json
 	$(BENCH)/time_to_accuracy.py --out outputs/bench/time_to_accuracy.json
 	$(BENCH)/communication.py --out outputs/bench/communication.json
+
+## bench-gpu: on a GPU host, ResNet18 32x32 bf16 images/s and MFU, dense and switch, compiled
+bench-gpu: data
+	$(BENCH)/gpu_throughput.py --out outputs/bench/gpu_throughput.json
+	$(BENCH)/switcher_overhead.py --rounds 3 --out outputs/bench/switcher_overhead_gpu.json model.name=resnet18 \
+	  data.channels=3 data.image_size=32 train.precision=bf16
 
 ## bench-data: FFCV vs torch DataLoader images/s (32x32 RGB, batch 512), into outputs/bench/
 bench-data: setup

@@ -66,3 +66,14 @@ def test_communication_benchmark_counts_each_phase_s_own_parameter_bytes(tmp_pat
     assert len(report["settings"]) == 3 and "SNN/TNN" in stdout
     for row in report["settings"]:
         assert row["bytes_per_step"] == {"tnn": 4 * row["parameters"]["tnn"], "snn": 4 * row["parameters"]["snn"]}
+
+
+def test_gpu_throughput_benchmark_counts_model_flops_and_times_both_methods(tmp_path):
+    # On CPU in CI (its GPU run is for a GPU host): LeNet5, few steps, a made-up peak.
+    report, _ = _bench("gpu_throughput.py", tmp_path / "gpu.json", "--model", "lenet5", "--batch", "32",
+                       "--steps", "5", "--warmup", "2", "--precision", "fp32", "--compile", "none", "--peak-tflops", "1")
+    # LeNet5 at 3x32x32: 4.3 M multiply-adds forward (8.6 MFLOP) per image; a training step is 2-3x
+    # the forward (no input gradient for the first conv), so 32 images make 5.5e8 to 8.3e8.
+    assert 5e8 < report["model_flops_per_step"] < 9e8
+    assert set(report["variants"]) == {"dense", "switch"}
+    assert all(v["images_per_s"] > 0 and 0 < v["mfu"] < 1 for v in report["variants"].values())
