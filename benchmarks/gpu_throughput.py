@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"train.precision={args.precision}", *args.overrides]
     runs = {m: engine_for(args.config, [f"method={m}", f"train.compile={args.compile}", *common], loaders=False)
             for m in ("dense", "switch")}
-    cfg, engine = runs["dense"][0], runs["dense"][1]
+    engine = runs["dense"][1]
     device = engine.device
     peak = peak_for(device, args.peak_tflops)
     gen = torch.Generator().manual_seed(0)

@@ -495,7 +495,7 @@ def export_checkpoint(path: str | Path, out: str | Path) -> dict:
     if not isinstance(bundle, dict) or bundle.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"{str(path)!r} is not a distswitch training checkpoint (expected format {CHECKPOINT_FORMAT})")
     cfg = Config.from_dict(bundle["config"])
-    # One switcher pass on CPU: compiling it would cost more than it saves.
+    # One pass on CPU: compiling would cost more than it saves, and NHWC buys nothing there.
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile="none", channels_last=False))
     info = DatasetInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in bundle["data_info"].items()})
     device = torch.device("cpu")
