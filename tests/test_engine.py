@@ -154,6 +154,14 @@ def test_l1_penalty_acts_only_above_the_target_kept_fraction():
     assert method.penalty(_on(100), 0) == 0
 
 
+def test_l1_penalty_below_the_target_pushes_no_factor():
+    method = _engine("mlp", switcher={"l1": 0.5, "target_kept": 0.6}).method
+    below, above = (torch.cat(_on(n)).requires_grad_() for n in (100, 300))
+    for factors in (below, above):
+        method.penalty([factors[:300], factors[300:]], 0).backward()
+    assert torch.count_nonzero(below.grad) == 0 and torch.count_nonzero(above.grad) == 400
+
+
 def test_l1_penalty_stops_exactly_at_the_target_kept_fraction():
     method = _engine("mlp", switcher={"l1": 0.5, "target_kept": 0.6}).method
     assert method.penalty(_on(240), 0) == 0  # 240 / 400 = 0.6 is not above the target

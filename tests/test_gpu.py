@@ -18,7 +18,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available()
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_training_steps_never_wait_for_the_host(precision):
     gpu = torch.device("cuda")
+    # The default job's switcher settings: the L1 term's target test runs in every SNN step.
     cfg = make_config(model={"name": "lenet5"}, method="switch", schedule={"warmup_epochs": 0},
+                      switcher={"l1": 0.5, "target_kept": 0.6}, distributed={"use_gpu": True},
                       train={"device": "cuda", "precision": precision})
     tnn, gates, meth = build(cfg, FASHION_INFO, 10, gpu)
     engine = Engine(cfg, tnn, gates, meth, gpu)
@@ -37,7 +39,7 @@ def test_training_steps_never_wait_for_the_host(precision):
 
 def test_ffcv_gpu_pipeline_hands_normalised_channels_last_batches_on_the_device():
     cfg = make_config(data={"dataset": "fashion-mnist", "channels": 3, "image_size": 32, "train_limit": 512},
-                      train={"device": "cuda", "precision": "bf16", "batch_size": 128})
+                      train={"device": "cuda", "precision": "bf16", "batch_size": 128}, distributed={"use_gpu": True})
     loaders = make_loaders(cfg, 0, 1, torch.device("cuda"))
     x, y = next(iter(loaders.train))
     assert x.device.type == "cuda" and y.device.type == "cuda"

@@ -32,11 +32,14 @@ class Switch(Method):
         if sw.l1 == 0:
             return 0.0
         flat = torch.cat([f.flatten() for f in factors])
-        # Compare counts, not a float32 mean: 240/400 in float32 is 0.60000002 > 0.6.
-        if sw.target_kept is not None and int((flat != 0).sum()) <= sw.target_kept * flat.numel():
-            return 0.0
         # Mean factor over all units: the coefficient does not scale with network size.
-        return sw.l1 * flat.mean()
+        penalty = sw.l1 * flat.mean()
+        if sw.target_kept is None:
+            return penalty
+        # Decided on the device (reading the count would stall every SNN step on a GPU). Counts are
+        # compared in float64, not a float32 mean: 240/400 in float32 is 0.60000002 > 0.6.
+        above = (flat != 0).sum(dtype=torch.float64) > sw.target_kept * flat.numel()
+        return torch.where(above, penalty, 0.0)
 
     def selectable(self, epoch: int) -> bool:
         # Only switched networks are results of this method, never a dense warm-up epoch.
