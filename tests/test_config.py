@@ -216,3 +216,10 @@ def test_exponent_numbers_without_a_dot_are_numbers_not_strings(text, value, tmp
     path.write_text(f"optim:\n  snn:\n    lr: {text}\n")
     if value > 0:
         assert load_config(path).optim.snn.lr == value
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_with_registered_names(path):
+    cfg = load_config(path)
+    validate_names(cfg)
+    assert Config.from_dict(cfg.to_dict()) == cfg
