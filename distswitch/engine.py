@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distswitch.config import Config, OptimizerConfig, channels_last_on
+from distswitch.data.transform import AUTOCAST_DTYPES
 from distswitch.gates import GateSet, kept_report
 from distswitch.methods import Method
 from distswitch.parallel import Replicas
@@ -71,9 +72,6 @@ class EpochStats:
         return asdict(self)
 
 
-AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def build_optimizer(params: list[nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
@@ -106,7 +104,7 @@ class Engine:
         opt_cfg = {Phase.TNN: cfg.optim.tnn, Phase.SNN: cfg.optim.snn}
         self.optimizers = {ph: build_optimizer(ps, opt_cfg[ph]) for ph, ps in self.params.items() if ps}
         self.schedulers = {ph: build_scheduler(o, opt_cfg[ph], cfg.train.epochs) for ph, o in self.optimizers.items()}
-        self.amp_dtype = AMP_DTYPES[cfg.train.precision]
+        self.amp_dtype = AUTOCAST_DTYPES[cfg.train.precision]
         # One scaler per phase: the two sides' gradients have unrelated ranges. Disabled ones are
         # pass-throughs (scale() returns the loss, step() steps).
         self.scalers = {ph: torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")

@@ -8,7 +8,7 @@ import torch
 
 from distswitch.config import Config, channels_last_on
 from distswitch.data.datasets import DatasetInfo, check_batch, input_info, load_splits
-from distswitch.data.transform import InputTransform
+from distswitch.data.transform import AUTOCAST_DTYPES, InputTransform
 
 
 @dataclass
@@ -30,7 +30,7 @@ def make_loaders(cfg: Config, rank: int = 0, world_size: int = 1, device: torch.
     target = input_info(source, data.channels, data.image_size)
     # Under autocast the first layer casts its input anyway: normalising straight to that dtype
     # halves the batch's memory traffic (the NormalizeImage(fp16/bf16) step).
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision, torch.float32)
+    dtype = AUTOCAST_DTYPES[train.precision] or torch.float32
     layout = torch.channels_last if channels_last_on(train, torch.device(device).type) else torch.contiguous_format
     transform = InputTransform(source, target, dtype, layout)
     common = {"rank": rank, "world_size": world_size, "device": device, "transform": transform}

@@ -14,6 +14,10 @@ import torch.nn.functional as F
 from distswitch.data.datasets import DatasetInfo
 
 
+# train.precision -> the autocast dtype (None: fp32, no autocast); the loaders normalise to it too.
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class InputTransform:
     def __init__(self, source: DatasetInfo, target: DatasetInfo, dtype: torch.dtype = torch.float32,
                  memory_format: torch.memory_format = torch.contiguous_format) -> None:
