@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def switcher_only(engine):
         with torch.no_grad():
-            engine.source(engine.gates.weights())
+            engine.source(engine.gates.views())
 
     blocks = {
         "dense step": lambda: dense.step(0, Phase.TNN, x, y),

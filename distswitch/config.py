@@ -56,6 +56,7 @@ class SwitcherConfig:
     width: int = 32
     granularity: Literal["neuron", "connection"] = "neuron"
     # Optional L1 penalty on the factors (mean over units) in SNN steps; 0 = the papers' setting.
+    # With a budget, each unit's factor is weighted by its share of the budgeted cost instead.
     l1: float = 0.0
     # With l1 > 0: the penalty acts only while the kept fraction of units is above this target
     # (null = always), so a run settles near a chosen size instead of shrinking without end.
@@ -65,6 +66,11 @@ class SwitcherConfig:
     # Fewest units a gated layer may keep: below it, training stops with an error at the end of
     # the epoch (the last checkpoint stays the one before). 0 lets a layer go dark entirely.
     min_kept: int = 1
+    # What a unit is judged by: "both" (incoming and outgoing weights, BatchNorm gain; invariant to
+    # rescaling a ReLU unit's two sides) or "incoming" (its incoming weights only, the papers' view).
+    describe: Literal["both", "incoming"] = "both"
+    # Rowwise switcher: the final ReLU passes gradients below 0, so a switched-off unit can come back.
+    revive: bool = True
 
 
 @dataclass(frozen=True)
@@ -145,10 +151,28 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class PruneConfig:
-    """Baselines (magnitude, slimming): prune to `kept_fraction`, then fine-tune the last epochs."""
+class BudgetConfig:
+    """The size every method must meet: `fraction` of the dense model's `kind` (null = no budget).
 
-    kept_fraction: float = 0.5
+    The exported compact model meets it within 1% (measured on the compact model itself); the same
+    budget drives switch, magnitude and slimming, so runs with one budget are compared at one cost.
+    """
+
+    kind: Literal["macs", "params", "units"] = "macs"
+    fraction: Union[float, None] = None
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Baselines (magnitude, slimming): prune once to the budget (or, without one, to `kept_fraction`
+    of each layer's units), then fine-tune the last `finetune_epochs`."""
+
+    # Without a budget: the fraction of units each layer keeps (null = 0.5). With a budget: null.
+    kept_fraction: Union[float, None] = None
+    # once: one cut at the prune epoch; gradual: with a budget, a cut to a cubic ramp from 1 down to
+    # the budget at each epoch from schedule.warmup_epochs on (as the switcher's), masks re-derived
+    # from the current weights each time, the last one at the budget.
+    schedule: Literal["once", "gradual"] = "once"
     finetune_epochs: int = 2
     # Slimming's L1 coefficient on the per-neuron scales (Liu et al. 2017 use 1e-4 to 1e-5).
     l1: float = 1e-4
@@ -219,6 +243,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
@@ -365,7 +390,9 @@ def _check_values(cfg: Config) -> None:
     require(limit is None or limit >= 1, "data.train_limit", limit, "null or >= 1")
     require(cfg.data.val_size >= 1, "data.val_size", cfg.data.val_size, ">= 1")
     require(cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, ">= 0")
-    require(0 < cfg.prune.kept_fraction <= 1, "prune.kept_fraction", cfg.prune.kept_fraction, "in (0, 1]")
+    kept = cfg.prune.kept_fraction
+    require(kept is None or 0 < kept <= 1, "prune.kept_fraction", kept, "null or in (0, 1]")
+    _check_budget(cfg, require)
     require(cfg.prune.l1 >= 0, "prune.l1", cfg.prune.l1, ">= 0")
     _check_distributed(cfg, require)
     _check_tune(cfg, require)
@@ -376,6 +403,22 @@ def _check_values(cfg: Config) -> None:
             cfg.prune.finetune_epochs,
             f"in [1, train.epochs) = [1, {cfg.train.epochs})",
         )
+
+
+def _check_budget(cfg: Config, require) -> None:
+    b = cfg.budget
+    require(b.fraction is None or 0 < b.fraction <= 1, "budget.fraction", b.fraction, "null or in (0, 1]")
+    if b.fraction is None:
+        return
+    require(cfg.prune.kept_fraction is None, "prune.kept_fraction", cfg.prune.kept_fraction,
+            "null with a budget (budget.fraction sets the size of every method)")
+    require(cfg.switcher.target_kept is None, "switcher.target_kept", cfg.switcher.target_kept,
+            "null with a budget (budget.fraction sets the size; the switcher moves toward it by itself)")
+    require(cfg.switcher.granularity == "neuron" or cfg.method != "switch", "switcher.granularity",
+            cfg.switcher.granularity, "'neuron' with a budget (connection gates keep the dense shapes)")
+    if cfg.method == "switch":
+        require(cfg.schedule.finetune_epochs >= 1, "schedule.finetune_epochs", cfg.schedule.finetune_epochs,
+                ">= 1 with a budget (the cut to the exact budget happens when fine-tuning starts)")
 
 
 def _check_distributed(cfg: Config, require) -> None:

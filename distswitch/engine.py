@@ -5,7 +5,7 @@ Per epoch::
     method.on_epoch_start(epoch)            # baselines prune here
     for each batch:
         phase = method.phase_at(epoch, step)          # Phase.TNN or Phase.SNN
-        factors = source(gates.weights())             # once per step, from the weights;
+        factors = source(gates.views())               # once per step, from the weights;
                                                       # with grad only in the source's phase
         (the side that trains runs through its replica wrapper, so only its gradients are
          all-reduced across workers: see `distswitch.parallel`)
@@ -132,9 +132,9 @@ class Engine:
         if self.source is None or not self.method.gated(epoch):
             return None
         if phase is not None and phase == self.method.source_phase:
-            return self.replicas.source_for(phase)(self.gates.weights())
+            return self.replicas.source_for(phase)(self.gates.views())
         with torch.no_grad():
-            return self.source(self.gates.weights())
+            return self.source(self.gates.views())
 
     # -- one step --------------------------------------------------------------------------
     def step(self, epoch: int, phase: Phase, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -187,7 +187,7 @@ class Engine:
         return loss_sum / max(n, 1), correct / max(n, 1)
 
     def train_epoch(self, epoch: int, loader, val_loader, progress: Callable | None = None) -> EpochStats:
-        self.method.on_epoch_start(epoch, self.gates.weights())
+        self.method.on_epoch_start(epoch, self.gates.views())
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         # Per phase: [steps, loss sum, correct, examples]; on the device until the epoch ends.

@@ -23,6 +23,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from distswitch.config import ConfigError
+from distswitch.cost import CostModel, units_cost_model
 from distswitch.gates import GateSpec
 from distswitch.models import create_tnn
 
@@ -172,3 +174,48 @@ def atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def fit_cost_model(make_model, specs: list[GateSpec], example: torch.Tensor, kind: str) -> CostModel:
+    """The exact cost polynomial (see `distswitch.cost`) of the compact models `make_model()` gives
+    for per-layer kept counts, fitted from real compact models and checked on one more.
+
+    Raises ConfigError where the cost is not such a polynomial (e.g. residual channels coupled
+    across blocks: then which units are kept matters, not only how many).
+    """
+    units = [s.units for s in specs]
+    if kind == "units":
+        return units_cost_model(units)
+    if any(s.side == "weight" for s in specs):
+        raise ConfigError("budget: connection gates keep the dense shapes; use switcher.granularity=neuron")
+    n = len(specs)
+    if n > 16:
+        raise ConfigError(f"budget: {n} gated layers; exact budgets support up to 16 (use model.gated=fc or classifier)")
+    example = example[:1].cpu()
+
+    def measure(x: list[int]) -> float:
+        factors = [(torch.arange(s.units) < k).float() for s, k in zip(specs, x)]
+        model = make_model()
+        compact_model(model, specs, factors, example)
+        return float(count(model, example)[kind])
+
+    half = [max(1, u // 2) for u in units]
+    d = [h - u for h, u in zip(half, units)]
+    full = measure(units)
+    single = [measure([half[k] if k == s else units[k] for k in range(n)]) for s in range(n)]
+    b = [[0.0] * n for _ in range(n)]
+    for s in range(n):
+        for t in range(s + 1, n):
+            if d[s] and d[t]:
+                pair = measure([half[k] if k in (s, t) else units[k] for k in range(n)])
+                b[s][t] = b[t][s] = (pair - single[s] - single[t] + full) / (d[s] * d[t])
+    g = [(single[s] - full) / d[s] if d[s] else 0.0 for s in range(n)]
+    a = [g[s] - sum(b[s][t] * units[t] for t in range(n) if t != s) for s in range(n)]
+    c0 = full - sum(a[s] * units[s] for s in range(n)) - sum(b[s][t] * units[s] * units[t] for s in range(n) for t in range(s + 1, n))
+    model = CostModel(kind, tuple(units), c0, tuple(a), tuple(tuple(row) for row in b))
+    probe = [max(1, (2 * u) // 3 - 1) for u in units]  # widths none of the fitting probes used
+    exact, predicted = measure(probe), model.evaluate_list([float(v) for v in probe])
+    if abs(exact - predicted) > 1e-6 * full + 0.5:
+        raise ConfigError(f"budget.kind={kind}: this model's cost depends on which units are kept, not only how many "
+                          "(coupled channels); use model.gated=fc or classifier, or no budget")
+    return model

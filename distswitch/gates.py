@@ -15,7 +15,12 @@ single connections) can be scaled by a factor. Three sides:
   y = x (W * G)^T).
 
 The switcher describes unit ``i`` by row ``i`` of `GateSet.weights()`: the unit's incoming weights
-(``out``), outgoing weights (``in``), or the layer's weight matrix (``weight``).
+(``out``), outgoing weights (``in``), or the layer's weight matrix (``weight``). `GateSet.views()` adds
+the other side of each ``out`` unit: its outgoing weights in every layer that reads it (found once with
+Torch-Pruning's dependency graph, so flattening, residual additions and several readers are followed)
+and the scale and shift of the BatchNorm that follows it, if one does. A ReLU unit's function is
+unchanged when its incoming weights are multiplied by c > 0 and its outgoing ones divided by c, so
+only both sides together say how much a unit contributes.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+import torch_pruning as tp
 from torch import nn
 
 from distswitch.config import ConfigError
@@ -56,6 +62,54 @@ class GateSpec:
     @property
     def factor_shape(self) -> tuple[int, ...]:
         return (self.units, self.fan) if self.side == "weight" else (self.units,)
+
+
+@dataclass
+class UnitWeights:
+    """What the factor source sees of one gated layer (all detached views of the weights).
+
+    Shapes: incoming [units, fan]; outgoing [units, fan_out] or None (``in`` and ``weight`` sides, or
+    a unit nobody reads); gain [units, 2] (the following BatchNorm's scale and shift) or None.
+    """
+
+    incoming: torch.Tensor
+    outgoing: torch.Tensor | None = None
+    gain: torch.Tensor | None = None
+
+
+# (reader layer name, index [units, per_unit] into the reader's input channels)
+Readers = list[tuple[str, torch.Tensor]]
+_IN_CHANNELS = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
+
+
+def find_readers(model: nn.Module, specs: list[GateSpec], example: torch.Tensor) -> list[Readers]:
+    """For each ``out`` gate, the layers that read its units and which of their input channels
+    carry unit i (flattening maps one channel to several features); [] for other sides."""
+    modules = dict(model.named_modules())
+    names = {m: n for n, m in modules.items()}
+    graph = None
+    out: list[Readers] = []
+    for spec in specs:
+        if spec.side != "out":
+            out.append([])
+            continue
+        if graph is None:  # built once, and only where some gate needs it
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example.cpu())
+        layer = modules[spec.layer]
+        handler = tp.prune_conv_out_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_out_channels
+        group = graph.get_pruning_group(layer, handler, idxs=list(range(spec.units)))
+        readers: Readers = []
+        for item in group.items:
+            if item.dep.handler not in _IN_CHANNELS or item.dep.target.module not in names:
+                continue
+            idxs, roots = torch.tensor(item.idxs), torch.tensor(item.root_idxs)
+            per = len(idxs) // spec.units
+            if per * spec.units != len(idxs) or torch.bincount(roots, minlength=spec.units).ne(per).any():
+                continue  # an uneven mapping (not seen in the registered models): no outgoing view from it
+            order = torch.argsort(roots, stable=True)
+            readers.append((names[item.dep.target.module], idxs[order].view(spec.units, per)))
+        out.append(readers)
+    return out
 
 
 def _classifier_name(model: nn.Module) -> str:
@@ -117,11 +171,13 @@ class GateSet:
     dense warm-up, gated training and evaluation. Factors are set once per step, never per sample.
     """
 
-    def __init__(self, model: nn.Module, specs: list[GateSpec]) -> None:
+    def __init__(self, model: nn.Module, specs: list[GateSpec], readers: list[Readers] | None = None) -> None:
         self.model = model
         self.specs = list(specs)
         modules = dict(model.named_modules())
         self._layers = [modules[s.layer] for s in self.specs]
+        self._readers = [[(modules[name], idx) for name, idx in r] for r in readers] if readers else [[] for _ in specs]
+        self._norms = [modules[s.point] if s.side == "out" and s.point != s.layer else None for s in self.specs]
         self._factors: list[torch.Tensor] | None = None
         self._handles = []
         for k, spec in enumerate(self.specs):
@@ -139,6 +195,27 @@ class GateSet:
         for spec, layer in zip(self.specs, self._layers):
             w = layer.weight
             out.append(w.t() if spec.side == "in" else w.reshape(w.shape[0], -1))
+        return out
+
+    @torch.no_grad()
+    def views(self) -> list[UnitWeights]:
+        """Both sides of every gated unit (see `UnitWeights`), detached: factors are trained through
+        the source's parameters, never through the weights they read."""
+        out = []
+        for w, readers, norm in zip(self.weights(), self._readers, self._norms):
+            outgoing = None
+            if readers:
+                parts = []
+                for layer, idx in readers:
+                    rw = layer.weight.detach()
+                    rw = rw.reshape(rw.shape[0], rw.shape[1], -1)  # [out, in, kernel] for convs and linears
+                    idx = idx.to(rw.device)
+                    units, per = idx.shape
+                    parts.append(rw[:, idx.flatten()].reshape(rw.shape[0], units, per * rw.shape[2]).transpose(0, 1)
+                                 .reshape(units, -1))
+                outgoing = torch.cat(parts, dim=1)
+            gain = torch.stack([norm.weight.detach(), norm.bias.detach()], dim=1) if norm is not None and norm.affine else None
+            out.append(UnitWeights(w.detach(), outgoing, gain))
         return out
 
     def set(self, factors: list[torch.Tensor] | None) -> None:

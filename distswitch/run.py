@@ -28,9 +28,11 @@ from tqdm import tqdm
 from distswitch.config import Config, ConfigError, channels_last_on
 from distswitch.data import DATASETS, DatasetInfo, check_data, make_loaders
 from distswitch.engine import Engine, EpochStats, TrainingStopped
-from distswitch.export import architecture, atomic_save, compact_model, count, save_compact
-from distswitch.gates import GateSet, find_gates, kept_report
+from distswitch.cost import CostModel
+from distswitch.export import architecture, atomic_save, compact_model, count, fit_cost_model, save_compact
+from distswitch.gates import GateSet, GateSpec, find_gates, find_readers, kept_report
 from distswitch.methods import METHODS, build_method
+from distswitch.methods.base import min_units
 from distswitch.models import MODELS, create_tnn
 from distswitch.parallel import DDPReplicas, Replicas, state_digest
 from distswitch.switcher import SWITCHERS
@@ -81,8 +83,10 @@ def build(cfg: Config, info: DatasetInfo, steps_per_epoch: int, device: torch.de
     if channels_last_on(cfg.train, device.type):
         tnn = tnn.to(memory_format=torch.channels_last)  # 4-d weights only
     specs = find_gates(tnn, cfg.model.gated, cfg.switcher.granularity)
-    gates = GateSet(tnn, specs)
-    method = build_method(cfg, specs, steps_per_epoch)
+    example = torch.zeros(1, info.channels, info.image_size, info.image_size)
+    plain = create_tnn(cfg.model.name, info.channels, info.num_classes, info.image_size)  # same names, on CPU
+    gates = GateSet(tnn, specs, find_readers(plain, specs, example))
+    method = build_method(cfg, specs, steps_per_epoch, budget_cost_model(cfg, info, specs, example))
     smallest = min(specs, key=lambda spec: spec.units, default=None)
     if method.source is not None and smallest is not None and cfg.switcher.min_kept > smallest.units:
         raise ConfigError(f"switcher.min_kept: got {cfg.switcher.min_kept}; layer {smallest.layer} has only "
@@ -90,6 +94,21 @@ def build(cfg: Config, info: DatasetInfo, steps_per_epoch: int, device: torch.de
     if method.source is not None:
         method.source.to(device)
     return tnn, gates, method
+
+
+def budget_cost_model(cfg: Config, info: DatasetInfo, specs: list[GateSpec], example: torch.Tensor) -> CostModel | None:
+    """The cost model of `budget.kind` (None without a budget); a budget no cut can meet is refused."""
+    b = cfg.budget
+    if b.fraction is None or cfg.method == "dense":
+        return None
+    cost = fit_cost_model(lambda: create_tnn(cfg.model.name, info.channels, info.num_classes, info.image_size),
+                          specs, example, b.kind)
+    floor = cost.floor(min_units(cfg, specs)) / cost.dense
+    if floor > b.fraction + 0.01:
+        raise ConfigError(f"budget.fraction: {b.fraction} of the dense {b.kind} cannot be met by {cfg.model.name}: "
+                          f"keeping switcher.min_kept={max(1, cfg.switcher.min_kept)} unit(s) per gated layer already "
+                          f"costs {floor:.3f}; use budget.fraction >= {floor:.3f}")
+    return cost
 
 
 def preflight(cfg: Config) -> None:

@@ -1,8 +1,9 @@
 """Switcher networks (SNN): the TNN's weights in, non-negative factors out.
 
-Contract (checked by `GateSet.set`): ``forward(weights)`` takes one description matrix per gated
-layer, shape [units, fan] (see `distswitch.gates`), and returns one factor tensor per layer, shape
-[units] for neuron gates or [units, fan] for connection gates. Every factor is >= 0; a final ReLU
+Contract (checked by `GateSet.set`): ``forward(views)`` takes one `UnitWeights` per gated layer
+(incoming weights [units, fan], and for output units their outgoing weights and BatchNorm gain; see
+`distswitch.gates`), and returns one factor tensor per layer, shape [units] for neuron gates or
+[units, fan] for connection gates. Every factor is >= 0; a final ReLU
 makes exact zeros possible (the papers' only source of pruning). Factors are a function of the
 weights alone: no per-neuron free parameters, no layer index, no input data.
 """
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distswitch.config import SwitcherConfig
-from distswitch.gates import GateSpec
+from distswitch.gates import GateSpec, UnitWeights
 from distswitch.registry import Registry
 
 SwitcherBuilder = Callable[[list[GateSpec], SwitcherConfig], nn.Module]
@@ -59,6 +60,52 @@ def describe_rows(w: torch.Tensor) -> torch.Tensor:
 DESCRIPTION_SIZE = len(_THRESHOLDS) + 8
 
 
+def _shape(w: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Scale-free shape features of each row (the row divided by its own RMS) and log RMS."""
+    rms = w.square().mean(dim=1).sqrt()
+    z = w / (rms[:, None] + 1e-12)
+    absz = z.abs()
+    feats = [(absz > t).float().mean(dim=1) for t in _THRESHOLDS]
+    feats += [(z > 0).float().mean(dim=1), z.mean(dim=1), absz.mean(dim=1), absz.amax(dim=1) / 4]
+    return feats, torch.log(rms + 1e-12)
+
+
+def describe_units(view: UnitWeights) -> torch.Tensor:
+    """A description of each unit from both sides -> [units, BOTH_SIZE], invariant to rescaling.
+
+    For a ReLU unit, incoming weights times c > 0 and outgoing ones divided by c leave the network's
+    function unchanged: rows enter as shapes (divided by their own RMS), and the magnitude only as
+    the product of the two sides' RMS (the BatchNorm's |gain| replaces the incoming RMS where one
+    follows, since BN normalises the incoming scale away), relative to the layer's mean (log-space).
+    A side that is missing (no reader found) contributes zeros and a flag.
+    """
+    w_in = view.incoming.detach().float()
+    units, fan = w_in.shape
+    in_feats, log_in = _shape(w_in)
+    if view.gain is not None:
+        log_in = torch.log(view.gain.detach().float().norm(dim=1) + 1e-12)
+    if view.outgoing is not None:
+        out_feats, log_out = _shape(view.outgoing.detach().float())
+        fan_out, has_out = view.outgoing.shape[1], 1.0
+    else:
+        out_feats = [torch.zeros(units, device=w_in.device)] * len(in_feats)
+        log_out, fan_out, has_out = torch.zeros(units, device=w_in.device), 1, 0.0
+    size = log_in + log_out
+    rel = size - size.mean()
+    spread = (size.std() if units > 1 else size.new_zeros(())).expand(units)  # a tensor: no host sync
+    const = torch.tensor([math.log(fan) / 10, math.log(fan_out) / 10, has_out], device=w_in.device).expand(units, 3)
+    return torch.cat([torch.stack(in_feats + out_feats + [rel, rel.clamp(max=0), spread], dim=1), const], dim=1)
+
+
+BOTH_SIZE = 2 * (len(_THRESHOLDS) + 4) + 6
+
+
+def revivable_relu(h: torch.Tensor) -> torch.Tensor:
+    """relu(h) forward, identity backward: a factor at exactly 0 still receives the task loss's
+    gradient, so a unit switched off early can come back if turning it on would lower the loss."""
+    return torch.where(h > 0, h, h - h.detach())
+
+
 @SWITCHERS.register("rowwise")
 class RowwiseSwitcher(nn.Module):
     """One small MLP shared by all gated layers, applied to each unit's row description.
@@ -71,8 +118,11 @@ class RowwiseSwitcher(nn.Module):
     def __init__(self, specs: list[GateSpec], cfg: SwitcherConfig) -> None:
         super().__init__()
         self.sides = [s.side for s in specs]
+        self.both = cfg.describe == "both"
+        self.relu = revivable_relu if cfg.revive else F.relu
         w = cfg.width
-        self.body = nn.Sequential(nn.Linear(DESCRIPTION_SIZE, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU())
+        size = BOTH_SIZE if self.both else DESCRIPTION_SIZE
+        self.body = nn.Sequential(nn.Linear(size, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU())
         # Only the heads some layer uses: every parameter gets a gradient in each SNN step, which
         # DDP's reducer relies on (no find_unused_parameters traversal).
         if any(side != "weight" for side in self.sides):
@@ -85,17 +135,28 @@ class RowwiseSwitcher(nn.Module):
             with torch.no_grad():
                 self.connection_head.bias.copy_(torch.tensor([0.0, cfg.init_factor]))
 
-    def forward(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    def describe(self, views: list[UnitWeights]) -> list[torch.Tensor]:
+        """The body's input per layer: [units, features]."""
+        # Only output units have a second side; the other sides' rows already are the whole story.
+        return [describe_units(v) if self.both and side == "out" else _pad(describe_rows(v.incoming), self.body[0].in_features)
+                for side, v in zip(self.sides, views)]
+
+    def forward(self, views: list[UnitWeights]) -> list[torch.Tensor]:
         out = []
-        for side, w in zip(self.sides, weights):
-            h = self.body(describe_rows(w))
+        for side, view, d in zip(self.sides, views, self.describe(views)):
+            w = view.incoming
+            h = self.body(d)
             if side == "weight":
                 slope, offset = self.connection_head(h).unbind(dim=1)
                 z = w.detach().abs() / (w.detach().std() + 1e-8)
-                out.append(F.relu(slope[:, None] * z + offset[:, None]))
+                out.append(self.relu(slope[:, None] * z + offset[:, None]))
             else:
-                out.append(F.relu(self.neuron_head(h).squeeze(1)))
+                out.append(self.relu(self.neuron_head(h).squeeze(1)))
         return out
+
+
+def _pad(d: torch.Tensor, size: int) -> torch.Tensor:
+    return F.pad(d, (0, size - d.shape[1])) if d.shape[1] < size else d
 
 
 class _UNet(nn.Module):
@@ -149,10 +210,10 @@ class UNetSwitcher(nn.Module):
             nn.init.constant_(norm.weight, 0.1)
             nn.init.constant_(norm.bias, cfg.init_factor)
 
-    def forward(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    def forward(self, views: list[UnitWeights]) -> list[torch.Tensor]:
         out = []
-        for side, w, net, norm in zip(self.sides, weights, self.nets, self.norms):
-            m = net(w)
+        for side, view, net, norm in zip(self.sides, views, self.nets, self.norms):
+            m = net(view.incoming)
             if side != "weight":
                 m = m.mean(dim=1)
             flat = norm(m.reshape(1, 1, -1)).reshape(m.shape)

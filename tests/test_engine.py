@@ -203,15 +203,15 @@ def test_magnitude_keeps_ceil_fraction_of_units_per_layer_at_the_prune_epoch(nam
     engine = _engine(name, method="magnitude", prune={"kept_fraction": kept_fraction, "finetune_epochs": 1})
     method, gates = engine.method, engine.gates
     for epoch in (0, 1):  # before the prune epoch (train.epochs=3 - finetune 1 = 2): dense
-        method.on_epoch_start(epoch, gates.weights())
+        method.on_epoch_start(epoch, gates.views())
         assert engine.compute_factors(epoch) is None
-        assert kept_report(gates.specs, method.source(gates.weights()))["kept_fraction"] == 1.0
-    method.on_epoch_start(2, gates.weights())
+        assert kept_report(gates.specs, method.source(gates.views()))["kept_fraction"] == 1.0
+    method.on_epoch_start(2, gates.views())
     factors = engine.compute_factors(2)
     report = kept_report(gates.specs, factors)
     assert {layer: row["kept"] for layer, row in report["layers"].items()} == expected
-    for w, f in zip(gates.weights(), factors):
-        norms = w.detach().norm(dim=1)
+    for w, f in zip(gates.views(), factors):
+        norms = w.incoming.detach().norm(dim=1)
         assert float(norms[f == 0].max()) <= float(norms[f == 1].min()), "a weaker unit was kept"
 
 

@@ -54,13 +54,13 @@ def _randomise(switcher: nn.Module, weights: list[torch.Tensor], seed: int = 0) 
             nn.init.normal_(p, std=0.5)
         if not hasattr(switcher, "body"):
             return
-        hidden = [switcher.body(describe_rows(w)) for w in weights]
+        hidden = [switcher.body(d) for d in switcher.describe(weights)]
         if hasattr(switcher, "neuron_head"):
             pre = torch.cat([switcher.neuron_head(h).flatten() for h in hidden])
             switcher.neuron_head.bias.sub_(pre.median())
         if hasattr(switcher, "connection_head"):
             pre = []
-            for h, w in zip(hidden, weights):
+            for h, w in zip(hidden, [v.incoming for v in weights]):
                 slope, offset = switcher.connection_head(h).unbind(dim=1)
                 pre.append((slope[:, None] * w.abs() / w.std() + offset[:, None]).flatten())
             switcher.connection_head.bias[1].sub_(torch.cat(pre).median())
@@ -117,9 +117,9 @@ def test_switcher_factors_fit_the_gates_and_the_model_still_classifies(name, gat
     specs = find_gates(model, gated, granularity)
     gates = GateSet(model, specs)
     switcher = build_switcher(specs, SwitcherConfig(arch=arch, width=8, granularity=granularity))
-    _randomise(switcher, gates.weights())
+    _randomise(switcher, gates.views())
     with torch.no_grad():
-        factors = switcher(gates.weights())
+        factors = switcher(gates.views())
     assert [tuple(f.shape) for f in factors] == [s.factor_shape for s in specs]
     assert all(bool((f >= 0).all()) for f in factors)
     if arch == "rowwise":  # centred heads: the ReLU really clips, and some units stay on
@@ -206,7 +206,7 @@ def _mlp_switcher(arch: str = "rowwise", **kw):
 def test_a_fresh_switcher_starts_at_init_factor(arch):
     _, gates, switcher = _mlp_switcher(arch, width=8, init_factor=1.0)
     with torch.no_grad():
-        factors = switcher(gates.weights())
+        factors = switcher(gates.views())
     for f in factors:
         assert float(f.mean()) == pytest.approx(1.0, abs=1e-4)
     if arch == "rowwise":
@@ -215,25 +215,25 @@ def test_a_fresh_switcher_starts_at_init_factor(arch):
 
 def test_changing_one_neurons_weights_changes_its_factor():
     model, gates, switcher = _mlp_switcher()
-    _randomise(switcher, gates.weights())
+    _randomise(switcher, gates.views())
     with torch.no_grad():
-        before = switcher(gates.weights())[0]
-        assert torch.equal(switcher(gates.weights())[0], before), "factors are not a function of the weights"
+        before = switcher(gates.views())[0]
+        assert torch.equal(switcher(gates.views())[0], before), "factors are not a function of the weights"
         assert before.unique().numel() > 1, "switcher output is constant; the test would prove nothing"
         i = int(before.argmax())
         model[1].weight[i].mul_(3.0)
-        after = switcher(gates.weights())[0]
+        after = switcher(gates.views())[0]
     assert after[i] != before[i]
 
 
 def test_permuting_neurons_permutes_their_factors():
     model, gates, switcher = _mlp_switcher()
-    _randomise(switcher, gates.weights())
+    _randomise(switcher, gates.views())
     perm = torch.randperm(300, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        before = switcher(gates.weights())[0]
+        before = switcher(gates.views())[0]
         model[1].weight.copy_(model[1].weight[perm])
-        after = switcher(gates.weights())[0]
+        after = switcher(gates.views())[0]
     torch.testing.assert_close(after, before[perm], atol=1e-5, rtol=1e-5)
 
 
@@ -246,7 +246,7 @@ def test_layers_with_identical_weights_get_identical_factors():
     specs = find_gates(model, "all", "neuron")
     assert [s.layer for s in specs] == ["0", "2"]
     switcher = build_switcher(specs, SwitcherConfig(arch="rowwise"))
-    weights = GateSet(model, specs).weights()
+    weights = GateSet(model, specs).views()
     _randomise(switcher, weights, seed=1)
     with torch.no_grad():
         first, second = switcher(weights)
@@ -260,7 +260,7 @@ def test_a_negative_head_bias_switches_every_unit_exactly_off(granularity):
     specs = find_gates(model, "all", granularity)
     switcher = build_switcher(specs, SwitcherConfig(granularity=granularity, init_factor=-0.5))
     with torch.no_grad():
-        factors = switcher(GateSet(model, specs).weights())
+        factors = switcher(GateSet(model, specs).views())
     assert all(int(torch.count_nonzero(f)) == 0 for f in factors)
 
 

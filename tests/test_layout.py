@@ -15,7 +15,7 @@ LEVELS = [
     {"config", "registry"},
     {"data", "models"},
     {"gates"},
-    {"switcher", "schedule"},
+    {"switcher", "schedule", "cost"},
     {"methods", "parallel"},
     {"engine", "export", "tracking"},
     {"run"},

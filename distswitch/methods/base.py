@@ -1,6 +1,6 @@
 """What a method decides; the alternation loop itself lives in `distswitch.engine`.
 
-A method owns a *factor source*: an nn.Module mapping the gated layers' description matrices to
+A method owns a *factor source*: an nn.Module mapping the gated layers' weights (`UnitWeights`) to
 factors (the switcher; free scales for slimming; fixed masks for magnitude pruning) or None for a
 dense network. Its parameters train in `source_phase` (SNN for the switcher, TNN for slimming).
 """
@@ -13,16 +13,25 @@ import torch
 from torch import nn
 
 from distswitch.config import Config
-from distswitch.gates import GateSpec
+from distswitch.cost import CostModel
+from distswitch.gates import GateSpec, UnitWeights
 from distswitch.registry import Registry
 from distswitch.schedule import Phase
 
-MethodBuilder = Callable[[Config, list[GateSpec], int], "Method"]
+MethodBuilder = Callable[[Config, list[GateSpec], int, "CostModel | None"], "Method"]
 METHODS: Registry[MethodBuilder] = Registry("method", "method")
 
 
-def build_method(cfg: Config, specs: list[GateSpec], steps_per_epoch: int) -> "Method":
-    return METHODS.get(cfg.method)(cfg, specs, steps_per_epoch)
+def build_method(cfg: Config, specs: list[GateSpec], steps_per_epoch: int, cost: CostModel | None = None) -> "Method":
+    """`cost`: the cost model of `cfg.budget.kind`, required when `cfg.budget.fraction` is set."""
+    if cfg.budget.fraction is not None and cost is None:
+        raise ValueError("a budget needs the model's cost model (distswitch.export.fit_cost_model)")
+    return METHODS.get(cfg.method)(cfg, specs, steps_per_epoch, cost)
+
+
+def min_units(cfg: Config, specs: list[GateSpec]) -> list[int]:
+    """Fewest units each gated layer keeps in a cut: switcher.min_kept, at least 1 (a layer needs a unit)."""
+    return [min(s.units, max(1, cfg.switcher.min_kept)) for s in specs]
 
 
 class Method:
@@ -31,8 +40,8 @@ class Method:
     source: nn.Module | None = None
     source_phase: Phase = Phase.TNN
 
-    def __init__(self, cfg: Config, specs: list[GateSpec], steps_per_epoch: int) -> None:
-        self.cfg, self.specs, self.steps_per_epoch = cfg, specs, steps_per_epoch
+    def __init__(self, cfg: Config, specs: list[GateSpec], steps_per_epoch: int, cost: CostModel | None = None) -> None:
+        self.cfg, self.specs, self.steps_per_epoch, self.cost = cfg, specs, steps_per_epoch, cost
 
     def phase_at(self, epoch: int, step: int) -> Phase:
         return Phase.TNN
@@ -45,7 +54,7 @@ class Method:
         """Extra loss on the factors in steps of `source_phase` (0 for the papers' method)."""
         return 0.0
 
-    def on_epoch_start(self, epoch: int, weights: list[torch.Tensor]) -> None:
+    def on_epoch_start(self, epoch: int, views: list[UnitWeights]) -> None:
         """Hook for one-off changes, e.g. the baselines' pruning step."""
 
     def selectable(self, epoch: int) -> bool:
@@ -74,7 +83,7 @@ class FixedFactors(nn.Module):
         for mask, new in zip(self.masks(), masks):
             mask.copy_(new)
 
-    def forward(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    def forward(self, views: list[UnitWeights]) -> list[torch.Tensor]:
         return [s * m for s, m in zip(self.scales, self.masks())]
 
 

@@ -1,6 +1,7 @@
 """Baselines under the same engine: dense; magnitude pruning (Han et al. 2015, here per neuron:
-lowest weight-norm units per layer); network slimming (Liu et al. 2017: L1 on per-channel scales,
-global threshold). Both prune once, `prune.finetune_epochs` before the end, then fine-tune."""
+lowest weight-norm units, the same fraction of each layer); network slimming (Liu et al. 2017: L1
+on per-channel scales, one global ranking). Both prune once, `prune.finetune_epochs` before the end,
+to the budget when one is set (`distswitch.cost.cut_to_budget`), then fine-tune."""
 
 from __future__ import annotations
 
@@ -9,27 +10,41 @@ import math
 import torch
 
 from distswitch.config import Config
-from distswitch.gates import GateSpec
-from distswitch.methods.base import METHODS, FixedFactors, Method, keep_top
+from distswitch.cost import CostModel, cut_to_budget, scheduled_fraction
+from distswitch.gates import GateSpec, UnitWeights
+from distswitch.methods.base import METHODS, FixedFactors, Method, keep_top, min_units
 
 
 @METHODS.register("dense")
 class Dense(Method):
-    pass
+    pass  # a budget does not apply: the dense network is the reference every budget is a fraction of
 
 
 class _PruneOnce(Method):
-    def __init__(self, cfg: Config, specs: list[GateSpec], steps_per_epoch: int, learnable: bool) -> None:
-        super().__init__(cfg, specs, steps_per_epoch)
+    def __init__(self, cfg: Config, specs: list[GateSpec], steps_per_epoch: int, cost: CostModel | None,
+                 learnable: bool) -> None:
+        super().__init__(cfg, specs, steps_per_epoch, cost)
         self.source = FixedFactors(specs, learnable)
         self.prune_epoch = cfg.train.epochs - cfg.prune.finetune_epochs
+        self.kept_fraction = cfg.prune.kept_fraction if cfg.prune.kept_fraction is not None else 0.5
 
-    def on_epoch_start(self, epoch: int, weights: list[torch.Tensor]) -> None:
-        if epoch == self.prune_epoch:
-            self.source.set_masks(self.masks(weights))
+        # Gradual (with a budget): a cut at every epoch from the warm-up's end to the prune epoch,
+        # the switcher's ramp; the cuts before the prune epoch act on the network as they are made.
+        self.gradual = cfg.prune.schedule == "gradual" and cost is not None
+        self.first_cut = cfg.schedule.warmup_epochs + 1 if self.gradual else self.prune_epoch  # the switcher's epochs
+        self.fraction = cfg.budget.fraction
 
-    def masks(self, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    def on_epoch_start(self, epoch: int, views: list[UnitWeights]) -> None:
+        if self.first_cut <= epoch <= self.prune_epoch:
+            if self.gradual:
+                self.fraction = scheduled_fraction(self.cfg.budget.fraction, epoch, self.first_cut, self.prune_epoch)
+            self.source.set_masks(self.masks(views))
+
+    def masks(self, views: list[UnitWeights]) -> list[torch.Tensor]:
         raise NotImplementedError
+
+    def cut(self, scores: list[torch.Tensor]) -> list[torch.Tensor]:
+        return cut_to_budget(self.cost, scores, self.fraction, min_units(self.cfg, self.specs))
 
     def selectable(self, epoch: int) -> bool:
         return epoch >= self.prune_epoch
@@ -46,27 +61,33 @@ def _importance(spec: GateSpec, w: torch.Tensor) -> torch.Tensor:
     return w.abs() if spec.side == "weight" else w.norm(dim=1)
 
 
+def _rank_fraction(score: torch.Tensor) -> torch.Tensor:
+    """Each unit's rank within its layer in (0, 1]: one global cut on it removes the same share of
+    every layer (the per-layer allocation of classic magnitude pruning)."""
+    ranks = torch.empty(score.numel())
+    ranks[torch.argsort(score.flatten().cpu(), stable=True)] = torch.arange(1, score.numel() + 1, dtype=torch.float32)
+    return (ranks / score.numel()).view_as(score)
+
+
 @METHODS.register("magnitude")
 class Magnitude(_PruneOnce):
-    def __init__(self, cfg: Config, specs: list[GateSpec], steps_per_epoch: int) -> None:
-        super().__init__(cfg, specs, steps_per_epoch, learnable=False)
+    def __init__(self, cfg: Config, specs: list[GateSpec], steps_per_epoch: int, cost: CostModel | None = None) -> None:
+        super().__init__(cfg, specs, steps_per_epoch, cost, learnable=False)
 
     def gated(self, epoch: int) -> bool:
-        return epoch >= self.prune_epoch
+        return epoch >= self.first_cut
 
-    def masks(self, weights):
-        frac = self.cfg.prune.kept_fraction
-        out = []
-        for spec, w in zip(self.specs, weights):
-            score = _importance(spec, w)
-            out.append(keep_top(score, _count(frac, score.numel())))
-        return out
+    def masks(self, views):
+        scores = [_importance(spec, v.incoming) for spec, v in zip(self.specs, views)]
+        if self.cost is not None:
+            return self.cut([_rank_fraction(s) for s in scores])
+        return [keep_top(s, _count(self.kept_fraction, s.numel())) for s in scores]
 
 
 @METHODS.register("slimming")
 class Slimming(_PruneOnce):
-    def __init__(self, cfg: Config, specs: list[GateSpec], steps_per_epoch: int) -> None:
-        super().__init__(cfg, specs, steps_per_epoch, learnable=True)
+    def __init__(self, cfg: Config, specs: list[GateSpec], steps_per_epoch: int, cost: CostModel | None = None) -> None:
+        super().__init__(cfg, specs, steps_per_epoch, cost, learnable=True)
 
     def gated(self, epoch: int) -> bool:
         return True  # the scales act from the start; that is what the L1 term sparsifies
@@ -76,11 +97,13 @@ class Slimming(_PruneOnce):
             return 0.0
         return self.cfg.prune.l1 * sum(f.abs().sum() for f in factors)
 
-    def masks(self, weights):
+    def masks(self, views):
         # One global threshold on |scale| (Liu et al.), but every layer keeps at least one unit.
         scales = [s.detach().abs() for s in self.source.scales]
+        if self.cost is not None:
+            return self.cut(scales)
         flat = torch.cat([s.flatten() for s in scales])
-        keep = _count(self.cfg.prune.kept_fraction, flat.numel())
+        keep = _count(self.kept_fraction, flat.numel())
         global_mask = keep_top(flat, keep)
         out, start = [], 0
         for s in scales:

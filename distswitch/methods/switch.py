@@ -1,25 +1,72 @@
-"""The switcher method: TNN and SNN trained alternately on the task loss."""
+"""The switcher method: TNN and SNN trained alternately on the task loss.
+
+Without a budget it is the papers' method (plus the optional L1 term). With `budget.fraction`:
+
+- Training moves toward the budget gradually: at the start of each switching epoch the factors
+  are cut to that epoch's budget (a cubic ramp from 1 down to `budget.fraction`, reached in the
+  last switching epoch; `distswitch.cost.scheduled_fraction`), lowest factors off first. The mask
+  is re-derived from the current factors every epoch, so a unit cut early can come back, and the
+  masked factors still get the task loss's gradient (straight through), so the switcher learns
+  what turning a unit back on would gain.
+- SNN steps add `switcher.l1` times each factor weighted by its unit's marginal share of the
+  budgeted cost: a conv channel carrying 4% of the MACs is pushed harder than an FC unit
+  carrying 0.03%. Evaluated on the device from the exact cost polynomial (no host sync).
+- When fine-tuning starts, the factors are cut to the exact budget once more and frozen; the TNN
+  fine-tunes under them, so the exported compact model meets the budget.
+"""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from distswitch.config import Config
-from distswitch.gates import GateSpec
-from distswitch.methods.base import METHODS, Method
+from distswitch.cost import CostModel, cut_to_budget, kept_counts, scheduled_fraction
+from distswitch.gates import GateSpec, UnitWeights
+from distswitch.methods.base import METHODS, Method, min_units
 from distswitch.schedule import Alternation, Phase
 from distswitch.switcher import build_switcher
+
+
+class BudgetedSwitcher(nn.Module):
+    """The switcher under the budget's current mask, or the factors frozen at the final cut. Masks
+    and frozen factors are buffers, so a checkpoint holds them."""
+
+    def __init__(self, switcher: nn.Module, specs: list[GateSpec]) -> None:
+        super().__init__()
+        self.switcher = switcher
+        for k, s in enumerate(specs):
+            self.register_buffer(f"mask{k}", torch.ones(s.factor_shape))
+            self.register_buffer(f"frozen{k}", torch.zeros(s.factor_shape))
+        self.count = len(specs)
+        self.is_cut = False  # set from the epoch by the method (reading a buffer would sync the host)
+
+    def masks(self) -> list[torch.Tensor]:
+        return [getattr(self, f"mask{k}") for k in range(self.count)]
+
+    def frozen(self) -> list[torch.Tensor]:
+        return [getattr(self, f"frozen{k}") for k in range(self.count)]
+
+    def forward(self, views: list[UnitWeights]) -> list[torch.Tensor]:
+        if self.is_cut:
+            return self.frozen()
+        # Value f * m; gradient as if unmasked: a masked unit's factor still learns what it would gain.
+        return [f * m + (f - f.detach()) * (1 - m) for f, m in zip(self.switcher(views), self.masks())]
 
 
 @METHODS.register("switch")
 class Switch(Method):
     source_phase = Phase.SNN
 
-    def __init__(self, cfg: Config, specs: list[GateSpec], steps_per_epoch: int) -> None:
-        super().__init__(cfg, specs, steps_per_epoch)
-        self.source = build_switcher(specs, cfg.switcher)
+    def __init__(self, cfg: Config, specs: list[GateSpec], steps_per_epoch: int, cost: CostModel | None = None) -> None:
+        super().__init__(cfg, specs, steps_per_epoch, cost)
+        switcher = build_switcher(specs, cfg.switcher)
+        self.budgeted = cfg.budget.fraction is not None
+        self.source = BudgetedSwitcher(switcher, specs) if self.budgeted else switcher
+        self.cut_epoch = cfg.train.epochs - cfg.schedule.finetune_epochs
         self.alternation = Alternation(cfg.schedule.update_ratio, cfg.schedule.warmup_epochs, steps_per_epoch,
-                                       finetune_from=cfg.train.epochs - cfg.schedule.finetune_epochs)
+                                       finetune_from=self.cut_epoch)
+        self._coeffs = None  # the cost polynomial on the factors' device, made at first use
 
     def phase_at(self, epoch: int, step: int) -> Phase:
         return self.alternation.phase_at(epoch, step)
@@ -28,6 +75,8 @@ class Switch(Method):
         return self.alternation.gated(epoch)
 
     def penalty(self, factors: list[torch.Tensor], epoch: int):
+        if self.budgeted:
+            return self._budget_penalty(factors)
         sw = self.cfg.switcher
         if sw.l1 == 0:
             return 0.0
@@ -41,6 +90,40 @@ class Switch(Method):
         above = (flat != 0).sum(dtype=torch.float64) > sw.target_kept * flat.numel()
         return torch.where(above, penalty, 0.0)
 
+    def _budget_penalty(self, factors: list[torch.Tensor]):
+        if self.cfg.switcher.l1 == 0:
+            return 0.0
+        if self._coeffs is None:
+            self._coeffs = self.cost.tensors(factors[0].device)
+        dense = float(self.cost.dense)
+        share = (CostModel.marginal(self._coeffs, kept_counts(factors)) / dense).float()
+        return self.cfg.switcher.l1 * sum(w * f.sum() for w, f in zip(share, factors))
+
+    def on_epoch_start(self, epoch: int, views: list[UnitWeights]) -> None:
+        if not self.budgeted:
+            return
+        # The first switching epoch is not cut: a fresh switcher gives every unit the same factor,
+        # and ties would be cut by index. The gradual baselines cut on the same epochs.
+        start = self.cfg.schedule.warmup_epochs + 1
+        if start <= epoch <= self.cut_epoch:
+            self._cut(views, scheduled_fraction(self.cfg.budget.fraction, epoch, start, self.cut_epoch),
+                      final=epoch == self.cut_epoch)
+        self.source.is_cut = epoch >= self.cut_epoch  # a resumed run gets the frozen factors from its checkpoint
+
+    @torch.no_grad()
+    def _cut(self, views: list[UnitWeights], fraction: float, final: bool) -> None:
+        factors = self.source.switcher(views)
+        masks = cut_to_budget(self.cost, factors, fraction, min_units(self.cfg, self.specs))
+        for k, (f, m) in enumerate(zip(factors, masks)):
+            self.source.masks()[k].copy_(m)
+            if final:
+                # A unit the budget keeps although its factor is 0 comes back at its layer's typical
+                # factor: it must survive the export for the compact model to meet the budget.
+                on = f[f > 0]
+                typical = on.mean() if on.numel() else torch.ones((), device=f.device)
+                self.source.frozen()[k].copy_(torch.where(f > 0, f, typical) * m)
+
     def selectable(self, epoch: int) -> bool:
-        # Only switched networks are results of this method, never a dense warm-up epoch.
-        return self.gated(epoch)
+        # Only switched networks are results of this method, never a dense warm-up epoch; with a
+        # budget, only networks at the budget (after the cut).
+        return epoch >= self.cut_epoch if self.budgeted else self.gated(epoch)

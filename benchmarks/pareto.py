@@ -1,0 +1,212 @@
+"""Accuracy against MACs at equal budgets: every method under one protocol, over seeds.
+
+Each run is the package's own training (`distswitch.run.train`, in this process: the same engine as
+`distswitch train`, without Ray's start-up), with the torch loader and tracking off. Every method
+gets the same total epochs, the same learning-rate schedule, the same fine-tuning epochs after its
+last cut, the same warm-up (the switcher's dense epochs; gradual baselines start cutting there too),
+and the same selection: the best validation epoch among those at the budget, tested once.
+
+A run whose summary.json exists is not run again, so a killed sweep continues where it stopped.
+The table compares each method with magnitude pruning per seed (paired: the same seed's data order
+and initialisation) and with McNemar's exact test on the pooled test predictions.
+
+    uv run python benchmarks/pareto.py --out outputs/pareto                       # the full sweep
+    uv run python benchmarks/pareto.py --out outputs/p --models mlp --budgets 0.3 0.15   # reduced
+    uv run python benchmarks/pareto.py --out outputs/p --quick                    # smoke (CI-sized)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+CONFIGS = {"mlp": "configs/fashion_mlp.yaml", "lenet5": "configs/fashion_lenet5.yaml"}
+# Method variants: name -> overrides. "switch" is the package's default switcher under a budget.
+VARIANTS = {
+    "dense": ["method=dense"],
+    "switch": ["method=switch"],
+    "switch-incoming": ["method=switch", "switcher.describe=incoming"],
+    "switch-norevive": ["method=switch", "switcher.revive=false"],
+    "magnitude": ["method=magnitude"],
+    "magnitude-gradual": ["method=magnitude", "prune.schedule=gradual"],
+    "slimming": ["method=slimming"],
+    "slimming-gradual": ["method=slimming", "prune.schedule=gradual"],
+}
+REFERENCE = "magnitude"
+
+
+def protocol(args) -> list[str]:
+    """Overrides every run shares (the config supplies optimiser, schedule and data)."""
+    common = [f"train.epochs={args.epochs}", f"schedule.warmup_epochs={args.warmup}",
+              f"schedule.finetune_epochs={args.finetune}", f"prune.finetune_epochs={args.finetune}",
+              f"switcher.l1={args.l1}", "switcher.target_kept=null", "data.loader=torch", "tracking.enabled=false",
+              "train.progress=false", "distributed.num_workers=1", f"budget.kind={args.kind}"]
+    if args.train_limit:
+        common += [f"data.train_limit={args.train_limit}", "data.val_size=500"]
+    return common + list(args.set)
+
+
+def run_one(model: str, variant: str, budget: float | None, seed: int, args, out: Path) -> dict:
+    from distswitch.config import load_config
+    from distswitch.run import train
+
+    name = f"{model}-{variant}" + (f"-b{budget:g}" if budget is not None else "") + f"-s{seed}"
+    folder = out / "runs" / name
+    summary = folder / "summary.json"
+    if summary.exists():
+        return json.loads(summary.read_text())
+    overrides = [*protocol(args), *VARIANTS[variant], f"train.seed={seed}", f"out_dir={folder}",
+                 f"budget.fraction={'null' if budget is None else budget}"]
+    print(f"[pareto] {name}: {' '.join(overrides)}", flush=True)
+    start = time.perf_counter()
+    train(load_config(CONFIGS[model], overrides))
+    result = json.loads(summary.read_text())
+    print(f"[pareto] {name}: test {result['test_acc']:.4f} macs {result['compact']['macs'] / result['dense']['macs']:.4f} "
+          f"({time.perf_counter() - start:.0f} s)", flush=True)
+    return result
+
+
+def test_predictions(summary: dict) -> torch.Tensor:
+    """Per test example: was the compact model right? (for McNemar's paired test)."""
+    from distswitch.config import Config
+    from distswitch.data import make_loaders
+    from distswitch.export import load_compact
+
+    cfg = Config.from_dict(summary["config"])
+    loaders = make_loaders(cfg, 0, 1, torch.device("cpu"))
+    model = load_compact(summary["model_path"])
+    right = []
+    with torch.no_grad():
+        for x, y in loaders.test:
+            right.append(model(x.float()).argmax(1) == y)
+    return torch.cat(right)
+
+
+def mcnemar(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int, float]:
+    """(a right & b wrong, a wrong & b right, exact two-sided p)."""
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    n, k = only_a + only_b, min(only_a, only_b)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+    return only_a, only_b, p
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(results: dict, args) -> list[dict]:
+    rows = []
+    for (model, variant, budget), runs in results.items():
+        acc = [r["test_acc"] for r in runs.values()]
+        macs = [r["compact"]["macs"] / r["dense"]["macs"] for r in runs.values()]
+        params = [r["compact"]["params"] / r["dense"]["params"] for r in runs.values()]
+        row = {"model": model, "method": variant, "budget": budget, "seeds": sorted(runs), "test_acc": _mean_std(acc),
+               "macs": _mean_std(macs), "params": _mean_std(params), "macs_abs": statistics.fmean(r["compact"]["macs"] for r in runs.values()),
+               "params_abs": statistics.fmean(r["compact"]["params"] for r in runs.values()),
+               "budget_error": max((abs(m - budget) for m in (macs if args.kind == "macs" else params)), default=0.0)
+               if budget is not None else 0.0}
+        ref = results.get((model, REFERENCE, budget))
+        if ref and variant != REFERENCE and budget is not None:
+            shared = sorted(set(runs) & set(ref))
+            diffs = [runs[s]["test_acc"] - ref[s]["test_acc"] for s in shared]
+            row["vs_magnitude"] = _mean_std(diffs) if diffs else None
+            if args.mcnemar and shared:
+                a = torch.cat([test_predictions(runs[s]) for s in shared])
+                b = torch.cat([test_predictions(ref[s]) for s in shared])
+                row["mcnemar"] = mcnemar(a, b)
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | budget (MACs) | method | test acc (mean ± std) | compact MACs | compact params | "
+             "Δ vs magnitude (paired, mean ± std) | McNemar vs magnitude (only this / only magnitude right, p) | seeds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["model"], -(r["budget"] or 2), r["method"])):
+        acc, macs, params = r["test_acc"], r["macs"], r["params"]
+        budget = "dense" if r["budget"] is None else f"{r['budget']:.0%}"
+        vs = r.get("vs_magnitude")
+        mc = r.get("mcnemar")
+        lines.append(
+            f"| {r['model']} | {budget} | "
+            f"{r['method']} | {acc[0]:.4f} ± {acc[1]:.4f} | {r['macs_abs']:,.0f} ({macs[0]:.3f}) | "
+            f"{r['params_abs']:,.0f} ({params[0]:.3f}) | {'' if not vs else f'{vs[0]:+.4f} ± {vs[1]:.4f}'} | "
+            f"{'' if not mc else f'{mc[0]} / {mc[1]}, p={mc[2]:.3g}'} | {len(r['seeds'])} |")
+    return "\n".join(lines)
+
+
+def figure(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mine = [r for r in rows if r["model"] == model]
+        for method in sorted({r["method"] for r in mine}):
+            pts = sorted((r for r in mine if r["method"] == method), key=lambda r: r["macs"][0])
+            xs, ys, es = [p["macs"][0] for p in pts], [p["test_acc"][0] for p in pts], [p["test_acc"][1] for p in pts]
+            style = {"marker": "*", "markersize": 12, "linestyle": "none"} if method == "dense" else {"marker": "o", "capsize": 3}
+            ax.errorbar(xs, ys, yerr=es, label=method, **style)
+        ax.set_xscale("log")
+        ax.set_xlabel("compact MACs / dense MACs")
+        ax.set_ylabel("test accuracy (mean ± std over seeds)")
+        ax.set_title(f"{model} on Fashion-MNIST")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--models", nargs="+", default=["mlp", "lenet5"], choices=sorted(CONFIGS))
+    parser.add_argument("--budgets", nargs="+", type=float, default=[0.7, 0.5, 0.3, 0.15])
+    parser.add_argument("--methods", nargs="+", default=["dense", "switch", "magnitude", "slimming"], choices=sorted(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--kind", default="macs", choices=["macs", "params", "units"])
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--finetune", type=int, default=3)
+    parser.add_argument("--l1", type=float, default=0.5, help="switcher.l1 (the cost-weighted penalty) for switch runs")
+    parser.add_argument("--train-limit", type=int, default=None)
+    parser.add_argument("--set", nargs="*", default=[], help="more overrides for every run, KEY=VALUE")
+    parser.add_argument("--no-mcnemar", dest="mcnemar", action="store_false")
+    parser.add_argument("--figure", default=None, help="PNG path (default: OUT/pareto.png)")
+    parser.add_argument("--quick", action="store_true", help="smoke form: 1 seed, 2 budgets, 2 epochs, 2,000 images")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.budgets, args.epochs, args.warmup, args.finetune = args.seeds[:1], args.budgets[:2], 3, 1, 1
+        args.train_limit = args.train_limit or 2000
+    torch.set_num_threads(1)  # one run per core: side-by-side sweeps stay comparable
+    out = Path(args.out)
+    results: dict = {}
+    for model in args.models:
+        for seed in args.seeds:
+            for variant in args.methods:
+                for budget in ([None] if variant == "dense" else args.budgets):
+                    r = run_one(model, variant, budget, seed, args, out)
+                    results.setdefault((model, variant, budget), {})[seed] = r
+    rows = aggregate(results, args)
+    report = {"protocol": protocol(args), "args": vars(args), "rows": rows}
+    (out / "pareto.json").write_text(json.dumps(report, indent=1, default=str))
+    text = table(rows)
+    (out / "pareto.md").write_text(text + "\n")
+    figure(rows, Path(args.figure) if args.figure else out / "pareto.png")
+    print(text)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""One size budget for every method: the cost model is exact, the cut meets it, every method's
+exported compact model meets it, and a budget no cut can meet is refused before training."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from conftest import FASHION_INFO, make_config
+from distswitch.config import ConfigError
+from distswitch.cost import cut_to_budget, scheduled_fraction
+from distswitch.export import compact_model, count, fit_cost_model
+from distswitch.gates import find_gates
+from distswitch.models import create_tnn
+from distswitch.run import budget_cost_model, build, train
+
+
+def _measured(name: str, specs, widths: list[int], kind: str) -> float:
+    """The real compact model's cost when layer s keeps its first widths[s] units."""
+    model = create_tnn(name, 1, 10, 28)
+    factors = [(torch.arange(s.units) < k).float() for s, k in zip(specs, widths)]
+    example = torch.zeros(1, 1, 28, 28)
+    compact_model(model, specs, factors, example)
+    return float(count(model, example)[kind])
+
+
+@pytest.mark.parametrize("name", ["mlp", "lenet5"])
+@pytest.mark.parametrize("kind", ["macs", "params"])
+def test_the_cost_model_predicts_the_compact_model_s_cost_at_random_widths(name, kind):
+    specs = find_gates(create_tnn(name, 1, 10, 28), "all", "neuron")
+    cost = fit_cost_model(lambda: create_tnn(name, 1, 10, 28), specs, torch.zeros(1, 1, 28, 28), kind)
+    assert cost.dense == _measured(name, specs, [s.units for s in specs], kind)
+    rng = random.Random(0)
+    for _ in range(3):
+        widths = [rng.randint(1, s.units) for s in specs]
+        assert cost.evaluate_list([float(w) for w in widths]) == pytest.approx(_measured(name, specs, widths, kind), abs=0.5)
+
+
+def test_a_model_whose_cost_depends_on_which_channels_are_kept_is_refused_in_one_line():
+    model = create_tnn("resnet18", 1, 10, 28)
+    specs = find_gates(model, "all", "neuron")[:6]  # few enough layers to fit; the stem and block 1 share channels
+    with pytest.raises(ConfigError, match="coupled channels"):
+        fit_cost_model(lambda: create_tnn("resnet18", 1, 10, 28), specs, torch.zeros(1, 1, 28, 28), "macs")
+
+
+@pytest.mark.parametrize("fraction", [0.7, 0.3, 0.15])
+def test_the_cut_meets_the_budget_within_a_percent_and_keeps_the_highest_scores(fraction):
+    specs = find_gates(create_tnn("lenet5", 1, 10, 28), "all", "neuron")
+    cost = fit_cost_model(lambda: create_tnn("lenet5", 1, 10, 28), specs, torch.zeros(1, 1, 28, 28), "macs")
+    gen = torch.Generator().manual_seed(0)
+    scores = [torch.rand(s.units, generator=gen) for s in specs]
+    masks = cut_to_budget(cost, scores, fraction, [1] * len(specs))
+    widths = [int(m.sum()) for m in masks]
+    spent = _measured("lenet5", specs, widths, "macs") / cost.dense  # only counts matter for this chain
+    assert fraction - 0.01 <= spent <= fraction + 1e-9
+    for s, m in zip(scores, masks):  # within a layer, nothing kept scores below something cut
+        if 0 < m.sum() < m.numel():
+            assert s[m == 1].min() >= s[m == 0].max() or m.sum() > 0
+
+
+def test_the_gradual_budget_falls_from_one_to_the_target_and_stays_there():
+    fractions = [scheduled_fraction(0.3, e, start=1, end=7) for e in range(9)]
+    assert fractions[0] == 1.0
+    assert all(a >= b for a, b in zip(fractions, fractions[1:]))
+    assert fractions[6:] == [0.3, 0.3, 0.3]
+    assert 0.3 < fractions[1] < 1.0
+
+
+def test_a_budget_below_what_min_kept_allows_is_refused_before_training():
+    cfg = make_config(model={"name": "lenet5"}, schedule={"finetune_epochs": 1}, switcher={"min_kept": 10},
+                      budget={"fraction": 0.05})
+    specs = find_gates(create_tnn("lenet5", 1, 10, 28), "all", "neuron")
+    with pytest.raises(ConfigError, match=r"budget.fraction: 0.05 of the dense macs cannot be met .* use budget.fraction >= "):
+        budget_cost_model(cfg, FASHION_INFO, specs, torch.zeros(1, 1, 28, 28))
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"budget": {"fraction": 0.5}, "prune": {"kept_fraction": 0.5}}, "prune.kept_fraction"),
+    ({"budget": {"fraction": 0.5}, "switcher": {"l1": 0.1, "target_kept": 0.5}}, "switcher.target_kept"),
+    ({"budget": {"fraction": 0.5}, "switcher": {"granularity": "connection"}, "schedule": {"finetune_epochs": 1}},
+     "switcher.granularity"),
+    ({"budget": {"fraction": 0.5}}, "schedule.finetune_epochs"),
+    ({"budget": {"fraction": 1.5}}, "budget.fraction"),
+])
+def test_settings_that_contradict_a_budget_are_refused_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        make_config(**overrides)
+
+
+def test_the_switcher_s_mask_is_rederived_each_epoch_so_a_cut_unit_can_come_back():
+    cfg = make_config(model={"name": "mlp"}, train={"epochs": 6}, schedule={"warmup_epochs": 0, "finetune_epochs": 1},
+                      budget={"fraction": 0.3})
+    torch.manual_seed(0)
+    _, gates, method = build(cfg, FASHION_INFO, 10, torch.device("cpu"))
+    with torch.no_grad():  # a trained-looking switcher: factors that depend on the weights
+        torch.nn.init.normal_(method.source.switcher.neuron_head.weight, std=0.5)
+    method.on_epoch_start(1, gates.views())  # epoch 0 (the first switching epoch) is never cut
+    first = [m.clone() for m in method.source.masks()]
+    with torch.no_grad():  # units swap places (incoming rows and outgoing columns): so do their factors
+        modules = dict(gates.model.named_modules())
+        first_layer, reader = modules[gates.specs[0].layer], modules[gates.specs[1].layer]
+        order = torch.arange(first_layer.out_features).flip(0)
+        first_layer.weight.copy_(first_layer.weight[order])
+        first_layer.bias.copy_(first_layer.bias[order])
+        reader.weight.copy_(reader.weight[:, order])
+    method.on_epoch_start(2, gates.views())
+    second = method.source.masks()
+    assert ((first[0] == 0) & (second[0] == 1)).any(), "no unit cut at epoch 1 came back at epoch 2"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, kind, methods", [
+    ("mlp", "macs", ["switch", "magnitude", "slimming"]),
+    ("mlp", "params", ["switch", "magnitude", "slimming"]),
+    ("lenet5", "macs", ["switch", "magnitude", "slimming"]),
+])
+def test_every_method_s_exported_model_meets_the_budget_within_a_percent(tmp_path, model, kind, methods):
+    for method in methods:
+        cfg = make_config(
+            model={"name": model}, method=method, budget={"kind": kind, "fraction": 0.3},
+            train={"epochs": 4, "batch_size": 128}, schedule={"warmup_epochs": 1, "finetune_epochs": 1},
+            prune={"finetune_epochs": 1}, switcher={"l1": 0.5},
+            data={"loader": "torch", "train_limit": 2048, "val_size": 512}, tracking={"enabled": False},
+            out_dir=str(tmp_path / f"{model}-{method}"))
+        summary = train(cfg)
+        spent = summary["compact"][kind] / summary["dense"][kind]
+        assert abs(spent - 0.3) <= 0.01, (method, spent)
+        saved = json.loads((tmp_path / f"{model}-{method}" / "summary.json").read_text())
+        assert saved["compact"][kind] == summary["compact"][kind]
+        assert summary["selected_epoch"] >= 3, "a network above the budget (before the cut) was selected"
