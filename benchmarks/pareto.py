@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--finetune", type=int, default=3)
-    parser.add_argument("--l1", type=float, default=0.5, help="switcher.l1 (the cost-weighted penalty) for switch runs")
+    parser.add_argument("--l1", type=float, default=0.05, help="switcher.l1 (the cost-weighted penalty) for switch runs")
     parser.add_argument("--train-limit", type=int, default=None)
     parser.add_argument("--set", nargs="*", default=[], help="more overrides for every run, KEY=VALUE")
     parser.add_argument("--no-mcnemar", dest="mcnemar", action="store_false")

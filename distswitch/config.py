@@ -71,6 +71,8 @@ class SwitcherConfig:
     describe: Literal["both", "incoming"] = "both"
     # Rowwise switcher: the final ReLU passes gradients below 0, so a switched-off unit can come back.
     revive: bool = True
+    # With a budget, which factors switcher.l1 pushes down: all, or only those the current cut removes.
+    penalize: Literal["all", "cut"] = "all"
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,10 @@ class BudgetConfig:
 
     kind: Literal["macs", "params", "units"] = "macs"
     fraction: Union[float, None] = None
+    # Diagnostic: the final cut keeps exactly these units per gated layer ({layer: count}; null = the
+    # method's own allocation), ranked by the method's scores -- e.g. magnitude pruning with the
+    # switcher's per-layer widths separates which units are kept from how many per layer.
+    widths: Union[dict, None] = None
 
 
 @dataclass(frozen=True)
@@ -414,6 +420,8 @@ def _check_budget(cfg: Config, require) -> None:
             "null with a budget (budget.fraction sets the size of every method)")
     require(cfg.switcher.target_kept is None, "switcher.target_kept", cfg.switcher.target_kept,
             "null with a budget (budget.fraction sets the size; the switcher moves toward it by itself)")
+    for layer, n in (b.widths or {}).items():
+        require(isinstance(n, int) and not isinstance(n, bool) and n >= 1, f"budget.widths.{layer}", n, "an integer >= 1")
     require(cfg.switcher.granularity == "neuron" or cfg.method != "switch", "switcher.granularity",
             cfg.switcher.granularity, "'neuron' with a budget (connection gates keep the dense shapes)")
     if cfg.method == "switch":

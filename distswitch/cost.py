@@ -104,6 +104,16 @@ def cut_to_budget(cost: CostModel, scores: list[torch.Tensor], fraction: float, 
     return [k.view_as(sc).to(sc.device) for k, sc in zip(keep, scores)]
 
 
+def cut_to_widths(scores: list[torch.Tensor], widths: list[int]) -> list[torch.Tensor]:
+    """0/1 masks keeping the widths[s] highest-scored units of each layer (ties by index)."""
+    masks = []
+    for sc, k in zip(scores, widths):
+        m = torch.zeros(sc.numel())
+        m[torch.argsort(sc.detach().flatten().cpu(), descending=True, stable=True)[:k]] = 1.0
+        masks.append(m.view_as(sc).to(sc.device))
+    return masks
+
+
 def scheduled_fraction(target: float, epoch: int, start: int, end: int) -> float:
     """Gradual pruning's budget for `epoch` (Zhu & Gupta 2017's cubic ramp): 1 before `start`,
     `target` from the last epoch before `end` on, falling fastest at first while many units are

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from distswitch.config import SwitcherConfig
-from distswitch.gates import GateSet, check_factors, find_gates
+from distswitch.gates import GateSet, check_factors, find_gates, find_readers
 from distswitch.models import create_tnn, list_models
 from distswitch.schedule import Alternation, Phase
-from distswitch.switcher import build_switcher, describe_rows
+from distswitch.switcher import build_switcher, describe_rows, revivable_relu
 
 MODELS = list_models()
 GATED = ("all", "fc", "classifier")
@@ -199,7 +199,79 @@ def test_zero_connection_factors_leave_only_the_bias():
 def _mlp_switcher(arch: str = "rowwise", **kw):
     model = _model("mlp")
     specs = find_gates(model, "all", "neuron")  # layers '1' (300 units) and '3' (100 units)
-    return model, GateSet(model, specs), build_switcher(specs, SwitcherConfig(arch=arch, **kw))
+    readers = find_readers(model, specs, _input(1))
+    return model, GateSet(model, specs, readers), build_switcher(specs, SwitcherConfig(arch=arch, **kw))
+
+
+def test_readers_map_each_conv_channel_to_its_flattened_columns_of_the_next_linear():
+    model = create_tnn("lenet5", 1, 10, 28)
+    specs = find_gates(model, "all", "neuron")  # '0' (20 channels), '3' (50 channels), '7' (500 units)
+    readers = find_readers(model, specs, torch.zeros(1, 1, 28, 28))
+    assert [[name for name, _ in r] for r in readers] == [["3"], ["7"], ["9"]]
+    _, idx = readers[1][0]
+    assert idx.shape == (50, 16)  # 50 channels of 4x4 after pooling, flattened channel-major
+    assert torch.equal(idx[7], torch.arange(7 * 16, 8 * 16))
+    views = GateSet(model, specs, readers).views()
+    torch.testing.assert_close(views[1].outgoing[7], model[7].weight[:, 7 * 16:8 * 16].reshape(-1))
+    torch.testing.assert_close(views[0].outgoing[2], model[3].weight[:, 2].reshape(-1))
+
+
+def test_a_residual_channel_is_read_by_every_layer_that_reads_the_stream():
+    model = create_tnn("resnet18", 3, 10, 32)
+    specs = find_gates(model, "all", "neuron")
+    readers = dict(zip([s.layer for s in specs], find_readers(model, specs, torch.zeros(1, 3, 32, 32))))
+    # layer1.0.conv2 writes the 64-channel stream that layer1.1.conv1 and layer2.0 (conv1, shortcut) read
+    assert {"layer1.1.conv1", "layer2.0.conv1", "layer2.0.downsample.0"} <= {n for n, _ in readers["layer1.0.conv2"]}
+    views = GateSet(model, specs).views()  # without readers: the incoming side only, and BN gains
+    assert all(v.outgoing is None for v in views)
+    assert views[0].gain.shape == (64, 2)
+
+
+def test_a_units_factor_changes_when_only_its_outgoing_weights_change():
+    model, gates, switcher = _mlp_switcher()
+    _randomise(switcher, gates.views())
+    with torch.no_grad():
+        before = switcher(gates.views())[0]
+        model[3].weight[:, 5].mul_(3.0)  # unit 5 of layer '1': only the weights reading it
+        after = switcher(gates.views())[0]
+    assert after[5] != before[5]
+
+
+def test_rescaling_a_relu_units_incoming_by_c_and_outgoing_by_1_over_c_leaves_its_layers_factors():
+    model, gates, switcher = _mlp_switcher()
+    _randomise(switcher, gates.views())
+    x = _input(4)
+    with torch.no_grad():
+        before, out_before = switcher(gates.views()), model(x)
+        for i, c in ((5, 4.0), (17, 0.1)):
+            model[1].weight[i].mul_(c)
+            model[1].bias[i].mul_(c)
+            model[3].weight[:, i].div_(c)
+        after, out_after = switcher(gates.views()), model(x)
+    torch.testing.assert_close(out_after, out_before, rtol=1e-4, atol=1e-5)  # the same function
+    # Layer '1' (the rescaled units and their neighbours) is unchanged; layer '3' reads rescaled
+    # inputs, and its rows change shape, so its factors may move.
+    torch.testing.assert_close(after[0], before[0], rtol=1e-4, atol=1e-5)
+
+
+def test_the_incoming_only_view_is_fooled_by_the_same_rescaling():
+    model, gates, switcher = _mlp_switcher(describe="incoming")
+    _randomise(switcher, gates.views())
+    with torch.no_grad():
+        before = switcher(gates.views())[0]
+        model[1].weight[5].mul_(4.0)
+        model[3].weight[:, 5].div_(4.0)
+        after = switcher(gates.views())[0]
+    assert after[5] != before[5]
+
+
+@pytest.mark.parametrize("revive", [True, False])
+def test_a_factor_at_zero_gets_the_task_gradient_only_when_revivable(revive):
+    h = torch.tensor([-1.0, 0.5], requires_grad=True)
+    f = revivable_relu(h) if revive else torch.relu(h)
+    assert f.tolist() == [0.0, 0.5]
+    f.sum().backward()
+    assert h.grad.tolist() == ([1.0, 1.0] if revive else [0.0, 1.0])
 
 
 @pytest.mark.parametrize("arch", ["rowwise", "unet"])

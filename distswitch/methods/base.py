@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from distswitch.config import Config
-from distswitch.cost import CostModel
+from distswitch.cost import CostModel, cut_to_budget, cut_to_widths
 from distswitch.gates import GateSpec, UnitWeights
 from distswitch.registry import Registry
 from distswitch.schedule import Phase
@@ -42,6 +42,17 @@ class Method:
 
     def __init__(self, cfg: Config, specs: list[GateSpec], steps_per_epoch: int, cost: CostModel | None = None) -> None:
         self.cfg, self.specs, self.steps_per_epoch, self.cost = cfg, specs, steps_per_epoch, cost
+
+    def budget_cut(self, scores: list[torch.Tensor], fraction: float, final: bool = True) -> list[torch.Tensor]:
+        """Masks meeting `fraction` of the budgeted cost, highest scores kept; the final cut keeps
+        `budget.widths` per layer instead where they are given (the allocation diagnostic)."""
+        widths = self.cfg.budget.widths
+        if final and widths:
+            missing = sorted({s.layer for s in self.specs} - set(widths))
+            if missing:
+                raise ValueError(f"budget.widths: no width for gated layer(s) {', '.join(missing)}")
+            return cut_to_widths(scores, [min(int(widths[s.layer]), s.units) for s in self.specs])
+        return cut_to_budget(self.cost, scores, fraction, min_units(self.cfg, self.specs))
 
     def phase_at(self, epoch: int, step: int) -> Phase:
         return Phase.TNN

@@ -10,9 +10,9 @@ import math
 import torch
 
 from distswitch.config import Config
-from distswitch.cost import CostModel, cut_to_budget, scheduled_fraction
+from distswitch.cost import CostModel, scheduled_fraction
 from distswitch.gates import GateSpec, UnitWeights
-from distswitch.methods.base import METHODS, FixedFactors, Method, keep_top, min_units
+from distswitch.methods.base import METHODS, FixedFactors, Method, keep_top
 
 
 @METHODS.register("dense")
@@ -44,7 +44,7 @@ class _PruneOnce(Method):
         raise NotImplementedError
 
     def cut(self, scores: list[torch.Tensor]) -> list[torch.Tensor]:
-        return cut_to_budget(self.cost, scores, self.fraction, min_units(self.cfg, self.specs))
+        return self.budget_cut(scores, self.fraction, final=self.fraction == self.cfg.budget.fraction)
 
     def selectable(self, epoch: int) -> bool:
         return epoch >= self.prune_epoch

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from distswitch.config import Config
-from distswitch.cost import CostModel, cut_to_budget, kept_counts, scheduled_fraction
+from distswitch.cost import CostModel, kept_counts, scheduled_fraction
 from distswitch.gates import GateSpec, UnitWeights
-from distswitch.methods.base import METHODS, Method, min_units
+from distswitch.methods.base import METHODS, Method
 from distswitch.schedule import Alternation, Phase
 from distswitch.switcher import build_switcher
 
@@ -97,6 +97,8 @@ class Switch(Method):
             self._coeffs = self.cost.tensors(factors[0].device)
         dense = float(self.cost.dense)
         share = (CostModel.marginal(self._coeffs, kept_counts(factors)) / dense).float()
+        if self.cfg.switcher.penalize == "cut":  # only the units the current cut removes
+            factors = [f * (1 - m) for f, m in zip(factors, self.source.masks())]
         return self.cfg.switcher.l1 * sum(w * f.sum() for w, f in zip(share, factors))
 
     def on_epoch_start(self, epoch: int, views: list[UnitWeights]) -> None:
@@ -113,7 +115,7 @@ class Switch(Method):
     @torch.no_grad()
     def _cut(self, views: list[UnitWeights], fraction: float, final: bool) -> None:
         factors = self.source.switcher(views)
-        masks = cut_to_budget(self.cost, factors, fraction, min_units(self.cfg, self.specs))
+        masks = self.budget_cut(factors, fraction, final=final)
         for k, (f, m) in enumerate(zip(factors, masks)):
             self.source.masks()[k].copy_(m)
             if final:
