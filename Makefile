@@ -7,7 +7,7 @@ UV = $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 CONFIG ?= configs/fashion_lenet5.yaml
 ARGS ?=
 
-.PHONY: setup data train test test-fast bench bench-gpu bench-data ui clean
+.PHONY: setup data train test test-fast bench bench-gpu gpu-check bench-data ui clean
 
 ## setup: Debian packages (FFCV's build needs, offline Fashion-MNIST), uv, then the locked venv.
 setup:
@@ -55,6 +55,11 @@ bench-gpu: data
 	$(BENCH)/gpu_throughput.py --out outputs/bench/gpu_throughput.json
 	$(BENCH)/switcher_overhead.py --rounds 3 --out outputs/bench/switcher_overhead_gpu.json model.name=resnet18 \
 	  data.channels=3 data.image_size=32 train.precision=bf16
+
+## gpu-check: on a GPU host, minutes: LeNet5 and ResNet18 trained, exported and resumed on CUDA (fp32, bf16, compiled);
+## one table, non-zero exit on any failure. Needs no data. (The lent device machine: see benchmarks/gpu_check.py.)
+gpu-check: setup
+	$(BENCH)/gpu_check.py --out outputs/bench/gpu_check.json $(ARGS)
 
 ## bench-data: FFCV vs torch DataLoader images/s (32x32 RGB, batch 512), into outputs/bench/
 bench-data: setup

@@ -1,8 +1,9 @@
 """Throughput and model-FLOP utilisation: training images/s of a model (ResNet18 at 32x32 by
 default), dense and switch side by side in one process, and MFU = model FLOP/s / the device's peak.
 
-Batches are random tensors already on the device, so the figure is the training step's own speed
-(data loading is measured by data_loading.py). Model FLOPs per step are counted by torch's
+Batches are random tensors already on the device, in the dtype and layout the loaders give (bf16
+and channels_last on CUDA), with cuDNN's autotuning on as in a worker, so the figure is the
+training step's own speed (data loading is measured by data_loading.py). Model FLOPs per step are counted by torch's
 FlopCounterMode on one eager dense step (forward + backward of the TNN); the switcher's own FLOPs
 are overhead, not model FLOPs, so both variants are divided by the same count. Steps follow each
 method's schedule (switch: update ratio TNN:SNN steps). Meant for a GPU; on CPU it runs (the CI
@@ -22,6 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import engine_for, environment, write_report
+from distswitch.data.transform import AUTOCAST_DTYPES
 from distswitch.schedule import Phase
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), from NVIDIA's data sheets (SXM parts).
@@ -63,8 +65,12 @@ def main(argv: list[str] | None = None) -> dict:
     engine = runs["dense"][1]
     device = engine.device
     peak = peak_for(device, args.peak_tflops)
+    # The worker's step as it runs: cuDNN autotuning on, and batches as the loaders hand them (the
+    # precision's dtype, channels_last on CUDA).
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 3, 32, 32, generator=gen).to(device)
+    dtype = AUTOCAST_DTYPES[args.precision] or torch.float32
+    x = torch.randn(args.batch, 3, 32, 32, generator=gen).to(device, dtype).contiguous(memory_format=engine.memory_format)
     y = torch.randint(0, 10, (args.batch,), generator=gen).to(device)
     # FLOPs of one TNN step, counted on an eager twin (the counter does not see inside compiled code).
     _, counted, _ = engine_for(args.config, ["method=dense", "train.compile=none", *common], loaders=False)

@@ -442,6 +442,9 @@ def _check_distributed(cfg: Config, require) -> None:
     require(d.backend != "nccl" or d.use_gpu, "distributed.backend", d.backend, "'auto' or 'gloo' without GPUs (nccl needs distributed.use_gpu: true)")
     require(not d.sync_batchnorm or d.use_gpu, "distributed.sync_batchnorm", d.sync_batchnorm,
             "false without GPUs (torch's SyncBatchNorm has no CPU kernel)")
+    # SyncBatchNorm's collectives in every layer's forward break a compiled TNN's graph (issue 20).
+    require(not d.sync_batchnorm or cfg.train.compile != "all", "distributed.sync_batchnorm", d.sync_batchnorm,
+            "false with train.compile: all (or set train.compile: switcher)")
     require(d.use_gpu or cfg.train.device != "cuda", "train.device", cfg.train.device,
             "'auto' or 'cpu' unless distributed.use_gpu is true (workers get no GPU otherwise)")
     # A global batch split evenly across workers: the same optimisation for any number of workers.

@@ -279,6 +279,10 @@ class Engine:
         if self.source is None or floor == 0:
             return
         dark = {layer: row["kept"] for layer, row in kept["layers"].items() if row["kept"] < floor}
+        # Each worker's factors come from its own replica: a factor at the ReLU's edge can differ in
+        # the last bit. Stop on every worker or on none (the first report naming a layer, in rank
+        # order), or the others would wait in the next collective for ever (NCCL hangs).
+        dark = next((d for d in self.replicas.gather(dark) if d), None)
         if dark:
             layers = ", ".join(f"{layer} ({n} of {kept['layers'][layer]['units']})" for layer, n in dark.items())
             raise TrainingStopped(

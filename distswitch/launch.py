@@ -44,6 +44,8 @@ LOCAL_CLUSTER_ENV = {
 # Everywhere: under `uv run`, Ray would re-launch every worker through `uv run` and upload the
 # working directory; our workers already run in this interpreter's environment.
 DRIVER_ENV = {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+# Oldest Linux driver per CUDA major version of a torch build (NVIDIA's CUDA toolkit release notes).
+CUDA_DRIVERS = {"12": "525", "13": "580"}
 
 
 def storage_path(cfg: Config) -> str:
@@ -81,6 +83,7 @@ def launch(cfg: Config, summary_json: str | Path | None = None, launched_at: flo
     else:  # the data and the cluster are this machine's: fail before Ray starts
         cfg = local_paths(cfg)
         preflight(cfg)
+        _check_cuda(cfg)
         _check_fits(cfg, _local_resources(cfg), remote=False)
     out = Path(cfg.out_dir)
     if (out / "summary.json").is_file():
@@ -98,9 +101,6 @@ def launch(cfg: Config, summary_json: str | Path | None = None, launched_at: flo
         from distswitch.tracking import open_run
 
         tracking = open_run(cfg, run_key=f"{storage}/{run_name(cfg)}")
-        if os.environ.get("RAY_ADDRESS") and tracking[0].startswith("sqlite:"):
-            print(f"distswitch: warning: MLflow logs to {tracking[0]} on a Ray cluster; with several nodes set "
-                  "tracking.uri / MLFLOW_TRACKING_URI to a server (cluster/README.md, MLflow)", file=sys.stderr)
     marks = {"driver_ready": time.time()}
     try:
         ray, started = _connect(cfg)
@@ -139,6 +139,7 @@ def _run(ray, cfg: Config, out: Path, storage: str, marks: dict, launched_at: fl
          tracking: tuple[str, str] | None) -> dict:
     _check_resources(ray, cfg)
     _check_storage(ray, storage)
+    _check_tracking(ray, tracking)
     trainer = make_trainer(cfg, storage, marks, launched_at, tracking)
     marks["fit_called"] = time.time()  # the dict is pickled with the trainer: set before fit
     return collect(_fit(trainer, cfg, storage), cfg, out, storage)
@@ -301,6 +302,20 @@ def _check_resources(ray, cfg: Config) -> None:
     _check_fits(cfg, ray.cluster_resources(), remote=bool(os.environ.get("RAY_ADDRESS")))
 
 
+def _check_cuda(cfg: Config) -> None:
+    """GPUs asked for a local cluster: CUDA must be usable here, or Ray would wait for GPUs it
+    counts as 0. The locked wheels are CUDA 13 builds: they need an NVIDIA driver >= 580."""
+    import torch
+
+    if not cfg.distributed.use_gpu or torch.cuda.is_available():
+        return
+    built = (f"torch {torch.__version__} is built for CUDA {torch.version.cuda}, which needs an NVIDIA driver "
+             f">= {CUDA_DRIVERS.get(torch.version.cuda.split('.')[0], '?')} (`nvidia-smi` shows yours)"
+             if torch.version.cuda else f"torch {torch.__version__} is a CPU-only build")
+    raise ConfigError(f"distributed.use_gpu: true, but CUDA is not usable on this machine ({built}); "
+                      "set distributed.use_gpu: false, or run where a GPU and its driver are")
+
+
 def _local_resources(cfg: Config) -> dict:
     """What the local cluster `_connect` starts will have (known before starting it)."""
     import torch
@@ -374,10 +389,32 @@ def _check_storage(ray, storage: str) -> None:
                               "use a shared path or s3://bucket/prefix") from None
         return
     _writable(Path(storage), "distributed.storage_path")
+    blind = _blind_nodes(ray, Path(storage))
+    if blind:
+        raise ConfigError(f"distributed.storage_path: {storage!r} is local to this node; nodes {', '.join(blind)} "
+                          "cannot see it. Use a filesystem mounted on every node or s3://bucket/prefix")
+
+
+def _check_tracking(ray, tracking: tuple[str, str] | None) -> None:
+    """An MLflow SQLite store must be one file for the driver and rank 0, wherever rank 0 lands:
+    on several nodes its folder must be visible from all of them (a shared filesystem)."""
+    if tracking is None or not tracking[0].startswith("sqlite:///"):
+        return
+    folder = Path(tracking[0][len("sqlite:///"):]).parent
+    blind = _blind_nodes(ray, folder)
+    if blind:
+        raise ConfigError(f"tracking: MLflow logs to {tracking[0]}, a folder nodes {', '.join(blind)} cannot see "
+                          "(rank 0 may run there); set tracking.uri or MLFLOW_TRACKING_URI to a server every node "
+                          "reaches, or put out_dir on a filesystem mounted on every node")
+
+
+def _blind_nodes(ray, folder: Path) -> list[str]:
+    """Addresses of the cluster's live nodes that cannot see a file written into `folder` here
+    (none on one node)."""
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) <= 1:
-        return
-    marker = Path(storage) / f".distswitch-probe-{uuid.uuid4().hex}"
+        return []
+    marker = folder / f".distswitch-probe-{uuid.uuid4().hex}"
     marker.write_text("probe")
     try:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -388,12 +425,9 @@ def _check_storage(ray, storage: str) -> None:
 
         checks = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                   .remote(str(marker)) for n in nodes]
-        blind = [n["NodeManagerAddress"] for n, ok in zip(nodes, ray.get(checks, timeout=120)) if not ok]
+        return [n["NodeManagerAddress"] for n, ok in zip(nodes, ray.get(checks, timeout=120)) if not ok]
     finally:
         marker.unlink(missing_ok=True)
-    if blind:
-        raise ConfigError(f"distributed.storage_path: {storage!r} is local to this node; nodes {', '.join(blind)} "
-                          "cannot see it. Use a filesystem mounted on every node or s3://bucket/prefix")
 
 
 class RunFailed(RuntimeError):

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from distswitch.config import Config, ConfigError, channels_last_on
 from distswitch.data import DATASETS, DatasetInfo, check_data, make_loaders
@@ -150,6 +149,8 @@ class Session:
             os.replace(tmp, dest)
 
     def progress(self, total: int, desc: str):
+        from tqdm import tqdm  # here: the engine, export and checkpoints need no progress bars (gpu_check)
+
         return tqdm(total=total, desc=desc, unit="step", leave=True, dynamic_ncols=True, file=sys.stderr)
 
     def close(self) -> None:
@@ -176,8 +177,9 @@ def _progress(cfg: Config, session: Session):
 
 
 def make_replicas(tnn: torch.nn.Module, method, device: torch.device) -> Replicas:
-    """DDP replicas whenever a process group exists (a Ray run, one worker included)."""
-    if dist.is_available() and dist.is_initialized():
+    """DDP replicas when a process group of several workers exists. One worker has nothing to
+    all-reduce: the plain modules skip DDP's per-step bucket bookkeeping and buffer broadcasts."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return DDPReplicas(tnn, method.source, method.source_phase, device)
     return Replicas(tnn, method.source)
 
@@ -229,7 +231,7 @@ def _train(cfg: Config, session: Session, device: torch.device | None, launched_
     if latest is not None and not (Path(latest) / "state.pt").is_file():
         latest = None  # a stop before the first epoch checkpoint: nothing to resume
     if latest is not None:
-        state = torch.load(Path(latest) / "state.pt", map_location=device, weights_only=True)
+        state = read_checkpoint(Path(latest) / "state.pt")
         _check_resumable(cfg, state, latest)
         engine.load_state_dict(state["engine"])
         engine.retune(state["config"]["optim"])
@@ -275,7 +277,10 @@ def _train(cfg: Config, session: Session, device: torch.device | None, launched_
         metrics["tune/score"] = stats.val_acc - cfg.tune.kept_weight * stats.kept_fraction  # `distswitch tune`'s trade-off
         session.report(metrics, folder, f"epoch_{stats.epoch:04d}")
         if tracker is not None:
-            tracker.log(tracking_metrics(stats, compact_size(cfg, info, engine, stats.epoch), dense_size), stats.epoch)
+            # The compact size is a CPU pass over the whole TNN: at checkpoint epochs only (a GPU epoch
+            # can be shorter than the pass).
+            size = compact_size(cfg, info, engine, stats.epoch) if checkpoint else None
+            tracker.log(tracking_metrics(stats, size, dense_size), stats.epoch)
         if folder is not None:  # rank 0 keeps the latest checkpoint's files for a stop (below)
             if last_checkpoint:
                 shutil.rmtree(last_checkpoint.pop(), ignore_errors=True)
@@ -292,7 +297,7 @@ def _train(cfg: Config, session: Session, device: torch.device | None, launched_
     # The selected model: rank 0 holds it, every worker gets it (the test split is sharded).
     epoch = best["epoch"]
     if rank == 0:
-        selected = torch.load(scratch / "best.pt", map_location=device, weights_only=True)
+        selected = read_checkpoint(scratch / "best.pt")
         engine.load_state_dict(selected["engine"])
     replicas.broadcast_state()
     test_loss, test_acc = engine.evaluate(test_loader, epoch)
@@ -400,8 +405,17 @@ def _rng_state() -> dict:
     return state
 
 
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint bundle with every tensor on the CPU, whatever device trained or resumes it:
+    `load_state_dict` places model and optimiser state on the device, while RNG states must stay
+    CPU ByteTensors (`torch.set_rng_state` refuses others) and optimiser step counters on the host
+    (on a GPU each would cost a host sync per parameter per step)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _set_rng(states: list[dict] | None, rank: int) -> None:
-    """This rank's generators as saved (rank 0's when the run had fewer workers)."""
+    """This rank's generators as saved (rank 0's when the run had fewer workers); `states` as
+    `read_checkpoint` gives them (on the CPU)."""
     if not states:
         return
     state = states[rank] if rank < len(states) else states[0]
@@ -413,25 +427,39 @@ def _set_rng(states: list[dict] | None, rank: int) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def cpu_twin(cfg: Config, info: DatasetInfo, engine: Engine) -> torch.nn.Module:
+    """A plain fp32 copy of the engine's TNN on the CPU, in eval mode: no hooks, not compiled, no
+    SyncBatchNorm, wherever and however the engine trains."""
+    twin = create_tnn(cfg.model.name, info.channels, info.num_classes, info.image_size)
+    twin.load_state_dict({k: v.detach().cpu() for k, v in engine.tnn.state_dict().items()})
+    return twin.eval()
+
+
 def export_compact(cfg: Config, info: DatasetInfo, engine: Engine, epoch: int, example: torch.Tensor,
                    path: Path) -> dict:
-    """Fold + remove, check equivalence with the gated model, save; returns the size figures."""
+    """Fold + remove, check equivalence with the gated model, save; returns the size figures.
+
+    Both sides of the check run on CPU copies in fp32 with the same kernels: the gated reference is
+    a twin of the TNN with the engine's gates and factors, never the training device's TNN (a GPU's
+    convolutions default to TF32, ~5e-4 relative, 10x the tolerance), so the check does not depend
+    on where training ran."""
     factors = engine.compute_factors(epoch)
-    engine.gates.set(factors)
-    engine.tnn.eval()
-    example = example.to(engine.device, torch.float32)  # the check runs in fp32 whatever train.precision
+    cpu_factors = [f.detach().float().cpu() for f in factors] if factors is not None else None
+    example = example.to("cpu", torch.float32)  # the check runs in fp32 whatever train.precision
+    reference = cpu_twin(cfg, info, engine)
+    gates = GateSet(reference, engine.gates.specs)
+    gates.set(cpu_factors)
     with torch.no_grad():
-        reference = engine.tnn(example).cpu()
-    compact = create_tnn(cfg.model.name, info.channels, info.num_classes, info.image_size)
-    compact.load_state_dict({k: v.cpu() for k, v in engine.tnn.state_dict().items()})
-    cpu_factors = [f.detach().cpu() for f in factors] if factors is not None else None
-    plan = compact_model(compact, engine.gates.specs, cpu_factors, example[:1].cpu())
+        expected = reference(example)
+    gates.remove()
+    compact = cpu_twin(cfg, info, engine)
+    plan = compact_model(compact, engine.gates.specs, cpu_factors, example[:1])
     with torch.no_grad():
-        diff = float((compact.eval()(example.cpu()) - reference).abs().max())
+        diff = float((compact.eval()(example) - expected).abs().max())
     if diff > EXPORT_TOLERANCE:
         raise ExportError(f"compact model differs from the gated model by {diff:.2e} (> {EXPORT_TOLERANCE}); please report this")
-    dense = count(create_tnn(cfg.model.name, info.channels, info.num_classes, info.image_size), example[:1].cpu())
-    small = count(compact, example[:1].cpu())
+    dense = count(create_tnn(cfg.model.name, info.channels, info.num_classes, info.image_size), example[:1])
+    small = count(compact, example[:1])
     arch = architecture(cfg.model.name, info.channels, info.num_classes, info.image_size, plan, compact)
     save_compact(path, arch, compact)
     kept = kept_report(engine.gates.specs, cpu_factors)
@@ -454,21 +482,22 @@ def compact_size(cfg: Config, info: DatasetInfo, engine: Engine, epoch: int) -> 
     collective, no random draws, the training state untouched."""
     with torch.random.fork_rng(devices=[]):
         factors = engine.compute_factors(epoch)
-        compact = create_tnn(cfg.model.name, info.channels, info.num_classes, info.image_size)
-        compact.load_state_dict({k: v.detach().cpu() for k, v in engine.tnn.state_dict().items()})
+        compact = cpu_twin(cfg, info, engine)
         example = torch.zeros(1, info.channels, info.image_size, info.image_size)  # sizes do not depend on values
         cpu_factors = [f.detach().cpu() for f in factors] if factors is not None else None
         compact_model(compact, engine.gates.specs, cpu_factors, example)
         return count(compact.eval(), example)
 
 
-def tracking_metrics(stats: EpochStats, size: dict, dense: dict) -> dict:
-    """What MLflow gets per epoch: `epoch_metrics` plus kept fractions per layer and the size."""
+def tracking_metrics(stats: EpochStats, size: dict | None, dense: dict) -> dict:
+    """What MLflow gets per epoch: `epoch_metrics` plus kept fractions per layer and the size
+    (None: not measured this epoch)."""
     metrics = epoch_metrics(stats)
     for layer, row in stats.kept.get("layers", {}).items():
         metrics[f"kept/{layer}"] = row["kept"] / max(row["units"], 1)
-    metrics.update({"compact/params": size["params"], "compact/macs": size["macs"],
-                    "params_kept": size["params"] / dense["params"], "macs_kept": size["macs"] / dense["macs"]})
+    if size is not None:
+        metrics.update({"compact/params": size["params"], "compact/macs": size["macs"],
+                        "params_kept": size["params"] / dense["params"], "macs_kept": size["macs"] / dense["macs"]})
     return metrics
 
 
@@ -508,7 +537,7 @@ def export_checkpoint(path: str | Path, out: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"checkpoint {str(path)!r} does not exist; pass e.g. outputs/run/checkpoints/best.pt")
     try:
-        bundle = torch.load(path, map_location="cpu", weights_only=True)
+        bundle = read_checkpoint(path)
     except Exception as exc:  # a truncated or foreign file: say which, not a pickle traceback
         raise ConfigError(f"checkpoint {str(path)!r} cannot be read ({type(exc).__name__}); pass a distswitch checkpoint") from None
     if not isinstance(bundle, dict) or bundle.get("format") != CHECKPOINT_FORMAT:

@@ -7,6 +7,7 @@ table runs in-process in seconds.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -76,6 +77,12 @@ def _file_in_the_way(tmp: Path) -> Path:
     return tmp / "file" / "run"
 
 
+# Any host: one worker more than this machine's CPUs.
+MORE_THAN_CPUS = (os.cpu_count() or 1) + 1
+# In a case's arguments: run it as on a machine where CUDA is not usable (a GPU host included; the
+# check under test is the driver's, before any GPU work).
+NO_CUDA = "<no usable CUDA>"
+
 # (id, arguments after the command's config (or the whole argv for other commands), what the
 # line must name). `{tmp}`, `{out}`, `{port}` are filled in; callables get tmp (and the betons).
 CASES = [
@@ -100,8 +107,10 @@ CASES = [
     ("betons of another split", lambda tmp, b: ["data.val_size=1000", f"data.beton_dir={_betons(tmp, b)}"],
      "data.val_size/split_seed"),
     ("batch larger than the split", ["data.train_limit=100"], "train.batch_size"),
-    ("more workers than CPUs", ["distributed.num_workers=64"], "64 workers need 64 CPU"),
-    ("GPUs asked on a machine without", ["distributed.use_gpu=true"], "GPU"),
+    ("more workers than CPUs", lambda tmp, b: [f"distributed.num_workers={MORE_THAN_CPUS}",
+                                               f"train.batch_size={2 * MORE_THAN_CPUS}"],
+     f"{MORE_THAN_CPUS} workers need {MORE_THAN_CPUS} CPU"),
+    ("GPUs asked on a machine without", [NO_CUDA, "distributed.use_gpu=true"], "distributed.use_gpu: true, but CUDA is not usable"),
     ("unreachable RAY_ADDRESS", ["RAY_ADDRESS=127.0.0.1:{port}"], "RAY_ADDRESS"),
     ("unreachable MLflow server", ["tracking.uri=http://127.0.0.1:{port}"], "tracking.uri: cannot reach MLflow"),
     ("unwritable out_dir", lambda tmp, b: [f"out_dir={_file_in_the_way(tmp)}"], "out_dir: cannot write"),
@@ -124,7 +133,7 @@ COMMANDS = ("train", "export", "tune", "data")
 def _argv(spec, tmp: Path, config: Path, betons: Path) -> tuple[list[str], dict]:
     args = spec(tmp, betons) if callable(spec) else [a.format(tmp=tmp, port=free_port(), config=config) for a in spec]
     env = dict(a.split("=", 1) for a in args if a.startswith("RAY_ADDRESS="))
-    args = [a for a in args if not a.startswith("RAY_ADDRESS=")]
+    args = [a for a in args if not a.startswith("RAY_ADDRESS=") and a != NO_CUDA]
     if args and args[0] in COMMANDS:
         return args, env
     out = [f"out_dir={tmp / 'run'}"] if not any(a.startswith("out_dir=") for a in args) else []
@@ -138,6 +147,9 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing_half_done(spec, needle,
     config = tmp_path / "config.yaml"
     config.write_text(TEST_CONFIG_YAML)
     (tmp_path / "broken.yaml").write_text("model: [lenet5\n")
+    if not callable(spec) and NO_CUDA in spec:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     argv, env = _argv(spec, tmp_path, config, fashion_betons)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     for key, value in env.items():

@@ -69,11 +69,56 @@ def test_communication_benchmark_counts_each_phase_s_own_parameter_bytes(tmp_pat
 
 
 def test_gpu_throughput_benchmark_counts_model_flops_and_times_both_methods(tmp_path):
-    # On CPU in CI (its GPU run is for a GPU host): LeNet5, few steps, a made-up peak.
+    # Reduced (LeNet5, few steps) on whatever device this host has; a peak above any device's
+    # (H200: 989 TFLOP/s bf16), so MFU < 1 holds on a GPU host too.
     report, _ = _bench("gpu_throughput.py", tmp_path / "gpu.json", "--model", "lenet5", "--batch", "32",
-                       "--steps", "5", "--warmup", "2", "--precision", "fp32", "--compile", "none", "--peak-tflops", "1")
+                       "--steps", "5", "--warmup", "2", "--precision", "fp32", "--compile", "none",
+                       "--peak-tflops", "10000")
     # LeNet5 at 3x32x32: 4.3 M multiply-adds forward (8.6 MFLOP) per image; a training step is 2-3x
     # the forward (no input gradient for the first conv), so 32 images make 5.5e8 to 8.3e8.
     assert 5e8 < report["model_flops_per_step"] < 9e8
     assert set(report["variants"]) == {"dense", "switch"}
     assert all(v["images_per_s"] > 0 and 0 < v["mfu"] < 1 for v in report["variants"].values())
+    for v in report["variants"].values():  # MFU = model FLOP/s over the peak
+        flops_per_s = report["model_flops_per_step"] / (v["ms_per_step"] / 1e3)
+        assert v["mfu"] == pytest.approx(flops_per_s / 10000e12, rel=0.01)
+
+
+# What the device machine lacks: gpu_check must run without them, lazily imported ones included.
+NOT_ON_THE_DEVICE = ("ray", "ffcv", "mlflow", "tqdm", "numba", "matplotlib")
+# A None in sys.modules makes `import name` raise ImportError and find_spec answer None: as if the
+# package were not installed.
+_BLOCKED_RUN = f"""
+import runpy, sys
+sys.modules.update(dict.fromkeys({NOT_ON_THE_DEVICE!r}))
+sys.argv = ["benchmarks/gpu_check.py", *sys.argv[1:]]
+runpy.run_path("benchmarks/gpu_check.py", run_name="__main__")
+"""
+
+
+def test_gpu_check_trains_exports_and_resumes_each_case_without_ray_ffcv_or_mlflow(tmp_path):
+    # The device run's script on CPU, tiny: LeNet5 in fp32 and bf16, eager.
+    out = tmp_path / "check.json"
+    proc = subprocess.run([sys.executable, "-c", _BLOCKED_RUN, "--device", "cpu", "--models", "lenet5",
+                           "--precisions", "fp32", "bf16", "--compile", "none", "--steps", "5", "--warmup", "2",
+                           "--batch", "8", "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [(c["model"], c["precision"], c["compile"]) for c in report["cases"]] == [("lenet5", "fp32", "none"),
+                                                                                    ("lenet5", "bf16", "none")]
+    for case in report["cases"]:
+        assert case["ok"] and case["steps"]["tnn"] + case["steps"]["snn"] == 5 and case["steps"]["snn"] >= 1
+        assert case["images_per_s"] > 0 and 0 < case["mfu"] < 1 and case["export_max_abs_diff"] <= 1e-4
+        assert case["resume"] == {**case["resume"], "same_digest": True, "rng_restored": True}
+    table = proc.stdout.splitlines()
+    assert table[0].split()[:3] == ["model", "prec", "compile"] and sum("PASS" in line for line in table) == 2
+
+
+def test_gpu_check_exits_non_zero_when_a_case_fails(tmp_path):
+    # A model name no registry knows fails its case; the table still prints and the exit status says so.
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--models", "lenet5", "nonet",
+                           "--precisions", "fp32", "--compile", "none", "--steps", "2", "--warmup", "1", "--batch", "4"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("lenet5", "nonet"))]
+    assert "PASS" in rows[0] and "FAIL UnknownNameError" in rows[1], proc.stdout

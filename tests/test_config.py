@@ -223,3 +223,10 @@ def test_every_shipped_config_loads_with_registered_names(path):
     cfg = load_config(path)
     validate_names(cfg)
     assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_sync_batchnorm_with_a_compiled_tnn_is_refused_naming_both_settings(config_file):
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, ["distributed.use_gpu=true", "distributed.sync_batchnorm=true", "train.compile=all"])
+    assert str(info.value).startswith("distributed.sync_batchnorm:") and "train.compile" in str(info.value)
+    load_config(config_file, ["distributed.use_gpu=true", "distributed.sync_batchnorm=true", "train.compile=switcher"])

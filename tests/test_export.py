@@ -159,3 +159,31 @@ def test_a_conv_layer_switched_off_entirely_still_exports():
     reference = _outputs(model, x)
     compact_model(plain, gates.specs, factors, x[:1])
     assert _max_diff(_outputs(plain, x), reference) <= TOLERANCE
+
+
+def test_the_run_s_export_check_compares_cpu_copies_not_the_training_device_s_tnn(tmp_path):
+    """On a GPU the TNN's convolutions run in TF32 (~5e-4 relative), the compact model on the CPU in
+    fp32: a check between the two fails for a ResNet. The engine's TNN here rounds its outputs the
+    way another device's kernels would (1e-3 off, 10x the tolerance); the export must not see it."""
+    from conftest import make_config
+    from distswitch.data import DatasetInfo
+    from distswitch.engine import Engine
+    from distswitch.run import build, export_compact
+
+    info = DatasetInfo("cifar10", 10, 3, 32, (0.5,) * 3, (0.25,) * 3, "none")
+    cfg = make_config(model={"name": "resnet18"}, method="switch", schedule={"warmup_epochs": 0})
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    tnn, gates, method = build(cfg, info, 10, cpu)
+    engine = Engine(cfg, tnn, gates, method, cpu)
+    with torch.no_grad():  # factors that differ by unit, half of them 0: the export removes units
+        from distswitch.switcher import describe_rows
+
+        head = method.source.neuron_head
+        torch.nn.init.normal_(head.weight)
+        pre = torch.cat([head(method.source.body(describe_rows(w))).flatten() for w in gates.weights()])
+        head.bias.copy_(head.bias - pre.median())
+    engine.tnn.register_forward_hook(lambda module, inputs, out: out + 1e-3)
+    report = export_compact(cfg, info, engine, 0, _inputs(), tmp_path / "model.pt")
+    assert report["export_max_abs_diff"] <= TOLERANCE
+    assert report["compact"]["params"] < report["dense"]["params"]

@@ -17,29 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO_ROOT, make_config
+from conftest import REPO_ROOT, indexed_mnist, make_config
 from distswitch.cli import main
 from distswitch.data import make_loaders
 from distswitch.data.beton import open_betons, prepare
 from distswitch.data.datasets import DataError, split_indices
-
-
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as fh:
-        fh.write(header + array.astype(np.uint8).tobytes())
-
-
-def indexed_mnist(root: Path, n_train: int, n_test: int) -> Path:
-    """MNIST-layout IDX files whose image i carries i in its first two pixels (i % 256, i // 256)."""
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        images = rng.integers(0, 256, (n, 28, 28))
-        images[:, 0, 0], images[:, 0, 1] = np.arange(n) % 256, np.arange(n) // 256
-        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
-        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
-    return root
 
 
 def identity(x: torch.Tensor) -> torch.Tensor:

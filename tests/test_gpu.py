@@ -1,18 +1,25 @@
 """The GPU path's promises, checked where torch sees a CUDA device (skipped elsewhere: CI has none;
-run `pytest tests/test_gpu.py` on a GPU host)."""
+run `pytest tests/test_gpu.py` on a GPU host). Synthetic data only: a GPU host need not have the
+Debian Fashion-MNIST that the other tests' session fixture prepares."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from conftest import FASHION_INFO, fake_batch, make_config
+from conftest import FASHION_INFO, fake_batch, indexed_mnist, make_config
 from distswitch.data import make_loaders
 from distswitch.engine import Engine
 from distswitch.run import build
 from distswitch.schedule import Phase
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.fixture(scope="session")
+def fashion_betons():
+    """Overrides conftest's autouse preparation of Fashion-MNIST: nothing here reads it."""
+    return None
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -37,8 +44,14 @@ def test_training_steps_never_wait_for_the_host(precision):
     assert engine.tnn[3].weight.is_contiguous(memory_format=torch.channels_last)  # null = on for CUDA
 
 
-def test_ffcv_gpu_pipeline_hands_normalised_channels_last_batches_on_the_device():
-    cfg = make_config(data={"dataset": "fashion-mnist", "channels": 3, "image_size": 32, "train_limit": 512},
+def test_ffcv_gpu_pipeline_hands_normalised_channels_last_batches_on_the_device(tmp_path):
+    pytest.importorskip("ffcv")
+    from distswitch.data.beton import prepare
+
+    root, betons = indexed_mnist(tmp_path / "mnist", 600, 50), tmp_path / "betons"
+    prepare("mnist", betons, root=str(root), val_size=40, log=lambda line: None)
+    cfg = make_config(data={"dataset": "mnist", "root": str(root), "beton_dir": str(betons), "val_size": 40,
+                            "channels": 3, "image_size": 32},
                       train={"device": "cuda", "precision": "bf16", "batch_size": 128}, distributed={"use_gpu": True})
     loaders = make_loaders(cfg, 0, 1, torch.device("cuda"))
     x, y = next(iter(loaders.train))

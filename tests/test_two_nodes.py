@@ -1,6 +1,7 @@
 """A two-node Ray cluster on one machine: each node in its own network namespace, joined by a veth
 pair with private addresses that exist only inside the test's namespaces. A 2-worker run spans
-both nodes (one CPU each); the worker node's raylet is killed mid-run, twice.
+both nodes (one CPU each); the worker node's raylet is killed mid-run, twice. One folder is the
+head's alone (an empty tmpfs over it on the worker node): a local disk the other node lacks.
 
 Needs root and iproute2 (`make setup` installs it); the namespaces are removed afterwards.
 """
@@ -8,6 +9,7 @@ Needs root and iproute2 (`make setup` installs it); the namespaces are removed a
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -45,11 +47,16 @@ class Cluster:
         self.head, self.worker = f"dsh-{tag}", f"dsw-{tag}"
         self.devices = {self.head: f"vh{tag}", self.worker: f"vw{tag}"}
         self.tmp = tmp
+        self.head_only = tmp / "head-only"  # the worker node sees an empty folder here
+        self.head_only.mkdir()
         self.env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
                     "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_USAGE_STATS_ENABLED": "0",
                     # A lost node is declared dead after ~3 s instead of ~15 s.
                     "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
         self.env.pop("RAY_ADDRESS", None)
+        # The cluster's own token (as `ray get-auth-token --generate` makes one): a fresh machine has
+        # no ~/.ray/auth_token, and one left there by another cluster is not this test's business.
+        self.env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
         _ip("netns", "add", self.head)
         _ip("netns", "add", self.worker)
         _ip("link", "add", f"vh{tag}", "type", "veth", "peer", "name", f"vw{tag}")
@@ -73,9 +80,12 @@ class Cluster:
         assert started.returncode == 0, started.stderr[-3000:]
 
     def start_worker(self) -> None:
-        started = self.exec(self.worker, str(BIN / "ray"), "start", f"--address={HEAD_IP}:{GCS_PORT}",
-                            f"--node-ip-address={WORKER_IP}", "--num-cpus=1", f"--temp-dir={self.tmp / 'w'}",
-                            "--disable-usage-stats", timeout=180)
+        # `ip netns exec` gives the command a mount namespace of its own: the tmpfs hides head_only
+        # from this node's raylet and its workers only.
+        ray_start = [str(BIN / "ray"), "start", f"--address={HEAD_IP}:{GCS_PORT}", f"--node-ip-address={WORKER_IP}",
+                     "--num-cpus=1", f"--temp-dir={self.tmp / 'w'}", "--disable-usage-stats"]
+        started = self.exec(self.worker, "sh", "-c", f'mount -t tmpfs none "{self.head_only}" && exec "$@"', "sh",
+                            *ray_start, timeout=180)
         assert started.returncode == 0, started.stderr[-3000:]
 
     def pids(self, ns: str) -> list[int]:
@@ -188,3 +198,21 @@ def test_a_lost_worker_node_is_survived_then_reported_in_one_line_with_the_check
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FAILED" and "max_failures" in run.data.tags["distswitch.error"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == [0, 1]
+
+
+def test_default_sqlite_tracking_on_a_folder_another_node_cannot_see_is_refused_in_one_line(cluster, tmp_path,
+                                                                                          fashion_betons):
+    """Rank 0 may run on the worker node, where the driver's mlflow.db does not exist: refused before
+    any worker starts, with exit status 2 and the opened MLflow run FAILED, not left RUNNING."""
+    out = cluster.head_only / "tracked"
+    proc = _train(cluster, out, fashion_betons, f"distributed.storage_path={tmp_path / 'ray'}")
+    proc.wait(timeout=300)
+    output = _output(out)
+    lines = output.strip().splitlines()
+    assert proc.returncode == 2, output[-4000:]
+    assert lines[-1].startswith(f"distswitch: error: tracking: MLflow logs to sqlite:///{out / 'mlflow.db'}"), lines[-1]
+    assert f"nodes {WORKER_IP} cannot see" in lines[-1] and "tracking.uri" in lines[-1], lines[-1]
+    assert not list((tmp_path / "ray").rglob("epoch_*"))
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FAILED"

@@ -1,0 +1,67 @@
+"""Checkpoints resume onto any training device: read onto the CPU, placed by `load_state_dict`.
+
+A GPU run's resume used to load the bundle straight onto the GPU: its RNG states then reached
+`torch.set_rng_state` as CUDA tensors (refused), and its optimisers' step counters lived on the GPU
+(a host sync per parameter per step). `meta` stands in for the GPU here: a device that is not the
+CPU, on which nothing can be read back.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import FASHION_INFO, fake_batch, make_config
+from distswitch.engine import Engine
+from distswitch.export import atomic_save
+from distswitch.run import _rng_state, _set_rng, build, checkpoint_bundle, read_checkpoint
+from distswitch.schedule import Phase
+
+CPU, META = torch.device("cpu"), torch.device("meta")
+
+
+def _engine(device: torch.device) -> tuple:
+    cfg = make_config(model={"name": "lenet5"}, method="switch", schedule={"warmup_epochs": 0})
+    tnn, gates, method = build(cfg, FASHION_INFO, 10, device)
+    return cfg, Engine(cfg, tnn, gates, method, device)
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A checkpoint of a CPU engine after a TNN and an SNN step (both optimisers hold state), with
+    this process's generators; and the draws those generators give next."""
+    torch.manual_seed(0)
+    cfg, engine = _engine(CPU)
+    for phase in (Phase.TNN, Phase.SNN):
+        engine.step(0, phase, *fake_batch(8))
+    path = tmp_path / "state.pt"
+    atomic_save(checkpoint_bundle(cfg, FASHION_INFO, engine, 0, 10, [], None, [_rng_state()]), path)
+    return path, torch.rand(4)
+
+
+def test_rng_states_loaded_onto_another_device_are_refused_by_torch(checkpoint):
+    """The bug's cause: what `map_location=<the training device>` did to the saved generators."""
+    path, _ = checkpoint
+    moved = torch.load(path, map_location="meta", weights_only=True)
+    with pytest.raises(TypeError, match="ByteTensor"):
+        torch.set_rng_state(moved["rng"][0]["torch"])
+
+
+# Copies onto `meta` are no-ops (nothing is stored there), which torch warns about per tensor.
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")
+def test_a_checkpoint_resumes_onto_a_non_cpu_device_with_cpu_generators_and_host_step_counters(checkpoint):
+    path, draws = checkpoint
+    state = read_checkpoint(path)
+    saved = state["rng"][0]["torch"]
+    assert saved.device == CPU and saved.dtype == torch.uint8
+    _, engine = _engine(META)
+    engine.load_state_dict(state["engine"])
+    torch.manual_seed(123)
+    _set_rng(state["rng"], rank=0)
+    assert torch.equal(torch.rand(4), draws)  # the generators continue where the checkpoint left them
+    for opt in engine.optimizers.values():
+        slots = [(name, t) for per_param in opt.state.values() for name, t in per_param.items()
+                 if isinstance(t, torch.Tensor)]
+        assert slots
+        for name, t in slots:  # momenta and moments next to their parameters; counters on the host
+            assert t.device == (CPU if name == "step" else META), (name, t.device)

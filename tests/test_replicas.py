@@ -1,0 +1,64 @@
+"""Replicas under a real gloo process group, without Ray: workers agree on a stop, and one worker
+trains without DDP's wrapper."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import FASHION_INFO, make_config
+from distswitch.engine import Engine, TrainingStopped
+from distswitch.gates import kept_report
+from distswitch.parallel import DDPReplicas
+from distswitch.run import build, make_replicas
+
+CPU = torch.device("cpu")
+
+
+def _engine() -> Engine:
+    cfg = make_config(model={"name": "mlp"}, method="switch", schedule={"warmup_epochs": 0})
+    torch.manual_seed(0)
+    tnn, gates, method = build(cfg, FASHION_INFO, 10, CPU)
+    return Engine(cfg, tnn, gates, method, CPU, make_replicas(tnn, method, CPU))
+
+
+def _one_dark_replica(rank: int, world: int, tmp: str) -> None:
+    """Rank 1's switcher alone switches every unit off; each rank writes what its check decided."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
+    try:
+        engine = _engine()  # DDP's constructor made the replicas equal: they diverge after it
+        assert isinstance(engine.replicas, DDPReplicas)
+        if rank == 1:
+            with torch.no_grad():
+                engine.source.neuron_head.bias.fill_(-1.0)
+        kept = kept_report(engine.gates.specs, engine.compute_factors(0))
+        try:
+            engine._check_kept(0, kept)
+            outcome = "went on"
+        except TrainingStopped as exc:
+            outcome = f"stopped: {exc}"
+        Path(tmp, f"rank{rank}.txt").write_text(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_layer_dark_on_one_worker_stops_every_worker_with_the_same_message(tmp_path):
+    # A worker that went on alone would wait in its next collective for ever (with NCCL: a hang).
+    mp.start_processes(_one_dark_replica, args=(2, str(tmp_path)), nprocs=2, start_method="spawn")
+    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert outcomes[0].startswith("stopped: the switcher kept fewer than switcher.min_kept=1 units"), outcomes[0]
+    assert outcomes[0] == outcomes[1]
+
+
+def test_one_worker_trains_its_modules_without_a_ddp_wrapper(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        engine = _engine()
+        assert not isinstance(engine.replicas, DDPReplicas)
+        assert engine.replicas.world_size == 1 and engine.replicas.gather("x") == ["x"]
+    finally:
+        dist.destroy_process_group()
