@@ -7,7 +7,7 @@ UV = $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 CONFIG ?= configs/fashion_lenet5.yaml
 ARGS ?=
 
-.PHONY: setup data train test test-fast bench bench-gpu gpu-check bench-data ui clean
+.PHONY: setup data train test test-fast bench bench-gpu gpu-check bench-pareto bench-data ui clean
 
 ## setup: Debian packages (FFCV's build needs, offline Fashion-MNIST), uv, then the locked venv.
 setup:
@@ -49,6 +49,10 @@ bench: data bench-data
 	$(BENCH)/reference_mlp.py --out outputs/bench/reference_mlp.json
 	$(BENCH)/time_to_accuracy.py --out outputs/bench/time_to_accuracy.json
 	$(BENCH)/communication.py --out outputs/bench/communication.json
+
+## bench-pareto: accuracy vs MACs, MLP and LeNet5, budgets 70/50/30/15%, 3 seeds, into outputs/pareto (hours on 2 cores; resumable)
+bench-pareto: setup
+	$(BENCH)/pareto.py --out outputs/pareto --figure docs/pareto.png
 
 ## bench-gpu: on a GPU host, ResNet18 32x32 bf16 images/s and MFU, dense and switch, compiled
 bench-gpu: data

@@ -287,7 +287,7 @@ class Engine:
             layers = ", ".join(f"{layer} ({n} of {kept['layers'][layer]['units']})" for layer, n in dark.items())
             raise TrainingStopped(
                 f"the switcher kept fewer than switcher.min_kept={floor} units in {layers} after epoch {epoch + 1}; "
-                "lower switcher.l1 or optim.snn.lr, raise switcher.target_kept, or set switcher.min_kept=0 "
+                "lower switcher.l1 or optim.snn.lr, raise switcher.target_kept (or budget.fraction), or set switcher.min_kept=0 "
                 "to allow empty layers; the last checkpoint is the previous epoch's")
 
     def fit(self, train_loader, val_loader, start_epoch: int = 0, on_epoch_end: Callable[[EpochStats], None] | None = None,

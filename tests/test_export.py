@@ -177,11 +177,9 @@ def test_the_run_s_export_check_compares_cpu_copies_not_the_training_device_s_tn
     tnn, gates, method = build(cfg, info, 10, cpu)
     engine = Engine(cfg, tnn, gates, method, cpu)
     with torch.no_grad():  # factors that differ by unit, half of them 0: the export removes units
-        from distswitch.switcher import describe_rows
-
         head = method.source.neuron_head
         torch.nn.init.normal_(head.weight)
-        pre = torch.cat([head(method.source.body(describe_rows(w))).flatten() for w in gates.weights()])
+        pre = torch.cat([head(method.source.body(d)).flatten() for d in method.source.describe(gates.views())])
         head.bias.copy_(head.bias - pre.median())
     engine.tnn.register_forward_hook(lambda module, inputs, out: out + 1e-3)
     report = export_compact(cfg, info, engine, 0, _inputs(), tmp_path / "model.pt")

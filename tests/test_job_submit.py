@@ -50,7 +50,7 @@ def test_ray_job_submit_runs_distswitch_train_to_success(head, tmp_path, fashion
         "job", "submit", "--address", address, "--submission-id", job_id, "--working-dir", ".",
         "--runtime-env", "cluster/runtime_env.yaml", "--",
         "distswitch", "train", "configs/fashion_lenet5.yaml", f"out_dir={out}", "train.epochs=2",
-        "schedule.warmup_epochs=0", "schedule.finetune_epochs=0", "data.train_limit=2000", "train.progress=false",
+        "schedule.warmup_epochs=0", "schedule.finetune_epochs=0", "budget.fraction=null", "data.train_limit=2000", "train.progress=false",
         # /data is not uploaded: the .beton files are on "shared storage", as cluster/README.md says.
         f"data.beton_dir={fashion_betons}",
         env=env, timeout=600,

@@ -103,8 +103,10 @@ def test_switch_training_reports_accuracy_size_and_speed(switch_run):
     assert summary["seconds_per_epoch"] > 0 and summary["images_per_s"] > 0
     assert summary["train_examples"] == 5000
     assert len(summary["history"]) == 3
-    # Warm-up epochs (schedule.warmup_epochs=1) are dense; only switched epochs can be selected.
-    assert summary["selected_epoch"] >= 1
+    # Warm-up epochs (schedule.warmup_epochs=1) are dense; only epochs at the budget (after the
+    # cut, when fine-tuning starts) can be selected, and the exported model meets the budget.
+    assert summary["selected_epoch"] == 2
+    assert abs(summary["compact"]["macs"] / summary["dense"]["macs"] - 0.5) <= 0.01
     assert summary["export_max_abs_diff"] <= 1e-4
     for name in ("model.pt", "model.arch.json", "config.yaml", "checkpoints/best.pt"):
         assert (out / name).is_file(), name
@@ -139,7 +141,7 @@ def test_export_command_rebuilds_the_same_compact_model(switch_run, tmp_path, ca
 @pytest.fixture(scope="module")
 def baseline_runs(tmp_path_factory, fashion_mnist_root) -> dict[str, dict]:
     common = ["data.train_limit=3000", "train.epochs=2"]
-    prune = ["prune.kept_fraction=0.5", "prune.finetune_epochs=1"]
+    prune = ["budget.fraction=null", "prune.kept_fraction=0.5", "prune.finetune_epochs=1"]
     root = tmp_path_factory.mktemp("baselines")
     return {
         "dense": _train_in_process(root / "dense", *common, "method=dense"),

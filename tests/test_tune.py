@@ -77,7 +77,7 @@ def test_asha_stops_a_weak_trial_mid_run_and_a_killed_search_resumes_with_no_dup
     # stop for Tune to have saved its experiment state (every >= 10 s); the same command restores it.
     out = tmp_path / "search"
     command = [sys.executable, "-m", "distswitch.cli", "tune", str(DEFAULT_CONFIG), f"out_dir={out}",
-               "tune.num_samples=1", "train.epochs=3", "schedule.warmup_epochs=0", "schedule.finetune_epochs=0",
+               "tune.num_samples=1", "train.epochs=3", "schedule.warmup_epochs=0", "schedule.finetune_epochs=0", "budget.fraction=null",
                "data.train_limit=1024", "distributed.num_workers=1", "train.progress=false",
                "tune.grace_period=1", "tune.reduction_factor=2", "tune.space={optim.tnn.lr: {grid: [0.05, 1.0e-6, 1.0e-6, 1.0e-6]}}"]
     proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

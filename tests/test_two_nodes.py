@@ -139,7 +139,7 @@ def cluster(tmp_path_factory):
 def _train(cluster: Cluster, out: Path, betons: Path, *overrides: str) -> subprocess.Popen:
     """`distswitch train` in the head's namespace; its output goes to out's sibling <name>.log."""
     args = [sys.executable, "-m", "distswitch.cli", "train", str(DEFAULT_CONFIG), f"out_dir={out}",
-            "distributed.num_workers=2", "schedule.warmup_epochs=0", "schedule.finetune_epochs=0",
+            "distributed.num_workers=2", "schedule.warmup_epochs=0", "schedule.finetune_epochs=0", "budget.fraction=null",
             "data.train_limit=6000", "train.progress=false", f"data.beton_dir={betons}", *overrides]
     env = {**cluster.env, "RAY_ADDRESS": f"{HEAD_IP}:{GCS_PORT}"}
     out.parent.mkdir(parents=True, exist_ok=True)
