@@ -19,9 +19,10 @@ from distswitch.run import build, resolve_device, seed_everything
 
 def engine_for(config: str, overrides: list[str], loaders: bool = True, steady: bool = True):
     """(cfg, engine, loaders or None) for `config` + `overrides`, one process, outputs in a temporary
-    folder. steady: no warm-up or fine-tuning epochs (every epoch trains the same way) unless the
-    overrides set them; otherwise the config's own schedule."""
-    plain = ["schedule.warmup_epochs=0", "schedule.finetune_epochs=0"] if steady else []
+    folder. steady: no warm-up or fine-tuning epochs and no budget (every epoch trains the same way)
+    unless the overrides set them; otherwise the config's own schedule."""
+    # Steady: no budget either (its cut freezes the factors, and a frozen switcher costs nothing).
+    plain = ["schedule.warmup_epochs=0", "schedule.finetune_epochs=0", "budget.fraction=null"] if steady else []
     cfg = load_config(config, [*plain, "train.progress=false", f"out_dir={tempfile.mkdtemp()}/run", *overrides])
     device = resolve_device(cfg)
     seed_everything(cfg.train.seed)
