@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-CONFIGS = {"mlp": "configs/fashion_mlp.yaml", "lenet5": "configs/fashion_lenet5.yaml"}
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {"mlp": ROOT / "configs/fashion_mlp.yaml", "lenet5": ROOT / "configs/fashion_lenet5.yaml"}
 # Method variants: name -> overrides. "switch" is the package's default switcher under a budget.
 VARIANTS = {
     "dense": ["method=dense"],
@@ -63,6 +64,8 @@ def run_one(model: str, variant: str, budget: float | None, seed: int, args, out
     summary = folder / "summary.json"
     if summary.exists():
         return json.loads(summary.read_text())
+    if args.report_only:
+        return None
     overrides = [*protocol(args), *VARIANTS[variant], f"train.seed={seed}", f"out_dir={folder}",
                  f"budget.fraction={'null' if budget is None else budget}"]
     print(f"[pareto] {name}: {' '.join(overrides)}", flush=True)
@@ -72,6 +75,24 @@ def run_one(model: str, variant: str, budget: float | None, seed: int, args, out
     print(f"[pareto] {name}: test {result['test_acc']:.4f} macs {result['compact']['macs'] / result['dense']['macs']:.4f} "
           f"({time.perf_counter() - start:.0f} s)", flush=True)
     return result
+
+
+def widths_of(summary: dict) -> str:
+    return "{" + ", ".join(f'"{layer}": {row["kept"]}' for layer, row in summary["kept_per_layer"].items()) + "}"
+
+
+def diagnose(model: str, budget: float, seed: int, results: dict, args, out: Path) -> None:
+    """Split a gap into allocation and selection: each method's ranking with the other's per-layer
+    widths (`budget.widths`), run under the same protocol."""
+    switch, magnitude = results.get((model, "switch", budget), {}).get(seed), results.get((model, "magnitude", budget), {}).get(seed)
+    if switch is None or magnitude is None:
+        return
+    for variant, other, label in (("magnitude", switch, "magnitude@switch-widths"),
+                                  ("switch", magnitude, "switch@magnitude-widths")):
+        VARIANTS[label] = [*VARIANTS[variant], f"budget.widths={widths_of(other)}"]
+        r = run_one(model, label, budget, seed, args, out)
+        if r is not None:
+            results.setdefault((model, label, budget), {})[seed] = r
 
 
 def test_predictions(summary: dict) -> torch.Tensor:
@@ -185,6 +206,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-limit", type=int, default=None)
     parser.add_argument("--set", nargs="*", default=[], help="more overrides for every run, KEY=VALUE")
     parser.add_argument("--no-mcnemar", dest="mcnemar", action="store_false")
+    parser.add_argument("--report-only", action="store_true", help="run nothing: tabulate the runs already in OUT")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="also magnitude with the switch's per-layer widths and the switch with magnitude's")
     parser.add_argument("--figure", default=None, help="PNG path (default: OUT/pareto.png)")
     parser.add_argument("--quick", action="store_true", help="smoke form: 1 seed, 2 budgets, 2 epochs, 2,000 images")
     args = parser.parse_args(argv)
@@ -199,7 +223,11 @@ def main(argv: list[str] | None = None) -> dict:
             for variant in args.methods:
                 for budget in ([None] if variant == "dense" else args.budgets):
                     r = run_one(model, variant, budget, seed, args, out)
-                    results.setdefault((model, variant, budget), {})[seed] = r
+                    if r is not None:
+                        results.setdefault((model, variant, budget), {})[seed] = r
+            if args.diagnose and {"switch", "magnitude"} <= set(args.methods):
+                for budget in args.budgets:
+                    diagnose(model, budget, seed, results, args, out)
     rows = aggregate(results, args)
     report = {"protocol": protocol(args), "args": vars(args), "rows": rows}
     (out / "pareto.json").write_text(json.dumps(report, indent=1, default=str))

@@ -71,8 +71,6 @@ class SwitcherConfig:
     describe: Literal["both", "incoming"] = "both"
     # Rowwise switcher: the final ReLU passes gradients below 0, so a switched-off unit can come back.
     revive: bool = True
-    # With a budget, which factors switcher.l1 pushes down: all, or only those the current cut removes.
-    penalize: Literal["all", "cut"] = "all"
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ class Method:
     def budget_cut(self, scores: list[torch.Tensor], fraction: float, final: bool = True) -> list[torch.Tensor]:
         """Masks meeting `fraction` of the budgeted cost, highest scores kept; the final cut keeps
         `budget.widths` per layer instead where they are given (the allocation diagnostic)."""
-        widths = self.cfg.budget.widths
+        widths = {str(k): v for k, v in (self.cfg.budget.widths or {}).items()}  # YAML reads layer 1 as an int
         if final and widths:
             missing = sorted({s.layer for s in self.specs} - set(widths))
             if missing:

@@ -97,8 +97,6 @@ class Switch(Method):
             self._coeffs = self.cost.tensors(factors[0].device)
         dense = float(self.cost.dense)
         share = (CostModel.marginal(self._coeffs, kept_counts(factors)) / dense).float()
-        if self.cfg.switcher.penalize == "cut":  # only the units the current cut removes
-            factors = [f * (1 - m) for f, m in zip(factors, self.source.masks())]
         return self.cfg.switcher.l1 * sum(w * f.sum() for w, f in zip(share, factors))
 
     def on_epoch_start(self, epoch: int, views: list[UnitWeights]) -> None:
