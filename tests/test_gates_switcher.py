@@ -304,7 +304,9 @@ def test_permuting_neurons_permutes_their_factors():
     perm = torch.randperm(300, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         before = switcher(gates.views())[0]
-        model[1].weight.copy_(model[1].weight[perm])
+        model[1].weight.copy_(model[1].weight[perm])  # the units move with both of their sides
+        model[1].bias.copy_(model[1].bias[perm])
+        model[3].weight.copy_(model[3].weight[:, perm])
         after = switcher(gates.views())[0]
     torch.testing.assert_close(after, before[perm], atol=1e-5, rtol=1e-5)
 
