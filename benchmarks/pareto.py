@@ -41,7 +41,7 @@ VARIANTS = {
     "slimming": ["method=slimming"],
     "slimming-gradual": ["method=slimming", "prune.schedule=gradual"],
 }
-REFERENCE = "magnitude"
+REFERENCE = "magnitude"  # the paired comparisons' reference (--reference)
 
 
 def protocol(args) -> list[str]:
@@ -101,7 +101,7 @@ def test_predictions(summary: dict) -> torch.Tensor:
     from distswitch.data import make_loaders
     from distswitch.export import load_compact
 
-    cfg = Config.from_dict(summary["config"])
+    cfg = Config.from_dict({"data": summary["config"]["data"]})  # the test split is all it needs
     loaders = make_loaders(cfg, 0, 1, torch.device("cpu"))
     model = load_compact(summary["model_path"])
     right = []
@@ -134,11 +134,11 @@ def aggregate(results: dict, args) -> list[dict]:
                "params_abs": statistics.fmean(r["compact"]["params"] for r in runs.values()),
                "budget_error": max((abs(m - budget) for m in (macs if args.kind == "macs" else params)), default=0.0)
                if budget is not None else 0.0}
-        ref = results.get((model, REFERENCE, budget))
-        if ref and variant != REFERENCE and budget is not None:
+        ref = results.get((model, args.reference, budget))
+        if ref and variant != args.reference and budget is not None:
             shared = sorted(set(runs) & set(ref))
             diffs = [runs[s]["test_acc"] - ref[s]["test_acc"] for s in shared]
-            row["vs_magnitude"] = _mean_std(diffs) if diffs else None
+            row["vs_reference"] = _mean_std(diffs) if diffs else None
             if args.mcnemar and shared:
                 a = torch.cat([test_predictions(runs[s]) for s in shared])
                 b = torch.cat([test_predictions(ref[s]) for s in shared])
@@ -147,14 +147,15 @@ def aggregate(results: dict, args) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], reference: str = REFERENCE) -> str:
     lines = ["| model | budget (MACs) | method | test acc (mean ± std) | compact MACs | compact params | "
-             "Δ vs magnitude (paired, mean ± std) | McNemar vs magnitude (only this / only magnitude right, p) | seeds |",
+             f"Δ vs {reference} (paired by seed, mean ± std) | McNemar vs {reference} (only this right / only "
+             f"{reference} right, p) | seeds |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["model"], -(r["budget"] or 2), r["method"])):
         acc, macs, params = r["test_acc"], r["macs"], r["params"]
         budget = "dense" if r["budget"] is None else f"{r['budget']:.0%}"
-        vs = r.get("vs_magnitude")
+        vs = r.get("vs_reference")
         mc = r.get("mcnemar")
         lines.append(
             f"| {r['model']} | {budget} | "
@@ -206,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-limit", type=int, default=None)
     parser.add_argument("--set", nargs="*", default=[], help="more overrides for every run, KEY=VALUE")
     parser.add_argument("--no-mcnemar", dest="mcnemar", action="store_false")
+    parser.add_argument("--reference", default=REFERENCE, help="method the paired comparisons are made against")
     parser.add_argument("--report-only", action="store_true", help="run nothing: tabulate the runs already in OUT")
     parser.add_argument("--diagnose", action="store_true",
                         help="also magnitude with the switch's per-layer widths and the switch with magnitude's")
@@ -231,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = aggregate(results, args)
     report = {"protocol": protocol(args), "args": vars(args), "rows": rows}
     (out / "pareto.json").write_text(json.dumps(report, indent=1, default=str))
-    text = table(rows)
+    text = table(rows, args.reference)
     (out / "pareto.md").write_text(text + "\n")
     figure(rows, Path(args.figure) if args.figure else out / "pareto.png")
     print(text)

@@ -60,9 +60,17 @@ def describe_rows(w: torch.Tensor) -> torch.Tensor:
 DESCRIPTION_SIZE = len(_THRESHOLDS) + 8
 
 
+# Shape features of a row longer than this are read from evenly spaced entries of it (the row's
+# RMS still from all): a distribution's tails need no 8,000 samples, and the switcher runs every step.
+_SHAPE_SAMPLES = 256
+
+
 def _shape(w: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Scale-free shape features of each row (the row divided by its own RMS) and log RMS."""
     rms = w.square().mean(dim=1).sqrt()
+    fan = w.shape[1]
+    if fan > _SHAPE_SAMPLES:
+        w = w[:, torch.linspace(0, fan - 1, _SHAPE_SAMPLES, device=w.device).long()]
     z = w / (rms[:, None] + 1e-12)
     absz = z.abs()
     feats = [(absz > t).float().mean(dim=1) for t in _THRESHOLDS]
