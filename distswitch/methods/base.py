@@ -23,10 +23,17 @@ METHODS: Registry[MethodBuilder] = Registry("method", "method")
 
 
 def build_method(cfg: Config, specs: list[GateSpec], steps_per_epoch: int, cost: CostModel | None = None) -> "Method":
-    """`cost`: the cost model of `cfg.budget.kind`, required when `cfg.budget.fraction` is set."""
-    if cfg.budget.fraction is not None and cost is None:
-        raise ValueError("a budget needs the model's cost model (distswitch.export.fit_cost_model)")
+    """`cost`: the cost model of `cfg.budget.kind`; methods that cut to a budget require it."""
     return METHODS.get(cfg.method)(cfg, specs, steps_per_epoch, cost)
+
+
+def budget_cost(cfg: Config, cost: CostModel | None) -> CostModel | None:
+    """The cost model a cutting method works with: None without a budget; required with one."""
+    if cfg.budget.fraction is None:
+        return None
+    if cost is None:
+        raise ValueError("a budget needs the model's cost model (distswitch.export.fit_cost_model)")
+    return cost
 
 
 def min_units(cfg: Config, specs: list[GateSpec]) -> list[int]:

@@ -12,7 +12,7 @@ import torch
 from distswitch.config import Config
 from distswitch.cost import CostModel, scheduled_fraction
 from distswitch.gates import GateSpec, UnitWeights
-from distswitch.methods.base import METHODS, FixedFactors, Method, keep_top
+from distswitch.methods.base import METHODS, FixedFactors, Method, budget_cost, keep_top
 
 
 @METHODS.register("dense")
@@ -23,7 +23,8 @@ class Dense(Method):
 class _PruneOnce(Method):
     def __init__(self, cfg: Config, specs: list[GateSpec], steps_per_epoch: int, cost: CostModel | None,
                  learnable: bool) -> None:
-        super().__init__(cfg, specs, steps_per_epoch, cost)
+        super().__init__(cfg, specs, steps_per_epoch, budget_cost(cfg, cost))
+        cost = self.cost
         self.source = FixedFactors(specs, learnable)
         self.prune_epoch = cfg.train.epochs - cfg.prune.finetune_epochs
         self.kept_fraction = cfg.prune.kept_fraction if cfg.prune.kept_fraction is not None else 0.5

@@ -23,7 +23,7 @@ from torch import nn
 from distswitch.config import Config
 from distswitch.cost import CostModel, kept_counts, scheduled_fraction
 from distswitch.gates import GateSpec, UnitWeights
-from distswitch.methods.base import METHODS, Method
+from distswitch.methods.base import METHODS, Method, budget_cost
 from distswitch.schedule import Alternation, Phase
 from distswitch.switcher import build_switcher
 
@@ -59,7 +59,7 @@ class Switch(Method):
     source_phase = Phase.SNN
 
     def __init__(self, cfg: Config, specs: list[GateSpec], steps_per_epoch: int, cost: CostModel | None = None) -> None:
-        super().__init__(cfg, specs, steps_per_epoch, cost)
+        super().__init__(cfg, specs, steps_per_epoch, budget_cost(cfg, cost))
         switcher = build_switcher(specs, cfg.switcher)
         self.budgeted = cfg.budget.fraction is not None
         self.source = BudgetedSwitcher(switcher, specs) if self.budgeted else switcher
