@@ -64,7 +64,7 @@ def removal_plan(model: nn.Module, specs: list[GateSpec], factors: list[torch.Te
     for spec, f in zip(specs, factors):
         if spec.side == "out":
             zeros[spec.layer] = set(torch.nonzero(f.detach() == 0).flatten().tolist())
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    graph = _dependency_graph(model, example)
     plan, covered = [], set()
     for spec, f in zip(specs, factors):
         layer = modules[spec.layer]
@@ -91,6 +91,13 @@ def removal_plan(model: nn.Module, specs: list[GateSpec], factors: list[torch.Te
     return plan
 
 
+def _dependency_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    """Torch-Pruning traces through autograd: built with grad on, so that loading a compact model
+    inside the caller's torch.no_grad() works too."""
+    with torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example)
+
+
 def _leave_one(idxs: list[int], units: int) -> list[int]:
     """A layer switched off entirely keeps one (all-zero) unit: its output stays exactly 0 and the
     network keeps valid shapes (a 0-channel conv cannot run)."""
@@ -102,7 +109,7 @@ def apply_plan(model: nn.Module, plan: list[dict], example: torch.Tensor) -> Non
     if not plan:
         return
     modules = dict(model.named_modules())
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    graph = _dependency_graph(model, example)
     groups = []
     for item in plan:
         layer = modules[item["layer"]]

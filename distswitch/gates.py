@@ -93,8 +93,9 @@ def find_readers(model: nn.Module, specs: list[GateSpec], example: torch.Tensor)
         if spec.side != "out":
             out.append([])
             continue
-        if graph is None:  # built once, and only where some gate needs it
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example.cpu())
+        if graph is None:  # built once, and only where some gate needs it; it traces through autograd
+            with torch.enable_grad():
+                graph = tp.DependencyGraph().build_dependency(model, example_inputs=example.cpu())
         layer = modules[spec.layer]
         handler = tp.prune_conv_out_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_out_channels
         group = graph.get_pruning_group(layer, handler, idxs=list(range(spec.units)))

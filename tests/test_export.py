@@ -185,3 +185,18 @@ def test_the_run_s_export_check_compares_cpu_copies_not_the_training_device_s_tn
     report = export_compact(cfg, info, engine, 0, _inputs(), tmp_path / "model.pt")
     assert report["export_max_abs_diff"] <= TOLERANCE
     assert report["compact"]["params"] < report["dense"]["params"]
+
+
+def test_a_compact_model_loads_inside_torch_no_grad(tmp_path):
+    """Torch-Pruning's graph traces through autograd; a caller's no_grad must not break loading."""
+    torch.manual_seed(0)
+    model = create_tnn("lenet5", 1, 10, 28)
+    specs = find_gates(model, "all", "neuron")
+    factors = [(torch.arange(s.units) % 2).float() for s in specs]
+    example = torch.zeros(1, 1, 28, 28)
+    plan = compact_model(model, specs, factors, example)
+    assert plan
+    save_compact(tmp_path / "model.pt", architecture("lenet5", 1, 10, 28, plan, model), model)
+    with torch.no_grad():
+        loaded = load_compact(tmp_path / "model.pt")
+        torch.testing.assert_close(loaded(example), model(example))
