@@ -131,3 +131,17 @@ def test_every_method_s_exported_model_meets_the_budget_within_a_percent(tmp_pat
         saved = json.loads((tmp_path / f"{model}-{method}" / "summary.json").read_text())
         assert saved["compact"][kind] == summary["compact"][kind]
         assert summary["selected_epoch"] >= 3, "a network above the budget (before the cut) was selected"
+
+
+def test_a_loaded_state_after_the_final_cut_gives_the_frozen_factors_without_starting_an_epoch():
+    cfg = make_config(model={"name": "mlp"}, train={"epochs": 4}, schedule={"warmup_epochs": 0, "finetune_epochs": 1},
+                      budget={"fraction": 0.3})
+    torch.manual_seed(0)
+    _, gates, method = build(cfg, FASHION_INFO, 10, torch.device("cpu"))
+    method.on_epoch_start(3, gates.views())  # the final cut: factors frozen at the budget
+    frozen = [f.clone() for f in method.source(gates.views())]
+    torch.manual_seed(1)
+    _, gates2, fresh = build(cfg, FASHION_INFO, 10, torch.device("cpu"))  # as `distswitch export` builds it
+    fresh.source.load_state_dict(method.source.state_dict())
+    for a, b in zip(fresh.source(gates2.views()), frozen):
+        assert torch.equal(a, b)

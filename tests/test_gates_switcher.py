@@ -13,7 +13,7 @@ from distswitch.config import SwitcherConfig
 from distswitch.gates import GateSet, check_factors, find_gates, find_readers
 from distswitch.models import create_tnn, list_models
 from distswitch.schedule import Alternation, Phase
-from distswitch.switcher import build_switcher, describe_rows, revivable_relu
+from distswitch.switcher import build_switcher, revivable_relu
 
 MODELS = list_models()
 GATED = ("all", "fc", "classifier")

@@ -38,8 +38,20 @@ class BudgetedSwitcher(nn.Module):
         for k, s in enumerate(specs):
             self.register_buffer(f"mask{k}", torch.ones(s.factor_shape))
             self.register_buffer(f"frozen{k}", torch.zeros(s.factor_shape))
+        self.register_buffer("cut", torch.zeros((), dtype=torch.bool))
         self.count = len(specs)
-        self.is_cut = False  # set from the epoch by the method (reading a buffer would sync the host)
+        # The Python copy of `cut` that forward reads (reading the buffer every step would sync the
+        # host): set by the method at each epoch's start and from a loaded state (an export of a
+        # checkpoint computes factors without starting an epoch).
+        self.is_cut = False
+
+    def set_cut(self, cut: bool) -> None:
+        self.is_cut = cut
+        self.cut.fill_(cut)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.is_cut = bool(self.cut)
 
     def masks(self) -> list[torch.Tensor]:
         return [getattr(self, f"mask{k}") for k in range(self.count)]
@@ -108,7 +120,7 @@ class Switch(Method):
         if start <= epoch <= self.cut_epoch:
             self._cut(views, scheduled_fraction(self.cfg.budget.fraction, epoch, start, self.cut_epoch),
                       final=epoch == self.cut_epoch)
-        self.source.is_cut = epoch >= self.cut_epoch  # a resumed run gets the frozen factors from its checkpoint
+        self.source.set_cut(epoch >= self.cut_epoch)  # a resumed run gets the frozen factors from its checkpoint
 
     @torch.no_grad()
     def _cut(self, views: list[UnitWeights], fraction: float, final: bool) -> None:
