@@ -2,8 +2,10 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 DEB_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev dataset-fashion-mnist iproute2
-# Expanded at each use: after `setup` installs uv with pip, `python3 -m uv` finds it even off PATH.
-UV = $(shell command -v uv 2>/dev/null || echo python3 -m uv)
+# Expanded at each use: after `setup` installs uv with pip (--user: ~/.local/bin, often off PATH), the
+# binary is found there; `python3 -m uv` is the last resort, and fails under `uv run` (as in `make test`'s
+# tests), where python3 is the project's venv, which has no uv.
+UV = $(shell command -v uv 2>/dev/null || { test -x "$$HOME/.local/bin/uv" && echo "$$HOME/.local/bin/uv"; } || echo python3 -m uv)
 CONFIG ?= configs/fashion_lenet5.yaml
 ARGS ?=
 
@@ -20,7 +22,7 @@ setup:
 	    echo "setup: missing Debian packages; run: sudo apt-get install -y $$missing" >&2; exit 1; \
 	  fi; \
 	fi
-	@if ! command -v uv >/dev/null 2>&1 && ! python3 -m uv --version >/dev/null 2>&1; then \
+	@if ! $(UV) --version >/dev/null 2>&1; then \
 	  echo "setup: installing uv"; python3 -m pip install --quiet --user uv 2>/dev/null || python3 -m pip install --quiet uv; \
 	fi
 	@$(UV) sync --locked --quiet
