@@ -177,7 +177,8 @@ class GateSet:
         self.specs = list(specs)
         modules = dict(model.named_modules())
         self._layers = [modules[s.layer] for s in self.specs]
-        self._readers = [[(modules[name], idx) for name, idx in r] for r in readers] if readers else [[] for _ in specs]
+        # [reader layer, index]: the index moves to the weights' device once (in `views`), not every step.
+        self._readers = [[[modules[name], idx] for name, idx in r] for r in readers] if readers else [[] for _ in specs]
         self._norms = [modules[s.point] if s.side == "out" and s.point != s.layer else None for s in self.specs]
         self._factors: list[torch.Tensor] | None = None
         self._handles = []
@@ -207,10 +208,12 @@ class GateSet:
             outgoing = None
             if readers:
                 parts = []
-                for layer, idx in readers:
+                for reader in readers:
+                    layer, idx = reader
                     rw = layer.weight.detach()
                     rw = rw.reshape(rw.shape[0], rw.shape[1], -1)  # [out, in, kernel] for convs and linears
-                    idx = idx.to(rw.device)
+                    if idx.device != rw.device:
+                        idx = reader[1] = idx.to(rw.device)
                     units, per = idx.shape
                     parts.append(rw[:, idx.flatten()].reshape(rw.shape[0], units, per * rw.shape[2]).transpose(0, 1)
                                  .reshape(units, -1))
