@@ -25,7 +25,8 @@ only both sides together say how much a unit contributes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -70,11 +71,76 @@ class UnitWeights:
 
     Shapes: incoming [units, fan]; outgoing [units, fan_out] or None (``in`` and ``weight`` sides, or
     a unit nobody reads); gain [units, 2] (the following BatchNorm's scale and shift) or None.
+
+    The outgoing side is read from the readers' weights only when asked for: the whole of it
+    (`outgoing`, gathered once per view), or its per-unit RMS and a few evenly spaced entries
+    (`outgoing_rms`, `outgoing_sample`), which read no more than they return -- a conv channel read by
+    an FC layer has 8,000 outgoing weights, and the switcher runs every step.
     """
 
     incoming: torch.Tensor
-    outgoing: torch.Tensor | None = None
+    outgoing_given: torch.Tensor | None = None
     gain: torch.Tensor | None = None
+    # (reader weight [out, in, *kernel], index [units, per] of the reader's inputs carrying each unit)
+    readers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    cache: dict = field(default_factory=dict)  # sample positions, owned by the GateSet: made once
+
+    @property
+    def has_outgoing(self) -> bool:
+        return self.outgoing_given is not None or bool(self.readers)
+
+    @property
+    def fan_out(self) -> int:
+        if self.outgoing_given is not None:
+            return self.outgoing_given.shape[1]
+        return sum(w.shape[0] * idx.shape[1] * math.prod(w.shape[2:]) for w, idx in self.readers)
+
+    @property
+    def outgoing(self) -> torch.Tensor | None:
+        if self.outgoing_given is None and self.readers:
+            parts = []
+            for w, idx in self.readers:  # unit i's row: w[o, idx[i, p], k] in (o, p, k) order
+                units, per = idx.shape
+                picked = torch.index_select(w, 1, idx.flatten())  # [out, units * per, *kernel]
+                parts.append(picked.reshape(w.shape[0], units, -1).transpose(0, 1).reshape(units, -1))
+            self.outgoing_given = torch.cat(parts, dim=1)
+        return self.outgoing_given
+
+    def outgoing_rms(self) -> torch.Tensor:
+        """[units]: the RMS of each unit's whole outgoing row, without gathering it."""
+        if self.outgoing_given is not None or self.fan_out <= 1024:  # small: gathering it is cheaper
+            return self.outgoing.square().mean(dim=1).sqrt()
+        total = 0
+        for w, idx in self.readers:
+            per_input = w.square().sum(dim=[d for d in range(w.dim()) if d != 1])  # [in]
+            total = total + per_input[idx].sum(dim=1)
+        return (total / self.fan_out).sqrt()
+
+    def outgoing_sample(self, n: int) -> torch.Tensor:
+        """[units, min(n, fan_out)]: the entries of each outgoing row at n evenly spaced positions."""
+        fan_out = self.fan_out
+        if self.outgoing_given is not None or fan_out <= n:
+            out = self.outgoing
+            return out if fan_out <= n else torch.index_select(out, 1, torch.linspace(0, fan_out - 1, n, device=out.device).long())
+        if n not in self.cache:
+            self.cache[n] = self._sample_index(n)
+        parts = [w[(o, idx[:, p], *kernel)] for (w, idx), (o, p, kernel) in zip(self.readers, self.cache[n]) if len(p)]
+        return torch.cat(parts, dim=1)
+
+    def _sample_index(self, n: int) -> list[tuple]:
+        """Per reader, (output row, unit column, kernel position) of the sampled entries in it."""
+        device = self.incoming.device
+        q = torch.linspace(0, self.fan_out - 1, n, device=device).long()
+        out, start = [], 0
+        for w, idx in self.readers:
+            kernel = w.shape[2:]
+            k, size = math.prod(kernel), w.shape[0] * idx.shape[1] * math.prod(kernel)
+            local = q[(q >= start) & (q < start + size)] - start
+            o, rest = local // (idx.shape[1] * k), local % (idx.shape[1] * k)
+            taps = torch.unravel_index(rest % k, tuple(kernel)) if kernel else ()
+            out.append((o[None], rest // k, tuple(t[None] for t in taps)))
+            start += size
+        return out
 
 
 # (reader layer name, index [units, per_unit] into the reader's input channels)
@@ -179,6 +245,7 @@ class GateSet:
         self._layers = [modules[s.layer] for s in self.specs]
         # [reader layer, index]: the index moves to the weights' device once (in `views`), not every step.
         self._readers = [[[modules[name], idx] for name, idx in r] for r in readers] if readers else [[] for _ in specs]
+        self._caches: list[dict] = [{} for _ in specs]  # per layer: the outgoing sample's positions
         self._norms = [modules[s.point] if s.side == "out" and s.point != s.layer else None for s in self.specs]
         self._factors: list[torch.Tensor] | None = None
         self._handles = []
@@ -204,22 +271,14 @@ class GateSet:
         """Both sides of every gated unit (see `UnitWeights`), detached: factors are trained through
         the source's parameters, never through the weights they read."""
         out = []
-        for w, readers, norm in zip(self.weights(), self._readers, self._norms):
-            outgoing = None
-            if readers:
-                parts = []
-                for reader in readers:
-                    layer, idx = reader
-                    rw = layer.weight.detach()
-                    rw = rw.reshape(rw.shape[0], rw.shape[1], -1)  # [out, in, kernel] for convs and linears
-                    if idx.device != rw.device:
-                        idx = reader[1] = idx.to(rw.device)
-                    units, per = idx.shape
-                    parts.append(rw[:, idx.flatten()].reshape(rw.shape[0], units, per * rw.shape[2]).transpose(0, 1)
-                                 .reshape(units, -1))
-                outgoing = torch.cat(parts, dim=1)
+        for w, readers, norm, cache in zip(self.weights(), self._readers, self._norms, self._caches):
+            for reader in readers:
+                if reader[1].device != reader[0].weight.device:
+                    reader[1] = reader[1].to(reader[0].weight.device)
+                    cache.clear()
             gain = torch.stack([norm.weight.detach(), norm.bias.detach()], dim=1) if norm is not None and norm.affine else None
-            out.append(UnitWeights(w.detach(), outgoing, gain))
+            out.append(UnitWeights(w.detach(), gain=gain, readers=[(layer.weight.detach(), idx) for layer, idx in readers],
+                                   cache=cache))
         return out
 
     def set(self, factors: list[torch.Tensor] | None) -> None:

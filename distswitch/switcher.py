@@ -65,17 +65,27 @@ DESCRIPTION_SIZE = len(_THRESHOLDS) + 8
 _SHAPE_SAMPLES = 256
 
 
-def _shape(w: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Scale-free shape features of each row (the row divided by its own RMS) and log RMS."""
-    rms = w.square().mean(dim=1).sqrt()
-    fan = w.shape[1]
-    if fan > _SHAPE_SAMPLES:
-        w = w[:, torch.linspace(0, fan - 1, _SHAPE_SAMPLES, device=w.device).long()]
-    z = w / (rms[:, None] + 1e-12)
+def _shape(sample: torch.Tensor, rms: torch.Tensor) -> torch.Tensor:
+    """Scale-free shape features [units, SHAPE_SIZE] of rows given some of their entries and their RMS
+    (the entries divided by it): fractions above the thresholds, fraction positive, mean, mean |z|,
+    max |z| / 4."""
+    z = sample.float() / (rms[:, None] + 1e-12)
     absz = z.abs()
+    # Six compares beat one broadcast against all thresholds on a CPU (no [units, fan, 6] temporary).
     feats = [(absz > t).float().mean(dim=1) for t in _THRESHOLDS]
     feats += [(z > 0).float().mean(dim=1), z.mean(dim=1), absz.mean(dim=1), absz.amax(dim=1) / 4]
-    return feats, torch.log(rms + 1e-12)
+    return torch.stack(feats, dim=1)
+
+
+SHAPE_SIZE = len(_THRESHOLDS) + 4
+
+
+def _sampled(w: torch.Tensor) -> torch.Tensor:
+    fan = w.shape[1]
+    if fan <= _SHAPE_SAMPLES:
+        return w
+    positions = torch.linspace(0, fan - 1, _SHAPE_SAMPLES, device=w.device).long()
+    return torch.index_select(w, 1, positions)  # 3x faster than w[:, positions] on a CPU
 
 
 def describe_units(view: UnitWeights) -> torch.Tensor:
@@ -89,23 +99,26 @@ def describe_units(view: UnitWeights) -> torch.Tensor:
     """
     w_in = view.incoming.detach().float()
     units, fan = w_in.shape
-    in_feats, log_in = _shape(w_in)
+    rms_in = w_in.square().mean(dim=1).sqrt()
+    in_feats, log_in = _shape(_sampled(w_in), rms_in), torch.log(rms_in + 1e-12)
     if view.gain is not None:
         log_in = torch.log(view.gain.detach().float().norm(dim=1) + 1e-12)
-    if view.outgoing is not None:
-        out_feats, log_out = _shape(view.outgoing.detach().float())
-        fan_out, has_out = view.outgoing.shape[1], 1.0
+    if view.has_outgoing:
+        fan_out = view.fan_out
+        rms_out = view.outgoing_rms().float()
+        out_feats, log_out = _shape(view.outgoing_sample(_SHAPE_SAMPLES), rms_out), torch.log(rms_out + 1e-12)
+        has_out = 1.0
     else:
-        out_feats = [torch.zeros(units, device=w_in.device)] * len(in_feats)
+        out_feats = in_feats.new_zeros(units, SHAPE_SIZE)
         log_out, fan_out, has_out = torch.zeros(units, device=w_in.device), 1, 0.0
     size = log_in + log_out
     rel = size - size.mean()
     spread = (size.std() if units > 1 else size.new_zeros(())).expand(units)  # a tensor: no host sync
     const = torch.tensor([math.log(fan) / 10, math.log(fan_out) / 10, has_out], device=w_in.device).expand(units, 3)
-    return torch.cat([torch.stack(in_feats + out_feats + [rel, rel.clamp(max=0), spread], dim=1), const], dim=1)
+    return torch.cat([in_feats, out_feats, torch.stack([rel, rel.clamp(max=0), spread], dim=1), const], dim=1)
 
 
-BOTH_SIZE = 2 * (len(_THRESHOLDS) + 4) + 6
+BOTH_SIZE = 2 * SHAPE_SIZE + 6
 
 
 def revivable_relu(h: torch.Tensor) -> torch.Tensor:

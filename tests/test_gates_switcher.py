@@ -227,6 +227,25 @@ def test_a_residual_channel_is_read_by_every_layer_that_reads_the_stream():
     assert views[0].gain.shape == (64, 2)
 
 
+@pytest.mark.parametrize("name, channels_last", [("lenet5", False), ("lenet5", True), ("resnet18", True)])
+def test_the_outgoing_rms_and_sample_read_from_the_readers_equal_those_of_the_gathered_rows(name, channels_last):
+    channels = 1 if name == "lenet5" else 3
+    model = create_tnn(name, channels, 10, side := 28 if name == "lenet5" else 32)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    specs = find_gates(model, "all", "neuron")
+    readers = find_readers(model, specs, torch.zeros(1, channels, side, side))
+    views, fresh_views = GateSet(model, specs, readers).views(), GateSet(model, specs, readers).views()
+    assert all(v.has_outgoing for v in views)  # every gated unit here is read by a later layer
+    for view, fresh in zip(views, fresh_views):  # `fresh` has gathered nothing: its rms and sample read the readers
+        full = view.outgoing
+        assert full.shape == (view.incoming.shape[0], view.fan_out)
+        torch.testing.assert_close(fresh.outgoing_rms(), full.square().mean(dim=1).sqrt())
+        positions = torch.linspace(0, view.fan_out - 1, 256).long()
+        expected = full if view.fan_out <= 256 else full[:, positions]
+        assert torch.equal(fresh.outgoing_sample(256), expected)
+
+
 def test_a_units_factor_changes_when_only_its_outgoing_weights_change():
     model, gates, switcher = _mlp_switcher()
     _randomise(switcher, gates.views())
