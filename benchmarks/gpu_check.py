@@ -94,7 +94,7 @@ def synthetic_batches(cfg: Config, device: torch.device, n: int) -> list[tuple[t
     labels a fixed linear map of the pixels decides (learnable)."""
     gen = torch.Generator().manual_seed(0)
     dtype = AUTOCAST_DTYPES[cfg.train.precision] or torch.float32
-    layout = torch.channels_last if channels_last_on(cfg.train, device.type) else torch.contiguous_format
+    layout = torch.channels_last if channels_last_on(cfg.train) else torch.contiguous_format
     w = torch.randn(3 * 32 * 32, INFO.num_classes, generator=gen)
     out = []
     for _ in range(n):

@@ -36,6 +36,8 @@ VARIANTS = {
     "switch-norevive": ["method=switch", "switcher.revive=false"],
     # Fewer TNN steps lost to SNN steps (1 in 9 instead of 1 in 5), the switcher's rate doubled.
     "switch-r8": ["method=switch", "schedule.update_ratio=8", "optim.snn.lr=2e-3"],
+    # No pressure toward the budget while switching: zeros from the ReLU only, the ramp of cuts alone.
+    "switch-l1-0": ["method=switch", "switcher.l1=0"],
     "magnitude": ["method=magnitude"],
     "magnitude-gradual": ["method=magnitude", "prune.schedule=gradual"],
     "slimming": ["method=slimming"],
@@ -49,7 +51,8 @@ def protocol(args) -> list[str]:
     common = [f"train.epochs={args.epochs}", f"schedule.warmup_epochs={args.warmup}",
               f"schedule.finetune_epochs={args.finetune}", f"prune.finetune_epochs={args.finetune}",
               f"switcher.l1={args.l1}", "switcher.target_kept=null", "data.loader=torch", "tracking.enabled=false",
-              "train.progress=false", "distributed.num_workers=1", f"budget.kind={args.kind}"]
+              "train.progress=false", "distributed.num_workers=1", f"budget.kind={args.kind}",
+              "train.channels_last=true"]  # NHWC convolutions: LeNet5 trains ~1.5x faster on a CPU core
     if args.train_limit:
         common += [f"data.train_limit={args.train_limit}", "data.val_size=500"]
     return common + list(args.set)

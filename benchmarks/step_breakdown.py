@@ -1,7 +1,8 @@
 """Where switch-training's extra time per step goes: one step of dense training against a switch
 TNN step, a switch TNN step with the factors cached (the gate hooks' cost alone), a switch SNN step,
 and the switcher's forward pass alone, each also with the switcher compiled (train.compile=switcher),
-on one fixed batch, interleaved in one process.
+and the dense and switch TNN steps in the contiguous (NCHW) layout (train.channels_last=false), on one
+fixed batch, interleaved in one process.
 
     uv run python benchmarks/step_breakdown.py [--config C] [--threads N] [--rounds 8] [--steps 30] [--out F]
 """
@@ -30,13 +31,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    variants = (["method=dense"], ["method=switch"], ["method=switch"], ["method=switch", "train.compile=switcher"])
-    dense, switch, cached, compiled = (engine_for(args.config, ["train.device=cpu", *v, *args.overrides], loaders=False)[1]
-                                       for v in variants)
+    variants = (["method=dense"], ["method=switch"], ["method=switch"], ["method=switch", "train.compile=switcher"],
+                ["method=dense", "train.channels_last=false"], ["method=switch", "train.channels_last=false"])
+    dense, switch, cached, compiled, dense_nchw, switch_nchw = (
+        engine_for(args.config, ["train.device=cpu", *v, *args.overrides], loaders=False)[1] for v in variants)
     info, _ = check_data(dense.cfg, 1)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(dense.cfg.train.batch_size, info.channels, info.image_size, info.image_size, generator=gen)
     y = torch.randint(0, info.num_classes, (len(x),), generator=gen)
+    x_nchw, x = x.contiguous(), x.contiguous(memory_format=dense.memory_format)  # each engine's loader layout
     factors = cached.compute_factors(0)
     cached.compute_factors = lambda epoch, phase=None: factors  # the hooks run, the switcher does not
 
@@ -53,6 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
         "switch TNN step, compiled switcher": lambda: compiled.step(0, Phase.TNN, x, y),
         "switch SNN step, compiled switcher": lambda: compiled.step(0, Phase.SNN, x, y),
         "compiled switcher forward (no grad)": lambda: switcher_only(compiled),
+        "dense step, NCHW": lambda: dense_nchw.step(0, Phase.TNN, x_nchw, y),
+        "switch TNN step, NCHW": lambda: switch_nchw.step(0, Phase.TNN, x_nchw, y),
     }
     ms: dict[str, list[float]] = {k: [] for k in blocks}
     for fn in blocks.values():

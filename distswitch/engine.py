@@ -109,7 +109,7 @@ class Engine:
         # pass-throughs (scale() returns the loss, step() steps).
         self.scalers = {ph: torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
                         for ph in self.optimizers}
-        self.memory_format = torch.channels_last if channels_last_on(cfg.train, device.type) else torch.contiguous_format
+        self.memory_format = torch.channels_last if channels_last_on(cfg.train) else torch.contiguous_format
         if cfg.train.compile != "none" and self.source is not None:
             self.source.compile()  # in place: DDP wrappers and state_dict keys are unchanged
         if cfg.train.compile == "all":

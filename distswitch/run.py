@@ -79,7 +79,7 @@ def build(cfg: Config, info: DatasetInfo, steps_per_epoch: int, device: torch.de
     if sync_batchnorm:  # before the gates: their hooks attach to the modules that will run
         tnn = torch.nn.SyncBatchNorm.convert_sync_batchnorm(tnn)
     tnn = tnn.to(device)
-    if channels_last_on(cfg.train, device.type):
+    if channels_last_on(cfg.train):
         tnn = tnn.to(memory_format=torch.channels_last)  # 4-d weights only
     specs = find_gates(tnn, cfg.model.gated, cfg.switcher.granularity)
     example = torch.zeros(1, info.channels, info.image_size, info.image_size)

@@ -41,7 +41,7 @@ def test_training_steps_never_wait_for_the_host(precision):
             engine.step(0, ph, x, y)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert engine.tnn[3].weight.is_contiguous(memory_format=torch.channels_last)  # null = on for CUDA
+    assert engine.tnn[3].weight.is_contiguous(memory_format=torch.channels_last)  # null = on
 
 
 def test_ffcv_gpu_pipeline_hands_normalised_channels_last_batches_on_the_device(tmp_path):

@@ -31,7 +31,7 @@ def make_loaders(cfg: Config, rank: int = 0, world_size: int = 1, device: torch.
     # Under autocast the first layer casts its input anyway: normalising straight to that dtype
     # halves the batch's memory traffic (the NormalizeImage(fp16/bf16) step).
     dtype = AUTOCAST_DTYPES[train.precision] or torch.float32
-    layout = torch.channels_last if channels_last_on(train, torch.device(device).type) else torch.contiguous_format
+    layout = torch.channels_last if channels_last_on(train) else torch.contiguous_format
     transform = InputTransform(source, target, dtype, layout)
     common = {"rank": rank, "world_size": world_size, "device": device, "transform": transform}
     if data.loader == "ffcv":
