@@ -65,3 +65,34 @@ def test_a_checkpoint_resumes_onto_a_non_cpu_device_with_cpu_generators_and_host
         assert slots
         for name, t in slots:  # momenta and moments next to their parameters; counters on the host
             assert t.device == (CPU if name == "step" else META), (name, t.device)
+
+
+# The run that wrote tests/fixtures/resume_v1 (configs/fashion_mlp.yaml with these overrides), killed
+# after epoch 2 of 3: a checkpoint of the code before issue 16's redesign must still resume.
+FIXTURE_OVERRIDES = ["train.epochs=3", "schedule.warmup_epochs=1", "schedule.finetune_epochs=1", "budget.fraction=0.5",
+                     "data.train_limit=512", "data.val_size=128", "data.loader=torch", "tracking.enabled=false",
+                     "train.progress=false", "distributed.num_workers=1", "distributed.checkpoint_every=1",
+                     "train.batch_size=64"]
+
+
+@pytest.mark.slow
+def test_an_out_dir_written_before_the_redesign_resumes_to_the_uninterrupted_run(tmp_path):
+    import json
+    import shutil
+    from pathlib import Path
+
+    from distswitch.config import load_config
+    from distswitch.run import train
+
+    root = Path(__file__).resolve().parents[1]
+    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
+    shutil.copytree(root / "tests/fixtures/resume_v1", resumed)
+    for out in (resumed, straight):
+        train(load_config(root / "configs/fashion_mlp.yaml", [*FIXTURE_OVERRIDES, f"out_dir={out}"]))
+    assert json.loads((resumed / "summary.json").read_text())["resumed_at_epoch"] == 2  # not a fresh start
+    a = read_checkpoint(resumed / "checkpoints/epoch_0002/state.pt")
+    b = read_checkpoint(straight / "checkpoints/epoch_0002/state.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    for key in ("tnn", "source"):
+        assert a["engine"][key].keys() == b["engine"][key].keys()
+        assert all(torch.equal(a["engine"][key][k], b["engine"][key][k]) for k in a["engine"][key]), key
