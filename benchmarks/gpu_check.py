@@ -53,7 +53,7 @@ from distswitch.config import Config, channels_last_on
 from distswitch.data.datasets import DatasetInfo
 from distswitch.data.transform import AUTOCAST_DTYPES
 from distswitch.engine import Engine
-from distswitch.export import atomic_save
+from distswitch.io import save_torch
 from distswitch.parallel import state_digest
 from distswitch.run import _rng_state, _set_rng, build, checkpoint_bundle, export_compact, read_checkpoint
 from distswitch.schedule import Phase
@@ -120,7 +120,7 @@ def check_resume(cfg: Config, engine: Engine, device: torch.device, batch, folde
     generators restored (CPU ByteTensors, CUDA's too), the same next loss."""
     saved_rng = _rng_state()
     path = folder / "state.pt"
-    atomic_save(checkpoint_bundle(cfg, INFO, engine, 1, BATCHES, [], None, [saved_rng]), path)
+    save_torch(checkpoint_bundle(cfg, INFO, engine, 1, BATCHES, [], None, [saved_rng]), path)
     eager = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile="none"))
     resumed = make_engine(eager, device)  # draws from the generators: restored below
     state = read_checkpoint(path)

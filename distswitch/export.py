@@ -16,7 +16,6 @@ architecture JSON (model name, shapes, the removal plan), so loading unpickles n
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from torch import nn
 from distswitch.config import ConfigError
 from distswitch.cost import CostModel, units_cost_model
 from distswitch.gates import GateSpec
+from distswitch.io import save_torch, write_json
 from distswitch.models import create_tnn
 
 FORMAT = "distswitch.compact/1"
@@ -156,11 +156,8 @@ def save_compact(path: str | Path, arch: dict, model: nn.Module) -> None:
     """model.pt (state dict + architecture JSON string) and model.arch.json beside it, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    bundle = {"format": FORMAT, "arch": json.dumps(arch), "state_dict": model.state_dict()}
-    atomic_save(bundle, path)
-    tmp = path.with_suffix(".arch.json.tmp")
-    tmp.write_text(json.dumps(arch, indent=2))
-    os.replace(tmp, path.with_suffix(".arch.json"))
+    save_torch({"format": FORMAT, "arch": json.dumps(arch), "state_dict": model.state_dict()}, path)
+    write_json(path.with_suffix(".arch.json"), arch)
 
 
 def load_compact(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
@@ -174,13 +171,6 @@ def load_compact(path: str | Path, map_location: str | torch.device = "cpu") -> 
     apply_plan(model, arch["plan"], example)
     model.load_state_dict(bundle["state_dict"])
     return model.eval()
-
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves a file that looks complete."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def fit_cost_model(make_model, specs: list[GateSpec], example: torch.Tensor, kind: str) -> CostModel:

@@ -92,7 +92,7 @@ def launch(cfg: Config, summary_json: str | Path | None = None, launched_at: flo
     _writable(out, "out_dir")
     storage = storage_path(cfg)
     _check_previous_launch(cfg, out, storage)
-    from distswitch.run import write_text
+    from distswitch.io import write_text
 
     write_text(out / "config.yaml", cfg.to_yaml())
 
@@ -116,7 +116,7 @@ def launch(cfg: Config, summary_json: str | Path | None = None, launched_at: flo
 
             fail_run(*tracking, exc)
         raise
-    from distswitch.run import write_json
+    from distswitch.io import write_json
 
     if tracking is not None:
         from distswitch.tracking import finish_run
@@ -175,7 +175,8 @@ def collect(result, cfg: Config, out: Path, storage: str) -> dict:
     """The final checkpoint's files into out_dir; returns the summary."""
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train finished without a final checkpoint; see {storage}/{run_name(cfg)}")
-    from distswitch.run import STOPPED_FILE, collect_final, write_json
+    from distswitch.io import write_json
+    from distswitch.run import STOPPED_FILE, collect_final
 
     with result.checkpoint.as_directory() as folder:
         if (Path(folder) / STOPPED_FILE).is_file():

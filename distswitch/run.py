@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import shutil
 import sys
@@ -28,8 +27,9 @@ from distswitch.config import Config, ConfigError, channels_last_on
 from distswitch.data import DATASETS, DatasetInfo, check_data, make_loaders
 from distswitch.engine import Engine, EpochStats, TrainingStopped
 from distswitch.cost import CostModel
-from distswitch.export import architecture, atomic_save, compact_model, count, fit_cost_model, save_compact
+from distswitch.export import architecture, compact_model, count, fit_cost_model, save_compact
 from distswitch.gates import GateSet, GateSpec, find_gates, find_readers, kept_report
+from distswitch.io import copy_file, copy_tree, save_torch, write_json
 from distswitch.methods import METHODS, build_method
 from distswitch.methods.base import min_units
 from distswitch.models import MODELS, create_tnn
@@ -140,13 +140,7 @@ class Session:
         if checkpoint is not None and name == "final":
             collect_final(checkpoint, self.root.parent)
         elif checkpoint is not None:
-            self.root.mkdir(parents=True, exist_ok=True)
-            dest = self.root / name
-            tmp = self.root / f".{name}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(checkpoint, tmp)
-            shutil.rmtree(dest, ignore_errors=True)
-            os.replace(tmp, dest)
+            copy_tree(checkpoint, self.root / name)
 
     def progress(self, total: int, desc: str):
         from tqdm import tqdm  # here: the engine, export and checkpoints need no progress bars (gpu_check)
@@ -163,11 +157,7 @@ def collect_final(folder: Path, out: Path) -> None:
     if missing:
         raise RuntimeError(f"the final checkpoint {folder} lacks {', '.join(missing)}")
     for name, dest in FINAL_FILES.items():
-        target = Path(out) / dest
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        shutil.copyfile(Path(folder) / name, tmp)
-        os.replace(tmp, target)
+        copy_file(Path(folder) / name, Path(out) / dest)
 
 
 def _progress(cfg: Config, session: Session):
@@ -266,11 +256,11 @@ def _train(cfg: Config, session: Session, device: torch.device | None, launched_
             if is_best or checkpoint:
                 bundle = checkpoint_bundle(cfg, info, engine, stats.epoch, len(train_loader), history, best, rng)
             if is_best:
-                atomic_save(bundle, scratch / "best.pt")
+                save_torch(bundle, scratch / "best.pt")
             if checkpoint:
                 folder = scratch / f"epoch_{stats.epoch:04d}"
                 folder.mkdir()
-                atomic_save(bundle, folder / "state.pt")
+                save_torch(bundle, folder / "state.pt")
                 if (scratch / "best.pt").is_file():
                     shutil.copyfile(scratch / "best.pt", folder / "best.pt")
         metrics = epoch_metrics(stats)
@@ -565,14 +555,3 @@ def _epoch_line(cfg: Config, s: EpochStats) -> str:
             f"kept={s.kept_fraction:.3f} ({s.seconds:.1f}s, {s.images_per_s:.0f} img/s)")
 
 
-def write_json(path: Path, data: dict) -> None:
-    write_text(path, json.dumps(data, indent=2))
-
-
-def write_text(path: Path, text: str) -> None:
-    """Atomically (temp file + rename): a reader or a crash never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

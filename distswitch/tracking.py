@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from distswitch.config import Config, ConfigError
+from distswitch.io import atomic_path
 
 RUN_KEY_TAG = "distswitch.run_key"  # storage path + run name: what identifies a resumable run
 
@@ -234,10 +235,9 @@ def figures(summary: dict, folder: Path) -> list[Path]:
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # the suffix tells savefig the format
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:  # its suffix tells savefig the format
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

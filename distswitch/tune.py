@@ -72,7 +72,8 @@ def max_concurrent(ray, cfg: Config) -> int:
 def tune(cfg: Config, launched_at: float | None = None) -> dict:
     """Run the search; returns its summary (also out_dir/tune_summary.json)."""
     launched_at = launched_at if launched_at is not None else time.time()
-    from distswitch.run import preflight, validate_names, write_json
+    from distswitch.io import write_json
+    from distswitch.run import preflight, validate_names
 
     validate_names(cfg)
     if not cfg.tune.space:
@@ -85,7 +86,7 @@ def tune(cfg: Config, launched_at: float | None = None) -> dict:
         raise ConfigError(f"out_dir: {str(out)!r} already holds a finished search (tune_summary.json); "
                           "pass another out_dir=... or remove it")
     out.mkdir(parents=True, exist_ok=True)
-    from distswitch.run import write_text  # torch: imported once the run is on
+    from distswitch.io import write_text
 
     write_text(out / "config.yaml", cfg.to_yaml())
     name = cfg.tune.name or out.resolve().name
@@ -162,7 +163,7 @@ def _search(ray, cfg: Config, out: Path, name: str, storage: str, parent, launch
     best = max(ok, key=lambda r: r.metrics[cfg.tune.metric])
     best_cfg = trial_config(cfg.to_dict(), best.config, Path(cfg.out_dir) / "best", name="best", uri=None)
     best_cfg = dataclasses.replace(best_cfg, distributed=dataclasses.replace(best_cfg.distributed, name=None))
-    from distswitch.run import write_text
+    from distswitch.io import write_text
 
     write_text(out / "best_config.yaml", best_cfg.to_yaml())
     return {
@@ -185,7 +186,7 @@ def _trial(values: dict, base: dict, trials_dir: str, storage: str, parent, laun
     out = Path(trials_dir) / name
     cfg = trial_config(base, values, out, name, parent[0] if parent else None)
     out.mkdir(parents=True, exist_ok=True)
-    from distswitch.run import write_text  # torch: imported once the run is on
+    from distswitch.io import write_text
 
     write_text(out / "config.yaml", cfg.to_yaml())
     tracking = None
@@ -210,7 +211,7 @@ def _trial(values: dict, base: dict, trials_dir: str, storage: str, parent, laun
             fail_run(*tracking, exc)
         raise
     if tracking is not None:
-        from distswitch.run import write_json
+        from distswitch.io import write_json
         from distswitch.tracking import finish_run
 
         summary["mlflow"] = {"tracking_uri": tracking[0], "run_id": tracking[1]}

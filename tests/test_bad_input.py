@@ -45,7 +45,7 @@ def _foreign(path: Path) -> None:
 def _dense_checkpoint(tmp: Path) -> Path:
     """A real training checkpoint of the dense method: it has no switcher, hence no factors."""
     from distswitch.engine import Engine
-    from distswitch.export import atomic_save
+    from distswitch.io import save_torch
     from distswitch.run import build, checkpoint_bundle
 
     cfg = make_config(model={"name": "mlp"}, method="dense")
@@ -53,7 +53,7 @@ def _dense_checkpoint(tmp: Path) -> Path:
     tnn, gates, method = build(cfg, FASHION_INFO, 10, cpu)
     engine = Engine(cfg, tnn, gates, method, cpu)
     path = tmp / "dense.pt"
-    atomic_save(checkpoint_bundle(cfg, FASHION_INFO, engine, 0, 10, [], {"val_acc": 0.5, "epoch": 0}, None), path)
+    save_torch(checkpoint_bundle(cfg, FASHION_INFO, engine, 0, 10, [], {"val_acc": 0.5, "epoch": 0}, None), path)
     return path
 
 

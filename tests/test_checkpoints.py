@@ -13,7 +13,7 @@ import torch
 
 from conftest import FASHION_INFO, fake_batch, make_config
 from distswitch.engine import Engine
-from distswitch.export import atomic_save
+from distswitch.io import save_torch
 from distswitch.run import _rng_state, _set_rng, build, checkpoint_bundle, read_checkpoint
 from distswitch.schedule import Phase
 
@@ -35,7 +35,7 @@ def checkpoint(tmp_path):
     for phase in (Phase.TNN, Phase.SNN):
         engine.step(0, phase, *fake_batch(8))
     path = tmp_path / "state.pt"
-    atomic_save(checkpoint_bundle(cfg, FASHION_INFO, engine, 0, 10, [], None, [_rng_state()]), path)
+    save_torch(checkpoint_bundle(cfg, FASHION_INFO, engine, 0, 10, [], None, [_rng_state()]), path)
     return path, torch.rand(4)
 
 

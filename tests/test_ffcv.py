@@ -3,7 +3,6 @@ atomic, and clear errors for folders that do not match the config."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
@@ -148,7 +147,7 @@ def test_killed_prepare_leaves_no_folder_that_looks_complete(tmp_path, fashion_m
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
-    while not (out / ".train.beton.partial").exists() and time.time() < deadline and proc.poll() is None:
+    while not list(out.glob(".train.*.tmp.beton")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert proc.poll() is None, "prepare finished before it could be interrupted"
     os.killpg(proc.pid, signal.SIGKILL)  # with FFCV's writer processes, which would outlive their parent
@@ -157,7 +156,7 @@ def test_killed_prepare_leaves_no_folder_that_looks_complete(tmp_path, fashion_m
     with pytest.raises(DataError, match="metadata.json missing"):
         open_betons(make_config(data={"beton_dir": str(out)}).data)
     _, written = prepare("fashion-mnist", out, log=_quiet)  # the next run starts clean and completes
-    assert written and not list(out.glob(".*.partial"))
+    assert written and not list(out.glob(".*.tmp*"))
     assert open_betons(make_config(data={"beton_dir": str(out)}).data).count("train") == 55000
 
 

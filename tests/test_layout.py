@@ -12,7 +12,7 @@ import distswitch
 
 # Upstream first; a module may import its own level or any level before it.
 LEVELS = [
-    {"config", "registry"},
+    {"config", "registry", "io"},
     {"data", "models"},
     {"gates"},
     {"switcher", "schedule", "cost"},

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from distswitch.config import DataConfig
+from distswitch.io import atomic_path, write_json
 from distswitch.data.datasets import DATASETS, DataError, DatasetInfo, split_indices
 
 FORMAT = "distswitch.beton/1"
@@ -170,7 +171,7 @@ def prepare(dataset: str, out: str | Path, root: str | None = None, download: bo
 
     out.mkdir(parents=True, exist_ok=True)
     meta_path.unlink(missing_ok=True)  # from here on the folder does not look prepared until the end
-    for stale in out.glob(".*.partial"):
+    for stale in out.glob(".*.tmp*"):  # a killed prepare's temporaries (distswitch.io names)
         stale.unlink()
     import_ffcv()
     import ffcv
@@ -179,12 +180,12 @@ def prepare(dataset: str, out: str | Path, root: str | None = None, download: bo
     files, counts = {}, {}
     for split in SPLITS:
         items = source.split(split)
-        name, partial = f"{split}.beton", out / f".{split}.beton.partial"
+        name = f"{split}.beton"
         log(f"writing {out / name}: {len(items)} images")
-        writer = DatasetWriter(str(partial), source.fields(max_resolution, jpeg_quality), page_size=source.page_size,
-                               num_workers=workers or len(os.sched_getaffinity(0)))
-        writer.from_indexed_dataset(items, chunksize=256)
-        os.replace(partial, out / name)
+        with atomic_path(out / name) as partial:
+            writer = DatasetWriter(str(partial), source.fields(max_resolution, jpeg_quality), page_size=source.page_size,
+                                   num_workers=workers or len(os.sched_getaffinity(0)))
+            writer.from_indexed_dataset(items, chunksize=256)
         files[split] = {"name": name, "bytes": (out / name).stat().st_size}
         counts[split] = len(items)
     meta = {**wanted, "info": asdict(source.info), "counts": counts, "files": files,
@@ -192,9 +193,7 @@ def prepare(dataset: str, out: str | Path, root: str | None = None, download: bo
             "storage": source.storage, "ffcv": getattr(ffcv, "__version__", "1.0.2")}
     meta["info"]["mean"], meta["info"]["std"] = list(source.info.mean), list(source.info.std)
     meta["info"]["classes"] = list(source.info.classes)
-    tmp = out / ".metadata.json.partial"
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, meta_path)
+    write_json(meta_path, meta, indent=1)
     log(f"{meta_path}: {counts['train']} train / {counts['val']} val / {counts['test']} test, {source.info.num_classes} classes")
     return meta, True
 
