@@ -122,25 +122,39 @@ class UnitWeights:
         if self.outgoing_given is not None or fan_out <= n:
             out = self.outgoing
             return out if fan_out <= n else torch.index_select(out, 1, torch.linspace(0, fan_out - 1, n, device=out.device).long())
-        if n not in self.cache:
-            self.cache[n] = self._sample_index(n)
-        parts = [w[(o, idx[:, p], *kernel)] for (w, idx), (o, p, kernel) in zip(self.readers, self.cache[n]) if len(p)]
+        readers = [(_dense(w), idx) for w, idx in self.readers]
+        key = (n, *(w.stride() for w, _ in readers))
+        if key not in self.cache:
+            self.cache[key] = self._sample_offsets(n, readers)
+        parts = [torch.index_select(_flat(w), 0, offsets.flatten()).view(offsets.shape)
+                 for (w, _), offsets in zip(readers, self.cache[key]) if offsets.shape[1]]
         return torch.cat(parts, dim=1)
 
-    def _sample_index(self, n: int) -> list[tuple]:
-        """Per reader, (output row, unit column, kernel position) of the sampled entries in it."""
-        device = self.incoming.device
-        q = torch.linspace(0, self.fan_out - 1, n, device=device).long()
+    def _sample_offsets(self, n: int, readers: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """Per reader, where each unit's sampled entries lie in its weight's storage [units, m]: fixed
+        for fixed shapes and strides, so a step's sample is one gather per reader."""
+        q = torch.linspace(0, self.fan_out - 1, n, device=self.incoming.device).long()
         out, start = [], 0
-        for w, idx in self.readers:
-            kernel = w.shape[2:]
-            k, size = math.prod(kernel), w.shape[0] * idx.shape[1] * math.prod(kernel)
-            local = q[(q >= start) & (q < start + size)] - start
-            o, rest = local // (idx.shape[1] * k), local % (idx.shape[1] * k)
-            taps = torch.unravel_index(rest % k, tuple(kernel)) if kernel else ()
-            out.append((o[None], rest // k, tuple(t[None] for t in taps)))
-            start += size
+        for w, idx in readers:
+            kernel = tuple(w.shape[2:])
+            k, per = math.prod(kernel), idx.shape[1]
+            local = q[(q >= start) & (q < start + w.shape[0] * per * k)] - start
+            o, rest = local // (per * k), local % (per * k)  # unit i's row is w[o, idx[i, p], kernel...]
+            taps = torch.unravel_index(rest % k, kernel) if kernel else ()
+            base = o * w.stride(0) + sum((t * s for t, s in zip(taps, w.stride()[2:])), torch.zeros_like(o))
+            out.append(base[None] + idx.to(q.device)[:, rest // k] * w.stride(1))
+            start += w.shape[0] * per * k
         return out
+
+
+def _dense(w: torch.Tensor) -> torch.Tensor:
+    """`w` itself where its storage is one dense block (contiguous or channels_last), else a copy."""
+    return w if w.is_contiguous() or (w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last)) else w.contiguous()
+
+
+def _flat(w: torch.Tensor) -> torch.Tensor:
+    """A dense tensor's storage as a 1-d view (offsets by its strides index it)."""
+    return w.as_strided((w.numel(),), (1,))
 
 
 # (reader layer name, index [units, per_unit] into the reader's input channels)

@@ -80,6 +80,37 @@ def _shape(sample: torch.Tensor, rms: torch.Tensor) -> torch.Tensor:
 SHAPE_SIZE = len(_THRESHOLDS) + 4
 
 
+def _shapes(samples: list[torch.Tensor], rms: torch.Tensor, plan: "_Plan", side: int) -> torch.Tensor:
+    """`_shape` of several layers' rows with one set of ops per row length (the switcher's cost is
+    its op count, not its arithmetic): layers whose samples have the same length are stacked."""
+    if len(plan.groups[side]) == 1:
+        return _shape(torch.cat(samples), rms)
+    parts = [_shape(torch.cat([samples[k] for k in ks]), torch.cat([rms[plan.rows[k]] for k in ks]))
+             for ks in plan.groups[side]]
+    return torch.cat(parts)[plan.inverse[side]]
+
+
+class _Plan:
+    """What `describe_layers` derives from the layers' shapes alone, made once per shape on the
+    device: per-unit layer index, the constant features, and the grouping by sample length."""
+
+    def __init__(self, key: tuple, device: torch.device) -> None:
+        units = [k[0] for k in key]
+        starts = [sum(units[:i]) for i in range(len(units))]
+        self.rows = [slice(a, a + n) for a, n in zip(starts, units)]
+        self.layer = torch.arange(len(key), device=device).repeat_interleave(torch.tensor(units, device=device))
+        self.n = torch.tensor(units, device=device, dtype=torch.float32)
+        self.const = torch.tensor([[math.log(fan) / 10, math.log(fan_out or 1) / 10, float(fan_out > 0)]
+                                   for _, fan, fan_out, _, _ in key], device=device)[self.layer]
+        self.groups, self.inverse = [], []
+        for side in (3, 4):  # the in- and out-sample lengths
+            lengths = [k[side] for k in key]
+            groups = [[k for k in range(len(key)) if lengths[k] == n] for n in dict.fromkeys(lengths)]
+            order = torch.cat([torch.arange(self.rows[k].start, self.rows[k].stop) for ks in groups for k in ks])
+            self.groups.append(groups)
+            self.inverse.append(torch.argsort(order).to(device))
+
+
 def _sampled(w: torch.Tensor) -> torch.Tensor:
     fan = w.shape[1]
     if fan <= _SHAPE_SAMPLES:
@@ -89,7 +120,8 @@ def _sampled(w: torch.Tensor) -> torch.Tensor:
 
 
 def describe_units(view: UnitWeights) -> torch.Tensor:
-    """A description of each unit from both sides -> [units, BOTH_SIZE], invariant to rescaling.
+    """A description of each unit from both sides -> [units, BOTH_SIZE], invariant to rescaling
+    (`describe_layers` for one layer).
 
     For a ReLU unit, incoming weights times c > 0 and outgoing ones divided by c leave the network's
     function unchanged: rows enter as shapes (divided by their own RMS), and the magnitude only as
@@ -97,25 +129,41 @@ def describe_units(view: UnitWeights) -> torch.Tensor:
     follows, since BN normalises the incoming scale away), relative to the layer's mean (log-space).
     A side that is missing (no reader found) contributes zeros and a flag.
     """
-    w_in = view.incoming.detach().float()
-    units, fan = w_in.shape
-    rms_in = w_in.square().mean(dim=1).sqrt()
-    in_feats, log_in = _shape(_sampled(w_in), rms_in), torch.log(rms_in + 1e-12)
-    if view.gain is not None:
-        log_in = torch.log(view.gain.detach().float().norm(dim=1) + 1e-12)
-    if view.has_outgoing:
-        fan_out = view.fan_out
-        rms_out = view.outgoing_rms().float()
-        out_feats, log_out = _shape(view.outgoing_sample(_SHAPE_SAMPLES), rms_out), torch.log(rms_out + 1e-12)
-        has_out = 1.0
-    else:
-        out_feats = in_feats.new_zeros(units, SHAPE_SIZE)
-        log_out, fan_out, has_out = torch.zeros(units, device=w_in.device), 1, 0.0
-    size = log_in + log_out
-    rel = size - size.mean()
-    spread = (size.std() if units > 1 else size.new_zeros(())).expand(units)  # a tensor: no host sync
-    const = torch.tensor([math.log(fan) / 10, math.log(fan_out) / 10, has_out], device=w_in.device).expand(units, 3)
-    return torch.cat([in_feats, out_feats, torch.stack([rel, rel.clamp(max=0), spread], dim=1), const], dim=1)
+    return describe_layers([view])[0]
+
+
+def describe_layers(views: list[UnitWeights], plans: dict | None = None) -> list[torch.Tensor]:
+    """`describe_units` of several layers at once: one set of ops over all their units. `plans` keeps
+    what depends on shapes only between calls (on a GPU, building it is a host-to-device copy)."""
+    device = views[0].incoming.device
+    w_ins = [v.incoming.detach().float() for v in views]
+    fan_outs = [v.fan_out if v.has_outgoing else 0 for v in views]
+    key = tuple((w.shape[0], w.shape[1], f, min(w.shape[1], _SHAPE_SAMPLES), min(f, _SHAPE_SAMPLES) or 1)
+                for w, f in zip(w_ins, fan_outs)) + (str(device),)
+    plans = {} if plans is None else plans
+    if key not in plans:
+        plans[key] = _Plan(key[:-1], device)
+    plan = plans[key]
+    rms_ins = [w.square().mean(dim=1).sqrt() for w in w_ins]
+    in_feats = _shapes([_sampled(w) for w in w_ins], torch.cat(rms_ins), plan, 0)
+    log_in = torch.cat([torch.log(v.gain.detach().float().norm(dim=1) + 1e-12) if v.gain is not None else torch.log(r + 1e-12)
+                        for v, r in zip(views, rms_ins)])
+    samples, rms_outs = [], []
+    for v, w in zip(views, w_ins):
+        if v.has_outgoing:
+            samples.append(v.outgoing_sample(_SHAPE_SAMPLES))
+            rms_outs.append(v.outgoing_rms().float())
+        else:  # a zero row with RMS 1: all-zero shape features and log RMS 0
+            samples.append(w.new_zeros(w.shape[0], 1))
+            rms_outs.append(w.new_ones(w.shape[0]))
+    rms_out = torch.cat(rms_outs)
+    out_feats = _shapes(samples, rms_out, plan, 1)
+    size = log_in + torch.log(rms_out + 1e-12)
+    # Per-layer mean and (unbiased) std of the units' sizes, as segment sums: no host sync, no loop.
+    rel = size - (size.new_zeros(len(views)).index_add_(0, plan.layer, size) / plan.n)[plan.layer]
+    var = size.new_zeros(len(views)).index_add_(0, plan.layer, rel.square()) / (plan.n - 1).clamp_min(1)
+    d = torch.cat([in_feats, out_feats, torch.stack([rel, rel.clamp(max=0), var.sqrt()[plan.layer]], dim=1), plan.const], dim=1)
+    return list(d.split([w.shape[0] for w in w_ins]))
 
 
 BOTH_SIZE = 2 * SHAPE_SIZE + 6
@@ -141,6 +189,7 @@ class RowwiseSwitcher(nn.Module):
         self.sides = [s.side for s in specs]
         self.both = cfg.describe == "both"
         self.relu = revivable_relu if cfg.revive else F.relu
+        self._plans: dict = {}  # describe_layers' shape-only tensors, made once
         w = cfg.width
         size = BOTH_SIZE if self.both else DESCRIPTION_SIZE
         self.body = nn.Sequential(nn.Linear(size, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU())
@@ -159,20 +208,25 @@ class RowwiseSwitcher(nn.Module):
     def describe(self, views: list[UnitWeights]) -> list[torch.Tensor]:
         """The body's input per layer: [units, features]."""
         # Only output units have a second side; the other sides' rows already are the whole story.
-        return [describe_units(v) if self.both and side == "out" else _pad(describe_rows(v.incoming), self.body[0].in_features)
-                for side, v in zip(self.sides, views)]
+        both = [k for k, side in enumerate(self.sides) if self.both and side == "out"]
+        out = dict(zip(both, describe_layers([views[k] for k in both], self._plans))) if both else {}
+        return [out[k] if k in out else _pad(describe_rows(v.incoming), self.body[0].in_features) for k, v in enumerate(views)]
 
     def forward(self, views: list[UnitWeights]) -> list[torch.Tensor]:
-        out = []
-        for side, view, d in zip(self.sides, views, self.describe(views)):
-            w = view.incoming
-            h = self.body(d)
+        # All layers' units through the body (and the neuron head) at once: the same rows, fewer ops.
+        ds = self.describe(views)
+        hs = self.body(torch.cat(ds)).split([len(d) for d in ds])
+        neuron = [k for k, side in enumerate(self.sides) if side != "weight"]
+        out: list[torch.Tensor | None] = [None] * len(views)
+        if neuron:
+            f = self.relu(self.neuron_head(torch.cat([hs[k] for k in neuron])).squeeze(1))
+            for k, fk in zip(neuron, f.split([len(hs[k]) for k in neuron])):
+                out[k] = fk
+        for k, side in enumerate(self.sides):
             if side == "weight":
-                slope, offset = self.connection_head(h).unbind(dim=1)
-                z = w.detach().abs() / (w.detach().std() + 1e-8)
-                out.append(self.relu(slope[:, None] * z + offset[:, None]))
-            else:
-                out.append(self.relu(self.neuron_head(h).squeeze(1)))
+                w = views[k].incoming.detach()
+                slope, offset = self.connection_head(hs[k]).unbind(dim=1)
+                out[k] = self.relu(slope[:, None] * w.abs() / (w.std() + 1e-8) + offset[:, None])
         return out
 
 
