@@ -323,9 +323,11 @@ class Engine:
                     group["lr"] *= ratio
                     if "initial_lr" in group:
                         group["initial_lr"] *= ratio
-                sched = self.schedulers[ph]
-                sched.base_lrs = [lr * ratio for lr in sched.base_lrs]
-                sched._last_lr = [lr * ratio for lr in sched._last_lr]
+                sched = self.schedulers[ph]  # through its state dict, the scheduler's public form
+                state = sched.state_dict()
+                state["base_lrs"] = [lr * ratio for lr in state["base_lrs"]]
+                state["_last_lr"] = [lr * ratio for lr in state["_last_lr"]]
+                sched.load_state_dict(state)
             for group in opt.param_groups:
                 group["weight_decay"] = new.weight_decay
                 if "momentum" in group:

@@ -263,6 +263,8 @@ def _connect(cfg: Config):
     for key, value in DRIVER_ENV.items():
         os.environ.setdefault(key, value)
     import ray
+    # Private: Ray reads this switch once, when ray is first imported, and offers no public setter
+    # (the uv hook became the default in ray-project/ray#53060; ray_constants is its only home).
     from ray._private import ray_constants
 
     # Ray reads the uv hook's switch once, at its first import: a process that imported ray before

@@ -225,6 +225,8 @@ def _stop_event():
     Ray has no public way to ask whether a trial is being stopped. The session object is taken
     at the trial's start: Tune drops its global reference to it while stopping."""
     try:
+        # Private: no public API tells a function trainable that Tune is stopping it (a stop is not
+        # an exception in the trial; cf. ray-project/ray#50358 on Tune's stop handling).
         from ray.train._internal.session import get_session
 
         return get_session().stop_event
