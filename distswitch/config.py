@@ -339,7 +339,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
+    unknown = sorted(set(data) - set(names), key=str)  # YAML keys may be numbers too
     if unknown:
         raise ConfigError(f"{prefix}{unknown[0]}: unknown key; allowed keys here: {', '.join(names)}")
     kwargs = {}
@@ -539,4 +539,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             data = _yaml_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(p)!r}: expected a mapping of sections (model:, train:, ...), "
+                              f"got {_describe(type(data))}")
     return Config.from_dict(merge_overrides(data, list(overrides)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -230,3 +231,35 @@ def test_sync_batchnorm_with_a_compiled_tnn_is_refused_naming_both_settings(conf
         load_config(config_file, ["distributed.use_gpu=true", "distributed.sync_batchnorm=true", "train.compile=all"])
     assert str(info.value).startswith("distributed.sync_batchnorm:") and "train.compile" in str(info.value)
     load_config(config_file, ["distributed.use_gpu=true", "distributed.sync_batchnorm=true", "train.compile=switcher"])
+
+
+# -- any input: one line naming what is wrong, never a traceback (generative) ---------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_SECTIONS = {name: list(section) if isinstance(section, dict) else [] for name, section in Config().to_dict().items()}
+_KEYS = st.sampled_from([*_SECTIONS, *(f"{s}.{k}" for s, ks in _SECTIONS.items() for k in ks), "train.epochs.x",
+                         "budget.widths.3", "tune.space.x", "model.name.y.z", "nope", "data..x"])
+_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
+                     st.text(max_size=8), st.sampled_from(["mlp", "switch", "macs", "epoch", "fashion-mnist", "1e-3"]))
+_VALUES = st.recursive(_SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.one_of(st.sampled_from(sorted({k for ks in _SECTIONS.values() for k in ks})),
+                                                           st.text(max_size=5), st.integers(0, 3)), inner, max_size=3)), max_leaves=8)
+_DOCUMENTS = st.one_of(_VALUES, st.dictionaries(st.sampled_from(list(_SECTIONS)), _VALUES, max_size=4))
+_OVERRIDES = st.lists(st.builds(lambda k, v: f"{k}={v}", _KEYS, st.one_of(
+    st.sampled_from(["3", "0.5", "null", "[1, 2]", "{a: 1}", "true", "x", "", "nan", "-1", "{choice: [1]}"]), st.text(max_size=6))),
+    max_size=3)
+
+
+@settings(max_examples=int(os.environ.get("CONFIG_EXAMPLES", 300)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(document=_DOCUMENTS, overrides=_OVERRIDES)
+def test_any_yaml_document_and_overrides_give_a_config_or_one_line_config_error(tmp_path, document, overrides):
+    import yaml
+
+    path = tmp_path / "any.yaml"
+    path.write_text(yaml.safe_dump(document))
+    try:
+        load_config(path, overrides)
+    except ConfigError as exc:
+        assert "\n" not in str(exc) and str(exc), repr(str(exc))
