@@ -106,13 +106,13 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    name: str = "sgd"  # a registered optimiser (distswitch.optim): sgd | adam | adamw
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
     # constant | cosine (to 0 over the run) | multistep (x gamma at `milestones`, in epochs)
-    scheduler: Literal["constant", "cosine", "multistep"] = "cosine"
+    scheduler: str = "cosine"  # a registered schedule (distswitch.optim): constant | cosine | multistep
     milestones: tuple[int, ...] = ()
     gamma: float = 0.1
 

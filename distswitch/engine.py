@@ -32,10 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distswitch.config import Config, OptimizerConfig, channels_last_on
+from distswitch.config import Config, channels_last_on
 from distswitch.data.transform import AUTOCAST_DTYPES
 from distswitch.gates import GateSet, kept_report
 from distswitch.methods import Method
+from distswitch.optim import build_optimizer, build_scheduler
 from distswitch.parallel import Replicas
 from distswitch.schedule import Phase
 
@@ -70,22 +71,6 @@ class EpochStats:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def build_optimizer(params: list[nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-    cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimizerConfig, epochs: int):
-    """Stepped once per epoch."""
-    if cfg.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
-    if cfg.scheduler == "multistep":
-        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.milestones), gamma=cfg.gamma)
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
 class Engine:

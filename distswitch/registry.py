@@ -29,9 +29,11 @@ class Registry(Generic[T]):
 
         return add
 
-    def get(self, name: str) -> T:
+    def get(self, name: str, key: str | None = None) -> T:
+        """The builder registered as `name`; `key` names the config key in the error where the
+        registry serves several (optim.tnn.name and optim.snn.name)."""
         if name not in self._items:
-            raise UnknownNameError(f"{self.key}: unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}")
+            raise UnknownNameError(f"{key or self.key}: unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}")
         return self._items[name]
 
     def names(self) -> list[str]:

@@ -33,6 +33,7 @@ from distswitch.io import copy_file, copy_tree, save_torch, write_json
 from distswitch.methods import METHODS, build_method
 from distswitch.methods.base import min_units
 from distswitch.models import MODELS, create_tnn
+from distswitch.optim import OPTIMIZERS, SCHEDULERS
 from distswitch.parallel import DDPReplicas, Replicas, state_digest
 from distswitch.switcher import SWITCHERS
 from distswitch.tracking import git_sha
@@ -57,6 +58,10 @@ def validate_names(cfg: Config) -> None:
     DATASETS.get(cfg.data.dataset)
     METHODS.get(cfg.method)
     SWITCHERS.get(cfg.switcher.arch)
+    for phase in ("tnn", "snn"):
+        section = getattr(cfg.optim, phase)
+        OPTIMIZERS.get(section.name, f"optim.{phase}.name")
+        SCHEDULERS.get(section.scheduler, f"optim.{phase}.scheduler")
 
 
 def resolve_device(cfg: Config) -> torch.device:

@@ -133,6 +133,8 @@ def test_missing_config_file_is_a_config_error(tmp_path):
     ({"data": {"dataset": "imagenet"}}, "data.dataset", "fashion-mnist"),
     ({"method": "lottery"}, "method", "magnitude"),
     ({"switcher": {"arch": "transformer"}}, "switcher.arch", "rowwise"),
+    ({"optim": {"snn": {"name": "lion"}}}, "optim.snn.name", "adamw"),
+    ({"optim": {"tnn": {"scheduler": "onecycle"}}}, "optim.tnn.scheduler", "multistep"),
 ])
 def test_unknown_registry_name_lists_the_choices(override, key, choice):
     cfg = make_config(**override)
