@@ -175,6 +175,8 @@ def figure(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = sorted({r["model"] for r in rows})
+    # One colour per method across every panel (the order of first appearance would differ by model).
+    colour = {m: f"C{i % 10}" for i, m in enumerate(sorted({r["method"] for r in rows}))}
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models):
         mine = [r for r in rows if r["model"] == model]
@@ -182,9 +184,9 @@ def figure(rows: list[dict], path: Path) -> None:
             pts = sorted((r for r in mine if r["method"] == method), key=lambda r: r["macs"][0])
             xs, ys, es = [p["macs"][0] for p in pts], [p["test_acc"][0] for p in pts], [p["test_acc"][1] for p in pts]
             style = {"marker": "*", "markersize": 12, "linestyle": "none"} if method == "dense" else {"marker": "o", "capsize": 3}
-            ax.errorbar(xs, ys, yerr=es, label=method, **style)
+            ax.errorbar(xs, ys, yerr=es, label=method, color=colour[method], **style)
         ax.set_xscale("log")
-        ax.set_xlabel("compact MACs / dense MACs")
+        ax.set_xlabel("compact MACs / dense MACs (log)")
         ax.set_ylabel("test accuracy (mean ± std over seeds)")
         ax.set_title(f"{model} on Fashion-MNIST")
         ax.grid(True, which="both", alpha=0.3)

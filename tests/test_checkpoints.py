@@ -93,6 +93,13 @@ def test_an_out_dir_written_before_the_redesign_resumes_to_the_uninterrupted_run
     a = read_checkpoint(resumed / "checkpoints/epoch_0002/state.pt")
     b = read_checkpoint(straight / "checkpoints/epoch_0002/state.pt")
     assert a["epoch"] == b["epoch"] == 2
-    for key in ("tnn", "source"):
-        assert a["engine"][key].keys() == b["engine"][key].keys()
-        assert all(torch.equal(a["engine"][key][k], b["engine"][key][k]) for k in a["engine"][key]), key
+
+    def measured(history):  # what training gave each epoch, not how long it took
+        return [(h["epoch"], h["train_loss"], h["val_loss"], h["val_acc"], h["kept"]) for h in history]
+
+    assert measured(a["history"]) == measured(b["history"])
+    assert a["engine"]["tnn"].keys() == b["engine"]["tnn"].keys()
+    assert all(torch.equal(a["engine"]["tnn"][k], b["engine"]["tnn"][k]) for k in a["engine"]["tnn"])
+    # The switcher's description was rewritten after the fixture was made (the same values to 5e-6,
+    # float summation order): its parameters agree to float32 rounding, not bit for bit.
+    torch.testing.assert_close(a["engine"]["source"], b["engine"]["source"])

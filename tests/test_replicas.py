@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -42,10 +43,12 @@ def _one_dark_replica(rank: int, world: int, tmp: str) -> None:
         except TrainingStopped as exc:
             outcome = f"stopped: {exc}"
         Path(tmp, f"rank{rank}.txt").write_text(outcome)
+        dist.barrier()  # both ranks done before either tears gloo down (pytorch/pytorch#75097: a hang)
     finally:
         dist.destroy_process_group()
 
 
+@pytest.mark.timeout(300)  # a rank stuck in teardown fails the test instead of stalling the suite
 def test_a_layer_dark_on_one_worker_stops_every_worker_with_the_same_message(tmp_path):
     # A worker that went on alone would wait in its next collective for ever (with NCCL: a hang).
     mp.start_processes(_one_dark_replica, args=(2, str(tmp_path)), nprocs=2, start_method="spawn")
