@@ -119,22 +119,17 @@ def _sampled(w: torch.Tensor) -> torch.Tensor:
     return torch.index_select(w, 1, positions)  # 3x faster than w[:, positions] on a CPU
 
 
-def describe_units(view: UnitWeights) -> torch.Tensor:
-    """A description of each unit from both sides -> [units, BOTH_SIZE], invariant to rescaling
-    (`describe_layers` for one layer).
+def describe_layers(views: list[UnitWeights], plans: dict | None = None) -> list[torch.Tensor]:
+    """Each unit of each layer described from both sides -> [units, BOTH_SIZE] per layer, invariant
+    to rescaling; one set of ops over all the layers' units.
 
     For a ReLU unit, incoming weights times c > 0 and outgoing ones divided by c leave the network's
     function unchanged: rows enter as shapes (divided by their own RMS), and the magnitude only as
     the product of the two sides' RMS (the BatchNorm's |gain| replaces the incoming RMS where one
     follows, since BN normalises the incoming scale away), relative to the layer's mean (log-space).
-    A side that is missing (no reader found) contributes zeros and a flag.
+    A side that is missing (no reader found) contributes zeros and a flag. `plans` keeps what depends
+    on shapes only between calls (on a GPU, building it is a host-to-device copy).
     """
-    return describe_layers([view])[0]
-
-
-def describe_layers(views: list[UnitWeights], plans: dict | None = None) -> list[torch.Tensor]:
-    """`describe_units` of several layers at once: one set of ops over all their units. `plans` keeps
-    what depends on shapes only between calls (on a GPU, building it is a host-to-device copy)."""
     device = views[0].incoming.device
     w_ins = [v.incoming.detach().float() for v in views]
     fan_outs = [v.fan_out if v.has_outgoing else 0 for v in views]
