@@ -14,7 +14,7 @@ import torch
 from distswitch.config import Config, load_config
 from distswitch.data import check_data, make_loaders
 from distswitch.engine import Engine
-from distswitch.run import build, resolve_device, seed_everything
+from distswitch.build import build, resolve_device, seed_everything
 
 
 def engine_for(config: str, overrides: list[str], loaders: bool = True, steady: bool = True):

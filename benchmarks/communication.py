@@ -25,7 +25,7 @@ from common import environment, write_report
 from distswitch.config import load_config
 from distswitch.data.datasets import DatasetInfo
 from distswitch.engine import Engine
-from distswitch.run import build, make_replicas
+from distswitch.build import build, make_replicas
 from distswitch.schedule import Phase
 
 CIFAR_SHAPE = DatasetInfo("cifar10", 10, 3, 32, (0.5,) * 3, (0.25,) * 3, "none")

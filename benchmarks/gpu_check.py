@@ -55,7 +55,11 @@ from distswitch.data.transform import AUTOCAST_DTYPES
 from distswitch.engine import Engine
 from distswitch.io import save_torch
 from distswitch.parallel import state_digest
-from distswitch.run import _rng_state, _set_rng, build, checkpoint_bundle, export_compact, read_checkpoint
+from distswitch.artifacts import export_compact
+from distswitch.build import build
+from distswitch.checkpoint import bundle as checkpoint_bundle
+from distswitch.checkpoint import read as read_checkpoint
+from distswitch.checkpoint import rng_state, set_rng
 from distswitch.schedule import Phase
 
 INFO = DatasetInfo("synthetic", 10, 3, 32, (0.5,) * 3, (0.25,) * 3, "none")
@@ -118,17 +122,17 @@ def step_flops(cfg: Config, device: torch.device, x: torch.Tensor, y: torch.Tens
 def check_resume(cfg: Config, engine: Engine, device: torch.device, batch, folder: Path) -> dict:
     """Checkpoint `engine`, resume it into a fresh eager engine as a worker resumes: same digest,
     generators restored (CPU ByteTensors, CUDA's too), the same next loss."""
-    saved_rng = _rng_state()
+    saved_rng = rng_state()
     path = folder / "state.pt"
     save_torch(checkpoint_bundle(cfg, INFO, engine, 1, BATCHES, [], None, [saved_rng]), path)
     eager = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile="none"))
     resumed = make_engine(eager, device)  # draws from the generators: restored below
     state = read_checkpoint(path)
     resumed.load_state_dict(state["engine"])
-    _set_rng(state["rng"], 0)
-    rng_ok = torch.equal(torch.get_rng_state(), saved_rng["torch"])
+    set_rng(state["rng"], 0)
+    rng_ok = torch.equal(torch.getrng_state(), saved_rng["torch"])
     if "cuda" in saved_rng:
-        rng_ok = rng_ok and torch.equal(torch.cuda.get_rng_state(), saved_rng["cuda"])
+        rng_ok = rng_ok and torch.equal(torch.cuda.getrng_state(), saved_rng["cuda"])
     same = state_digest(engine.tnn, engine.source) == state_digest(resumed.tnn, resumed.source)
     a = float(engine.step(2, Phase.TNN, *batch)[0])
     b = float(resumed.step(2, Phase.TNN, *batch)[0])

@@ -1,6 +1,6 @@
 """Accuracy against MACs at equal budgets: every method under one protocol, over seeds.
 
-Each run is the package's own training (`distswitch.run.train`, in this process: the same engine as
+Each run is the package's own training (`distswitch.worker.train`, in this process: the same engine as
 `distswitch train`, without Ray's start-up), with the torch loader and tracking off. Every method
 gets the same total epochs, the same learning-rate schedule, the same fine-tuning epochs after its
 last cut, the same warm-up (the switcher's dense epochs; gradual baselines start cutting there too),
@@ -60,7 +60,7 @@ def protocol(args) -> list[str]:
 
 def run_one(model: str, variant: str, budget: float | None, seed: int, args, out: Path) -> dict:
     from distswitch.config import load_config
-    from distswitch.run import train
+    from distswitch.worker import train
 
     name = f"{model}-{variant}" + (f"-b{budget:g}" if budget is not None else "") + f"-s{seed}"
     folder = out / "runs" / name

@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="dataset files: `data prepare` writes .beton files for FFCV")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     prep = data_sub.add_parser("prepare", help="write train/val/test .beton files and metadata.json")
-    prep.add_argument("dataset", help="fashion-mnist | mnist | cifar10 | cifar100 | imagefolder")
+    prep.add_argument("dataset", help="a registered dataset, e.g. fashion-mnist or imagefolder (an unknown name lists them)")
     prep.add_argument("--out", required=True, help="folder for the files (data.beton_dir), e.g. data/ffcv/fashion-mnist")
     prep.add_argument("--root", help="where the source is (default: the dataset's usual place; imagefolder: required)")
     prep.add_argument("--download", action="store_true", help="fetch the source with torchvision (MNIST, CIFAR)")
@@ -58,9 +58,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)  # before the heavy imports: bad input fails fast
-    from distswitch.launch import launch
+    from distswitch.driver.train import launch
+    from distswitch.worker import ray_main  # the driver is handed the worker's entry, never imports it
 
-    summary = launch(cfg, summary_json=args.summary_json, launched_at=args.started)
+    summary = launch(cfg, ray_main, summary_json=args.summary_json, launched_at=args.started)
     dense, small = summary["dense"], summary["compact"]
     print(
         f"{summary['method']} {summary['model']} on {summary['dataset']}: "
@@ -74,9 +75,10 @@ def _cmd_train(args) -> int:
 
 def _cmd_tune(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    from distswitch.tune import tune
+    from distswitch.driver.tune import tune
+    from distswitch.worker import ray_main
 
-    summary = tune(cfg, launched_at=args.started)
+    summary = tune(cfg, ray_main, launched_at=args.started)
     best = summary["best"]
     print(f"{summary['num_trials']} trials; best {summary['metric']} {best['metrics'][summary['metric']]:.4f} with "
           + ", ".join(f"{k}={v}" for k, v in best["config"].items()))
@@ -85,7 +87,7 @@ def _cmd_tune(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from distswitch.run import export_checkpoint
+    from distswitch.artifacts import export_checkpoint
 
     result = export_checkpoint(args.checkpoint, args.out)
     print(json.dumps({k: result[k] for k in ("kept_fraction", "dense", "compact", "model_path")}))
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:
         from distswitch.engine import TrainingStopped  # here: torch is not needed before an error
-        from distswitch.launch import RunFailed
+        from distswitch.driver.train import RunFailed
 
         if not isinstance(exc, (TrainingStopped, RunFailed)) or args.debug:
             raise

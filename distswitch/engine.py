@@ -16,7 +16,7 @@ Per epoch::
         optimizers[phase].step()                      # fp16: through the phase's gradient scaler
     schedulers step; validate with the current factors
     a non-finite loss or factor, or a layer below switcher.min_kept: raise TrainingStopped
-    on_epoch_end(stats)                               # (so the epoch is never checkpointed)
+    callback.on_epoch_end(stats) for each callback    # (so the epoch is never checkpointed)
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,12 @@ class EpochStats:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class EpochCallback(Protocol):
+    """Observes the loop: called after every epoch, in the order given to `Engine.fit`."""
+
+    def on_epoch_end(self, stats: EpochStats) -> None: ...
 
 
 class Engine:
@@ -175,38 +181,14 @@ class Engine:
         self.method.on_epoch_start(epoch, self.gates.views())
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
-        # Per phase: [steps, loss sum, correct, examples]; on the device until the epoch ends.
-        sums = {ph: torch.zeros(4, device=self.device, dtype=torch.float64) for ph in Phase}
         comm_start = dict(self.replicas.comm_bytes)
-        # The first faulty step as step * 4 + fault (-1: none), kept on the device.
-        first_fault = torch.full((), -1, device=self.device, dtype=torch.int64)
         start = time.perf_counter()
         bar = progress(loader, epoch) if progress else None
-        for step, (x, y) in enumerate(loader):
-            x, y = self._to_device(x, y)
-            phase = self.method.phase_at(epoch, step)
-            loss, correct, fault = self.step(epoch, phase, x, y)
-            first_fault = torch.where((fault == 0) | (first_fault >= 0), first_fault, step * 4 + fault)
-            if self.first_step_at is None:
-                self.first_step_at = time.time()
-            s = sums[phase]
-            s[0] += 1
-            s[1] += loss * len(y)
-            s[2] += correct
-            s[3] += len(y)
-            if bar is not None:
-                bar.update(1)
-                if step % 20 == 0:  # reading the loss waits for the device: not every step
-                    bar.set_description(f"epoch {epoch + 1} {phase.value} loss {float(loss):.3f}")
+        sums, first_fault = self._steps(epoch, loader, bar)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
-        with warnings.catch_warnings():
-            # Schedules count epochs, not the phase's own steps: a phase that took no step this
-            # epoch (warm-up, whole-epoch alternation) still advances, which torch warns about.
-            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
-            for sched in self.schedulers.values():
-                sched.step()
+        self._step_schedulers()
         if bar is not None:
             bar.close()
         self._check_finite(epoch, self.replicas.gather(int(first_fault)))
@@ -243,6 +225,37 @@ class Engine:
             selectable=self.method.selectable(epoch),
         )
 
+    def _steps(self, epoch: int, loader, bar) -> tuple[dict, torch.Tensor]:
+        """One pass over `loader`. Returns, per phase, [steps, loss sum, correct, examples] and the
+        first faulty step as step * 4 + fault (-1: none), both still on the device."""
+        sums = {ph: torch.zeros(4, device=self.device, dtype=torch.float64) for ph in Phase}
+        first_fault = torch.full((), -1, device=self.device, dtype=torch.int64)
+        for step, (x, y) in enumerate(loader):
+            x, y = self._to_device(x, y)
+            phase = self.method.phase_at(epoch, step)
+            loss, correct, fault = self.step(epoch, phase, x, y)
+            first_fault = torch.where((fault == 0) | (first_fault >= 0), first_fault, step * 4 + fault)
+            if self.first_step_at is None:
+                self.first_step_at = time.time()
+            s = sums[phase]
+            s[0] += 1
+            s[1] += loss * len(y)
+            s[2] += correct
+            s[3] += len(y)
+            if bar is not None:
+                bar.update(1)
+                if step % 20 == 0:  # reading the loss waits for the device: not every step
+                    bar.set_description(f"epoch {epoch + 1} {phase.value} loss {float(loss):.3f}")
+        return sums, first_fault
+
+    def _step_schedulers(self) -> None:
+        with warnings.catch_warnings():
+            # Schedules count epochs, not the phase's own steps: a phase that took no step this
+            # epoch (warm-up, whole-epoch alternation) still advances, which torch warns about.
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+            for sched in self.schedulers.values():
+                sched.step()
+
     def _check_finite(self, epoch: int, faults: list[int]) -> None:
         """Stop at the first faulty step of any worker (the same decision on every worker)."""
         found = [(code // 4, code % 4, rank) for rank, code in enumerate(faults) if code >= 0]
@@ -275,14 +288,15 @@ class Engine:
                 "lower switcher.l1 or optim.snn.lr, raise switcher.target_kept (or budget.fraction), or set switcher.min_kept=0 "
                 "to allow empty layers; the last checkpoint is the previous epoch's")
 
-    def fit(self, train_loader, val_loader, start_epoch: int = 0, on_epoch_end: Callable[[EpochStats], None] | None = None,
+    def fit(self, train_loader, val_loader, start_epoch: int = 0, callbacks: Sequence[EpochCallback] = (),
             progress: Callable | None = None) -> list[EpochStats]:
+        """Epochs from `start_epoch` on; after each, every callback's `on_epoch_end(stats)`, in order."""
         history = []
         for epoch in range(start_epoch, self.cfg.train.epochs):
             stats = self.train_epoch(epoch, train_loader, val_loader, progress)
             history.append(stats)
-            if on_epoch_end is not None:
-                on_epoch_end(stats)
+            for callback in callbacks:
+                callback.on_epoch_end(stats)
         return history
 
     # -- state -----------------------------------------------------------------------------

@@ -19,15 +19,23 @@ class Registry(Generic[T]):
         self.kind = kind  # e.g. "model"
         self.key = key  # the config key users set, named in errors, e.g. "model.name"
         self._items: dict[str, T] = {}
+        self._traits: dict[str, dict] = {}
 
-    def register(self, name: str) -> Callable[[T], T]:
+    def register(self, name: str, **traits) -> Callable[[T], T]:
+        """Register under `name`; `traits` are facts other modules read about the entry (e.g. how a
+        dataset is stored) instead of branching on its name."""
         def add(obj: T) -> T:
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._items[name] = obj
+            self._traits[name] = dict(traits)
             return obj
 
         return add
+
+    def traits(self, name: str) -> dict:
+        self.get(name)  # an unknown name fails listing the choices
+        return self._traits[name]
 
     def get(self, name: str, key: str | None = None) -> T:
         """The builder registered as `name`; `key` names the config key in the error where the

@@ -15,7 +15,8 @@ from distswitch.cost import cut_to_budget, scheduled_fraction
 from distswitch.export import compact_model, count, fit_cost_model
 from distswitch.gates import find_gates
 from distswitch.models import create_tnn
-from distswitch.run import budget_cost_model, build, train
+from distswitch.build import budget_cost_model, build
+from distswitch.worker import train
 
 
 def _measured(name: str, specs, widths: list[int], kind: str) -> float:

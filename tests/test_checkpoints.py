@@ -14,7 +14,10 @@ import torch
 from conftest import FASHION_INFO, fake_batch, make_config
 from distswitch.engine import Engine
 from distswitch.io import save_torch
-from distswitch.run import _rng_state, _set_rng, build, checkpoint_bundle, read_checkpoint
+from distswitch.build import build
+from distswitch.checkpoint import bundle as checkpoint_bundle
+from distswitch.checkpoint import read as read_checkpoint
+from distswitch.checkpoint import rng_state, set_rng
 from distswitch.schedule import Phase
 
 CPU, META = torch.device("cpu"), torch.device("meta")
@@ -35,7 +38,7 @@ def checkpoint(tmp_path):
     for phase in (Phase.TNN, Phase.SNN):
         engine.step(0, phase, *fake_batch(8))
     path = tmp_path / "state.pt"
-    save_torch(checkpoint_bundle(cfg, FASHION_INFO, engine, 0, 10, [], None, [_rng_state()]), path)
+    save_torch(checkpoint_bundle(cfg, FASHION_INFO, engine, 0, 10, [], None, [rng_state()]), path)
     return path, torch.rand(4)
 
 
@@ -57,7 +60,7 @@ def test_a_checkpoint_resumes_onto_a_non_cpu_device_with_cpu_generators_and_host
     _, engine = _engine(META)
     engine.load_state_dict(state["engine"])
     torch.manual_seed(123)
-    _set_rng(state["rng"], rank=0)
+    set_rng(state["rng"], rank=0)
     assert torch.equal(torch.rand(4), draws)  # the generators continue where the checkpoint left them
     for opt in engine.optimizers.values():
         slots = [(name, t) for per_param in opt.state.values() for name, t in per_param.items()
@@ -82,7 +85,7 @@ def test_an_out_dir_written_before_the_redesign_resumes_from_its_checkpoint_and_
     from pathlib import Path
 
     from distswitch.config import load_config
-    from distswitch.run import train
+    from distswitch.worker import train
 
     root = Path(__file__).resolve().parents[1]
     resumed, straight = tmp_path / "resumed", tmp_path / "straight"

@@ -14,7 +14,7 @@ from conftest import DEFAULT_CONFIG, REPO_ROOT, make_config
 from distswitch.cli import main
 from distswitch.config import Config, ConfigError, load_config, parse_override
 from distswitch.registry import UnknownNameError
-from distswitch.run import validate_names
+from distswitch.build import validate_names
 
 
 # -- loading and overrides -------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO_ROOT
 from distswitch.config import load_config
-from distswitch.run import Session, train
+from distswitch.worker import Session, train
 
 pytestmark = pytest.mark.slow
 

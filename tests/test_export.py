@@ -168,7 +168,8 @@ def test_the_run_s_export_check_compares_cpu_copies_not_the_training_device_s_tn
     from conftest import make_config
     from distswitch.data import DatasetInfo
     from distswitch.engine import Engine
-    from distswitch.run import build, export_compact
+    from distswitch.artifacts import export_compact
+    from distswitch.build import build
 
     info = DatasetInfo("cifar10", 10, 3, 32, (0.5,) * 3, (0.25,) * 3, "none")
     cfg = make_config(model={"name": "resnet18"}, method="switch", schedule={"warmup_epochs": 0})

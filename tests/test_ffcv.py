@@ -311,7 +311,7 @@ def image_tree(tmp_path: Path) -> Path:
 
 
 def test_imagefolder_is_prepared_and_trains_at_the_configured_crop(image_tree, tmp_path):
-    from distswitch.run import train
+    from distswitch.worker import train
 
     out = tmp_path / "betons"
     meta, _ = prepare("imagefolder", out, root=str(image_tree), val_size=6, log=_quiet)

@@ -18,11 +18,12 @@ LEVELS = [
     {"switcher", "schedule", "cost"},
     {"methods", "parallel"},
     {"engine", "export", "tracking"},
-    {"run"},
-    {"launch"},
-    {"tune"},
-    {"cli"},
+    {"build", "checkpoint", "summary"},  # what the worker and the driver both need
+    {"artifacts"},
+    {"worker", "driver"},  # siblings: neither imports the other (below)
+    {"cli"},  # wires the worker's entry into the driver
 ]
+SIBLINGS = ("worker", "driver")
 LEVEL = {name: i for i, names in enumerate(LEVELS) for name in names}
 ROOT = Path(distswitch.__file__).parent
 
@@ -82,3 +83,43 @@ def test_the_engine_imports_no_ray_mlflow_or_ffcv():
     text = (ROOT / "engine.py").read_text()
     for name in ("ray", "mlflow", "ffcv"):
         assert f"import {name}" not in text and f"from {name}" not in text
+
+
+def test_the_worker_and_the_driver_never_import_each_other():
+    offenders = []
+    for here, other in (SIBLINGS, SIBLINGS[::-1]):
+        for path in (ROOT / here).rglob("*.py"):
+            if other in _imported_tops(path):
+                offenders.append(f"{path.relative_to(ROOT)} imports distswitch.{other}")
+    assert offenders == []
+
+
+def test_only_the_worker_session_and_entry_touch_ray_on_the_worker_side():
+    """Inside worker/, Ray is the session's business (and the entry function's), not the loop's."""
+    for path in (ROOT / "worker").rglob("*.py"):
+        names = [n for n in _imports()[str(path)] if n == "ray" or n.startswith("ray.")]
+        if path.name not in ("session.py", "train.py"):
+            assert names == [], f"{path.relative_to(ROOT)} imports {names}"
+
+
+_SIZES = """
+import ast, json, sys
+out = {}
+for path in sys.argv[1:]:
+    text = open(path).read()
+    out[path] = [text.count("\\n"), [(n.name, n.end_lineno - n.lineno + 1) for n in ast.walk(ast.parse(text))
+                                     if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]]
+print(json.dumps(out))
+"""
+
+
+def test_no_package_module_is_over_400_lines_or_has_a_function_over_60():
+    paths = [str(p) for p in ROOT.rglob("*.py")]
+    proc = subprocess.run([sys.executable, "-c", _SIZES, *paths], capture_output=True, text=True, check=True)
+    long_modules, long_functions = [], []
+    for path, (lines, functions) in json.loads(proc.stdout).items():
+        where = str(Path(path).relative_to(ROOT))
+        if lines > 400:
+            long_modules.append(f"{where} ({lines} lines)")
+        long_functions += [f"{where}:{name} ({n} lines)" for name, n in functions if n > 60]
+    assert long_modules == [] and long_functions == []

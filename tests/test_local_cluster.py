@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def local_cluster():
-    from distswitch.launch import _connect
+    from distswitch.driver.cluster import connect as _connect
 
     ray, owned = _connect(make_config())
     assert owned, "a Ray session was left open by an earlier test"

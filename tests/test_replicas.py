@@ -14,7 +14,7 @@ from conftest import FASHION_INFO, make_config
 from distswitch.engine import Engine, TrainingStopped
 from distswitch.gates import kept_report
 from distswitch.parallel import DDPReplicas
-from distswitch.run import build, make_replicas
+from distswitch.build import build, make_replicas
 
 CPU = torch.device("cpu")
 

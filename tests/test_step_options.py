@@ -8,7 +8,7 @@ import torch
 
 from conftest import FASHION_INFO, fake_batch, make_config
 from distswitch.engine import Engine
-from distswitch.run import build
+from distswitch.build import build
 from distswitch.schedule import Phase
 
 CPU = torch.device("cpu")

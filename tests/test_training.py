@@ -1,5 +1,5 @@
 """Real (short) training runs on Fashion-MNIST: the default job through the command line (a local
-Ray cluster), the baselines in-process through `distswitch.run.train` (the same training code,
+Ray cluster), the baselines in-process through `distswitch.worker.train` (the same training code,
 without the cluster start-up)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from distswitch.cli import main
 from distswitch.config import load_config
 from distswitch.data import BatchLoader, load_splits, make_loaders
 from distswitch.export import count, load_compact
-from distswitch.run import train
+from distswitch.worker import train
 from distswitch.tracking import global_tracking_uri
 
 pytestmark = pytest.mark.slow

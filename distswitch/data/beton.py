@@ -156,13 +156,13 @@ def prepare(dataset: str, out: str | Path, root: str | None = None, download: bo
     DATASETS.get(dataset)  # unknown names fail here, listing the choices
     cfg = DataConfig(dataset=dataset, root=root, download=download, loader="torch", val_size=val_size,
                      split_seed=split_seed)
-    source = _ImageFolder(cfg) if dataset == "imagefolder" else _Arrays(cfg)
+    source = {"arrays": _Arrays, "images": _ImageFolder}[DATASETS.traits(dataset).get("stored_as", "arrays")](cfg)
     wanted = {
         "format": FORMAT,
         "dataset": dataset,
         "source": {"root": str(source.root), "sha256": source.checksum, "checksum_of": source.checksum_of},
         "split": {"val_size": val_size, "split_seed": split_seed},
-        "write": {"max_resolution": max_resolution, "jpeg_quality": jpeg_quality} if dataset == "imagefolder" else {},
+        "write": source.write_options(max_resolution, jpeg_quality),
     }
     meta_path = out / "metadata.json"
     if not force and _up_to_date(out, meta_path, wanted):
@@ -239,6 +239,10 @@ class _Arrays:
         train_idx, val_idx = split_indices(len(train_full), cfg.val_size, cfg.split_seed)
         self.parts = {"train": train_full.subset(train_idx), "val": train_full.subset(val_idx), "test": test}
 
+    def write_options(self, max_resolution, jpeg_quality) -> dict:
+        """What else the files depend on (recorded in metadata.json: a change rewrites them)."""
+        return {}
+
     def fields(self, max_resolution, jpeg_quality):
         from ffcv.fields import IntField, NDArrayField
 
@@ -311,6 +315,9 @@ class _ImageFolder:
         mean = total / pixels
         std = np.sqrt(np.maximum(total_sq / pixels - mean**2, 1e-12))
         return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+    def write_options(self, max_resolution, jpeg_quality) -> dict:
+        return {"max_resolution": max_resolution, "jpeg_quality": jpeg_quality}
 
     def fields(self, max_resolution, jpeg_quality):
         from ffcv.fields import IntField, RGBImageField

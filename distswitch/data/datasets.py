@@ -237,7 +237,7 @@ def cifar100(cfg: DataConfig):
     return _cifar(cfg, "cifar100")
 
 
-@DATASETS.register("imagefolder")
+@DATASETS.register("imagefolder", stored_as="images")  # for FFCV: RGB images, not raw arrays
 def imagefolder(cfg: DataConfig):
     # A class-per-folder tree (ImageNet size) does not fit in memory: it is read from .beton files only.
     raise DataError("data.dataset: imagefolder is read from .beton files only; run `distswitch data prepare "

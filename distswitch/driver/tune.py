@@ -1,7 +1,7 @@
 """`distswitch tune`: Ray Tune over the switcher's settings (width, update ratio, learning rates).
 
 Train V2 pattern: every trial is a Tune function that builds the same TorchTrainer as `train`
-(`launch.make_trainer`) and waits for it; `TuneReportCallback` forwards rank 0's epoch reports to
+(`driver.train.make_trainer`) and waits for it; `TuneReportCallback` forwards rank 0's epoch reports to
 Tune, where ASHA stops weak trials early. The search's name has no timestamp: running the same
 command again restores the search (`Tuner.restore`) and every trial's Train run resumes from its
 checkpoints. MLflow: one parent run for the search, one nested child run per trial
@@ -21,8 +21,11 @@ from pathlib import Path
 
 import yaml
 
-from distswitch.config import Config, ConfigError
-from distswitch.launch import (_check_storage, _connect, _fit, collect, local_paths, make_trainer, storage_path)
+from distswitch.config import Config, ConfigError, set_dotted
+from distswitch.driver import cluster
+from distswitch.driver.run import RunHandle
+from distswitch.driver.train import Worker, fit, local_paths, make_trainer, storage_path
+from distswitch.io import write_json, write_text
 
 
 TRIAL_DRIVER_CPU = 0.01
@@ -41,11 +44,7 @@ def trial_config(base: dict, values: dict, out_dir: Path, name: str, uri: str | 
     """The search's config with one trial's values (dotted keys), its own out_dir and run name."""
     data = json.loads(json.dumps(base))
     for key, value in values.items():
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        set_dotted(data, key.split("."), value, f"tune.space.{key}")
     data["out_dir"] = str(out_dir)
     data["tune"] = {"space": {}}  # a trial searches nothing itself
     data["distributed"] = {**data.get("distributed", {}), "name": name}
@@ -69,11 +68,11 @@ def max_concurrent(ray, cfg: Config) -> int:
     return max(1, min(fits) if fits else 1)
 
 
-def tune(cfg: Config, launched_at: float | None = None) -> dict:
-    """Run the search; returns its summary (also out_dir/tune_summary.json)."""
+def tune(cfg: Config, worker: Worker, launched_at: float | None = None) -> dict:
+    """Run the search, `worker` on every trial's workers; returns its summary (also
+    out_dir/tune_summary.json)."""
     launched_at = launched_at if launched_at is not None else time.time()
-    from distswitch.io import write_json
-    from distswitch.run import preflight, validate_names
+    from distswitch.build import preflight, validate_names
 
     validate_names(cfg)
     if not cfg.tune.space:
@@ -86,48 +85,40 @@ def tune(cfg: Config, launched_at: float | None = None) -> dict:
         raise ConfigError(f"out_dir: {str(out)!r} already holds a finished search (tune_summary.json); "
                           "pass another out_dir=... or remove it")
     out.mkdir(parents=True, exist_ok=True)
-    from distswitch.io import write_text
-
     write_text(out / "config.yaml", cfg.to_yaml())
     name = cfg.tune.name or out.resolve().name
     storage = storage_path(cfg)
-    parent = None
-    if cfg.tracking.enabled:
-        from distswitch.tracking import open_run
-
-        search_cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, run_name=f"{name} (search)"))
-        parent = open_run(search_cfg, run_key=f"{storage}/{name}/search")
+    search_cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, run_name=f"{name} (search)"))
+    search = RunHandle.open(search_cfg, storage, name, run_key=f"{storage}/{name}/search")
     try:
-        ray, started = _connect(cfg)
+        ray, started = cluster.connect(cfg)
         try:
-            _check_storage(ray, storage)
-            summary = _search(ray, cfg, out, name, storage, parent, launched_at)
+            cluster.check_storage(ray, storage)
+            summary = _search(ray, cfg, worker, out, name, storage, search, launched_at)
         finally:
             if started:
                 ray.shutdown()
     except BaseException as exc:
-        if parent is not None:
-            from distswitch.tracking import fail_run
-
-            fail_run(*parent, exc)
+        search.fail(exc)
         raise
     write_json(out / "tune_summary.json", summary)
-    if parent is not None:
-        _log_search(parent, out, summary)
+    if search.run_id is not None:
+        _log_search(search, out, summary)
     return summary
 
 
-def _search(ray, cfg: Config, out: Path, name: str, storage: str, parent, launched_at: float) -> dict:
+def _search(ray, cfg: Config, worker: Worker, out: Path, name: str, storage: str, search: RunHandle,
+            launched_at: float) -> dict:
     from ray import tune as rtune
     from ray.tune.schedulers import ASHAScheduler
 
-    trainable = rtune.with_parameters(_trial, base=cfg.to_dict(), trials_dir=str(out.resolve() / "trials"),
-                                      storage=storage, parent=parent, launched_at=launched_at)
+    trainable = rtune.with_parameters(_trial, base=cfg.to_dict(), worker=worker, trials_dir=str(out.resolve() / "trials"),
+                                      storage=storage, search=search, launched_at=launched_at)
     # The trial function only drives its TorchTrainer, whose workers hold the real resources
     # (Tune refuses an empty request, hence a sliver of a CPU).
     trainable = rtune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPU})
     path = f"{storage}/{name}"
-    callbacks = [close_runs_callback(parent[0])] if parent is not None else []
+    callbacks = [close_runs_callback(search.uri)] if search.run_id is not None else []
     if rtune.Tuner.can_restore(path):
         print(f"resuming the search in {path}", flush=True)
         tuner = rtune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=search_space(cfg))
@@ -163,19 +154,18 @@ def _search(ray, cfg: Config, out: Path, name: str, storage: str, parent, launch
     best = max(ok, key=lambda r: r.metrics[cfg.tune.metric])
     best_cfg = trial_config(cfg.to_dict(), best.config, Path(cfg.out_dir) / "best", name="best", uri=None)
     best_cfg = dataclasses.replace(best_cfg, distributed=dataclasses.replace(best_cfg.distributed, name=None))
-    from distswitch.io import write_text
-
     write_text(out / "best_config.yaml", best_cfg.to_yaml())
     return {
         "name": name, "metric": cfg.tune.metric, "trials": rows, "num_trials": len(rows),
         "best": {"config": best.config, "metrics": {k: best.metrics.get(k) for k in ("val/acc", "test/acc",
                                                                                      "kept_fraction", "tune/score")}},
         "best_config_path": str(out / "best_config.yaml"), "path": path,
-        "mlflow": {"tracking_uri": parent[0], "run_id": parent[1]} if parent else None,
+        "mlflow": {"tracking_uri": search.uri, "run_id": search.run_id} if search.run_id is not None else None,
     }
 
 
-def _trial(values: dict, base: dict, trials_dir: str, storage: str, parent, launched_at: float) -> None:
+def _trial(values: dict, base: dict, worker: Worker, trials_dir: str, storage: str, search: RunHandle,
+           launched_at: float) -> None:
     """One trial: the `train` launch with this trial's values, reporting its epochs to Tune."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -184,39 +174,26 @@ def _trial(values: dict, base: dict, trials_dir: str, storage: str, parent, laun
     name, trial_id = context.get_trial_name(), context.get_trial_id()
     stopping = _stop_event()
     out = Path(trials_dir) / name
-    cfg = trial_config(base, values, out, name, parent[0] if parent else None)
+    cfg = trial_config(base, values, out, name, search.uri)
     out.mkdir(parents=True, exist_ok=True)
-    from distswitch.io import write_text
-
     write_text(out / "config.yaml", cfg.to_yaml())
-    tracking = None
-    if parent is not None:
-        from distswitch.tracking import open_run
-
-        tracking = open_run(cfg, run_key=f"{storage}/{name}", parent_run_id=parent[1])
+    run = RunHandle.open(cfg, storage, name, parent=search if search.run_id is not None else None)
+    if run.run_id is not None:
         from distswitch.tracking import mlflow_client
 
-        mlflow_client(tracking[0]).set_tag(tracking[1], TRIAL_TAG, trial_id)
+        mlflow_client(run.uri).set_tag(run.run_id, TRIAL_TAG, trial_id)
     try:
-        trainer = make_trainer(cfg, storage, {}, launched_at, tracking, callbacks=[TuneReportCallback()])
-        summary = collect(_fit(trainer, cfg, storage), cfg, out, storage)
+        trainer = make_trainer(cfg, worker, storage, {}, launched_at, run.tracking, callbacks=[TuneReportCallback()])
+        summary = run.collect(fit(trainer, cfg, storage))
     except BaseException as exc:
-        if tracking is not None and stopping is not None and stopping.is_set():
+        if run.run_id is not None and stopping is not None and stopping.is_set():
             # Tune stopped the trial (ASHA): its TrainController dies with the trial's actor, and
             # that error is the stop's doing. KILLED, as the driver's callback closes it too.
-            _close(tracking[0], trial_id)
-        elif tracking is not None:
-            from distswitch.tracking import fail_run
-
-            fail_run(*tracking, exc)
+            _close(run.uri, trial_id)
+        else:
+            run.fail(exc)
         raise
-    if tracking is not None:
-        from distswitch.io import write_json
-        from distswitch.tracking import finish_run
-
-        summary["mlflow"] = {"tracking_uri": tracking[0], "run_id": tracking[1]}
-        write_json(out / "summary.json", summary)
-        finish_run(*tracking, out, summary)
+    run.finish(summary)
 
 
 def _stop_event():
@@ -261,20 +238,18 @@ def _close(uri: str, trial_id: str) -> None:
             client.set_terminated(run.info.run_id, "KILLED")
 
 
-def _log_search(parent, out: Path, summary: dict) -> None:
-    from distswitch.tracking import mlflow_client
+def _log_search(search: RunHandle, out: Path, summary: dict) -> None:
+    from distswitch.tracking import EpochLogger, mlflow_client
 
-    client = mlflow_client(parent[0])
+    client = mlflow_client(search.uri)
     best = summary["best"]["metrics"]
     metrics = {f"best/{k}": v for k, v in best.items() if isinstance(v, (int, float)) and not math.isnan(v)}
-    from distswitch.tracking import EpochLogger
-
-    EpochLogger(*parent).log({**metrics, "num_trials": summary["num_trials"]}, step=0)
-    client.log_dict(parent[1], summary["trials"], "trials.json")
-    client.log_text(parent[1], _table(summary["trials"]), "trials.md")
-    client.log_artifact(parent[1], str(out / "best_config.yaml"))
-    client.log_text(parent[1], yaml.safe_dump(summary["best"]["config"]), "best_values.yaml")
-    client.set_terminated(parent[1], "FINISHED")
+    EpochLogger(search.uri, search.run_id).log({**metrics, "num_trials": summary["num_trials"]}, step=0)
+    client.log_dict(search.run_id, summary["trials"], "trials.json")
+    client.log_text(search.run_id, _table(summary["trials"]), "trials.md")
+    client.log_artifact(search.run_id, str(out / "best_config.yaml"))
+    client.log_text(search.run_id, yaml.safe_dump(summary["best"]["config"]), "best_values.yaml")
+    client.set_terminated(search.run_id, "FINISHED")
 
 
 def _table(rows: list[dict]) -> str:

@@ -1,0 +1,107 @@
+"""The checkpoint format, shared by the worker (writes and resumes it) and the driver (reads the
+final and stopped folders Ray hands back).
+
+A checkpoint folder holds `state.pt` (a bundle: everything to continue after its epoch exactly as
+if the run had not stopped), optionally `best.pt` (the selected epoch's bundle so far) and, when
+training stopped for good, `stopped.json` with the reason. The final report's folder holds the
+files `FINAL_FILES` maps into out_dir. Bundles hold tensors and plain values only: they load with
+`weights_only=True`, and format 1 from before the package's redesign still resumes.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distswitch.config import Config, ConfigError
+from distswitch.data import DatasetInfo
+from distswitch.io import copy_file
+
+CHECKPOINT_FORMAT = "distswitch.ckpt/1"
+# In a checkpoint folder: training stopped for good (TrainingStopped) after that folder's state.
+STOPPED_FILE, STOPPED_METRIC = "stopped.json", "stopped"
+# The final report's folder -> where its files land in out_dir.
+FINAL_FILES = {"summary.json": "summary.json", "model.pt": "model.pt", "model.arch.json": "model.arch.json",
+               "best.pt": "checkpoints/best.pt"}
+# Sections of the config a resumed run must share with its checkpoint (the rest may change, e.g. a
+# lower learning rate after a stop).
+RESUME_KEYS = ("model", "method", "switcher", "data")
+
+
+def bundle(cfg: Config, info: DatasetInfo, engine, epoch: int, steps_per_epoch: int, history: list,
+           best: dict | None = None, rng: list[dict] | None = None) -> dict:
+    """Everything a run needs to continue after `epoch` exactly as if it had not stopped: both
+    networks, both optimisers and schedules (`engine.state_dict()`), the history (EpochStats), the
+    selection so far and every worker's generators. The phase position follows from (epoch,
+    steps_per_epoch): checkpoints are taken at epoch ends, and the data order is a function of
+    (seed, epoch)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "config": cfg.to_dict(),
+        "data_info": asdict(info),
+        "epoch": epoch,
+        "steps_per_epoch": steps_per_epoch,
+        "engine": engine.state_dict(),
+        "history": [h.to_dict() for h in history],
+        "best": dict(best) if best is not None else {"val_acc": -1.0, "epoch": None},
+        "rng": rng,
+    }
+
+
+def read(path: str | Path) -> dict:
+    """A checkpoint bundle with every tensor on the CPU, whatever device trained or resumes it:
+    `load_state_dict` places model and optimiser state on the device, while RNG states must stay
+    CPU ByteTensors (`torch.set_rng_state` refuses others) and optimiser step counters on the host
+    (on a GPU each would cost a host sync per parameter per step)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def check_resumable(cfg: Config, state: dict, where) -> None:
+    """A run resumes only a distswitch checkpoint of the same model, method, switcher and data."""
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{where} is not a distswitch checkpoint (format {state.get('format')!r}); "
+                          "use another distributed.name or storage_path")
+    old = Config.from_dict(state["config"])
+    for key in RESUME_KEYS:
+        if getattr(old, key) != getattr(cfg, key):
+            raise ConfigError(f"{key}: differs from the checkpoint at {where} that this run would resume; "
+                              "use another distributed.name (or out_dir) for a new run")
+
+
+def rng_state() -> dict:
+    """This process's generators (torch, numpy, python; CUDA where initialised)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # Tensors and plain values only: checkpoints load with weights_only=True.
+    numpy_state = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng(states: list[dict] | None, rank: int) -> None:
+    """This rank's generators as saved (rank 0's when the run had fewer workers); `states` as
+    `read` gives them (on the CPU)."""
+    if not states:
+        return
+    state = states[rank] if rank < len(states) else states[0]
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def collect_final(folder: Path, out: Path, skip: tuple[str, ...] = ()) -> None:
+    """Copy a final report's files into out_dir, each atomically (`skip`: names the caller writes)."""
+    missing = [name for name in FINAL_FILES if not (Path(folder) / name).is_file()]
+    if missing:
+        raise RuntimeError(f"the final checkpoint {folder} lacks {', '.join(missing)}")
+    for name, dest in FINAL_FILES.items():
+        if name not in skip:
+            copy_file(Path(folder) / name, Path(out) / dest)

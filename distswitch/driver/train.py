@@ -1,0 +1,183 @@
+"""`distswitch train` on the driver: a Ray Train (V2) TorchTrainer runs the worker's entry function
+on every worker.
+
+One code path for every size: one worker or many, a local cluster or the one `RAY_ADDRESS` names
+(`ray job submit` sets it for the entrypoint). The driver validates what it can before Ray starts,
+joins or starts the cluster, checks that the workers fit and that the storage works, runs the
+trainer, and copies the final artifacts (summary.json, model.pt, checkpoints/best.pt) from the
+final Ray checkpoint into out_dir, so they arrive even when rank 0 ran on another node.
+
+Restarts: Ray Train restores its checkpoint list from `<storage_path>/<name>`, so a worker-group
+restart (`distributed.max_failures`) and a second launch of the same command both continue from
+the latest epoch checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from distswitch.checkpoint import RESUME_KEYS
+from distswitch.config import Config, ConfigError
+from distswitch.data.datasets import DataError
+from distswitch.driver import cluster
+from distswitch.driver.run import RunHandle
+from distswitch.io import write_json, write_text
+from distswitch.registry import UnknownNameError
+
+USER_ERRORS = (ConfigError, UnknownNameError, DataError)
+# The worker's entry: called on every Ray Train worker with the loop config (plain data).
+Worker = Callable[[dict], None]
+
+
+class RunFailed(RuntimeError):
+    """Ray Train gave up on the workers (failures beyond distributed.max_failures); the message says
+    which worker failed and which checkpoint a rerun would resume."""
+
+
+def storage_path(cfg: Config) -> str:
+    """`distributed.storage_path`, or <out_dir>/ray (absolute: Ray rejects relative paths)."""
+    path = cfg.distributed.storage_path or str(Path(cfg.out_dir) / "ray")
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def local_paths(cfg: Config) -> Config:
+    """Data paths made absolute: a local cluster's workers need not share the launcher's directory.
+    (On a remote cluster relative paths are left to the workers: `ray job submit --working-dir`.)"""
+    from distswitch.data.beton import default_dir
+
+    data = cfg.data
+    beton_dir = str(Path(data.beton_dir or default_dir(data.dataset)).expanduser().resolve())
+    root = str(Path(data.root).expanduser().resolve()) if data.root else None
+    return dataclasses.replace(cfg, data=dataclasses.replace(data, beton_dir=beton_dir, root=root))
+
+
+def run_name(cfg: Config) -> str:
+    return cfg.distributed.name or Path(cfg.out_dir).resolve().name
+
+
+def launch(cfg: Config, worker: Worker, summary_json: str | Path | None = None, launched_at: float | None = None) -> dict:
+    """Train `cfg` on Ray Train, `worker` on every worker; returns the summary (also written to
+    out_dir/summary.json).
+
+    `launched_at`: the wall-clock origin of the start-up figures (the CLI passes the moment its
+    `main` began; default: this call)."""
+    launched_at = launched_at if launched_at is not None else time.time()
+    from distswitch.build import preflight, validate_names  # torch: after the config checks
+
+    validate_names(cfg)
+    if os.environ.get("RAY_ADDRESS"):
+        cluster.check_ray_address(os.environ["RAY_ADDRESS"])
+    else:  # the data and the cluster are this machine's: fail before Ray starts
+        cfg = local_paths(cfg)
+        preflight(cfg)
+        cluster.check_cuda(cfg)
+        cluster.check_fits(cfg, cluster.local_resources(cfg), remote=False)
+    out = Path(cfg.out_dir)
+    if (out / "summary.json").is_file():
+        raise ConfigError(f"out_dir: {str(out)!r} already holds a finished run (summary.json); "
+                          f"pass another out_dir=... or remove it")
+    cluster.writable(out, "out_dir")
+    storage = storage_path(cfg)
+    check_previous_launch(cfg, out, storage)
+    write_text(out / "config.yaml", cfg.to_yaml())
+    run = RunHandle.open(cfg, storage, run_name(cfg))  # before Ray starts: an unreachable server fails in seconds
+    marks = {"driver_ready": time.time()}
+    try:
+        ray, started = cluster.connect(cfg)
+        marks["ray_connected"] = time.time()
+        try:
+            cluster.check_resources(ray, cfg)
+            cluster.check_storage(ray, storage)
+            cluster.check_tracking(ray, run.uri)
+            trainer = make_trainer(cfg, worker, storage, marks, launched_at, run.tracking)
+            marks["fit_called"] = time.time()  # the dict is pickled with the trainer: set before fit
+            summary = run.collect(fit(trainer, cfg, storage))
+        finally:
+            if started:  # our connection, and our local cluster: closed with us (a joined cluster runs on);
+                ray.shutdown()  # also ends Ray's log stream, so the last line printed is ours
+    except BaseException as exc:
+        run.fail(exc)
+        raise
+    result = run.finish(summary)
+    if summary_json is not None:
+        write_json(Path(summary_json), result)
+    return result
+
+
+def make_trainer(cfg: Config, worker: Worker, storage: str, marks: dict, launched_at: float,
+                 tracking: tuple[str, str] | None, callbacks: list | None = None):
+    """The TorchTrainer that runs `worker` on every worker (train and tune share it)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    d = cfg.distributed
+    backend = d.backend if d.backend != "auto" else ("nccl" if d.use_gpu else "gloo")
+    return TorchTrainer(
+        worker,
+        train_loop_config={"config": cfg.to_dict(), "launched_at": launched_at, "marks": marks, "tracking": tracking},
+        torch_config=TorchConfig(backend=backend),
+        scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
+                                     resources_per_worker=dict(d.resources_per_worker) or None),
+        run_config=RunConfig(
+            name=run_name(cfg),
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=d.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=d.checkpoints_to_keep),
+            # Train's print patch copies every print into its log stream: the driver saw lines twice.
+            worker_runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            callbacks=callbacks,
+        ),
+    )
+
+
+def fit(trainer, cfg: Config, storage: str):
+    """trainer.fit(), with a worker's user error (bad data root, ...) as that one error, and a run
+    Ray gave up on as one RunFailed line instead of Ray's traceback."""
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    try:
+        return trainer.fit()
+    except WorkerGroupError as exc:
+        for failure in exc.worker_failures.values():
+            cause = getattr(failure, "cause", failure)
+            if isinstance(cause, USER_ERRORS):  # the worker's own message, not a Ray traceback
+                raise cause from None
+        rank, failure = min(exc.worker_failures.items(), key=lambda item: item[0])
+        cause = getattr(failure, "cause", failure)
+        first = (str(cause).strip().splitlines() or [""])[0][:300]
+        raise RunFailed(f"worker {rank} failed ({type(cause).__name__}{': ' + first if first else ''}); "
+                        f"distributed.max_failures={cfg.distributed.max_failures} allows no more restarts; "
+                        f"{resume_hint(cfg, storage)}") from exc
+
+
+def resume_hint(cfg: Config, storage: str) -> str:
+    run_dir = f"{storage}/{run_name(cfg)}"
+    if "://" not in storage:
+        done = sorted(p for p in Path(run_dir).glob("epoch_*") if (p / "state.pt").is_file())
+        if not done:
+            return f"no epoch had been checkpointed in {run_dir}; the same command starts again"
+        return f"the last checkpoint, {done[-1]}, is intact: the same command resumes from it"
+    return f"the same command resumes from the last checkpoint in {run_dir}"
+
+
+def check_previous_launch(cfg: Config, out: Path, storage: str) -> None:
+    """A relaunch resumes the checkpoints in storage: refuse, before Ray starts, settings that
+    could not resume them (the workers check the checkpoint itself again)."""
+    run_dir = Path(storage) / run_name(cfg)
+    previous = out / "config.yaml"
+    if "://" in storage or not previous.is_file() or not any(run_dir.glob("epoch_*")):
+        return
+    from distswitch.config import load_config
+
+    try:
+        old = load_config(previous)
+    except ConfigError:
+        return  # written by another version: the workers' check on the checkpoint decides
+    for key in RESUME_KEYS:
+        if getattr(old, key) != getattr(cfg, key):
+            raise ConfigError(f"{key}: differs from the checkpoint in {run_dir} that this run would resume; "
+                              f"use another out_dir (or distributed.name) for a new run, or the earlier {key} settings")

@@ -1,0 +1,197 @@
+"""The epoch's jobs around the engine, one small class each. The engine calls
+`on_epoch_end(stats)` on each, in order, after every epoch; they share the run's `RunState`:
+
+    Record          the epoch joins the history; this epoch's decisions start blank
+    SelectBest      the best validation epoch so far (every rank decides alike: val_acc is all-reduced)
+    CheckReplicas   at checkpoint epochs: every worker's generators, and identical replicas or a stop
+    PrintEpoch      rank 0: one line per epoch
+    SaveCheckpoint  rank 0: best.pt when this epoch is the best, the epoch's folder at checkpoint epochs
+    Report          every rank: metrics (and rank 0's folder) to the session (Ray, under Ray)
+    LogMetrics      rank 0 with tracking: the epoch's metrics to MLflow
+    KeepLatest      rank 0: local copies of older epoch folders dropped (the latest serves a stop)
+
+Rank-0 jobs are chosen once, in `epoch_callbacks`, not tested inside each epoch.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from distswitch import checkpoint
+from distswitch.artifacts import compact_size
+from distswitch.build import dense_tnn
+from distswitch.config import Config
+from distswitch.data import DatasetInfo
+from distswitch.engine import Engine, EpochStats
+from distswitch.export import count
+from distswitch.io import save_torch
+from distswitch.parallel import Replicas, state_digest
+
+
+@dataclass
+class RunState:
+    """What the epochs build up (restored on resume), and the current epoch's decisions."""
+
+    history: list[EpochStats] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"val_acc": -1.0, "epoch": None})
+    is_best: bool = False
+    checkpoint: bool = False  # this epoch is checkpointed
+    rng: list[dict] | None = None  # every worker's generators, at checkpoint epochs
+    folder: Path | None = None  # rank 0: this epoch's checkpoint folder
+    kept_folders: list[Path] = field(default_factory=list)  # rank 0: the latest checkpoint folder
+
+
+class Record:
+    def __init__(self, state: RunState) -> None:
+        self.state = state
+
+    def on_epoch_end(self, stats: EpochStats) -> None:
+        s = self.state
+        s.history.append(stats)
+        s.is_best, s.checkpoint, s.rng, s.folder = False, False, None, None
+
+
+class SelectBest:
+    def __init__(self, state: RunState) -> None:
+        self.state = state
+
+    def on_epoch_end(self, stats: EpochStats) -> None:
+        s = self.state
+        s.is_best = stats.selectable and stats.val_acc > s.best["val_acc"]
+        if s.is_best:  # val_acc is summed over workers: every rank takes the same decision
+            s.best.update(val_acc=stats.val_acc, epoch=stats.epoch)
+
+
+class CheckReplicas:
+    def __init__(self, cfg: Config, state: RunState, engine: Engine, replicas: Replicas) -> None:
+        self.cfg, self.state, self.engine, self.replicas = cfg, state, engine, replicas
+
+    def on_epoch_end(self, stats: EpochStats) -> None:
+        s, every = self.state, self.cfg.distributed.checkpoint_every
+        s.checkpoint = (stats.epoch + 1) % every == 0 or stats.epoch == self.cfg.train.epochs - 1
+        if not s.checkpoint:
+            return
+        s.rng = self.replicas.gather(checkpoint.rng_state())
+        # Replicas must be identical; a checkpoint of diverged workers is worthless.
+        stats.replica_digests = self.replicas.gather(state_digest(self.engine.tnn, self.engine.method.source))
+        if len(set(stats.replica_digests)) > 1:
+            raise RuntimeError(f"worker replicas diverged by the end of epoch {stats.epoch + 1} "
+                               f"(parameter digests {stats.replica_digests}); please report this")
+
+
+class PrintEpoch:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def on_epoch_end(self, stats: EpochStats) -> None:
+        print(epoch_line(self.cfg, stats), file=sys.stderr, flush=True)
+
+
+class SaveCheckpoint:
+    def __init__(self, cfg: Config, info: DatasetInfo, engine: Engine, steps_per_epoch: int, state: RunState,
+                 scratch: Path) -> None:
+        self.cfg, self.info, self.engine, self.steps = cfg, info, engine, steps_per_epoch
+        self.state, self.scratch = state, scratch
+
+    def on_epoch_end(self, stats: EpochStats) -> None:
+        s = self.state
+        if not (s.is_best or s.checkpoint):
+            return
+        saved = checkpoint.bundle(self.cfg, self.info, self.engine, stats.epoch, self.steps, s.history, s.best, s.rng)
+        if s.is_best:
+            save_torch(saved, self.scratch / "best.pt")
+        if s.checkpoint:
+            s.folder = self.scratch / f"epoch_{stats.epoch:04d}"
+            s.folder.mkdir()
+            save_torch(saved, s.folder / "state.pt")
+            if (self.scratch / "best.pt").is_file():
+                shutil.copyfile(self.scratch / "best.pt", s.folder / "best.pt")
+
+
+class Report:
+    def __init__(self, cfg: Config, session, state: RunState) -> None:
+        self.cfg, self.session, self.state = cfg, session, state
+
+    def on_epoch_end(self, stats: EpochStats) -> None:
+        metrics = epoch_metrics(stats)
+        metrics["tune/score"] = stats.val_acc - self.cfg.tune.kept_weight * stats.kept_fraction  # `distswitch tune`'s trade-off
+        self.session.report(metrics, self.state.folder, f"epoch_{stats.epoch:04d}")
+
+
+class LogMetrics:
+    def __init__(self, cfg: Config, info: DatasetInfo, engine: Engine, state: RunState, tracker) -> None:
+        self.cfg, self.info, self.engine, self.state, self.tracker = cfg, info, engine, state, tracker
+        example = torch.zeros(1, info.channels, info.image_size, info.image_size)
+        self.dense = count(dense_tnn(cfg, info), example)
+
+    def on_epoch_end(self, stats: EpochStats) -> None:
+        # The compact size is a CPU pass over the whole TNN: at checkpoint epochs only (a GPU epoch
+        # can be shorter than the pass).
+        size = compact_size(self.cfg, self.info, self.engine, stats.epoch) if self.state.checkpoint else None
+        self.tracker.log(tracking_metrics(stats, size, self.dense), stats.epoch)
+
+
+class KeepLatest:
+    def __init__(self, state: RunState) -> None:
+        self.state = state
+
+    def on_epoch_end(self, stats: EpochStats) -> None:
+        s = self.state
+        if s.folder is None:
+            return
+        if s.kept_folders:
+            shutil.rmtree(s.kept_folders.pop(), ignore_errors=True)
+        s.kept_folders.append(s.folder)
+
+
+def epoch_callbacks(cfg: Config, info: DatasetInfo, engine: Engine, replicas: Replicas, session, state: RunState,
+                    steps_per_epoch: int, scratch: Path, tracker=None) -> list:
+    """The epoch's jobs for this rank, in order (rank 0's chosen here, once)."""
+    lead = session.rank == 0
+    return [
+        Record(state),
+        SelectBest(state),
+        CheckReplicas(cfg, state, engine, replicas),
+        *([PrintEpoch(cfg), SaveCheckpoint(cfg, info, engine, steps_per_epoch, state, scratch)] if lead else []),
+        Report(cfg, session, state),
+        *([LogMetrics(cfg, info, engine, state, tracker)] if lead and tracker is not None else []),
+        *([KeepLatest(state)] if lead else []),
+    ]
+
+
+def epoch_metrics(s: EpochStats) -> dict:
+    """Flat per-epoch metrics (what Ray Train records; MLflow-style names)."""
+    m = {"epoch": s.epoch, "val/acc": s.val_acc, "val/loss": s.val_loss, "kept_fraction": s.kept_fraction,
+         "seconds": s.seconds, "images_per_s": s.images_per_s}
+    for ph, v in s.train_loss.items():
+        m[f"{ph}/loss"] = v
+    for ph, v in s.train_acc.items():
+        m[f"{ph}/acc"] = v
+    for ph, v in s.lr.items():
+        m[f"{ph}/lr"] = v
+    for ph, v in s.comm_bytes_per_step.items():
+        m[f"{ph}/comm_bytes_per_step"] = v
+    return m
+
+
+def tracking_metrics(stats: EpochStats, size: dict | None, dense: dict) -> dict:
+    """What MLflow gets per epoch: `epoch_metrics` plus kept fractions per layer and the size
+    (None: not measured this epoch)."""
+    metrics = epoch_metrics(stats)
+    for layer, row in stats.kept.get("layers", {}).items():
+        metrics[f"kept/{layer}"] = row["kept"] / max(row["units"], 1)
+    if size is not None:
+        metrics.update({"compact/params": size["params"], "compact/macs": size["macs"],
+                        "params_kept": size["params"] / dense["params"], "macs_kept": size["macs"] / dense["macs"]})
+    return metrics
+
+
+def epoch_line(cfg: Config, s: EpochStats) -> str:
+    losses = " ".join(f"{ph}/loss={v:.4f}" for ph, v in s.train_loss.items())
+    return (f"epoch {s.epoch + 1}/{cfg.train.epochs} {losses} val/acc={s.val_acc:.4f} "
+            f"kept={s.kept_fraction:.3f} ({s.seconds:.1f}s, {s.images_per_s:.0f} img/s)")

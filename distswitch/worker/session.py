@@ -1,0 +1,78 @@
+"""What a training run needs from whatever launched it: its rank, checkpoints in and out, reports,
+a progress bar. `Session` is a single local process; `RaySession` is one Ray Train worker, and the
+only place the worker touches Ray.
+
+A session saves checkpoint folders and hands back the latest one on restart; `report` is called by
+every worker the same number of times (a collective under Ray), with a folder from rank 0 only.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from distswitch.checkpoint import collect_final
+from distswitch.io import copy_tree
+
+
+class Session:
+    """One local process: checkpoints under out_dir/checkpoints, the final files into out_dir."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.root = Path(out_dir) / "checkpoints"
+
+    def latest_checkpoint(self) -> Path | None:
+        found = sorted(self.root.glob("epoch_*"))
+        return found[-1] if found else None
+
+    def report(self, metrics: dict, checkpoint: Path | None, name: str) -> None:
+        if checkpoint is not None and name == "final":
+            collect_final(checkpoint, self.root.parent)
+        elif checkpoint is not None:
+            copy_tree(checkpoint, self.root / name)
+
+    def progress(self, total: int, desc: str):
+        from tqdm import tqdm  # here: the engine, export and checkpoints need no progress bars (gpu_check)
+
+        return tqdm(total=total, desc=desc, unit="step", leave=True, dynamic_ncols=True, file=sys.stderr)
+
+    def close(self) -> None:
+        """The run is over on this worker (finished, stopped or failed): drop local copies."""
+
+
+class RaySession(Session):
+    """A Ray Train worker: checkpoints go through `ray.train.report` to the run's storage."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+        self._restored: Path | None = None
+
+    def latest_checkpoint(self) -> Path | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        # A local copy (downloaded when the storage is remote), removed when the run ends.
+        self._restored = Path(tempfile.mkdtemp(prefix="distswitch-restore-"))
+        return Path(checkpoint.to_directory(str(self._restored)))
+
+    def report(self, metrics: dict, checkpoint: Path | None, name: str) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint is not None else None
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name if ckpt is not None else None)
+
+    def close(self) -> None:
+        if self._restored is not None:
+            shutil.rmtree(self._restored, ignore_errors=True)
+
+    def progress(self, total: int, desc: str):
+        from ray.experimental.tqdm_ray import tqdm
+
+        return tqdm(total=total, desc=desc)

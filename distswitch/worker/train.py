@@ -1,0 +1,188 @@
+"""One training run, as one worker: build -> resume -> fit (the epoch callbacks observe it) ->
+select -> test -> export.
+
+Model selection uses the validation split only; the test split is evaluated once, on the selected
+model, and reported as measured. Ray appears only through the session (`RaySession`) and
+`ray_main`, the function the driver's TorchTrainer runs on every worker (the process group that
+`distswitch.parallel` uses is already up there).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distswitch import checkpoint
+from distswitch.artifacts import export_compact, factor_histograms
+from distswitch.build import build, make_replicas, resolve_device, seed_everything, validate_names
+from distswitch.config import Config
+from distswitch.data import make_loaders
+from distswitch.engine import Engine, EpochStats, TrainingStopped
+from distswitch.io import write_json
+from distswitch.parallel import Replicas
+from distswitch.summary import Summary
+from distswitch.tracking import git_sha
+from distswitch.worker.callbacks import RunState, epoch_callbacks
+from distswitch.worker.session import RaySession, Session
+
+
+def train(cfg: Config, session: Session | None = None, device: torch.device | None = None,
+          launched_at: float | None = None, marks: dict[str, float] | None = None, tracker=None) -> dict:
+    """Train (resuming from the session's latest checkpoint), select on validation, test once and
+    export; returns the summary (complete on rank 0, {} elsewhere). Rank 0's final report carries
+    summary.json, model.pt (the compact model) and best.pt. `launched_at` (wall clock of the
+    launching process's start) gives the summary's start-up overhead, launch to first step, and
+    its timeline (`marks`: the launcher's own wall-clock marks, then this worker's). `tracker`
+    (rank 0 only, `tracking.EpochLogger`) gets each epoch's metrics once its checkpoint is reported."""
+    marks = {**(marks or {}), "worker_started": time.time()}
+    session = session or Session(cfg.out_dir)
+    scratch = Path(tempfile.mkdtemp(prefix="distswitch-"))  # this worker's local files (rank 0's best.pt)
+    try:
+        return _train(cfg, session, device, launched_at, marks, tracker, scratch)
+    finally:  # a stop or an error too: only a killed worker leaves its scratch behind
+        shutil.rmtree(scratch, ignore_errors=True)
+        session.close()
+
+
+def _train(cfg: Config, session: Session, device: torch.device | None, launched_at: float | None,
+           marks: dict[str, float], tracker, scratch: Path) -> dict:
+    validate_names(cfg)
+    device = device or resolve_device(cfg)
+    seed_everything(cfg.train.seed)
+    # Shapes are fixed for a run: let cuDNN pick the fastest kernels (a process setting; workers
+    # are processes of their own).
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    loaders = make_loaders(cfg, session.rank, session.world_size, device)
+    marks["data_loaded"] = time.time()
+    sync_bn = cfg.distributed.sync_batchnorm and session.world_size > 1
+    tnn, gates, method = build(cfg, loaders.info, len(loaders.train), device, sync_batchnorm=sync_bn)
+    marks["model_built"] = time.time()
+    replicas = make_replicas(tnn, method, device)
+    marks["replicas_ready"] = time.time()  # DDP wrappers built, rank 0's parameters broadcast
+    engine = Engine(cfg, tnn, gates, method, device, replicas)
+    state, start_epoch, restored = resume(cfg, session, engine, scratch)
+    callbacks = epoch_callbacks(cfg, loaders.info, engine, replicas, session, state, len(loaders.train), scratch, tracker)
+    progress = None
+    if cfg.train.progress and session.rank == 0:
+        progress = lambda loader, epoch: session.progress(len(loader), f"epoch {epoch + 1}/{cfg.train.epochs}")  # noqa: E731
+    try:
+        engine.fit(loaders.train, loaders.val, start_epoch=start_epoch, callbacks=callbacks, progress=progress)
+    except TrainingStopped as exc:
+        report_stop(session, exc, scratch, state.kept_folders[-1] if state.kept_folders else restored, replicas)
+        raise
+    return finish(cfg, session, engine, loaders, state, start_epoch, scratch, device, launched_at, marks)
+
+
+def resume(cfg: Config, session: Session, engine: Engine, scratch: Path) -> tuple[RunState, int, Path | None]:
+    """The run so far from the session's latest checkpoint (a fresh one without): the engine's
+    state, the history and selection, this rank's generators, rank 0's best.pt into `scratch`.
+    Returns (state, first epoch to train, the checkpoint folder restored or None)."""
+    rank, latest = session.rank, session.latest_checkpoint()
+    if latest is not None and (Path(latest) / checkpoint.STOPPED_FILE).is_file() and rank == 0:
+        print(f"the last attempt stopped: {json.loads((Path(latest) / checkpoint.STOPPED_FILE).read_text())['message']}",
+              file=sys.stderr, flush=True)
+    if latest is None or not (Path(latest) / "state.pt").is_file():
+        return RunState(), 0, None  # (a stop before the first epoch checkpoint: nothing to resume)
+    saved = checkpoint.read(Path(latest) / "state.pt")
+    checkpoint.check_resumable(cfg, saved, latest)
+    engine.load_state_dict(saved["engine"])
+    engine.retune(saved["config"]["optim"])
+    state = RunState(history=[EpochStats(**h) for h in saved["history"]], best=dict(saved["best"]))
+    start_epoch = saved["epoch"] + 1
+    checkpoint.set_rng(saved["rng"], rank)
+    if rank == 0 and (Path(latest) / "best.pt").is_file():
+        shutil.copyfile(Path(latest) / "best.pt", scratch / "best.pt")
+    if rank == 0:
+        print(f"resuming from {latest} after epoch {start_epoch}/{cfg.train.epochs}", file=sys.stderr, flush=True)
+    return state, start_epoch, Path(latest)
+
+
+def finish(cfg: Config, session: Session, engine: Engine, loaders, state: RunState, start_epoch: int, scratch: Path,
+           device: torch.device, launched_at: float | None, marks: dict[str, float]) -> dict:
+    """The selected model (rank 0 holds it, every worker gets it: the test split is sharded), tested
+    once; rank 0 exports it and writes the summary; the final report on every rank."""
+    epoch, history = state.best["epoch"], state.history
+    if session.rank == 0:
+        engine.load_state_dict(checkpoint.read(scratch / "best.pt")["engine"])
+    engine.replicas.broadcast_state()
+    test_loss, test_acc = engine.evaluate(loaders.test, epoch)
+    summary: dict = {}
+    final = scratch / "final"
+    if session.rank == 0:
+        final.mkdir()
+        export = export_compact(cfg, loaders.info, engine, epoch, loaders.example(), final / "model.pt")
+        export["model_path"] = str(Path(cfg.out_dir) / "model.pt")  # where the launcher puts it
+        first_step = engine.first_step_at
+        record = Summary(
+            model=cfg.model.name, method=cfg.method, dataset=cfg.data.dataset, device=str(device),
+            workers=session.world_size, selected_epoch=epoch, resumed_at_epoch=start_epoch,
+            val_acc=state.best["val_acc"], test_acc=test_acc, test_loss=test_loss, **export,
+            startup_seconds=first_step - launched_at if launched_at is not None and first_step is not None else None,
+            startup_origin=launched_at,  # wall clock (time.time) of the timeline's 0
+            startup_timeline=({k: round(v - launched_at, 2) for k, v in
+                               {**marks, "first_step": first_step or float("nan")}.items()}
+                              if launched_at is not None else {}),
+            seconds_per_epoch=float(np.mean([h.seconds for h in history])),
+            images_per_s=float(np.mean([h.images_per_s for h in history])),
+            comm_bytes_per_step=history[-1].comm_bytes_per_step if history else {},
+            train_examples=loaders.train_examples, data_loader=cfg.data.loader, git_sha=git_sha(),
+            factor_histograms=factor_histograms(engine, epoch), torch=torch.__version__, out_dir=str(cfg.out_dir),
+            history=[h.to_dict() for h in history], config=cfg.to_dict())
+        record.write(final / "summary.json")
+        summary = record.to_dict()
+        shutil.copyfile(scratch / "best.pt", final / "best.pt")
+        if first_step is not None and launched_at is not None:
+            print(f"start-up: {record.startup_seconds:.1f} s from launch to the first step", file=sys.stderr, flush=True)
+    # The selected epoch's validation figures ride along: a search ranks trials on every report.
+    selected = next((h for h in history if h.epoch == epoch), history[-1])
+    final_metrics = {"test/acc": test_acc, "test/loss": test_loss, "epoch": cfg.train.epochs - 1,
+                     "val/acc": state.best["val_acc"], "kept_fraction": selected.kept_fraction,
+                     "tune/score": state.best["val_acc"] - cfg.tune.kept_weight * selected.kept_fraction}
+    session.report(final_metrics, final if session.rank == 0 else None, "final")
+    return summary
+
+
+def report_stop(session: Session, exc: TrainingStopped, scratch: Path, source: Path | None, replicas: Replicas) -> None:
+    """A stop for good becomes the run's latest checkpoint: the last good epoch's files (`source`,
+    so the same command, with e.g. a lower learning rate, resumes from them) plus stopped.json with
+    the reason. Every worker calls it (the stop is decided on all-reduced figures)."""
+    token = replicas.gather(uuid.uuid4().hex[:8])[0]  # rank 0's: one folder name on every worker
+    folder = None
+    if session.rank == 0:
+        folder = scratch / f"stopped_{token}"
+        if source is not None and (Path(source) / "state.pt").is_file():
+            shutil.copytree(source, folder, ignore=shutil.ignore_patterns(checkpoint.STOPPED_FILE))
+        folder.mkdir(exist_ok=True)
+        write_json(folder / checkpoint.STOPPED_FILE, {"message": str(exc)})
+    session.report({checkpoint.STOPPED_METRIC: str(exc)}, folder, f"stopped_{token}")
+
+
+def ray_main(loop_config: dict) -> None:
+    """Runs on every Ray Train worker (the process group is already up); `loop_config` is the
+    driver's plain data: the config as a dict, the start-up origin and marks, the MLflow run."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = Config.from_dict(loop_config["config"])
+    context = ray.train.get_context()
+    session = RaySession(context.get_world_rank(), context.get_world_size())
+    tracker = None
+    if loop_config.get("tracking") and session.rank == 0:  # only rank 0 talks to MLflow
+        from distswitch.tracking import EpochLogger
+
+        tracker = EpochLogger(*loop_config["tracking"])
+    try:
+        train(cfg, session, ray.train.torch.get_device(), launched_at=loop_config.get("launched_at"),
+              marks=loop_config.get("marks"), tracker=tracker)
+    except TrainingStopped:
+        # Raising would make Ray Train retry from the last checkpoint, into the same stop. `train`
+        # reported the stop as the latest checkpoint; the driver raises it.
+        return
