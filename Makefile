@@ -9,7 +9,7 @@ UV = $(shell command -v uv 2>/dev/null || { test -x "$$HOME/.local/bin/uv" && ec
 CONFIG ?= configs/fashion_lenet5.yaml
 ARGS ?=
 
-.PHONY: setup data train test test-fast bench bench-gpu gpu-check bench-pareto bench-data ui clean
+.PHONY: setup data train test test-fast bench bench-gpu gpu-check bench-pareto bench-data bench-startup bench-table ui clean
 
 ## setup: Debian packages (FFCV's build needs, offline Fashion-MNIST), uv, then the locked venv.
 setup:
@@ -67,9 +67,29 @@ bench-gpu: data
 gpu-check: setup
 	$(BENCH)/gpu_check.py --out outputs/bench/gpu_check.json $(ARGS)
 
-## bench-data: FFCV vs torch DataLoader images/s (32x32 RGB, batch 512), into outputs/bench/
+## bench-data: FFCV vs torch DataLoader images/s (32x32 RGB, batch 512), where to normalise, and the
+## default job shortened through both loaders (same accuracy), into outputs/bench/
 bench-data: setup
-	$(UV) run --locked python benchmarks/data_loading.py --out outputs/bench/data_loading.json
+	$(BENCH)/data_loading.py --out outputs/bench/data_loading.json
+	$(BENCH)/normalize_placement.py
+	$(BENCH)/loader_band.py --out outputs/bench/loader_band.json
+
+## bench-startup: Ray Train's own floor (a trivial 2-worker job; Ray's defaults, then the package's
+## local-cluster settings) and `distswitch train`'s launch to first step, into outputs/bench/ (minutes)
+bench-startup: data
+	$(BENCH)/ray_floor.py --out outputs/bench/ray_floor_defaults.json
+	$(BENCH)/ray_floor.py --package-env --init '{"include_dashboard": false, "_system_config": {"enable_worker_prestart": false}}' \
+	  --out outputs/bench/ray_floor_package.json
+	$(BENCH)/startup.py --out outputs/bench/startup
+
+## bench-table: the Fashion-MNIST table at the kept fraction the switcher reaches (switch, magnitude,
+## slimming; 3 seeds for the MLP), into outputs/table* (about 2 h on 2 cores)
+bench-table: data
+	OMP_NUM_THREADS=1 $(BENCH)/fashion_table.py --out outputs/table_mlp --models mlp
+	OMP_NUM_THREADS=1 $(BENCH)/fashion_table.py --out outputs/table_lenet5 --models lenet5
+	OMP_NUM_THREADS=1 $(BENCH)/fashion_table.py --out outputs/table_mlp_seed1 train.seed=1 --models mlp
+	OMP_NUM_THREADS=1 $(BENCH)/fashion_table.py --out outputs/table_mlp_seed2 train.seed=2 --models mlp
+	$(BENCH)/seed_summary.py outputs/table_mlp outputs/table_mlp_seed1 outputs/table_mlp_seed2
 
 ## ui: the MLflow UI of a run's store on http://127.0.0.1:5000 (OUT=out_dir, default make train's)
 OUT ?= outputs/fashion_lenet5

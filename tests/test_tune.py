@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import DEFAULT_CONFIG, REPO_ROOT
 from distswitch.config import ConfigError, load_config
-from distswitch.tune import TRIAL_TAG, max_concurrent, trial_config
+from distswitch.driver.tune import TRIAL_TAG, max_concurrent, trial_config
 
 
 def test_a_trial_config_takes_the_trial_values_and_its_own_out_dir(tmp_path):
@@ -71,15 +71,18 @@ def _ray_processes() -> list[psutil.Process]:
 
 @pytest.mark.slow
 def test_asha_stops_a_weak_trial_mid_run_and_a_killed_search_resumes_with_no_duplicate_run(tmp_path):
-    # Four trials in grid order, one at a time (2 CPUs): a learning one, then three that cannot learn
-    # (tnn lr 1e-6). ASHA's first rung (1 epoch of 3) stops trial 2 below trial 1. The driver is
-    # SIGKILLed inside trial 3's second epoch (with its local cluster), long enough after trial 2's
-    # stop for Tune to have saved its experiment state (every >= 10 s); the same command restores it.
+    # Four trials in grid order, one at a time (2 CPUs): a learning one, two that cannot learn (tnn
+    # lr 1e-6), a learning one. ASHA's first rung (1 epoch of 3) stops trial 2 below trial 1. The
+    # driver is SIGKILLed inside trial 3's second epoch (with its local cluster), long enough after
+    # trial 2's stop for Tune to have saved its experiment state (every >= 10 s); the same command
+    # restores it. Tune does not save the scheduler: the restored search's ASHA starts empty, so
+    # trial 3 (first to report) runs on, and trial 4 learns, so beats it at every rung, wherever in
+    # its epochs trial 3 resumed (a kill before or after Train registers its epoch-1 checkpoint).
     out = tmp_path / "search"
     command = [sys.executable, "-m", "distswitch.cli", "tune", str(DEFAULT_CONFIG), f"out_dir={out}",
                "tune.num_samples=1", "train.epochs=3", "schedule.warmup_epochs=0", "schedule.finetune_epochs=0", "budget.fraction=null",
                "data.train_limit=1024", "distributed.num_workers=1", "train.progress=false",
-               "tune.grace_period=1", "tune.reduction_factor=2", "tune.space={optim.tnn.lr: {grid: [0.05, 1.0e-6, 1.0e-6, 1.0e-6]}}"]
+               "tune.grace_period=1", "tune.reduction_factor=2", "tune.space={optim.tnn.lr: {grid: [0.05, 1.0e-6, 1.0e-6, 0.05]}}"]
     proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 400
@@ -109,7 +112,7 @@ def test_asha_stops_a_weak_trial_mid_run_and_a_killed_search_resumes_with_no_dup
 
     summary = json.loads((out / "tune_summary.json").read_text())
     rows = sorted(summary["trials"], key=lambda r: r["trial"])
-    assert [r["config.optim.tnn.lr"] for r in rows] == [0.05, 1e-6, 1e-6, 1e-6]
+    assert [r["config.optim.tnn.lr"] for r in rows] == [0.05, 1e-6, 1e-6, 0.05]
     assert all(r["error"] is None for r in rows)
     assert rows[1]["epochs_reported"] == 1  # stopped at the first rung: of 3 epochs + the final report
     assert rows[0]["epochs_reported"] == 4 and rows[0]["test/acc"] is not None
@@ -124,12 +127,12 @@ def test_asha_stops_a_weak_trial_mid_run_and_a_killed_search_resumes_with_no_dup
     children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     by_lr = sorted(children, key=lambda c: (-float(c.data.params["optim.tnn.lr"]), c.info.start_time))
     assert len({c.data.tags[TRIAL_TAG] for c in children}) == 4  # one run per trial, the resumed one included
-    # Trial 3's run is the one the rerun continued. (Its Train run resumes from its last checkpoint
-    # that Train registered; the kill may land before epoch 1's is, and then it starts over.)
-    assert [c.data.tags.get("distswitch.relaunches") for c in by_lr] == [None, None, "1", None]
-    # Trial 4 is not stopped: at each rung it matches or beats the restored trial 3 (same rate, seed).
-    assert [c.info.status for c in by_lr] == ["FINISHED", "KILLED", "FINISHED", "FINISHED"]
-    assert by_lr[1].data.tags["distswitch.stopped_by"].startswith("tune")
+    # by_lr: trials 1, 4, 2, 3. Trial 3's run is the one the rerun continued. (Its Train run resumes
+    # from its last checkpoint that Train registered; the kill may land before epoch 1's is, and
+    # then it starts over.)
+    assert [c.data.tags.get("distswitch.relaunches") for c in by_lr] == [None, None, None, "1"]
+    assert [c.info.status for c in by_lr] == ["FINISHED", "FINISHED", "KILLED", "FINISHED"]
+    assert by_lr[2].data.tags["distswitch.stopped_by"].startswith("tune")
     assert {"trials.json", "best_config.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert len(client.search_runs([experiment])) == 5  # the parent and its 4 children, nothing else
     while left := _ray_processes():  # the rerun closed its own cluster
@@ -141,7 +144,7 @@ def test_asha_stops_a_weak_trial_mid_run_and_a_killed_search_resumes_with_no_dup
 def test_a_trial_that_ends_without_closing_its_run_is_closed_killed(tmp_path):
     from distswitch.config import Config
     from distswitch.tracking import mlflow_client, open_run
-    from distswitch.tune import TRIAL_TAG, close_runs_callback
+    from distswitch.driver.tune import TRIAL_TAG, close_runs_callback
 
     cfg = Config.from_dict({"out_dir": str(tmp_path / "search")})
     uri, parent = open_run(cfg, "store/search")
