@@ -152,8 +152,13 @@ def _train_workers() -> list[psutil.Process]:
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until the checkpoint folder `path` is registered by Ray Train, not only written: a restart or a
+    relaunch resumes from the last registered one, and on a loaded machine registration lags the
+    folder by seconds (a kill in between resumed an epoch earlier, seen once in a loaded run). Ray
+    Train V2 rewrites <run_dir>/checkpoint_manager_snapshot.json at each registration."""
     deadline = time.time() + timeout
-    while not path.is_dir():
+    snapshot = path.parent / "checkpoint_manager_snapshot.json"
+    while not (path.is_dir() and snapshot.is_file() and f'"{path.name}"' in snapshot.read_text()):
         assert proc.poll() is None and time.time() < deadline, f"the run ended (or stalled) before {path.name}"
         time.sleep(0.1)
 
