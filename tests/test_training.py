@@ -90,6 +90,22 @@ def _accuracy(model: torch.nn.Module, loader) -> float:
     return correct / total
 
 
+# What summary.json held before the worker / driver redesign (distswitch 9ac5b9e), for a launch with tracking.
+PRE_REDESIGN_KEYS = {
+    "model", "method", "dataset", "device", "workers", "selected_epoch", "resumed_at_epoch", "val_acc", "test_acc",
+    "test_loss", "kept_fraction", "kept_units", "gated_units", "kept_per_layer", "dense", "compact",
+    "export_max_abs_diff", "model_path", "widths", "startup_seconds", "startup_origin", "startup_timeline",
+    "seconds_per_epoch", "images_per_s", "comm_bytes_per_step", "train_examples", "data_loader", "git_sha",
+    "factor_histograms", "torch", "out_dir", "history", "config", "checkpoint_path", "mlflow"}
+
+
+def test_a_launch_writes_one_summary_with_the_keys_it_had_before_the_redesign(switch_run):
+    out, summary = switch_run
+    assert set(summary) == PRE_REDESIGN_KEYS
+    assert json.loads((out / "summary.json").read_text()) == summary  # out_dir's copy and --summary-json agree
+    assert set(summary["mlflow"]) == {"tracking_uri", "run_id", "experiment"}
+
+
 def test_switch_training_reports_accuracy_size_and_speed(switch_run):
     out, summary = switch_run
     assert summary == json.loads((out / "summary.json").read_text())

@@ -1,0 +1,33 @@
+"""The summary record: one typed dataclass whose JSON keys are its field names."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from distswitch.summary import DRIVER_FIELDS, Summary
+
+
+def _record(**changes) -> Summary:
+    values = {f.name: None for f in dataclasses.fields(Summary) if f.name != "extra"}
+    values.update(model="mlp", method="switch", history=[], config={}, dense={"params": 2}, compact={"params": 1})
+    values.update(changes)
+    return Summary(**values)
+
+
+def test_a_summary_without_the_drivers_fields_has_no_such_keys_and_gains_them_once_set(tmp_path):
+    record = _record()
+    assert not set(DRIVER_FIELDS) & set(record.to_dict())
+    record.checkpoint_path = "/ray/run/final"
+    record.mlflow = {"tracking_uri": "sqlite:///x.db", "run_id": "abc", "experiment": "distswitch"}
+    record.write(tmp_path / "summary.json")
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["checkpoint_path"] == "/ray/run/final" and written["mlflow"]["run_id"] == "abc"
+
+
+def test_a_summary_read_back_writes_the_same_json_and_keeps_keys_it_does_not_know(tmp_path):
+    data = {**_record(test_acc=0.9).to_dict(), "from_a_newer_writer": [1, 2]}
+    (tmp_path / "summary.json").write_text(json.dumps(data))
+    record = Summary.read(tmp_path / "summary.json")
+    assert record.test_acc == 0.9 and record.extra == {"from_a_newer_writer": [1, 2]}
+    assert record.to_dict() == data
