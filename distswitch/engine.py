@@ -143,6 +143,8 @@ class Engine:
         total = loss
         if factors is not None and phase == self.method.source_phase:
             total = loss + self.method.penalty(factors, epoch)
+        if phase == Phase.TNN and self.method.shrink is not None:  # sparse learning
+            total = total + self.method.weight_penalty(self.gates.unit_sq_norms())
         opt = self.optimizers.get(phase)
         if opt is not None:
             opt.zero_grad(set_to_none=True)

@@ -280,6 +280,29 @@ class GateSet:
             out.append(w.t() if spec.side == "in" else w.reshape(w.shape[0], -1))
         return out
 
+    def unit_sq_norms(self) -> list[torch.Tensor | None]:
+        """Per gated layer [units]: each unit's squared group norm over everything removing it
+        removes -- incoming weights and bias, the following BatchNorm's scale and shift, and its
+        outgoing weights in every reader -- with gradients (a penalty on it trains the TNN). None
+        for connection gates (a connection is no group)."""
+        out = []
+        for spec, w, layer, readers, norm in zip(self.specs, self.weights(), self._layers, self._readers, self._norms):
+            if spec.side == "weight":
+                out.append(None)
+                continue
+            sq = w.square().sum(dim=1)
+            if spec.side == "out":
+                if layer.bias is not None:
+                    sq = sq + layer.bias.square()
+                if norm is not None and norm.affine:
+                    sq = sq + norm.weight.square() + norm.bias.square()
+                for reader, idx in readers:
+                    rw = reader.weight
+                    per_input = rw.square().sum(dim=[d for d in range(rw.dim()) if d != 1])  # [reader inputs]
+                    sq = sq + per_input[idx.to(rw.device)].sum(dim=1)
+            out.append(sq)
+        return out
+
     @torch.no_grad()
     def views(self) -> list[UnitWeights]:
         """Both sides of every gated unit (see `UnitWeights`), detached: factors are trained through

@@ -72,6 +72,10 @@ def check_values(cfg) -> None:
 def _check_budget(cfg, require) -> None:
     b = cfg.budget
     require(b.fraction is None or 0 < b.fraction <= 1, "budget.fraction", b.fraction, "null or in (0, 1]")
+    require(math.isfinite(b.sparse_learning) and b.sparse_learning >= 0, "budget.sparse_learning", b.sparse_learning,
+            "a finite number >= 0")
+    require(b.sparse_learning == 0 or b.fraction is not None, "budget.sparse_learning", b.sparse_learning,
+            "0 without a budget (it shrinks the units the budget's cut removes; set budget.fraction)")
     if b.fraction is None:
         return
     require(cfg.prune.kept_fraction is None, "prune.kept_fraction", cfg.prune.kept_fraction,

@@ -139,6 +139,11 @@ class BudgetConfig:
     # method's own allocation), ranked by the method's scores -- e.g. magnitude pruning with the
     # switcher's per-layer widths separates which units are kept from how many per layer.
     widths: Union[dict, None] = None
+    # Sparse learning (train the network to be prunable before the cut, as Torch-Pruning's sparse
+    # training does): while cutting, TNN steps add this times the group L2 norm (incoming and
+    # outgoing weights, bias, BatchNorm gain) of each unit the final cut would remove by the method's
+    # current scores, re-ranked every epoch. The same for every method; 0 = off.
+    sparse_learning: float = 0.0
 
 
 @dataclass(frozen=True)

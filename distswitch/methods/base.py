@@ -75,6 +75,22 @@ class Method:
     def on_epoch_start(self, epoch: int, views: list[UnitWeights]) -> None:
         """Hook for one-off changes, e.g. the baselines' pruning step."""
 
+    # Sparse learning (budget.sparse_learning): per layer, 1 for the units TNN steps shrink this
+    # epoch; set from `on_epoch_start` (so a resumed epoch recomputes the same), None = none.
+    shrink: list[torch.Tensor] | None = None
+
+    def set_shrink(self, final_masks: list[torch.Tensor] | None) -> None:
+        """Shrink the units outside `final_masks` (the final cut by the current scores; None: stop)."""
+        on = self.cfg.budget.sparse_learning > 0 and final_masks is not None
+        self.shrink = [1 - m for m in final_masks] if on else None
+
+    def weight_penalty(self, sq_norms: list[torch.Tensor | None]) -> torch.Tensor | float:
+        """TNN steps' extra loss: `budget.sparse_learning` times the group norms of the units to shrink."""
+        if self.shrink is None:
+            return 0.0
+        return self.cfg.budget.sparse_learning * sum((t * (n + 1e-12).sqrt()).sum()
+                                                     for t, n in zip(self.shrink, sq_norms) if n is not None)
+
     def selectable(self, epoch: int) -> bool:
         """Whether the model after `epoch` may be chosen as the result (validation accuracy)."""
         return True

@@ -40,6 +40,14 @@ class _PruneOnce(Method):
             if self.gradual:
                 self.fraction = scheduled_fraction(self.cfg.budget.fraction, epoch, self.first_cut, self.prune_epoch)
             self.source.set_masks(self.masks(views))
+        if self.cfg.budget.sparse_learning > 0:  # the switcher's epochs: from its first cut to the last
+            start = self.cfg.schedule.warmup_epochs + 1
+            final = None
+            if start <= epoch < self.prune_epoch:
+                now, self.fraction = self.fraction, self.cfg.budget.fraction
+                final = self.masks(views)  # the final cut by today's scores
+                self.fraction = now
+            self.set_shrink(final)
 
     def masks(self, views: list[UnitWeights]) -> list[torch.Tensor]:
         raise NotImplementedError

@@ -120,6 +120,10 @@ class Switch(Method):
         if start <= epoch <= self.cut_epoch:
             self._cut(views, scheduled_fraction(self.cfg.budget.fraction, epoch, start, self.cut_epoch),
                       final=epoch == self.cut_epoch)
+        if self.cfg.budget.sparse_learning > 0:  # (the first cut's epoch on: the scores mean something)
+            with torch.no_grad():
+                final = self.budget_cut(self.source.switcher(views), self.cfg.budget.fraction) if start <= epoch < self.cut_epoch else None
+            self.set_shrink(final)
         self.source.set_cut(epoch >= self.cut_epoch)  # a resumed run gets the frozen factors from its checkpoint
 
     @torch.no_grad()
