@@ -130,9 +130,9 @@ def check_resume(cfg: Config, engine: Engine, device: torch.device, batch, folde
     state = read_checkpoint(path)
     resumed.load_state_dict(state["engine"])
     set_rng(state["rng"], 0)
-    rng_ok = torch.equal(torch.getrng_state(), saved_rng["torch"])
+    rng_ok = torch.equal(torch.get_rng_state(), saved_rng["torch"])
     if "cuda" in saved_rng:
-        rng_ok = rng_ok and torch.equal(torch.cuda.getrng_state(), saved_rng["cuda"])
+        rng_ok = rng_ok and torch.equal(torch.cuda.get_rng_state(), saved_rng["cuda"])
     same = state_digest(engine.tnn, engine.source) == state_digest(resumed.tnn, resumed.source)
     a = float(engine.step(2, Phase.TNN, *batch)[0])
     b = float(resumed.step(2, Phase.TNN, *batch)[0])
