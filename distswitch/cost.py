@@ -100,21 +100,17 @@ def cut_to_budget(cost: CostModel, scores: list[torch.Tensor], fraction: float, 
         x[s] -= 1
         keep[s][i] = 0.0
         removed.append((s, i))
-    for s, i in reversed(removed):  # highest-scored removed first
-        extra = cost.marginal_list(x)[s]
-        if current + extra <= target + 1e-9:
-            current += extra
-            x[s] += 1
-            keep[s][i] = 1.0
-    # A gap no unit fits into from below (every cheap unit already kept: a LeNet5 whose FC units all
-    # survive was left 1.1% short of 50%): the best-scored removed unit that lands closer, at most
-    # OVERSHOOT of the dense cost over the target.
-    for s, i in reversed(removed):
-        extra = cost.marginal_list(x)[s]
-        if not keep[s][i] and abs(current + extra - target) < abs(current - target) and current + extra <= target + OVERSHOOT * cost.dense:
-            current += extra
-            x[s] += 1
-            keep[s][i] = 1.0
+    # Then the removed units come back, highest-scored first, while they fit; and where a gap is left
+    # that no unit fits into from below (every cheap unit already kept: a LeNet5 whose FC units all
+    # survived was left 1.1% short of 50%), a unit that lands closer, at most OVERSHOOT over.
+    for fits in (lambda new: new <= target + 1e-9,
+                 lambda new: abs(new - target) < abs(current - target) and new <= target + OVERSHOOT * cost.dense):
+        for s, i in reversed(removed):
+            extra = cost.marginal_list(x)[s]
+            if not keep[s][i] and fits(current + extra):
+                current += extra
+                x[s] += 1
+                keep[s][i] = 1.0
     return [k.view_as(sc).to(sc.device) for k, sc in zip(keep, scores)]
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from distswitch.checkpoint import STOPPED_FILE, collect_final
 from distswitch.config import Config
+from distswitch.io import write_json
 from distswitch.summary import Summary
 
 
@@ -77,13 +78,14 @@ class RunHandle:
         FINISHED (FAILED if logging them fails: a run never stays RUNNING)."""
         if self.run_id is not None:
             summary.mlflow = {"tracking_uri": self.uri, "run_id": self.run_id, "experiment": self.cfg.tracking.experiment}
-        summary.write(self.out / "summary.json")
+        data = summary.to_dict()
+        write_json(self.out / "summary.json", data)
         if self.run_id is not None:
             from distswitch.tracking import finish_run
 
             try:
-                finish_run(self.uri, self.run_id, self.out, summary.to_dict())
+                finish_run(self.uri, self.run_id, self.out, data)
             except BaseException as exc:  # the results are on disk; the run must not stay RUNNING
                 self.fail(exc)
                 raise
-        return summary.to_dict()
+        return data

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from distswitch.build import preflight, validate_names
 from distswitch.checkpoint import RESUME_KEYS
 from distswitch.config import Config, ConfigError
 from distswitch.data.datasets import DataError
@@ -66,8 +67,6 @@ def launch(cfg: Config, worker: Worker, summary_json: str | Path | None = None, 
     `launched_at`: the wall-clock origin of the start-up figures (the CLI passes the moment its
     `main` began; default: this call)."""
     launched_at = launched_at if launched_at is not None else time.time()
-    from distswitch.build import preflight, validate_names  # torch: after the config checks
-
     validate_names(cfg)
     if os.environ.get("RAY_ADDRESS"):
         cluster.check_ray_address(os.environ["RAY_ADDRESS"])

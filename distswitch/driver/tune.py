@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from distswitch.build import preflight, validate_names
 from distswitch.config import Config, ConfigError, set_dotted
 from distswitch.driver import cluster
 from distswitch.driver.run import RunHandle
@@ -72,8 +73,6 @@ def tune(cfg: Config, worker: Worker, launched_at: float | None = None) -> dict:
     """Run the search, `worker` on every trial's workers; returns its summary (also
     out_dir/tune_summary.json)."""
     launched_at = launched_at if launched_at is not None else time.time()
-    from distswitch.build import preflight, validate_names
-
     validate_names(cfg)
     if not cfg.tune.space:
         raise ConfigError("tune.space: empty; give at least one key, e.g. switcher.width: {choice: [16, 32, 64]}")

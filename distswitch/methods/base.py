@@ -81,8 +81,7 @@ class Method:
 
     def set_shrink(self, final_masks: list[torch.Tensor] | None) -> None:
         """Shrink the units outside `final_masks` (the final cut by the current scores; None: stop)."""
-        on = self.cfg.budget.sparse_learning > 0 and final_masks is not None
-        self.shrink = [1 - m for m in final_masks] if on else None
+        self.shrink = [1 - m for m in final_masks] if final_masks is not None else None
 
     def weight_penalty(self, sq_norms: list[torch.Tensor | None]) -> torch.Tensor | float:
         """TNN steps' extra loss: `budget.sparse_learning` times the group norms of the units to shrink."""

@@ -33,27 +33,22 @@ class _PruneOnce(Method):
         # the switcher's ramp; the cuts before the prune epoch act on the network as they are made.
         self.gradual = cfg.prune.schedule == "gradual" and cost is not None
         self.first_cut = cfg.schedule.warmup_epochs + 1 if self.gradual else self.prune_epoch  # the switcher's epochs
-        self.fraction = cfg.budget.fraction
 
     def on_epoch_start(self, epoch: int, views: list[UnitWeights]) -> None:
+        target = self.cfg.budget.fraction
         if self.first_cut <= epoch <= self.prune_epoch:
-            if self.gradual:
-                self.fraction = scheduled_fraction(self.cfg.budget.fraction, epoch, self.first_cut, self.prune_epoch)
-            self.source.set_masks(self.masks(views))
+            fraction = scheduled_fraction(target, epoch, self.first_cut, self.prune_epoch) if self.gradual else target
+            self.source.set_masks(self.masks(views, fraction))
         if self.cfg.budget.sparse_learning > 0:  # the switcher's epochs: from its first cut to the last
-            start = self.cfg.schedule.warmup_epochs + 1
-            final = None
-            if start <= epoch < self.prune_epoch:
-                now, self.fraction = self.fraction, self.cfg.budget.fraction
-                final = self.masks(views)  # the final cut by today's scores
-                self.fraction = now
-            self.set_shrink(final)
+            shrinking = self.cfg.schedule.warmup_epochs + 1 <= epoch < self.prune_epoch
+            self.set_shrink(self.masks(views, target) if shrinking else None)  # the final cut by today's scores
 
-    def masks(self, views: list[UnitWeights]) -> list[torch.Tensor]:
+    def masks(self, views: list[UnitWeights], fraction: float | None) -> list[torch.Tensor]:
+        """The cut to `fraction` of the budget's cost (None: no budget, prune.kept_fraction of the units)."""
         raise NotImplementedError
 
-    def cut(self, scores: list[torch.Tensor]) -> list[torch.Tensor]:
-        return self.budget_cut(scores, self.fraction, final=self.fraction == self.cfg.budget.fraction)
+    def cut(self, scores: list[torch.Tensor], fraction: float) -> list[torch.Tensor]:
+        return self.budget_cut(scores, fraction, final=fraction == self.cfg.budget.fraction)
 
     def selectable(self, epoch: int) -> bool:
         return epoch >= self.prune_epoch
@@ -86,10 +81,10 @@ class Magnitude(_PruneOnce):
     def gated(self, epoch: int) -> bool:
         return epoch >= self.first_cut
 
-    def masks(self, views):
+    def masks(self, views, fraction):
         scores = [_importance(spec, v.incoming) for spec, v in zip(self.specs, views)]
         if self.cost is not None:
-            return self.cut([_rank_fraction(s) for s in scores])
+            return self.cut([_rank_fraction(s) for s in scores], fraction)
         return [keep_top(s, _count(self.kept_fraction, s.numel())) for s in scores]
 
 
@@ -106,11 +101,11 @@ class Slimming(_PruneOnce):
             return 0.0
         return self.cfg.prune.l1 * sum(f.abs().sum() for f in factors)
 
-    def masks(self, views):
+    def masks(self, views, fraction):
         # One global threshold on |scale| (Liu et al.), but every layer keeps at least one unit.
         scales = [s.detach().abs() for s in self.source.scales]
         if self.cost is not None:
-            return self.cut(scales)
+            return self.cut(scales, fraction)
         flat = torch.cat([s.flatten() for s in scales])
         keep = _count(self.kept_fraction, flat.numel())
         global_mask = keep_top(flat, keep)

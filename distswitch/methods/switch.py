@@ -117,18 +117,18 @@ class Switch(Method):
         # The first switching epoch is not cut: a fresh switcher gives every unit the same factor,
         # and ties would be cut by index. The gradual baselines cut on the same epochs.
         start = self.cfg.schedule.warmup_epochs + 1
+        shrinking = self.cfg.budget.sparse_learning > 0 and start <= epoch < self.cut_epoch
         if start <= epoch <= self.cut_epoch:
-            self._cut(views, scheduled_fraction(self.cfg.budget.fraction, epoch, start, self.cut_epoch),
+            with torch.no_grad():
+                factors = self.source.switcher(views)  # one pass serves the cut and sparse learning
+            self._cut(factors, scheduled_fraction(self.cfg.budget.fraction, epoch, start, self.cut_epoch),
                       final=epoch == self.cut_epoch)
         if self.cfg.budget.sparse_learning > 0:  # (the first cut's epoch on: the scores mean something)
-            with torch.no_grad():
-                final = self.budget_cut(self.source.switcher(views), self.cfg.budget.fraction) if start <= epoch < self.cut_epoch else None
-            self.set_shrink(final)
+            self.set_shrink(self.budget_cut(factors, self.cfg.budget.fraction) if shrinking else None)
         self.source.set_cut(epoch >= self.cut_epoch)  # a resumed run gets the frozen factors from its checkpoint
 
     @torch.no_grad()
-    def _cut(self, views: list[UnitWeights], fraction: float, final: bool) -> None:
-        factors = self.source.switcher(views)
+    def _cut(self, factors: list[torch.Tensor], fraction: float, final: bool) -> None:
         masks = self.budget_cut(factors, fraction, final=final)
         for k, (f, m) in enumerate(zip(factors, masks)):
             self.source.masks()[k].copy_(m)

@@ -43,7 +43,7 @@ class RunState:
     checkpoint: bool = False  # this epoch is checkpointed
     rng: list[dict] | None = None  # every worker's generators, at checkpoint epochs
     folder: Path | None = None  # rank 0: this epoch's checkpoint folder
-    kept_folders: list[Path] = field(default_factory=list)  # rank 0: the latest checkpoint folder
+    latest: Path | None = None  # rank 0: the latest checkpoint folder (kept for a stop)
 
 
 class Record:
@@ -144,9 +144,9 @@ class KeepLatest:
         s = self.state
         if s.folder is None:
             return
-        if s.kept_folders:
-            shutil.rmtree(s.kept_folders.pop(), ignore_errors=True)
-        s.kept_folders.append(s.folder)
+        if s.latest is not None:
+            shutil.rmtree(s.latest, ignore_errors=True)
+        s.latest = s.folder
 
 
 def epoch_callbacks(cfg: Config, info: DatasetInfo, engine: Engine, replicas: Replicas, session, state: RunState,

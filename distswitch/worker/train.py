@@ -76,7 +76,7 @@ def _train(cfg: Config, session: Session, device: torch.device | None, launched_
     try:
         engine.fit(loaders.train, loaders.val, start_epoch=start_epoch, callbacks=callbacks, progress=progress)
     except TrainingStopped as exc:
-        report_stop(session, exc, scratch, state.kept_folders[-1] if state.kept_folders else restored, replicas)
+        report_stop(session, exc, scratch, state.latest or restored, replicas)
         raise
     return finish(cfg, session, engine, loaders, state, start_epoch, scratch, device, launched_at, marks)
 
