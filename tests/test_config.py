@@ -104,6 +104,35 @@ def test_warmup_and_finetune_epochs_must_leave_switcher_epochs(config_file):
         load_config(config_file, ["schedule.finetune_epochs=7"])  # 1 warm-up + 7 of 8 epochs
 
 
+@pytest.mark.parametrize(("epochs", "warmup", "finetune"), [(12, 1, 2), (8, 1, 2), (3, 0, 1), (2, 0, 1), (20, 2, 4)])
+def test_epoch_shares_resolve_to_whole_epochs_of_train_epochs(epochs, warmup, finetune):
+    cfg = load_config(None, [f"train.epochs={epochs}", "schedule.warmup_epochs=0.1", "schedule.finetune_epochs=0.2",
+                             "budget.kind=macs", "budget.fraction=0.5"])
+    assert (cfg.schedule.warmup_epochs, cfg.schedule.finetune_epochs) == (warmup, finetune)
+    assert type(cfg.schedule.warmup_epochs) is int and type(cfg.schedule.finetune_epochs) is int
+
+
+def test_a_share_keeps_the_fine_tuning_epoch_a_cut_needs():
+    # 0.2 of 2 epochs rounds to 0; the budget's cut and the baselines' prune need one epoch after them
+    assert load_config(None, ["train.epochs=2", "schedule.finetune_epochs=0.2", "budget.kind=macs",
+                              "budget.fraction=0.5"]).schedule.finetune_epochs == 1
+    assert load_config(None, ["train.epochs=2", "method=magnitude", "prune.finetune_epochs=0.2"]).prune.finetune_epochs == 1
+    assert load_config(None, ["train.epochs=2", "schedule.finetune_epochs=0.2"]).schedule.finetune_epochs == 0
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "1.0"])
+def test_an_epoch_share_outside_zero_to_one_is_refused_in_one_line(value):
+    with pytest.raises(ConfigError, match=r"^schedule\.warmup_epochs: got .*share of train\.epochs in \[0, 1\)"):
+        load_config(None, [f"schedule.warmup_epochs={value}"])
+
+
+def test_shipped_configs_keep_their_epochs_and_leave_switcher_epochs_when_shortened():
+    cfg = load_config(REPO_ROOT / "configs/fashion_lenet5.yaml")
+    assert (cfg.schedule.warmup_epochs, cfg.schedule.finetune_epochs, cfg.prune.finetune_epochs) == (1, 2, 2)
+    short = load_config(REPO_ROOT / "configs/fashion_lenet5.yaml", ["train.epochs=3"])
+    assert short.train.epochs - short.schedule.warmup_epochs - short.schedule.finetune_epochs == 2
+
+
 def test_nan_learning_rate_is_rejected_even_from_a_dict():
     with pytest.raises(ConfigError, match=r"^optim\.tnn\.lr:"):
         Config.from_dict({"optim": {"tnn": {"lr": math.nan}}})

@@ -4,10 +4,37 @@ datasets, methods, switchers, optimisers) are checked by `build.validate_names`,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 from distswitch.config.coerce import ConfigError, set_dotted
+
+
+# Epoch counts that may be given as a share of train.epochs, and the fewest epochs each may resolve to
+# when given as a share (a budget's cut needs a fine-tuning epoch after it; the baselines always do).
+_SHARES = {
+    ("schedule", "warmup_epochs"): lambda cfg: 0,
+    ("schedule", "finetune_epochs"): lambda cfg: int(cfg.budget.fraction is not None and cfg.method == "switch"),
+    ("prune", "finetune_epochs"): lambda cfg: int(cfg.method != "switch"),
+}
+
+
+def resolve_epoch_shares(cfg):
+    """The config with every epoch share (a number in [0, 1)) turned into whole epochs of train.epochs,
+    rounded half up, so one config serves a 3-epoch trial and a 12-epoch run; integers stay as given."""
+    for (section, key), fewest in _SHARES.items():
+        value = getattr(getattr(cfg, section), key)
+        if isinstance(value, int):
+            continue
+        if not 0 <= value < 1:
+            raise ConfigError(f"{section}.{key}: got {value!r}; must be an integer number of epochs or a share "
+                              f"of train.epochs in [0, 1) (e.g. 0.2)")
+        if cfg.train.epochs < 1:
+            return cfg  # check_values refuses train.epochs
+        epochs = max(fewest(cfg), math.floor(value * cfg.train.epochs + 0.5))
+        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{key: epochs})})
+    return cfg
 
 
 def check_values(cfg) -> None:
@@ -48,7 +75,8 @@ def check_values(cfg) -> None:
             key = "schedule.finetune_epochs" if f else "schedule.warmup_epochs"
             raise ConfigError(
                 f"{key}: warmup_epochs {w} + finetune_epochs {f} leave no switcher epoch of "
-                f"train.epochs={cfg.train.epochs}; lower them or raise train.epochs"
+                f"train.epochs={cfg.train.epochs}; lower them, give them as shares of train.epochs "
+                f"(e.g. warmup_epochs=0.1 finetune_epochs=0.2), or raise train.epochs"
             )
     limit = cfg.data.train_limit
     require(limit is None or limit >= 1, "data.train_limit", limit, "null or >= 1")
@@ -65,7 +93,7 @@ def check_values(cfg) -> None:
             0 < cfg.prune.finetune_epochs < cfg.train.epochs,
             "prune.finetune_epochs",
             cfg.prune.finetune_epochs,
-            f"in [1, train.epochs) = [1, {cfg.train.epochs})",
+            f"in [1, train.epochs) = [1, {cfg.train.epochs}), or a share of train.epochs such as 0.2",
         )
 
 

@@ -9,7 +9,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from distswitch.config.checks import check_values
+from distswitch.config.checks import check_values, resolve_epoch_shares
 from distswitch.config.coerce import build, to_plain
 
 
@@ -52,11 +52,12 @@ class SwitcherConfig:
 class ScheduleConfig:
     # k: k TNN steps, then 1 SNN step; "epoch": whole epochs alternate (TNN first), as in the papers.
     update_ratio: Union[int, Literal["epoch"]] = 4
-    # Dense TNN epochs before the switcher is switched on.
-    warmup_epochs: int = 0
+    # Dense TNN epochs before the switcher is switched on. An integer is epochs; a number in [0, 1)
+    # is that share of train.epochs, rounded (so `train.epochs=3` still leaves switcher epochs).
+    warmup_epochs: Union[int, float] = 0
     # Last epochs: TNN steps only, the switcher frozen (its factors still act) -- the counterpart
-    # of the baselines' fine-tuning.
-    finetune_epochs: int = 0
+    # of the baselines' fine-tuning. An integer or a share of train.epochs, as warmup_epochs.
+    finetune_epochs: Union[int, float] = 0
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,8 @@ class PruneConfig:
     # the budget at each epoch from schedule.warmup_epochs on (as the switcher's), masks re-derived
     # from the current weights each time, the last one at the budget.
     schedule: Literal["once", "gradual"] = "once"
-    finetune_epochs: int = 2
+    # Epochs after the (last) cut: an integer, or a share of train.epochs as schedule.warmup_epochs.
+    finetune_epochs: Union[int, float] = 2
     # Slimming's L1 coefficient on the per-neuron scales (Liu et al. 2017 use 1e-4 to 1e-5).
     l1: float = 1e-4
 
@@ -238,7 +240,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Config":
-        cfg = build(cls, data, prefix="")
+        cfg = resolve_epoch_shares(build(cls, data, prefix=""))
         check_values(cfg)
         return cfg
 
