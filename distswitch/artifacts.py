@@ -97,8 +97,10 @@ def factor_histograms(engine: Engine, epoch: int, bins: int = 20) -> dict:
         return {}
     out = {}
     for spec, f in zip(engine.gates.specs, factors):
-        counts, edges = np.histogram(f.detach().float().cpu().numpy().ravel(), bins=bins)
-        out[spec.layer] = {"counts": counts.tolist(), "edges": edges.tolist()}
+        values = f.detach().float().cpu().numpy().ravel()
+        # Units at exactly 0 are off (removed by the export): counted apart, not in the first bin.
+        counts, edges = np.histogram(values[values > 0], bins=bins)
+        out[spec.layer] = {"zeros": int((values == 0).sum()), "counts": counts.tolist(), "edges": edges.tolist()}
     return out
 
 

@@ -20,6 +20,7 @@ import torch
 from distswitch.config import Config, ConfigError
 from distswitch.data import DatasetInfo
 from distswitch.io import copy_file
+from distswitch.models.registry import rename_layer_key, renamed_layers
 
 CHECKPOINT_FORMAT = "distswitch.ckpt/1"
 # In a checkpoint folder: training stopped for good (TrainingStopped) after that folder's state.
@@ -57,7 +58,28 @@ def read(path: str | Path) -> dict:
     `load_state_dict` places model and optimiser state on the device, while RNG states must stay
     CPU ByteTensors (`torch.set_rng_state` refuses others) and optimiser step counters on the host
     (on a GPU each would cost a host sync per parameter per step)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return _rename_layers(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def _rename_layers(state):
+    """A bundle written before its model's layers were named (conv1, fc1, ...), in today's names: the
+    TNN's weights, the history's per-layer counts and the budget's per-layer widths."""
+    config = state.get("config") if isinstance(state, dict) else None
+    renamed = renamed_layers(config.get("model", {}).get("name", "")) if isinstance(config, dict) else {}
+    if not renamed or not any(key.partition(".")[0] in renamed for key in state.get("engine", {}).get("tnn", {})):
+        return state
+
+    def keys(d: dict) -> dict:
+        return {rename_layer_key(k, renamed): v for k, v in d.items()}
+
+    state["engine"]["tnn"] = keys(state["engine"]["tnn"])
+    for row in state.get("history", []):
+        if isinstance(row.get("kept"), dict) and isinstance(row["kept"].get("layers"), dict):
+            row["kept"]["layers"] = keys(row["kept"]["layers"])
+    budget = config.get("budget") or {}
+    if budget.get("widths"):
+        budget["widths"] = keys(budget["widths"])
+    return state
 
 
 def check_resumable(cfg: Config, state: dict, where) -> None:

@@ -27,6 +27,7 @@ from distswitch.cost import CostModel, units_cost_model
 from distswitch.gates import GateSpec
 from distswitch.io import save_torch, write_json
 from distswitch.models import create_tnn
+from distswitch.models.registry import rename_layer_key, renamed_layers
 
 FORMAT = "distswitch.compact/1"
 _OUT_HANDLERS = {"conv": tp.prune_conv_out_channels, "linear": tp.prune_linear_out_channels}
@@ -168,8 +169,9 @@ def load_compact(path: str | Path, map_location: str | torch.device = "cpu") -> 
     arch = json.loads(bundle["arch"])
     model = create_tnn(arch["model"], arch["in_channels"], arch["num_classes"], arch["image_size"])
     example = torch.zeros(1, arch["in_channels"], arch["image_size"], arch["image_size"])
-    apply_plan(model, arch["plan"], example)
-    model.load_state_dict(bundle["state_dict"])
+    renamed = renamed_layers(arch["model"])  # written before the model's layers had names
+    apply_plan(model, [{**item, "layer": rename_layer_key(item["layer"], renamed)} for item in arch["plan"]], example)
+    model.load_state_dict({rename_layer_key(k, renamed): v for k, v in bundle["state_dict"].items()})
     return model.eval()
 
 

@@ -17,6 +17,11 @@ from distswitch.io import write_json
 DRIVER_FIELDS = ("checkpoint_path", "mlflow")
 
 
+def width_label(layer: str, row: dict) -> str:
+    """How a gated layer is shown to a person: its name and its units before -> after, 'fc1 500→290'."""
+    return f"{layer} {row['units']}→{row['kept']}"
+
+
 @dataclass
 class Summary:
     model: str

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from distswitch.config import Config, ConfigError
 from distswitch.io import atomic_path
+from distswitch.summary import width_label
 
 RUN_KEY_TAG = "distswitch.run_key"  # storage path + run name: what identifies a resumable run
 
@@ -201,7 +202,7 @@ def figures(summary: dict, folder: Path) -> list[Path]:
     names = list(layers)
     ax.bar(range(len(names)), [layers[n]["units"] for n in names], color="#cccccc", label="units")
     ax.bar(range(len(names)), [layers[n]["kept"] for n in names], color="#1f77b4", label="kept")
-    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    ax.set_xticks(range(len(names)), [width_label(n, layers[n]) for n in names], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("units")
     ax.set_title(f"kept {summary['kept_fraction']:.1%} of gated units")
     ax.legend()
@@ -224,8 +225,14 @@ def figures(summary: dict, folder: Path) -> list[Path]:
         fig, axes = plt.subplots(1, len(factors), figsize=(3 * len(factors), 2.8), squeeze=False)
         for ax, (layer, hist) in zip(axes[0], factors.items()):
             ax.bar(hist["edges"][:-1], hist["counts"], width=[b - a for a, b in zip(hist["edges"], hist["edges"][1:])],
-                   align="edge")
-            ax.set_title(layer, fontsize=8)
+                   align="edge", label="on (> 0)")
+            zeros = hist.get("zeros")  # summaries before the split have none
+            if zeros:
+                ax.bar([0], [zeros], width=(hist["edges"][-1] - hist["edges"][0]) / 40 or 0.02, color="#d62728",
+                       label=f"off (= 0): {zeros}")
+            ax.legend(fontsize=7)
+            row = layers.get(layer)
+            ax.set_title(width_label(layer, row) if row else layer, fontsize=8)
             ax.set_xlabel("factor")
         fig.tight_layout()
         paths.append(_save(fig, folder / "factor_histograms.png"))

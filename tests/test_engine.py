@@ -195,9 +195,9 @@ def test_slimming_scales_train_with_the_tnn():
 
 
 @pytest.mark.parametrize("name, kept_fraction, expected", [
-    ("lenet5", 0.5, {"0": 10, "3": 25, "7": 250}),
-    ("lenet5", 0.25, {"0": 5, "3": 13, "7": 125}),
-    ("mlp", 0.55, {"1": 165, "3": 55}),
+    ("lenet5", 0.5, {"conv1": 10, "conv2": 25, "fc1": 250}),
+    ("lenet5", 0.25, {"conv1": 5, "conv2": 13, "fc1": 125}),
+    ("mlp", 0.55, {"fc1": 165, "fc2": 55}),
 ])
 def test_magnitude_keeps_ceil_fraction_of_units_per_layer_at_the_prune_epoch(name, kept_fraction, expected):
     engine = _engine(name, method="magnitude", prune={"kept_fraction": kept_fraction, "finetune_epochs": 1})
@@ -292,10 +292,10 @@ def _group_norms(engine: Engine) -> list[torch.Tensor]:
 
 def test_a_units_group_norm_covers_its_incoming_weights_bias_and_outgoing_weights_by_hand():
     engine = _engine("lenet5", method="dense")
-    conv2, fc1 = engine.tnn[3], engine.tnn[7]
+    conv2, fc1 = engine.tnn.conv2, engine.tnn.fc1
     c = 7  # conv2's channel 7: fc1 reads it at its 16 flattened positions (50 x 4 x 4, channel-major)
     by_hand = conv2.weight[c].square().sum() + conv2.bias[c].square() + fc1.weight[:, c * 16:(c + 1) * 16].square().sum()
-    layer = [s.layer for s in engine.gates.specs].index("3")
+    layer = [s.layer for s in engine.gates.specs].index("conv2")
     assert torch.allclose(engine.gates.unit_sq_norms()[layer][c], by_hand)
 
 

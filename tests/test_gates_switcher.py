@@ -198,16 +198,16 @@ def test_zero_connection_factors_leave_only_the_bias():
 
 def _mlp_switcher(arch: str = "rowwise", **kw):
     model = _model("mlp")
-    specs = find_gates(model, "all", "neuron")  # layers '1' (300 units) and '3' (100 units)
+    specs = find_gates(model, "all", "neuron")  # layers fc1 (300 units) and fc2 (100 units)
     readers = find_readers(model, specs, _input(1))
     return model, GateSet(model, specs, readers), build_switcher(specs, SwitcherConfig(arch=arch, **kw))
 
 
 def test_readers_map_each_conv_channel_to_its_flattened_columns_of_the_next_linear():
     model = create_tnn("lenet5", 1, 10, 28)
-    specs = find_gates(model, "all", "neuron")  # '0' (20 channels), '3' (50 channels), '7' (500 units)
+    specs = find_gates(model, "all", "neuron")  # conv1 (20 channels), conv2 (50 channels), fc1 (500 units)
     readers = find_readers(model, specs, torch.zeros(1, 1, 28, 28))
-    assert [[name for name, _ in r] for r in readers] == [["3"], ["7"], ["9"]]
+    assert [[name for name, _ in r] for r in readers] == [["conv2"], ["fc1"], ["fc2"]]
     _, idx = readers[1][0]
     assert idx.shape == (50, 16)  # 50 channels of 4x4 after pooling, flattened channel-major
     assert torch.equal(idx[7], torch.arange(7 * 16, 8 * 16))

@@ -61,7 +61,7 @@ def test_the_default_job_leaves_one_finished_mlflow_run_with_metrics_architectur
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1, 2], key
     # SNN steps run in the alternating epoch only (epoch 0 is the warm-up, epoch 2 fine-tuning).
     assert [m.step for m in client.get_metric_history(run.info.run_id, "snn/loss")] == [1]
-    assert any(k.startswith("kept/") for k in run.data.metrics)
+    assert {k for k in run.data.metrics if k.startswith("kept/")} == {"kept/conv1", "kept/conv2", "kept/fc1"}
     assert run.data.metrics["test/acc"] == summary["test_acc"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "summary.json", "model.arch.json", "architecture", "figures"} <= artifacts
@@ -124,6 +124,11 @@ def test_switch_training_reports_accuracy_size_and_speed(switch_run):
     assert summary["selected_epoch"] == 2
     assert abs(summary["compact"]["macs"] / summary["dense"]["macs"] - 0.5) <= 0.01
     assert summary["export_max_abs_diff"] <= 1e-4
+    # Layers by name; the factors at exactly 0 (the units the cut removed) counted apart from the rest.
+    assert list(summary["kept_per_layer"]) == list(summary["factor_histograms"]) == ["conv1", "conv2", "fc1"]
+    for layer, hist in summary["factor_histograms"].items():
+        row = summary["kept_per_layer"][layer]
+        assert hist["zeros"] == row["units"] - row["kept"] and sum(hist["counts"]) == row["kept"], layer
     for name in ("model.pt", "model.arch.json", "config.yaml", "checkpoints/best.pt"):
         assert (out / name).is_file(), name
     # One Ray Train checkpoint per epoch and a final one; the newest `checkpoints_to_keep` (2) stay.

@@ -31,6 +31,7 @@ from distswitch.engine import Engine, EpochStats
 from distswitch.export import count
 from distswitch.io import save_torch
 from distswitch.parallel import Replicas, state_digest
+from distswitch.summary import width_label
 
 
 @dataclass
@@ -193,5 +194,7 @@ def tracking_metrics(stats: EpochStats, size: dict | None, dense: dict) -> dict:
 
 def epoch_line(cfg: Config, s: EpochStats) -> str:
     losses = " ".join(f"{ph}/loss={v:.4f}" for ph, v in s.train_loss.items())
+    layers = (s.kept or {}).get("layers") or {}
+    widths = " [" + ", ".join(width_label(layer, row) for layer, row in layers.items()) + "]" if layers else ""
     return (f"epoch {s.epoch + 1}/{cfg.train.epochs} {losses} val/acc={s.val_acc:.4f} "
-            f"kept={s.kept_fraction:.3f} ({s.seconds:.1f}s, {s.images_per_s:.0f} img/s)")
+            f"kept={s.kept_fraction:.3f}{widths} ({s.seconds:.1f}s, {s.images_per_s:.0f} img/s)")
