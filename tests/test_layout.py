@@ -17,8 +17,8 @@ LEVELS = [
     {"gates"},
     {"switcher", "schedule", "cost"},
     {"methods", "parallel"},
-    {"engine", "export", "tracking"},
-    {"build", "checkpoint", "summary"},  # what the worker and the driver both need
+    {"engine", "export"},
+    {"build", "checkpoint", "summary", "tracking"},  # what the worker and the driver both need
     {"artifacts"},
     {"worker", "driver"},  # siblings: neither imports the other (below)
     {"cli"},  # wires the worker's entry into the driver
