@@ -95,7 +95,7 @@ bench-table: data
 OUT ?= outputs/fashion_lenet5
 PORT ?= 5000
 ui: setup
-	$(UV) run --locked mlflow ui --backend-store-uri sqlite:///$(abspath $(OUT))/mlflow.db --host 127.0.0.1 --port $(PORT)
+	$(UV) run --locked mlflow ui --backend-store-uri sqlite:///$(abspath $(OUT))/mlflow.db --host 127.0.0.1 --port $(PORT) --workers 1
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -110,18 +110,31 @@ def test_runs_without_a_store_says_how_to_name_one(tmp_path, capsys, monkeypatch
 
 @pytest.mark.slow
 def test_make_ui_serves_the_store_on_loopback_only(tmp_path):
+    # It once found no listener within 120 s in a full run: `mlflow ui` started MLflow's default 4
+    # workers, each importing all of MLflow, on 2 cores still shared with the previous test's Ray
+    # processes (70 s under load, against 29 s with the one worker `make ui` now asks for). The wait
+    # is for the server's own answer, and a server that exits says why.
+    import urllib.request
+
     open_run(_cfg(tmp_path), "store/run")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen(["make", "--no-print-directory", "ui", f"OUT={tmp_path / 'run'}", f"PORT={port}"],
-                            cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "ui.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(["make", "--no-print-directory", "ui", f"OUT={tmp_path / 'run'}", f"PORT={port}"],
+                                cwd=REPO_ROOT, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline, hosts = time.time() + 120, set()
-        while time.time() < deadline and not hosts:
-            hosts = {c.laddr.ip for c in psutil.net_connections(kind="inet")
-                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
-            time.sleep(0.5)
+        deadline, answered = time.time() + 180, False
+        while time.time() < deadline and not answered and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    answered = r.status == 200
+            except OSError:
+                time.sleep(0.5)
+        assert answered, f"make ui: no answer on port {port} (exit {proc.poll()}): {log.read_text()[-2000:]}"
+        hosts = {c.laddr.ip for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
         assert hosts == {"127.0.0.1"}, hosts
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
