@@ -91,11 +91,12 @@ bench-table: data
 	OMP_NUM_THREADS=1 $(BENCH)/fashion_table.py --out outputs/table_mlp_seed2 train.seed=2 --models mlp
 	$(BENCH)/seed_summary.py outputs/table_mlp outputs/table_mlp_seed1 outputs/table_mlp_seed2
 
-## ui: the MLflow UI of a run's store on http://127.0.0.1:5000 (OUT=out_dir, default make train's)
-OUT ?= outputs/fashion_lenet5
+## ui: the MLflow UI on http://127.0.0.1:5000 of the store every run launched here logs to (./mlflow.db;
+## STORE=DIR for another directory's); one server worker: MLflow's default 4 take a minute to start on 2 cores
+STORE ?= .
 PORT ?= 5000
 ui: setup
-	$(UV) run --locked mlflow ui --backend-store-uri sqlite:///$(abspath $(OUT))/mlflow.db --host 127.0.0.1 --port $(PORT) --workers 1
+	$(UV) run --locked mlflow ui --backend-store-uri sqlite:///$(abspath $(STORE))/mlflow.db --host 127.0.0.1 --port $(PORT) --workers 1
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -15,6 +15,9 @@ import time
 from distswitch.config import ConfigError, load_config
 from distswitch.registry import UnknownNameError
 
+# `distswitch runs --sort`: columns where higher is better first, sizes smallest first.
+SORTABLE = ("test_acc", "val_acc", "kept", "params", "macs")
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distswitch", description="Switcher networks: train, prune, export.")
@@ -44,11 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--jpeg-quality", type=int, default=90, help="imagefolder: JPEG quality (default 90)")
     prep.add_argument("--force", action="store_true", help="rewrite even when the folder is up to date")
 
-    runs = sub.add_parser("runs", help="a table of the MLflow runs of an experiment")
-    runs.add_argument("--experiment", default="distswitch", help="MLflow experiment (default: distswitch)")
+    runs = sub.add_parser("runs", help="a table of the runs of an MLflow store (every experiment, or one)")
+    runs.add_argument("--experiment", help="only this MLflow experiment (default: all of them)")
+    runs.add_argument("--sort", choices=SORTABLE, help="best first by this column (default: newest first)")
     where = runs.add_mutually_exclusive_group()
-    where.add_argument("--uri", help="tracking URI (default: MLFLOW_TRACKING_URI)")
-    where.add_argument("--out-dir", help="a run's out_dir: its own store, sqlite:///OUT_DIR/mlflow.db")
+    where.add_argument("--uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    where.add_argument("--out-dir", help="the store a run's out_dir logged to (its summary.json says which)")
 
     export = sub.add_parser("export", help="compact model from a training checkpoint")
     export.add_argument("checkpoint", help="e.g. outputs/run/checkpoints/best.pt")
@@ -105,23 +109,37 @@ def _cmd_data(args) -> int:
     return 0
 
 
-def _cmd_runs(args) -> int:
+def _store(args) -> str:
+    """The store `runs` and `compare` read: --uri, a run's (--out-dir), MLFLOW_TRACKING_URI, or the
+    default one of this directory (where `distswitch train` logs when nothing else is set)."""
     import os
     from pathlib import Path
 
-    from distswitch.tracking import format_table, runs_table
+    from distswitch.tracking import default_uri
 
     if args.out_dir:
-        db = Path(args.out_dir).resolve() / "mlflow.db"
-        if not db.is_file():
-            raise ConfigError(f"--out-dir: no MLflow store at {db}; pass the out_dir of a run (or --uri)")
-        uri = f"sqlite:///{db}"
-    else:
-        uri = args.uri or os.environ.get("MLFLOW_TRACKING_URI")
-        if not uri:
-            raise ConfigError("runs: say which store: --out-dir OUT_DIR, --uri URI or MLFLOW_TRACKING_URI")
-    rows = runs_table(uri, args.experiment)
-    print(format_table(rows) if rows else f"no runs in experiment {args.experiment!r}")
+        out = Path(args.out_dir).resolve()
+        summary = out / "summary.json"
+        if summary.is_file() and (json.loads(summary.read_text()).get("mlflow") or {}).get("tracking_uri"):
+            return json.loads(summary.read_text())["mlflow"]["tracking_uri"]
+        if (out / "mlflow.db").is_file():  # a run from when each run had its own store
+            return default_uri(out)
+        raise ConfigError(f"--out-dir: {out} has no summary.json naming its MLflow store (and no mlflow.db); "
+                          "pass the out_dir of a finished run, or --uri")
+    if args.uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return args.uri or os.environ["MLFLOW_TRACKING_URI"]
+    if not Path("mlflow.db").is_file():
+        raise ConfigError(f"no MLflow store here ({Path.cwd() / 'mlflow.db'}); run this where the runs were launched, "
+                          "or pass --uri URI / --out-dir OUT_DIR")
+    return default_uri(Path.cwd())
+
+
+def _cmd_runs(args) -> int:
+    from distswitch.tracking import format_table, runs_table
+
+    rows = runs_table(_store(args), args.experiment, sort=args.sort)
+    where = f"experiment {args.experiment!r}" if args.experiment else "the store"
+    print(format_table(rows) if rows else f"no runs in {where}")
     return 0
 
 

@@ -7,9 +7,10 @@ metrics are logged after the epoch's checkpoint is reported: an epoch that is re
 restart was never logged before it. The driver logs the final artifacts and marks the run
 FINISHED, FAILED (with the error) or KILLED.
 
-Default store: `sqlite:///<out_dir>/mlflow.db`, artifacts under `<out_dir>/mlartifacts` (offline).
-`tracking.uri` or `MLFLOW_TRACKING_URI` name a server instead; the URI travels to the workers in
-the trainer's config.
+Default store: MLflow's own, `mlflow.db` in the directory the run is launched from, artifacts in
+`mlruns/` beside it, so every run launched there lands in one store and a plain `mlflow ui` there
+shows them all (see `store_dir`). `tracking.uri` or `MLFLOW_TRACKING_URI` name a server instead;
+the URI travels to the workers in the trainer's config.
 """
 
 from __future__ import annotations
@@ -29,12 +30,36 @@ from distswitch.summary import width_label
 RUN_KEY_TAG = "distswitch.run_key"  # storage path + run name: what identifies a resumable run
 
 
+# Set by `ray job submit` in the job's driver, whose working directory is Ray's temporary copy of
+# --working-dir (gone with the job).
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def store_dir(cfg: Config) -> Path:
+    """Where the default store lives: the launch directory (MLflow's default `./mlflow.db`); in a
+    submitted Ray job, out_dir's parent (the job's own directory is temporary); and for a run begun
+    while each run had its own store (`<out_dir>/mlflow.db`), that store, so it continues its run."""
+    out = Path(cfg.out_dir).resolve()
+    if (out / "mlflow.db").is_file():
+        return out
+    return out.parent if os.environ.get(RAY_JOB_ENV) else Path.cwd()
+
+
+def experiment_name(cfg: Config) -> str:
+    """tracking.experiment; a config built without a file (from a dict) names none: "distswitch"."""
+    return cfg.tracking.experiment or "distswitch"
+
+
+def default_uri(folder: Path) -> str:
+    return f"sqlite:///{Path(folder).resolve() / 'mlflow.db'}"
+
+
 def tracking_uri(cfg: Config) -> str:
     if cfg.tracking.uri:
         return cfg.tracking.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{Path(cfg.out_dir).resolve() / 'mlflow.db'}"
+    return default_uri(store_dir(cfg))
 
 
 def mlflow_client(uri: str):
@@ -63,14 +88,16 @@ def open_run(cfg: Config, run_key: str, parent_run_id: str | None = None) -> tup
     _check_reachable(uri)
     client = mlflow_client(uri)
     try:
-        experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+        experiment = client.get_experiment_by_name(experiment_name(cfg))
     except Exception as exc:  # connection refused, bad scheme, ...: say which setting to fix
         raise ConfigError(f"tracking.uri: cannot reach MLflow at {uri!r} ({type(exc).__name__}: {str(exc)[:200]}); "
                           "start the server or set tracking.uri / MLFLOW_TRACKING_URI") from None
     if experiment is None:
-        local = uri.startswith("sqlite:") and not cfg.tracking.uri and not os.environ.get("MLFLOW_TRACKING_URI")
-        location = (Path(cfg.out_dir).resolve() / "mlartifacts").as_uri() if local else None
-        experiment_id = client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+        local = uri.startswith("sqlite:///")
+        # Artifacts beside a local store (MLflow's ./mlruns, made absolute: workers and later
+        # launches run elsewhere); a server keeps its own artifact root.
+        location = (Path(uri[len("sqlite:///"):]).parent / "mlruns" / experiment_name(cfg)).as_uri() if local else None
+        experiment_id = client.create_experiment(experiment_name(cfg), artifact_location=location)
     else:
         experiment_id = experiment.experiment_id
     found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
@@ -257,27 +284,50 @@ def git_sha() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-RUN_COLUMNS = ("run", "status", "method", "model", "width", "ratio", "val_acc", "test_acc", "kept", "params", "macs")
+RUN_COLUMNS = ("experiment", "run", "status", "method", "model", "budget", "val_acc", "test_acc", "kept", "params",
+               "macs")
+# Sort keys of `distswitch runs --sort`: the metric behind each column, and whether larger is better.
+_SORT = {"test_acc": ("test/acc", True), "val_acc": ("val/selected_acc", True),
+         "kept": ("selected/kept_fraction", False), "params": ("selected/compact/params", False),
+         "macs": ("selected/compact/macs", False)}
 
 
-def runs_table(uri: str, experiment: str) -> list[dict]:
-    """One row per run of `experiment`, newest first (`distswitch runs`)."""
+def store_runs(uri: str, experiment: str | None = None) -> list:
+    """(experiment name, run) for the runs of a store (a search's trials included), newest first:
+    every experiment, or the one named."""
     client = mlflow_client(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        names = ", ".join(e.name for e in client.search_experiments()) or "none"
-        raise ConfigError(f"--experiment: no experiment {experiment!r} in {uri} (there: {names})")
+    experiments = {e.experiment_id: e.name for e in client.search_experiments()}
+    if experiment is not None:
+        if experiment not in experiments.values():
+            names = ", ".join(sorted(experiments.values())) or "none"
+            raise ConfigError(f"--experiment: no experiment {experiment!r} in {uri} (there: {names})")
+        experiments = {i: n for i, n in experiments.items() if n == experiment}
+    if not experiments:
+        return []
+    runs = client.search_runs(list(experiments), order_by=["attributes.start_time DESC"], max_results=5000)
+    return [(experiments[r.info.experiment_id], r) for r in runs]
+
+
+def runs_table(uri: str, experiment: str | None = None, sort: str | None = None) -> list[dict]:
+    """One row per run, newest first or best first by `sort` (`distswitch runs`)."""
+    found = store_runs(uri, experiment)
+    if sort is not None:
+        metric, larger = _SORT[sort]
+        found.sort(key=lambda er: (metric not in er[1].data.metrics,
+                                   -er[1].data.metrics.get(metric, 0) if larger else er[1].data.metrics.get(metric, 0)))
     rows = []
-    for run in client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1000):
+    for name, run in found:
         p, m = run.data.params, run.data.metrics
 
         def num(key, fmt):
             return format(m[key], fmt) if key in m else "-"
 
+        budget = p.get("budget.fraction", "null")
         rows.append({
-            "run": run.info.run_name, "status": run.info.status, "method": p.get("method", "-"),
-            "model": p.get("model.name", "-"), "width": p.get("switcher.width", "-"),
-            "ratio": p.get("schedule.update_ratio", "-"), "val_acc": num("val/selected_acc", ".4f"),
+            "experiment": name, "run": run.info.run_name, "status": run.info.status, "method": p.get("method", "-"),
+            "model": p.get("model.name", "-"),
+            "budget": f"{float(budget):.0%} {p.get('budget.kind', '')}".strip() if budget not in ("null", "None") else "-",
+            "val_acc": num("val/selected_acc", ".4f"),
             "test_acc": num("test/acc", ".4f"), "kept": num("selected/kept_fraction", ".1%"),
             "params": num("selected/compact/params", ",.0f"), "macs": num("selected/compact/macs", ",.0f"),
         })

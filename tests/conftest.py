@@ -37,7 +37,21 @@ def fashion_mnist_root() -> Path:
     return root
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
+def session_store(tmp_path_factory):
+    """Runs made by module-scoped fixtures log here, not to the default store of the directory
+    pytest runs in (the repository): MLflow's default is ./mlflow.db, one for every launch there."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+@pytest.fixture
 def no_leaked_tracking_uri():
     """A test that leaves MLFLOW_TRACKING_URI changed sends every later run in the session to its
     store (it once put a stray run into the tune test's experiment)."""
@@ -45,6 +59,15 @@ def no_leaked_tracking_uri():
     yield
     after = os.environ.get("MLFLOW_TRACKING_URI")
     assert after == before, f"the test left MLFLOW_TRACKING_URI={after!r} (was {before!r})"
+
+
+@pytest.fixture(autouse=True)
+def mlflow_store(no_leaked_tracking_uri, monkeypatch, tmp_path):
+    """Each test's runs (its subprocesses' too) log to a store of its own; tests of the default
+    location unset MLFLOW_TRACKING_URI themselves (monkeypatch puts it back before the leak check)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
 
 
 @pytest.fixture(scope="session", autouse=True)

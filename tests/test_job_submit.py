@@ -32,6 +32,7 @@ def head(tmp_path_factory):
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)  # jobs use the default store (conftest sets one for the tests)
     gcs, dash = free_port(), free_port()
     started = _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
                    f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats", env=env)
@@ -64,7 +65,9 @@ def test_ray_job_submit_runs_distswitch_train_to_success(head, tmp_path, fashion
     assert (out / "model.pt").is_file() and (out / "checkpoints" / "best.pt").is_file()
     # The job joined the head (RAY_ADDRESS set by the job server) instead of starting a cluster.
     assert "test acc" in submit.stdout
-    # Its MLflow run (the default store in out_dir): finished, with the epochs and the test accuracy.
+    # Its MLflow run, in the default store of a job: beside out_dir (the job's own directory is Ray's
+    # temporary copy of --working-dir); finished, with the epochs and the test accuracy.
+    assert summary["mlflow"]["tracking_uri"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(summary["mlflow"]["tracking_uri"])
     run = client.get_run(summary["mlflow"]["run_id"])
     assert run.info.status == "FINISHED" and run.data.metrics["test/acc"] == summary["test_acc"]

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO_ROOT, make_config
 from distswitch.cli import main
-from distswitch.config import ConfigError
+from distswitch.config import ConfigError, load_config
 from distswitch.tracking import RUN_KEY_TAG, EpochLogger, fail_run, flatten, open_run
 
 
@@ -23,17 +23,57 @@ def _cfg(tmp_path, **sections):
     return make_config(out_dir=str(tmp_path / "run"), **sections)
 
 
-def test_a_new_run_holds_the_flattened_config_and_config_yaml(tmp_path):
+def test_a_new_run_holds_the_flattened_config_and_config_yaml(tmp_path, mlflow_store):
     cfg = _cfg(tmp_path, switcher={"width": 24})
     uri, run_id = open_run(cfg, "store/run")
-    assert uri == f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
+    assert uri == mlflow_store
     run = MlflowClient(uri).get_run(run_id)
     assert run.info.status == "RUNNING" and run.info.run_name == "run"
     assert run.data.params["switcher.width"] == "24" and run.data.params["optim.tnn.lr"] == "0.05"
     assert set(run.data.params) == set(flatten(cfg.to_dict()))
     assert run.data.tags[RUN_KEY_TAG] == "store/run"
     assert "config.yaml" in [a.path for a in MlflowClient(uri).list_artifacts(run_id)]
-    assert MlflowClient(uri).get_experiment(run.info.experiment_id).artifact_location.endswith("/run/mlartifacts")
+
+
+def test_without_a_uri_every_run_launched_from_a_directory_lands_in_its_one_store(tmp_path, monkeypatch):
+    """MLflow's own default, ./mlflow.db with artifacts in ./mlruns: a plain `mlflow ui` there shows
+    every run; experiments are named by config, runs by their out_dir."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    (project / "a.yaml").write_text("method: switch\n")
+    first = open_run(load_config(project / "a.yaml", ["out_dir=outputs/one"]), "k1")
+    second = open_run(load_config(project / "a.yaml", ["out_dir=outputs/two", "method=magnitude"]), "k2")
+    other = open_run(load_config(None, ["out_dir=/elsewhere/three"]), "k3")
+    assert first[0] == second[0] == other[0] == f"sqlite:///{project / 'mlflow.db'}"
+    client = MlflowClient(first[0])
+    runs = {client.get_run(run_id).info.run_name: client.get_run(run_id) for _, run_id in (first, second, other)}
+    assert set(runs) == {"one", "two", "three"}
+    names = {r.info.run_name: client.get_experiment(r.info.experiment_id).name for r in runs.values()}
+    assert names == {"one": "a", "two": "a", "three": "distswitch"}
+    location = client.get_experiment(runs["one"].info.experiment_id).artifact_location
+    assert location == (project / "mlruns" / "a").as_uri()
+
+
+def test_a_run_begun_in_its_own_out_dir_store_keeps_it(tmp_path, monkeypatch):
+    # Before one store per directory, each run had <out_dir>/mlflow.db: resuming it continues that run.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg(tmp_path)
+    legacy = f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
+    (tmp_path / "run").mkdir()
+    _, old = open_run(_cfg(tmp_path, tracking={"uri": legacy}), "store/run")
+    assert open_run(cfg, "store/run") == (legacy, old)
+
+
+def test_a_submitted_ray_job_keeps_its_store_beside_its_out_dir(tmp_path, monkeypatch):
+    # The job's working directory is Ray's temporary copy of --working-dir, gone with the job.
+    from distswitch.tracking import RAY_JOB_ENV, tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv(RAY_JOB_ENV, "{}")
+    assert tracking_uri(_cfg(tmp_path)) == f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
 def test_an_unfinished_run_is_continued_not_duplicated(tmp_path):
@@ -94,15 +134,28 @@ def test_runs_lists_each_run_with_its_settings_and_results(tmp_path, capsys):
     EpochLogger(uri, run_id).log({"test/acc": 0.8765, "val/selected_acc": 0.88, "selected/kept_fraction": 0.5,
                                   "selected/compact/params": 12345, "selected/compact/macs": 67890}, step=3)
     MlflowClient(uri).set_terminated(run_id, "FINISHED")
-    assert main(["runs", "--out-dir", str(tmp_path / "run")]) == 0
+    assert main(["runs"]) == 0  # the store MLFLOW_TRACKING_URI names
     header, row = capsys.readouterr().out.strip().splitlines()
-    assert header.split() == ["run", "status", "method", "model", "width", "ratio", "val_acc", "test_acc", "kept",
+    assert header.split() == ["experiment", "run", "status", "method", "model", "budget", "val_acc", "test_acc", "kept",
                               "params", "macs"]
-    assert row.split() == ["run", "FINISHED", "switch", "lenet5", "24", "2", "0.8800", "0.8765", "50.0%", "12,345", "67,890"]
+    assert row.split() == ["distswitch", "run", "FINISHED", "switch", "lenet5", "-", "0.8800", "0.8765", "50.0%",
+                           "12,345", "67,890"]
+
+
+def test_runs_lists_every_experiment_and_sorts_by_a_metric(tmp_path, capsys):
+    for name, experiment, acc in (("a", "one", 0.7), ("b", "two", 0.9), ("c", "one", 0.8)):
+        uri, run_id = open_run(make_config(out_dir=str(tmp_path / name), tracking={"experiment": experiment}), name)
+        EpochLogger(uri, run_id).log({"test/acc": acc}, step=0)
+    assert main(["runs", "--sort", "test_acc"]) == 0
+    rows = [line.split()[:2] for line in capsys.readouterr().out.strip().splitlines()[1:]]
+    assert rows == [["two", "b"], ["one", "c"], ["one", "a"]]
+    assert main(["runs", "--experiment", "one"]) == 0
+    assert [line.split()[1] for line in capsys.readouterr().out.strip().splitlines()[1:]] == ["c", "a"]  # newest first
 
 
 def test_runs_without_a_store_says_how_to_name_one(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
     assert main(["runs"]) == 2
     assert "--out-dir" in capsys.readouterr().err
     assert main(["runs", "--out-dir", str(tmp_path)]) == 2
@@ -122,7 +175,7 @@ def test_make_ui_serves_the_store_on_loopback_only(tmp_path):
         port = s.getsockname()[1]
     log = tmp_path / "ui.log"
     with log.open("w") as sink:
-        proc = subprocess.Popen(["make", "--no-print-directory", "ui", f"OUT={tmp_path / 'run'}", f"PORT={port}"],
+        proc = subprocess.Popen(["make", "--no-print-directory", "ui", f"STORE={tmp_path}", f"PORT={port}"],
                                 cwd=REPO_ROOT, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline, answered = time.time() + 180, False
@@ -158,7 +211,8 @@ def test_logging_the_model_leaves_the_processs_tracking_uri_as_it_was(before, mo
     cfg = _cfg(tmp_path)
     from distswitch.tracking import tracking_uri
 
-    assert tracking_uri(cfg) == (before or f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    assert tracking_uri(cfg) == (before or f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
 def test_marking_a_run_failed_in_a_store_that_is_gone_only_warns(tmp_path, capsys):

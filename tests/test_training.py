@@ -50,8 +50,9 @@ def test_the_default_job_leaves_one_finished_mlflow_run_with_metrics_architectur
 
     out, summary = switch_run
     client = MlflowClient(summary["mlflow"]["tracking_uri"])
-    experiment = client.get_experiment_by_name("distswitch")
-    runs = client.search_runs([experiment.experiment_id])
+    experiment = client.get_experiment_by_name("fashion_lenet5")  # named by the config file
+    assert summary["mlflow"]["experiment"] == "fashion_lenet5"
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`distswitch.out_dir` = '{out.resolve()}'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].info.run_id == summary["mlflow"]["run_id"]
     run = runs[0]
     assert run.data.params["model.name"] == "lenet5" and run.data.params["train.epochs"] == "3"

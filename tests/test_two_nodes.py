@@ -141,7 +141,8 @@ def _train(cluster: Cluster, out: Path, betons: Path, *overrides: str) -> subpro
     args = [sys.executable, "-m", "distswitch.cli", "train", str(DEFAULT_CONFIG), f"out_dir={out}",
             "distributed.num_workers=2", "schedule.warmup_epochs=0", "schedule.finetune_epochs=0", "budget.fraction=null",
             "data.train_limit=6000", "train.progress=false", f"data.beton_dir={betons}", *overrides]
-    env = {**cluster.env, "RAY_ADDRESS": f"{HEAD_IP}:{GCS_PORT}"}
+    # The cluster's env is the module's; the store is this test's (conftest's mlflow_store).
+    env = {**cluster.env, "RAY_ADDRESS": f"{HEAD_IP}:{GCS_PORT}", "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]}
     out.parent.mkdir(parents=True, exist_ok=True)
     with (out.parent / f"{out.name}.log").open("w") as log:
         return subprocess.Popen(["ip", "netns", "exec", cluster.head, *args], env=env, cwd=REPO_ROOT,
@@ -199,18 +200,18 @@ def test_a_lost_worker_node_is_survived_then_reported_in_one_line_with_the_check
     assert f"the last checkpoint, {run_dir / 'epoch_0001'}, is intact: the same command resumes from it" in last, last
     state = torch.load(run_dir / "epoch_0001" / "state.pt", map_location="cpu", weights_only=True)
     assert state["epoch"] == 1 and len(state["history"]) == 2
-    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FAILED" and "max_failures" in run.data.tags["distswitch.error"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == [0, 1]
 
 
-def test_default_sqlite_tracking_on_a_folder_another_node_cannot_see_is_refused_in_one_line(cluster, tmp_path,
-                                                                                          fashion_betons):
+def test_sqlite_tracking_on_a_folder_another_node_cannot_see_is_refused_in_one_line(cluster, tmp_path, fashion_betons):
     """Rank 0 may run on the worker node, where the driver's mlflow.db does not exist: refused before
     any worker starts, with exit status 2 and the opened MLflow run FAILED, not left RUNNING."""
     out = cluster.head_only / "tracked"
-    proc = _train(cluster, out, fashion_betons, f"distributed.storage_path={tmp_path / 'ray'}")
+    proc = _train(cluster, out, fashion_betons, f"distributed.storage_path={tmp_path / 'ray'}",
+                  f"tracking.uri=sqlite:///{out / 'mlflow.db'}")
     proc.wait(timeout=300)
     output = _output(out)
     lines = output.strip().splitlines()

@@ -192,11 +192,14 @@ class DistributedConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    """MLflow: null uri = MLFLOW_TRACKING_URI, else sqlite:///<out_dir>/mlflow.db (artifacts in out_dir)."""
+    """MLflow: null uri = MLFLOW_TRACKING_URI, else MLflow's default store in the launch directory
+    (./mlflow.db, artifacts in ./mlruns), one for every run launched there."""
 
     enabled: bool = True
     uri: Union[str, None] = None
-    experiment: str = "distswitch"
+    # null = the config file's name (configs/fashion_lenet5.yaml -> fashion_lenet5), or "distswitch"
+    # without a file: runs of one config compare in one experiment.
+    experiment: Union[str, None] = None
     run_name: Union[str, None] = None  # null = out_dir's name
 
 

@@ -165,7 +165,7 @@ def check_tracking(ray, uri: str | None) -> None:
     if blind:
         raise ConfigError(f"tracking: MLflow logs to {uri}, a folder nodes {', '.join(blind)} cannot see "
                           "(rank 0 may run there); set tracking.uri or MLFLOW_TRACKING_URI to a server every node "
-                          "reaches, or put out_dir on a filesystem mounted on every node")
+                          "reaches, or to a sqlite:/// store on a filesystem mounted on every node")
 
 
 def blind_nodes(ray, folder: Path) -> list[str]:

@@ -77,7 +77,9 @@ class RunHandle:
         """out_dir/summary.json written (once), then the MLflow run gets the results and ends
         FINISHED (FAILED if logging them fails: a run never stays RUNNING)."""
         if self.run_id is not None:
-            summary.mlflow = {"tracking_uri": self.uri, "run_id": self.run_id, "experiment": self.cfg.tracking.experiment}
+            from distswitch.tracking import experiment_name
+
+            summary.mlflow = {"tracking_uri": self.uri, "run_id": self.run_id, "experiment": experiment_name(self.cfg)}
         data = summary.to_dict()
         write_json(self.out / "summary.json", data)
         if self.run_id is not None:
