@@ -107,8 +107,9 @@ def open_run(cfg: Config, run_key: str, parent_run_id: str | None = None) -> tup
         client.update_run(run_id, status="RUNNING")
         client.set_tag(run_id, "distswitch.relaunches", str(int(found[0].data.tags.get("distswitch.relaunches", "0")) + 1))
         return uri, run_id
+    # MLflow's own Source column: the command that started the run (its git commit beside it).
     tags = {RUN_KEY_TAG: run_key, "distswitch.method": cfg.method, "distswitch.model": cfg.model.name,
-            "distswitch.dataset": cfg.data.dataset}
+            "distswitch.dataset": cfg.data.dataset, "mlflow.source.type": "LOCAL", "mlflow.source.name": command_line()}
     sha = git_sha()
     if sha:
         tags["mlflow.source.git.commit"] = sha
@@ -122,6 +123,45 @@ def open_run(cfg: Config, run_key: str, parent_run_id: str | None = None) -> tup
     client.log_text(run_id, cfg.to_yaml(), "config.yaml")
     client.log_batch(run_id, tags=[RunTag("distswitch.out_dir", str(Path(cfg.out_dir).resolve()))])
     return uri, run_id
+
+
+def command_line() -> str:
+    """The launching command as a person typed it: `distswitch train configs/x.yaml a=1`."""
+    argv = list(sys.argv) or ["distswitch"]
+    if Path(argv[0]).name in ("distswitch", "cli.py"):
+        argv[0] = "distswitch"
+    return " ".join(argv)[:500]
+
+
+def _dataset(summary: dict):
+    """The run's data as an MLflow dataset (the Dataset column): name, where it was read from, the
+    source's checksum from the prepared folder's metadata.json as digest, and the split sizes."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    data = summary["config"]["data"]
+    folder = Path(data.get("beton_dir") or ".")
+    meta = json.loads((folder / "metadata.json").read_text()) if (folder / "metadata.json").is_file() else None
+    ffcv = summary.get("data_loader") == "ffcv" and meta is not None
+    where = str(folder.resolve()) if ffcv else (data.get("root") or f"({data['dataset']} default location)")
+    sizes = dict(meta["counts"]) if ffcv else {"val": data.get("val_size")}
+    sizes["train"] = summary["train_examples"]  # after data.train_limit
+
+    class Splits(MetaDataset):
+        @property
+        def profile(self):
+            return sizes
+
+        def to_dict(self):
+            return {**super().to_dict(), "profile": json.dumps(sizes)}
+
+    with warnings.catch_warnings():  # a local path matches two of MLflow's local source kinds; either is right
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(where if ffcv else Path(where).as_uri() if Path(where).is_dir() else where)
+    digest = meta["source"]["sha256"][:16] if meta is not None else None
+    return Splits(source, name=data["dataset"], digest=digest)
 
 
 def _check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -171,6 +211,10 @@ def finish_run(uri: str, run_id: str, out_dir: Path, summary: dict) -> None:
              "dense/params": summary["dense"]["params"], "dense/macs": summary["dense"]["macs"],
              "selected_epoch": summary["selected_epoch"], "val/selected_acc": summary["val_acc"]}
     EpochLogger(uri, run_id).log(final, step=len(summary["history"]))
+    from mlflow.entities import DatasetInput, InputTag
+
+    dataset = _dataset(summary)._to_mlflow_entity()
+    client.log_inputs(run_id, [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])])
     for name in ("summary.json", "model.arch.json"):
         client.log_artifact(run_id, str(out_dir / name))
     client.log_dict(run_id, {"kept_per_layer": summary["kept_per_layer"], "widths": summary["widths"]},

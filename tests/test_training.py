@@ -64,6 +64,13 @@ def test_the_default_job_leaves_one_finished_mlflow_run_with_metrics_architectur
     assert [m.step for m in client.get_metric_history(run.info.run_id, "snn/loss")] == [1]
     assert {k for k in run.data.metrics if k.startswith("kept/")} == {"kept/conv1", "kept/conv2", "kept/fc1"}
     assert run.data.metrics["test/acc"] == summary["test_acc"]
+    assert "epoch" not in run.data.metrics  # the step of every metric, not a metric of its own
+    # MLflow's own Dataset and Source columns: the data as a dataset input, the command as the source.
+    [data] = run.inputs.dataset_inputs
+    meta = json.loads((Path(summary["config"]["data"]["beton_dir"]) / "metadata.json").read_text())
+    assert data.dataset.name == "fashion-mnist" and data.dataset.digest == meta["source"]["sha256"][:16]
+    assert json.loads(data.dataset.profile) == {**meta["counts"], "train": 5000}
+    assert run.data.tags["mlflow.source.name"] and run.data.tags["mlflow.source.type"] == "LOCAL"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "summary.json", "model.arch.json", "architecture", "figures"} <= artifacts
     figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}

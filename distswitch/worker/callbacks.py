@@ -184,6 +184,7 @@ def tracking_metrics(stats: EpochStats, size: dict | None, dense: dict) -> dict:
     """What MLflow gets per epoch: `epoch_metrics` plus kept fractions per layer and the size
     (None: not measured this epoch)."""
     metrics = epoch_metrics(stats)
+    del metrics["epoch"]  # the step of every metric already; as a metric it led the compare view's plots
     for layer, row in stats.kept.get("layers", {}).items():
         metrics[f"kept/{layer}"] = row["kept"] / max(row["units"], 1)
     if size is not None:
