@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from distswitch.compare import figure  # the figure `distswitch compare` draws from an MLflow store
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"mlp": ROOT / "configs/fashion_mlp.yaml", "lenet5": ROOT / "configs/fashion_lenet5.yaml"}
 SPARSE_LEARNING = 3e-3  # MLP at 15%, seed 0: switch 0.8788 / 0.8859 / 0.8673 at 3e-4 / 3e-3 / 1e-2; gradual magnitude 0.8851 at 3e-3, 0.8858 at 1e-2
@@ -173,35 +175,6 @@ def table(rows: list[dict], reference: str = REFERENCE) -> str:
     return "\n".join(lines)
 
 
-def figure(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = sorted({r["model"] for r in rows})
-    # One colour per method across every panel (the order of first appearance would differ by model).
-    colour = {m: f"C{i % 10}" for i, m in enumerate(sorted({r["method"] for r in rows}))}
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        mine = [r for r in rows if r["model"] == model]
-        for method in sorted({r["method"] for r in mine}):
-            pts = sorted((r for r in mine if r["method"] == method), key=lambda r: r["macs"][0])
-            xs, ys, es = [p["macs"][0] for p in pts], [p["test_acc"][0] for p in pts], [p["test_acc"][1] for p in pts]
-            style = {"marker": "*", "markersize": 12, "linestyle": "none"} if method == "dense" else {"marker": "o", "capsize": 3}
-            ax.errorbar(xs, ys, yerr=es, label=method, color=colour[method], **style)
-        ax.set_xscale("log")
-        ax.set_xlabel("compact MACs / dense MACs (log)")
-        ax.set_ylabel("test accuracy (mean ± std over seeds)")
-        ax.set_title(f"{model} on Fashion-MNIST")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
@@ -245,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "pareto.json").write_text(json.dumps(report, indent=1, default=str))
     text = table(rows, args.reference)
     (out / "pareto.md").write_text(text + "\n")
-    figure(rows, Path(args.figure) if args.figure else out / "pareto.png")
+    figure(rows, Path(args.figure) if args.figure else out / "pareto.png", title="Fashion-MNIST")
     print(text)
     return report
 

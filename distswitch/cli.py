@@ -1,4 +1,4 @@
-"""`distswitch` command line: train | tune | export | data prepare | runs.
+"""`distswitch` command line: train | tune | export | data prepare | runs | compare.
 
 User errors (bad config, missing data, unknown names) print one line and exit with status 2;
 training that stopped for good (it diverged, a layer lost its last units) or that Ray gave up on
@@ -51,6 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     runs.add_argument("--experiment", help="only this MLflow experiment (default: all of them)")
     runs.add_argument("--sort", choices=SORTABLE, help="best first by this column (default: newest first)")
     where = runs.add_mutually_exclusive_group()
+    where.add_argument("--uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    where.add_argument("--out-dir", help="the store a run's out_dir logged to (its summary.json says which)")
+
+    compare = sub.add_parser("compare", help="test accuracy against compact MACs and params across a store's runs "
+                                               "(table and figure, seeds aggregated; also logged to MLflow)")
+    compare.add_argument("--experiment", help="only this MLflow experiment (default: every run of the store)")
+    compare.add_argument("--out", default="compare.png", help="where to write the figure (default: compare.png)")
+    where = compare.add_mutually_exclusive_group()
     where.add_argument("--uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
     where.add_argument("--out-dir", help="the store a run's out_dir logged to (its summary.json says which)")
 
@@ -135,11 +143,20 @@ def _store(args) -> str:
 
 
 def _cmd_runs(args) -> int:
-    from distswitch.tracking import format_table, runs_table
+    from distswitch.compare import format_table, runs_table
 
     rows = runs_table(_store(args), args.experiment, sort=args.sort)
     where = f"experiment {args.experiment!r}" if args.experiment else "the store"
     print(format_table(rows) if rows else f"no runs in {where}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from distswitch.compare import compare
+
+    _, path, text = compare(_store(args), args.experiment, args.out)
+    print(text)
+    print(f"figure: {path} (also logged to MLflow, run 'compare')")
     return 0
 
 
@@ -150,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     from distswitch.data.datasets import DataError  # imported late: `--help` stays fast
 
     try:
-        commands = {"train": _cmd_train, "tune": _cmd_tune, "export": _cmd_export, "data": _cmd_data, "runs": _cmd_runs}
+        commands = {"train": _cmd_train, "tune": _cmd_tune, "export": _cmd_export, "data": _cmd_data, "runs": _cmd_runs,
+                    "compare": _cmd_compare}
         return commands[args.command](args)
     except (ConfigError, UnknownNameError, DataError) as exc:
         if args.debug:

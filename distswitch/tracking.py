@@ -28,6 +28,20 @@ from distswitch.io import atomic_path
 from distswitch.summary import width_label
 
 RUN_KEY_TAG = "distswitch.run_key"  # storage path + run name: what identifies a resumable run
+# The selected model's results, logged once at the end under `best/`: MLflow's chart view and a run
+# page's metrics sort by name, so what a run delivered comes first (and stays out of the per-epoch
+# series). The names before them, still read from older stores.
+BEST = {"test_acc": "best/test_acc", "val_acc": "best/val_acc", "kept": "best/kept_fraction",
+        "params": "best/compact_params", "macs": "best/compact_macs"}
+_BEFORE = {"best/test_acc": "test/acc", "best/val_acc": "val/selected_acc", "best/kept_fraction": "selected/kept_fraction",
+           "best/compact_params": "selected/compact/params", "best/compact_macs": "selected/compact/macs"}
+# MLflow's experiment page opens on its training runs for this kind (not on the GenAI overview).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
+def result(metrics: dict, name: str) -> float | None:
+    """A run's `best/` result, from today's name or the one before it."""
+    return metrics.get(name, metrics.get(_BEFORE.get(name, name)))
 
 
 # Set by `ray job submit` in the job's driver, whose working directory is Ray's temporary copy of
@@ -97,7 +111,8 @@ def open_run(cfg: Config, run_key: str, parent_run_id: str | None = None) -> tup
         # Artifacts beside a local store (MLflow's ./mlruns, made absolute: workers and later
         # launches run elsewhere); a server keeps its own artifact root.
         location = (Path(uri[len("sqlite:///"):]).parent / "mlruns" / experiment_name(cfg)).as_uri() if local else None
-        experiment_id = client.create_experiment(experiment_name(cfg), artifact_location=location)
+        experiment_id = client.create_experiment(experiment_name(cfg), artifact_location=location,
+                                                 tags=dict([EXPERIMENT_KIND]))
     else:
         experiment_id = experiment.experiment_id
     found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
@@ -109,7 +124,8 @@ def open_run(cfg: Config, run_key: str, parent_run_id: str | None = None) -> tup
         return uri, run_id
     # MLflow's own Source column: the command that started the run (its git commit beside it).
     tags = {RUN_KEY_TAG: run_key, "distswitch.method": cfg.method, "distswitch.model": cfg.model.name,
-            "distswitch.dataset": cfg.data.dataset, "mlflow.source.type": "LOCAL", "mlflow.source.name": command_line()}
+            "distswitch.dataset": cfg.data.dataset, "distswitch.command": command_line(),
+            "mlflow.source.type": "LOCAL", "mlflow.source.name": command_line(short=True)}
     sha = git_sha()
     if sha:
         tags["mlflow.source.git.commit"] = sha
@@ -125,11 +141,15 @@ def open_run(cfg: Config, run_key: str, parent_run_id: str | None = None) -> tup
     return uri, run_id
 
 
-def command_line() -> str:
-    """The launching command as a person typed it: `distswitch train configs/x.yaml a=1`."""
+def command_line(short: bool = False) -> str:
+    """The launching command as a person typed it: `distswitch train configs/x.yaml a=1`; `short`
+    with paths cut to their last part (MLflow's Source column shows what follows the last '/')."""
     argv = list(sys.argv) or ["distswitch"]
     if Path(argv[0]).name in ("distswitch", "cli.py"):
         argv[0] = "distswitch"
+    if short:
+        argv = [a.rsplit("/", 1)[-1] if "=" not in a else a.split("=", 1)[0] + "=" + a.split("=", 1)[1].rsplit("/", 1)[-1]
+                for a in argv]
     return " ".join(argv)[:500]
 
 
@@ -204,12 +224,11 @@ def finish_run(uri: str, run_id: str, out_dir: Path, summary: dict) -> None:
     from distswitch.export import load_compact
 
     client = mlflow_client(uri)
-    # The selected model's figures; `selected/` keeps them out of the per-epoch series.
-    final = {"test/acc": summary["test_acc"], "test/loss": summary["test_loss"],
-             "selected/kept_fraction": summary["kept_fraction"],
-             "selected/compact/params": summary["compact"]["params"], "selected/compact/macs": summary["compact"]["macs"],
-             "dense/params": summary["dense"]["params"], "dense/macs": summary["dense"]["macs"],
-             "selected_epoch": summary["selected_epoch"], "val/selected_acc": summary["val_acc"]}
+    values = {"test_acc": summary["test_acc"], "val_acc": summary["val_acc"], "kept": summary["kept_fraction"],
+              "params": summary["compact"]["params"], "macs": summary["compact"]["macs"]}
+    final = {**{BEST[k]: v for k, v in values.items()}, "best/epoch": summary["selected_epoch"],
+             "test/acc": summary["test_acc"], "test/loss": summary["test_loss"],
+             "dense/params": summary["dense"]["params"], "dense/macs": summary["dense"]["macs"]}
     EpochLogger(uri, run_id).log(final, step=len(summary["history"]))
     from mlflow.entities import DatasetInput, InputTag
 
@@ -326,60 +345,3 @@ def git_sha() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-RUN_COLUMNS = ("experiment", "run", "status", "method", "model", "budget", "val_acc", "test_acc", "kept", "params",
-               "macs")
-# Sort keys of `distswitch runs --sort`: the metric behind each column, and whether larger is better.
-_SORT = {"test_acc": ("test/acc", True), "val_acc": ("val/selected_acc", True),
-         "kept": ("selected/kept_fraction", False), "params": ("selected/compact/params", False),
-         "macs": ("selected/compact/macs", False)}
-
-
-def store_runs(uri: str, experiment: str | None = None) -> list:
-    """(experiment name, run) for the runs of a store (a search's trials included), newest first:
-    every experiment, or the one named."""
-    client = mlflow_client(uri)
-    experiments = {e.experiment_id: e.name for e in client.search_experiments()}
-    if experiment is not None:
-        if experiment not in experiments.values():
-            names = ", ".join(sorted(experiments.values())) or "none"
-            raise ConfigError(f"--experiment: no experiment {experiment!r} in {uri} (there: {names})")
-        experiments = {i: n for i, n in experiments.items() if n == experiment}
-    if not experiments:
-        return []
-    runs = client.search_runs(list(experiments), order_by=["attributes.start_time DESC"], max_results=5000)
-    return [(experiments[r.info.experiment_id], r) for r in runs]
-
-
-def runs_table(uri: str, experiment: str | None = None, sort: str | None = None) -> list[dict]:
-    """One row per run, newest first or best first by `sort` (`distswitch runs`)."""
-    found = store_runs(uri, experiment)
-    if sort is not None:
-        metric, larger = _SORT[sort]
-        found.sort(key=lambda er: (metric not in er[1].data.metrics,
-                                   -er[1].data.metrics.get(metric, 0) if larger else er[1].data.metrics.get(metric, 0)))
-    rows = []
-    for name, run in found:
-        p, m = run.data.params, run.data.metrics
-
-        def num(key, fmt):
-            return format(m[key], fmt) if key in m else "-"
-
-        budget = p.get("budget.fraction", "null")
-        rows.append({
-            "experiment": name, "run": run.info.run_name, "status": run.info.status, "method": p.get("method", "-"),
-            "model": p.get("model.name", "-"),
-            "budget": f"{float(budget):.0%} {p.get('budget.kind', '')}".strip() if budget not in ("null", "None") else "-",
-            "val_acc": num("val/selected_acc", ".4f"),
-            "test_acc": num("test/acc", ".4f"), "kept": num("selected/kept_fraction", ".1%"),
-            "params": num("selected/compact/params", ",.0f"), "macs": num("selected/compact/macs", ",.0f"),
-        })
-    return rows
-
-
-def format_table(rows: list[dict]) -> str:
-    widths = {c: max([len(c)] + [len(str(r[c])) for r in rows]) for c in RUN_COLUMNS}
-    lines = ["  ".join(c.ljust(widths[c]) for c in RUN_COLUMNS).rstrip()]
-    lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in RUN_COLUMNS).rstrip() for r in rows]
-    return "\n".join(lines)

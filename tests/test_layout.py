@@ -19,7 +19,7 @@ LEVELS = [
     {"methods", "parallel"},
     {"engine", "export"},
     {"build", "checkpoint", "summary", "tracking"},  # what the worker and the driver both need
-    {"artifacts"},
+    {"artifacts", "compare"},
     {"worker", "driver"},  # siblings: neither imports the other (below)
     {"cli"},  # wires the worker's entry into the driver
 ]

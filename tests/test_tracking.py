@@ -131,8 +131,8 @@ def test_open_run_refuses_an_unusable_store(tmp_path):
 def test_runs_lists_each_run_with_its_settings_and_results(tmp_path, capsys):
     cfg = _cfg(tmp_path, switcher={"width": 24}, schedule={"update_ratio": 2})
     uri, run_id = open_run(cfg, "store/run")
-    EpochLogger(uri, run_id).log({"test/acc": 0.8765, "val/selected_acc": 0.88, "selected/kept_fraction": 0.5,
-                                  "selected/compact/params": 12345, "selected/compact/macs": 67890}, step=3)
+    EpochLogger(uri, run_id).log({"best/test_acc": 0.8765, "best/val_acc": 0.88, "best/kept_fraction": 0.5,
+                                  "best/compact_params": 12345, "best/compact_macs": 67890}, step=3)
     MlflowClient(uri).set_terminated(run_id, "FINISHED")
     assert main(["runs"]) == 0  # the store MLFLOW_TRACKING_URI names
     header, row = capsys.readouterr().out.strip().splitlines()
@@ -145,7 +145,7 @@ def test_runs_lists_each_run_with_its_settings_and_results(tmp_path, capsys):
 def test_runs_lists_every_experiment_and_sorts_by_a_metric(tmp_path, capsys):
     for name, experiment, acc in (("a", "one", 0.7), ("b", "two", 0.9), ("c", "one", 0.8)):
         uri, run_id = open_run(make_config(out_dir=str(tmp_path / name), tracking={"experiment": experiment}), name)
-        EpochLogger(uri, run_id).log({"test/acc": acc}, step=0)
+        EpochLogger(uri, run_id).log({"best/test_acc": acc} if name != "a" else {"test/acc": acc}, step=0)  # a: older name
     assert main(["runs", "--sort", "test_acc"]) == 0
     rows = [line.split()[:2] for line in capsys.readouterr().out.strip().splitlines()[1:]]
     assert rows == [["two", "b"], ["one", "c"], ["one", "a"]]
