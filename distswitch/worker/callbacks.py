@@ -183,13 +183,18 @@ def epoch_metrics(s: EpochStats) -> dict:
 def tracking_metrics(stats: EpochStats, size: dict | None, dense: dict) -> dict:
     """What MLflow gets per epoch: `epoch_metrics` plus kept fractions per layer and the size
     (None: not measured this epoch)."""
-    metrics = epoch_metrics(stats)
-    del metrics["epoch"]  # the step of every metric already; as a metric it led the compare view's plots
+    # MLflow lists a run's metrics, and its compare view picks its first plot, in the order they
+    # were first logged: accuracy, kept fraction and compact MACs first. The epoch is every metric's
+    # step, not a metric (as one it led the compare view's plots).
+    every = epoch_metrics(stats)
+    metrics = {"val/acc": every.pop("val/acc"), "kept_fraction": every.pop("kept_fraction")}
+    if size is not None:
+        metrics.update({"compact/macs": size["macs"], "compact/params": size["params"],
+                        "macs_kept": size["macs"] / dense["macs"], "params_kept": size["params"] / dense["params"]})
+    del every["epoch"]
+    metrics.update(every)
     for layer, row in stats.kept.get("layers", {}).items():
         metrics[f"kept/{layer}"] = row["kept"] / max(row["units"], 1)
-    if size is not None:
-        metrics.update({"compact/params": size["params"], "compact/macs": size["macs"],
-                        "params_kept": size["params"] / dense["params"], "macs_kept": size["macs"] / dense["macs"]})
     return metrics
 
 
