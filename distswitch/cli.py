@@ -22,6 +22,9 @@ SORTABLE = ("test_acc", "val_acc", "kept", "params", "macs")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distswitch", description="Switcher networks: train, prune, export.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also Ray Train's reporting / checkpoint / controller lines and MLflow's INFO logs "
+                             "(the config key train.verbose)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a TNN (+ switcher) and export the compact model")
@@ -68,8 +71,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _console(args):
+    """The run's config as this terminal shows it: with --verbose, the libraries' INFO lines too;
+    without a terminal (a log file, CI), no live bar (tqdm's own rule). Without --verbose the
+    libraries' INFO lines stay out: MLflow's store creation and Ray's note that a local cluster uses
+    token authentication (nothing to act on)."""
+    import dataclasses
+    import logging
+
+    cfg = load_config(args.config, [*args.overrides, *(["train.verbose=true"] if args.verbose else [])])
+    if not cfg.train.verbose:
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    if cfg.train.progress and not sys.stderr.isatty():
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False))
+    return cfg
+
+
 def _cmd_train(args) -> int:
-    cfg = load_config(args.config, args.overrides)  # before the heavy imports: bad input fails fast
+    cfg = _console(args)  # before the heavy imports: bad input fails fast
     from distswitch.driver.train import launch
     from distswitch.worker import ray_main  # the driver is handed the worker's entry, never imports it
 
@@ -86,7 +106,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_tune(args) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = _console(args)
     from distswitch.driver.tune import tune
     from distswitch.worker import ray_main
 

@@ -246,8 +246,22 @@ def finish_run(uri: str, run_id: str, out_dir: Path, summary: dict) -> None:
     with global_tracking_uri(uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
         # pt2 (torch.export): loading it runs no pickle, so needs none of our classes. MLflow's
         # default, except on Databricks: said explicitly.
-        mlflow.pytorch.log_model(model, name="model", input_example=example, serialization_format="pt2")
+        mlflow.pytorch.log_model(model, name="model", input_example=example, serialization_format="pt2",
+                                 conda_env=model_env())
     client.set_terminated(run_id, "FINISHED")
+
+
+def model_env() -> dict:
+    """The logged model's environment, declared: what loading a pt2 model needs (torch), so MLflow
+    infers nothing (its inference looks for pip and uv and warns where they are missing)."""
+    import platform
+    from importlib.metadata import version
+
+    # The installed distributions' versions (torch's own __version__ carries a local +cu tag pip
+    # does not match against).
+    return {"name": "distswitch-model", "channels": ["conda-forge"],
+            "dependencies": [f"python={platform.python_version()}", "pip",
+                             {"pip": [f"mlflow=={version('mlflow')}", f"torch=={version('torch')}"]}]}
 
 
 @contextmanager

@@ -68,7 +68,9 @@ class TrainConfig:
     eval_batch_size: int = 1024  # per worker
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    progress: bool = True
+    progress: bool = True  # a live bar per epoch, on a terminal only (as tqdm does)
+    # Ray Train's reporting, checkpoint and controller lines and MLflow's INFO logs (`--verbose`).
+    verbose: bool = False
     # fp32, or autocast to bf16 / fp16 (fp16 with a gradient scaler per phase). Weights, optimiser
     # state and the switcher's factors stay fp32.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"

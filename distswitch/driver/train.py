@@ -110,7 +110,7 @@ def launch(cfg: Config, worker: Worker, summary_json: str | Path | None = None, 
 def make_trainer(cfg: Config, worker: Worker, storage: str, marks: dict, launched_at: float,
                  tracking: tuple[str, str] | None, callbacks: list | None = None):
     """The TorchTrainer that runs `worker` on every worker (train and tune share it)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     d = cfg.distributed
@@ -126,6 +126,9 @@ def make_trainer(cfg: Config, worker: Worker, storage: str, marks: dict, launche
             storage_path=storage,
             failure_config=FailureConfig(max_failures=d.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=d.checkpoints_to_keep),
+            # Train's INFO lines (each report's every metric, each checkpoint, the controller's
+            # resources) from both ranks drown the epoch lines: shown with train.verbose only.
+            logging_config=LoggingConfig(log_level="INFO" if cfg.train.verbose else "WARNING"),
             # Train's print patch copies every print into its log stream: the driver saw lines twice.
             worker_runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
             callbacks=callbacks,
