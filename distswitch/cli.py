@@ -147,9 +147,9 @@ def _store(args) -> str:
 
     if args.out_dir:
         out = Path(args.out_dir).resolve()
-        summary = out / "summary.json"
-        if summary.is_file() and (json.loads(summary.read_text()).get("mlflow") or {}).get("tracking_uri"):
-            return json.loads(summary.read_text())["mlflow"]["tracking_uri"]
+        summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
+        if (summary.get("mlflow") or {}).get("tracking_uri"):
+            return summary["mlflow"]["tracking_uri"]
         if (out / "mlflow.db").is_file():  # a run from when each run had its own store
             return default_uri(out)
         raise ConfigError(f"--out-dir: {out} has no summary.json naming its MLflow store (and no mlflow.db); "

@@ -147,9 +147,9 @@ def command_line(short: bool = False) -> str:
     argv = list(sys.argv) or ["distswitch"]
     if Path(argv[0]).name in ("distswitch", "cli.py"):
         argv[0] = "distswitch"
-    if short:
-        argv = [a.rsplit("/", 1)[-1] if "=" not in a else a.split("=", 1)[0] + "=" + a.split("=", 1)[1].rsplit("/", 1)[-1]
-                for a in argv]
+    if short:  # configs/x.yaml -> x.yaml, out_dir=/a/b -> out_dir=b
+        argv = [key + eq + value.rsplit("/", 1)[-1] if eq else key.rsplit("/", 1)[-1]
+                for key, eq, value in (a.partition("=") for a in argv)]
     return " ".join(argv)[:500]
 
 
@@ -165,7 +165,13 @@ def _dataset(summary: dict):
     folder = Path(data.get("beton_dir") or ".")
     meta = json.loads((folder / "metadata.json").read_text()) if (folder / "metadata.json").is_file() else None
     ffcv = summary.get("data_loader") == "ffcv" and meta is not None
-    where = str(folder.resolve()) if ffcv else (data.get("root") or f"({data['dataset']} default location)")
+    root = data.get("root")
+    if ffcv:
+        location = str(folder.resolve())
+    elif root and Path(root).is_dir():
+        location = Path(root).resolve().as_uri()
+    else:
+        location = root or f"({data['dataset']} default location)"
     sizes = dict(meta["counts"]) if ffcv else {"val": data.get("val_size")}
     sizes["train"] = summary["train_examples"]  # after data.train_limit
 
@@ -179,7 +185,7 @@ def _dataset(summary: dict):
 
     with warnings.catch_warnings():  # a local path matches two of MLflow's local source kinds; either is right
         warnings.simplefilter("ignore")
-        source = resolve_dataset_source(where if ffcv else Path(where).as_uri() if Path(where).is_dir() else where)
+        source = resolve_dataset_source(location)
     digest = meta["source"]["sha256"][:16] if meta is not None else None
     return Splits(source, name=data["dataset"], digest=digest)
 

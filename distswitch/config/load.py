@@ -72,8 +72,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"config file {str(p)!r}: expected a mapping of sections (model:, train:, ...), "
                               f"got {describe(type(data))}")
     merged = merge_overrides(data, list(overrides))
-    tracking = merged.get("tracking")
-    if path is not None and (tracking is None or (isinstance(tracking, dict) and tracking.get("experiment") is None)):
+    tracking = merged.get("tracking") or {}
+    if path is not None and isinstance(tracking, dict) and tracking.get("experiment") is None:
         # Runs of one config compare in one experiment, named after the file.
         set_dotted(merged, ["tracking", "experiment"], Path(path).stem, "tracking")
     return Config.from_dict(merged)
