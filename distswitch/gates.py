@@ -1,4 +1,4 @@
-"""Where factors attach to a network: one mechanism (forward hooks) for every model.
+"""Where factors attach to a network: one mechanism for every model.
 
 A *gated layer* is a Conv2d or Linear whose units (output channels / neurons, or input features, or
 single connections) can be scaled by a factor. Three sides:
@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
 from distswitch.config import ConfigError
+from distswitch.fold import FoldedForward
 
 Side = Literal["out", "in", "weight"]
 GATED_MODES = ("all", "fc", "classifier")
@@ -263,14 +263,16 @@ class GateSet:
         self._norms = [modules[s.point] if s.side == "out" and s.point != s.layer else None for s in self.specs]
         self._factors: list[torch.Tensor] | None = None
         self._handles = []
+        self._folded: list[nn.Module] = []
         for k, spec in enumerate(self.specs):
             point = modules[spec.point]
-            if spec.side == "out":
+            if spec.side == "out" and spec.point != spec.layer:  # after a BatchNorm: scale its output
                 self._handles.append(point.register_forward_hook(self._out_hook(k)))
-            elif spec.side == "in":
-                self._handles.append(point.register_forward_pre_hook(self._in_hook(k)))
             else:
-                self._handles.append(point.register_forward_hook(self._weight_hook(k)))
+                # Into the layer's weights: scaling a [units, fan] matrix costs far less than scaling
+                # its output activations (and their gradient) in every step; the same function.
+                point.forward = FoldedForward(self, k, point, spec.side)
+                self._folded.append(point)
 
     def weights(self) -> list[torch.Tensor]:
         """Description matrices, one per gated layer: shape [units, fan] (a view of the weights)."""
@@ -330,7 +332,9 @@ class GateSet:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
-        self._handles = []
+        for module in self._folded:
+            del module.forward  # the class's own forward again
+        self._handles, self._folded = [], []
         self._factors = None
 
     def _out_hook(self, k: int):
@@ -340,24 +344,6 @@ class GateSet:
             # In the output's dtype: fp32 factors would promote autocast's bf16/fp16 activations.
             f = self._factors[k].to(output.dtype)
             return output * f.view(1, -1, *([1] * (output.dim() - 2)))
-
-        return hook
-
-    def _in_hook(self, k: int):
-        def hook(module, inputs):
-            if self._factors is None:
-                return inputs
-            return (inputs[0] * self._factors[k].to(inputs[0].dtype),) + tuple(inputs[1:])
-
-        return hook
-
-    def _weight_hook(self, k: int):
-        # Recomputes the Linear with masked weights; the discarded dense product is cheap next to
-        # the convolutions, and a hook keeps the state_dict keys of the plain model.
-        def hook(module, inputs, output):
-            if self._factors is None:
-                return output
-            return F.linear(inputs[0], module.weight * self._factors[k], module.bias)
 
         return hook
 

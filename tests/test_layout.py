@@ -13,7 +13,7 @@ import distswitch
 # Upstream first; a module may import its own level or any level before it.
 LEVELS = [
     {"config", "registry", "io"},
-    {"data", "models", "optim"},
+    {"data", "models", "optim", "fold"},
     {"gates"},
     {"switcher", "schedule", "cost"},
     {"methods", "parallel"},

@@ -8,6 +8,7 @@ every worker the same number of times (a collective under Ray), with a folder fr
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 import tempfile
@@ -48,9 +49,15 @@ class Session:
 class RaySession(Session):
     """A Ray Train worker: checkpoints go through `ray.train.report` to the run's storage."""
 
-    def __init__(self, rank: int, world_size: int) -> None:
+    def __init__(self, rank: int, world_size: int, verbose: bool = False) -> None:
         self.rank, self.world_size = rank, world_size
         self._restored: Path | None = None
+        if not verbose:
+            # Ray Train logs every report (each metric, from every rank) at INFO on a logger named by
+            # its file's path, which its LoggingConfig does not reach; the epoch line says it already.
+            from ray.train.v2._internal.execution import context
+
+            logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
     def latest_checkpoint(self) -> Path | None:
         import ray.train

@@ -173,7 +173,7 @@ def ray_main(loop_config: dict) -> None:
 
     cfg = Config.from_dict(loop_config["config"])
     context = ray.train.get_context()
-    session = RaySession(context.get_world_rank(), context.get_world_size())
+    session = RaySession(context.get_world_rank(), context.get_world_size(), verbose=cfg.train.verbose)
     tracker = None
     if loop_config.get("tracking") and session.rank == 0:  # only rank 0 talks to MLflow
         from distswitch.tracking import EpochLogger
