@@ -9,7 +9,7 @@ UV = $(shell command -v uv 2>/dev/null || { test -x "$$HOME/.local/bin/uv" && ec
 CONFIG ?= configs/fashion_lenet5.yaml
 ARGS ?=
 
-.PHONY: setup data train test test-fast bench bench-gpu gpu-check bench-pareto bench-data bench-startup bench-table ui clean
+.PHONY: setup data train test test-fast bench bench-gpu gpu-check bench-pareto bench-data bench-startup bench-table ui head head-stop clean
 
 ## setup: Debian packages (FFCV's build needs, offline Fashion-MNIST), uv, then the locked venv.
 setup:
@@ -97,6 +97,20 @@ STORE ?= .
 PORT ?= 5000
 ui: setup
 	$(UV) run --locked mlflow ui --backend-store-uri sqlite:///$(abspath $(STORE))/mlflow.db --host 127.0.0.1 --port $(PORT) --workers 1
+
+## head: a Ray head on 127.0.0.1 with token authentication, as cluster/README.md submits jobs to; then
+## `export RAY_AUTH_MODE=token` and the README's `ray job submit` line run as written. `make head-stop` ends it.
+HEAD_PORT ?= 6379
+DASHBOARD_PORT ?= 8265
+RAY = $(UV) run --locked ray
+head: data
+	RAY_AUTH_MODE=token $(RAY) get-auth-token --generate >/dev/null
+	RAY_AUTH_MODE=token RAY_ENABLE_UV_RUN_RUNTIME_ENV=0 $(RAY) start --head --node-ip-address=127.0.0.1 \
+	  --port=$(HEAD_PORT) --dashboard-host=127.0.0.1 --dashboard-port=$(DASHBOARD_PORT) --disable-usage-stats
+	@echo "head: up; now: export RAY_AUTH_MODE=token; ray job submit --address http://127.0.0.1:$(DASHBOARD_PORT) ... (cluster/README.md)"
+
+head-stop:
+	$(RAY) stop
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -3,12 +3,15 @@
 User errors (bad config, missing data, unknown names) print one line and exit with status 2;
 training that stopped for good (it diverged, a layer lost its last units) or that Ray gave up on
 (workers lost beyond `distributed.max_failures`) prints one line and exits with status 1. `--debug` shows the traceback instead.
+SIGTERM (`kill`, schedulers, `ray job stop`) ends a run as Ctrl-C does: the MLflow run KILLED, the
+checkpoints kept, one line, exit status 128 + the signal's number.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 
@@ -180,10 +183,28 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+class StopSignal:
+    """SIGTERM's handler in the driver: the run ends as Ctrl-C ends it (a KeyboardInterrupt in the
+    main thread). It remembers the signal, since ray.get re-raises a KeyboardInterrupt of its own."""
+
+    received: int | None = None
+
+    def __call__(self, signum, frame):
+        self.received = signum
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def stop_signal() -> signal.Signals:
+    """The signal that stopped this process: SIGTERM if the driver's handler saw one, else SIGINT."""
+    return signal.Signals(getattr(signal.getsignal(signal.SIGTERM), "received", None) or signal.SIGINT)
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.time()  # origin of the start-up figure (launch to first step)
     args = _parser().parse_args(argv)
     args.started = started
+    if args.command in ("train", "tune"):  # the driver's cluster start keeps this handler (cluster.connect)
+        signal.signal(signal.SIGTERM, StopSignal())
     from distswitch.data.datasets import DataError  # imported late: `--help` stays fast
 
     try:
@@ -204,8 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distswitch: {'stopped' if isinstance(exc, TrainingStopped) else 'failed'}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("distswitch: interrupted; run the same command again to continue from the last epoch checkpoint", file=sys.stderr)
-        return 130
+        signum = stop_signal()
+        print(f"distswitch: stopped by {signum.name}; run the same command again to continue "
+              "from the last epoch checkpoint", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -286,12 +287,16 @@ def global_tracking_uri(uri: str):
 
 
 def fail_run(uri: str, run_id: str, error: BaseException) -> None:
-    """Mark the run FAILED (KILLED on Ctrl-C) with the error; called while `error` propagates, so a
+    """Mark the run FAILED (KILLED on Ctrl-C or a stop signal, named in a tag) with the error; called while `error` propagates, so a
     store that fails now only warns: the original error is the one to see."""
     try:
         _check_reachable(uri)  # seconds, where MLflow's client would retry for minutes
         client = mlflow_client(uri)
         client.set_tag(run_id, "distswitch.error", f"{type(error).__name__}: {error}"[:5000])
+        if isinstance(error, KeyboardInterrupt):  # Ctrl-C, or a stop signal the CLI turned into one
+            # The CLI's SIGTERM handler remembers the signal (the exception Ray re-raises cannot say it).
+            received = getattr(signal.getsignal(signal.SIGTERM), "received", None) or signal.SIGINT
+            client.set_tag(run_id, "distswitch.signal", signal.Signals(received).name)
         client.set_terminated(run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
     except Exception as exc:
         print(f"distswitch: warning: could not mark MLflow run {run_id} failed at {uri} ({type(exc).__name__}: "

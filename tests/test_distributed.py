@@ -151,6 +151,10 @@ def _train_workers() -> list[psutil.Process]:
     return found
 
 
+def _read(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
+
+
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
     """Until the checkpoint folder `path` is registered by Ray Train, not only written: a restart or a
     relaunch resumes from the last registered one, and on a loaded machine registration lags the
@@ -211,6 +215,56 @@ def test_a_worker_then_the_driver_killed_mid_epoch_resume_to_the_uninterrupted_p
     history = client.get_metric_history(runs[0].info.run_id, "val/acc")
     assert [m.step for m in history] == [0, 1, 2]
     assert [m.value for m in history] == [h["val_acc"] for h in a["history"]]
+
+
+def test_sigterm_to_the_driver_s_process_group_ends_the_run_killed_and_the_same_command_resumes(
+        config, two_workers, tmp_path, mlflow_store):
+    """What `kill`, Kubernetes and SLURM send: SIGTERM to the launcher's process group, inside epoch 2
+    (after a second launch on the same out_dir was refused). One line, exit 128 + 15, no traceback,
+    the MLflow run KILLED with the signal named; the same command then continues from the newest
+    checkpoint to the uninterrupted run's parameters, one value per epoch in the one MLflow run."""
+    out = tmp_path / "terminated"
+    run_dir = out / "ray" / out.name
+    logs = {name: (tmp_path / f"{name}.log").open("w+") for name in ("stdout", "stderr")}
+    proc = subprocess.Popen(_command(config, out), cwd=REPO_ROOT, stdout=logs["stdout"], stderr=logs["stderr"],
+                            start_new_session=True)  # its own group, as a shell or scheduler starts it
+    try:
+        deadline = time.time() + 120
+        while f'"pid": {proc.pid},' not in _read(out / ".distswitch.lock"):  # the first driver holds its claim
+            assert proc.poll() is None and time.time() < deadline, "the first launch never claimed its out_dir"
+            time.sleep(0.1)
+        # A second launch on the same out_dir, meanwhile: refused before Ray starts, naming the first.
+        second = subprocess.run(_command(config, out), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr[-3000:]
+        assert "in use by another distswitch run (host" in second.stderr and f"pid {proc.pid}," in second.stderr
+        _wait_for(run_dir / "epoch_0000", proc)
+        assert not (run_dir / "epoch_0001").exists(), "the signal must land inside epoch 2"
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for sink in logs.values():
+            sink.close()
+    stdout, stderr = (tmp_path / "stdout.log").read_text(), (tmp_path / "stderr.log").read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "stopped by SIGTERM; run the same command again" in stderr
+    assert "Traceback" not in stdout + stderr, (stdout + stderr)[-3000:]
+    client = MlflowClient(mlflow_store)
+    [killed] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert killed.info.status == "KILLED" and killed.data.tags["distswitch.signal"] == "SIGTERM"
+    again = subprocess.run(_command(config, out), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    a = json.loads((out / "summary.json").read_text())
+    # Epoch 2's checkpoint may still land while the workers are being stopped: the newest complete one.
+    assert a["resumed_at_epoch"] in (1, 2)
+    resumed, uninterrupted = _tensors(_final_state(out)), _tensors(_final_state(two_workers))
+    for key in uninterrupted:
+        assert torch.equal(resumed[key], uninterrupted[key]), key
+    run = client.get_run(a["mlflow"]["run_id"])
+    assert run.info.run_id == killed.info.run_id  # the killed run is the one continued
+    assert run.info.status == "FINISHED" and run.data.tags["distswitch.relaunches"] == "1"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == [0, 1, 2]
 
 
 def test_more_workers_than_local_cpus_is_refused_before_training(config, tmp_path):

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -28,17 +29,19 @@ def _ray(*args: str, env: dict, timeout: int = 300) -> subprocess.CompletedProce
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    """`ray start --head` bound to 127.0.0.1, token authentication on (Ray's default for `ray start`)."""
+    """`make head`: `ray start --head` bound to 127.0.0.1, token authentication on."""
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)  # jobs use the default store (conftest sets one for the tests)
     gcs, dash = free_port(), free_port()
-    started = _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-                   f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats", env=env)
-    assert started.returncode == 0, started.stderr[-3000:]
+    # The documented way (cluster/README.md's first section): `make head`, then RAY_AUTH_MODE=token.
+    started = subprocess.run(["make", "--no-print-directory", "head", f"HEAD_PORT={gcs}", f"DASHBOARD_PORT={dash}"],
+                             env={k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}, cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=600)
+    assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
     try:
-        yield env, f"http://127.0.0.1:{dash}"
+        yield {**env, "DISTSWITCH_TEST_GCS": str(gcs)}, f"http://127.0.0.1:{dash}"
     finally:
         _ray("stop", "--force", env=env, timeout=120)
 
@@ -72,6 +75,47 @@ def test_ray_job_submit_runs_distswitch_train_to_success(head, tmp_path, fashion
     run = client.get_run(summary["mlflow"]["run_id"])
     assert run.info.status == "FINISHED" and run.data.metrics["test/acc"] == summary["test_acc"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == [0, 1]
+
+
+def test_ray_job_stop_ends_the_run_killed_with_its_checkpoints_kept(head, tmp_path, fashion_betons):
+    """`ray job stop` sends SIGTERM to the entrypoint: the run ends as a signal ends it, not RUNNING."""
+    env, address = head
+    out = tmp_path / "stopped"
+    job_id = f"distswitch-test-{uuid.uuid4().hex[:8]}"
+    submit = _ray(
+        "job", "submit", "--no-wait", "--address", address, "--submission-id", job_id, "--working-dir", ".",
+        "--runtime-env", "cluster/runtime_env.yaml", "--",
+        "distswitch", "train", "configs/fashion_lenet5.yaml", f"out_dir={out}", "train.epochs=6",
+        "schedule.warmup_epochs=0", "schedule.finetune_epochs=0", "budget.fraction=null", "data.train_limit=2000",
+        "train.progress=false", f"data.beton_dir={fashion_betons}", env=env)
+    assert submit.returncode == 0, submit.stderr[-3000:]
+    first = out / "ray" / out.name / "epoch_0000"
+    deadline = time.time() + 300
+    while not first.is_dir():
+        assert time.time() < deadline, _ray("job", "logs", "--address", address, job_id, env=env).stdout[-3000:]
+        time.sleep(0.5)
+    stop = _ray("job", "stop", "--address", address, job_id, env=env, timeout=120)
+    assert stop.returncode == 0, stop.stderr[-3000:]
+    logs = _ray("job", "logs", "--address", address, job_id, env=env).stdout
+    assert "stopped by SIGTERM; run the same command again" in logs, logs[-3000:]
+    assert "Traceback" not in logs, logs[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "KILLED" and run.data.tags["distswitch.signal"] == "SIGTERM"
+    assert first.is_dir() and not (out / "summary.json").exists()
+
+
+def test_a_client_without_token_authentication_is_told_the_exact_commands_in_the_last_line(head, tmp_path):
+    env, address = head
+    gcs = env["DISTSWITCH_TEST_GCS"]
+    client_env = {**{k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}
+    proc = subprocess.run([str(BIN / "distswitch"), "train", "configs/fashion_lenet5.yaml", f"out_dir={tmp_path / 'run'}"],
+                          env=client_env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    # Ray's GCS client prints its retries (InvalidAuthToken) first; distswitch's line is the last.
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("distswitch: error: RAY_ADDRESS="), proc.stderr[-3000:]
+    assert "token authentication" in line and "`export RAY_AUTH_MODE=token`" in line and "ray get-auth-token" in line
 
 
 def test_dashboard_and_job_server_listen_on_loopback_only(head):

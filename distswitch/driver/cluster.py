@@ -6,7 +6,9 @@ MLflow store some node cannot see, an address nothing answers at) into one line 
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
 import sys
 import uuid
 from pathlib import Path
@@ -50,16 +52,33 @@ def connect(cfg: Config):
 
     if ray.is_initialized():
         return ray, False
+    # ray.init replaces SIGTERM's handler with one that exits at once (and a local cluster's with
+    # one that kills its processes): a launcher's own (the CLI's ends the run cleanly) is put back.
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        _init(ray, cfg)
+    finally:
+        if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_sigterm)
+    return ray, True
+
+
+def _init(ray, cfg: Config) -> None:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         try:
             ray.init(address=address, logging_level="WARNING")
         except (ConnectionError, ValueError, RuntimeError) as exc:
+            # A cluster with token authentication refuses a client without a token, and Ray's own
+            # error then names no cause (its GCS client's retry warnings say it): give the commands.
+            auth = ("" if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else
+                    "; if the cluster uses token authentication (`ray start` with RAY_AUTH_MODE=token, "
+                    "`make head`): `export RAY_AUTH_MODE=token` and the head's token in ~/.ray/auth_token "
+                    "or `export RAY_AUTH_TOKEN=...` (what `ray get-auth-token` prints on the head), "
+                    "cluster/README.md section 0")
             raise ConfigError(f"RAY_ADDRESS={address!r}: cannot connect ({str(exc).splitlines()[0]}); "
-                              "check the address (and RAY_AUTH_MODE=token if the cluster uses token "
-                              "authentication, as `ray start` does by default), or unset RAY_ADDRESS "
-                              "to start a local cluster") from None
-        return ray, True
+                              f"check the address, or unset RAY_ADDRESS to start a local cluster{auth}") from None
+        return
     for key, value in LOCAL_CLUSTER_ENV.items():
         os.environ.setdefault(key, value)
     ray.init(
@@ -74,7 +93,6 @@ def connect(cfg: Config):
         _system_config={"enable_worker_prestart": False},
         logging_level="WARNING",
     )
-    return ray, True
 
 
 def check_resources(ray, cfg: Config) -> None:

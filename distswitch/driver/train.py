@@ -25,6 +25,7 @@ from distswitch.checkpoint import RESUME_KEYS
 from distswitch.config import Config, ConfigError
 from distswitch.data.datasets import DataError
 from distswitch.driver import cluster
+from distswitch.driver.claim import claim
 from distswitch.driver.run import RunHandle
 from distswitch.io import write_json, write_text
 from distswitch.registry import UnknownNameError
@@ -80,6 +81,11 @@ def launch(cfg: Config, worker: Worker, summary_json: str | Path | None = None, 
         raise ConfigError(f"out_dir: {str(out)!r} already holds a finished run (summary.json); "
                           f"pass another out_dir=... or remove it")
     cluster.writable(out, "out_dir")
+    with claim(out):  # one driver per run, before Ray starts; held until the run has ended
+        return _launch(cfg, worker, out, summary_json, launched_at)
+
+
+def _launch(cfg: Config, worker: Worker, out: Path, summary_json: str | Path | None, launched_at: float) -> dict:
     storage = storage_path(cfg)
     check_previous_launch(cfg, out, storage)
     write_text(out / "config.yaml", cfg.to_yaml())

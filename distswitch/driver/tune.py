@@ -24,6 +24,7 @@ import yaml
 from distswitch.build import preflight, validate_names
 from distswitch.config import Config, ConfigError, set_dotted
 from distswitch.driver import cluster
+from distswitch.driver.claim import claim
 from distswitch.driver.run import RunHandle
 from distswitch.driver.train import Worker, fit, local_paths, make_trainer, storage_path
 from distswitch.io import write_json, write_text
@@ -83,7 +84,11 @@ def tune(cfg: Config, worker: Worker, launched_at: float | None = None) -> dict:
     if (out / "tune_summary.json").is_file():
         raise ConfigError(f"out_dir: {str(out)!r} already holds a finished search (tune_summary.json); "
                           "pass another out_dir=... or remove it")
-    out.mkdir(parents=True, exist_ok=True)
+    with claim(out, "search"):  # one driver per search (its trials are under it), before Ray starts
+        return _tune(cfg, worker, out, launched_at)
+
+
+def _tune(cfg: Config, worker: Worker, out: Path, launched_at: float) -> dict:
     write_text(out / "config.yaml", cfg.to_yaml())
     name = cfg.tune.name or out.resolve().name
     storage = storage_path(cfg)
