@@ -2,8 +2,10 @@
 final and stopped folders Ray hands back).
 
 A checkpoint folder holds `state.pt` (a bundle: everything to continue after its epoch exactly as
-if the run had not stopped), optionally `best.pt` (the selected epoch's bundle so far) and, when
-training stopped for good, `stopped.json` with the reason. The final report's folder holds the
+if the run had not stopped), optionally `best.pt` (the selected epoch's bundle so far), when
+training stopped for good `stopped.json` with the reason, and, written last, `manifest.json`
+(`distswitch.manifest`): a resumed run uses the newest folder whose files match it, naming each
+damaged one it skips. The final report's folder holds the
 files `FINAL_FILES` maps into out_dir. Bundles hold tensors and plain values only: they load with
 `weights_only=True`, and format 1 from before the package's redesign still resumes.
 """
@@ -11,7 +13,8 @@ files `FINAL_FILES` maps into out_dir. Bundles hold tensors and plain values onl
 from __future__ import annotations
 
 import random
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +22,11 @@ import torch
 
 from distswitch.config import Config, ConfigError
 from distswitch.data import DatasetInfo
+from distswitch.data.datasets import DataError
 from distswitch.io import copy_file
+from distswitch.manifest import CheckpointDamaged, damage, order
 from distswitch.models.registry import rename_layer_key, renamed_layers
+from distswitch.registry import UnknownNameError
 
 CHECKPOINT_FORMAT = "distswitch.ckpt/1"
 # In a checkpoint folder: training stopped for good (TrainingStopped) after that folder's state.
@@ -31,6 +37,71 @@ FINAL_FILES = {"summary.json": "summary.json", "model.pt": "model.pt", "model.ar
 # Sections of the config a resumed run must share with its checkpoint (the rest may change, e.g. a
 # lower learning rate after a stop).
 RESUME_KEYS = ("model", "method", "switcher", "data")
+# Failures no restart can cure: the worker reports them as a stop for good (stopped.json names the
+# class) rather than raising, so Ray Train's failure policy keeps its retries for lost workers and
+# nodes; the driver raises them again, as the same one-line error.
+INCURABLE = (ConfigError, UnknownNameError, DataError, CheckpointDamaged)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A checkpoint folder in the run's storage: its name, where it is (for messages) and how to get
+    a local copy. `latest`: the one Ray Train would resume."""
+
+    name: str
+    where: str
+    fetch: Callable[[], Path]
+    latest: bool = False
+
+
+def resume_order(stored: list[Stored]) -> list[Stored]:
+    """The folders a run may resume from, newest first: the latest (Ray Train's, or the newest by
+    name), then the older ones, newest epoch first."""
+    ranked = sorted((s for s in stored if order(s.name) is not None), key=lambda s: order(s.name), reverse=True)
+    latest = next((s for s in stored if s.latest), ranked[0] if ranked else None)
+    if latest is None:
+        return []
+    top = order(latest.name)
+    return [latest] + [s for s in ranked if s is not latest and (top is None or order(s.name)[0] <= top[0])]
+
+
+def choose(stored: list[Stored], say: Callable[[str], None]) -> tuple[Stored, Path] | None:
+    """The newest intact folder that holds a state, with its local copy; each damaged one passed
+    over is said in one line. None if there is nothing to resume; CheckpointDamaged if there were
+    checkpoints and none is intact."""
+    damaged = []
+    for candidate in resume_order(stored):
+        folder = candidate.fetch()
+        problem = verify(folder)
+        if problem is not None:
+            damaged.append(f"{candidate.where} ({problem})")
+            say(f"the checkpoint {candidate.where} is damaged: {problem}; trying the previous one")
+        elif (folder / "state.pt").is_file():
+            return candidate, folder
+        # else: intact and stateless (a stop before the first epoch checkpoint): look further back
+    if damaged:
+        raise CheckpointDamaged(f"no intact checkpoint to resume: {damaged[0]}" +
+                                (f" and {len(damaged) - 1} more are damaged" if len(damaged) > 1 else " is damaged") +
+                                "; remove them to start again, or pass another out_dir (or distributed.name)")
+    return None
+
+
+def verify(folder: str | Path) -> str | None:
+    """What is wrong with a checkpoint folder, in a few words; None if it is intact."""
+    return damage(folder, _unsealed)
+
+
+def _unsealed(folder: Path) -> str | None:
+    """A folder without a manifest (written before checkpoints were sealed): intact if its bundles load."""
+    for name in ("state.pt", "best.pt"):
+        if (folder / name).is_file():
+            try:
+                torch.load(folder / name, map_location="cpu", weights_only=True)
+            except Exception as exc:  # a cut-off zip, a partial pickle: whatever torch says, it is damaged
+                return f"it has no manifest and its {name} does not load ({type(exc).__name__})"
+    if not any((folder / name).is_file() for name in ("state.pt", STOPPED_FILE)):
+        return "it has no manifest and no state.pt"
+    return None
 
 
 def bundle(cfg: Config, info: DatasetInfo, engine, epoch: int, steps_per_epoch: int, history: list,

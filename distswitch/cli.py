@@ -1,6 +1,6 @@
 """`distswitch` command line: train | tune | export | data prepare | runs | compare.
 
-User errors (bad config, missing data, unknown names) print one line and exit with status 2;
+User errors (bad config, missing data, unknown names, every checkpoint damaged) print one line and exit with status 2;
 training that stopped for good (it diverged, a layer lost its last units) or that Ray gave up on
 (workers lost beyond `distributed.max_failures`) prints one line and exits with status 1. `--debug` shows the traceback instead.
 SIGTERM (`kill`, schedulers, `ray job stop`) ends a run as Ctrl-C does: the MLflow run KILLED, the
@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 
+from distswitch import signals
 from distswitch.config import ConfigError, load_config
+from distswitch.manifest import CheckpointDamaged
 from distswitch.registry import UnknownNameError
 
 # `distswitch runs --sort`: columns where higher is better first, sizes smallest first.
@@ -183,35 +184,19 @@ def _cmd_compare(args) -> int:
     return 0
 
 
-class StopSignal:
-    """SIGTERM's handler in the driver: the run ends as Ctrl-C ends it (a KeyboardInterrupt in the
-    main thread). It remembers the signal, since ray.get re-raises a KeyboardInterrupt of its own."""
-
-    received: int | None = None
-
-    def __call__(self, signum, frame):
-        self.received = signum
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
-def stop_signal() -> signal.Signals:
-    """The signal that stopped this process: SIGTERM if the driver's handler saw one, else SIGINT."""
-    return signal.Signals(getattr(signal.getsignal(signal.SIGTERM), "received", None) or signal.SIGINT)
-
-
 def main(argv: list[str] | None = None) -> int:
     started = time.time()  # origin of the start-up figure (launch to first step)
     args = _parser().parse_args(argv)
     args.started = started
     if args.command in ("train", "tune"):  # the driver's cluster start keeps this handler (cluster.connect)
-        signal.signal(signal.SIGTERM, StopSignal())
+        signals.install()
     from distswitch.data.datasets import DataError  # imported late: `--help` stays fast
 
     try:
         commands = {"train": _cmd_train, "tune": _cmd_tune, "export": _cmd_export, "data": _cmd_data, "runs": _cmd_runs,
                     "compare": _cmd_compare}
         return commands[args.command](args)
-    except (ConfigError, UnknownNameError, DataError) as exc:
+    except (ConfigError, UnknownNameError, DataError, CheckpointDamaged) as exc:
         if args.debug:
             raise
         print(f"distswitch: error: {exc}", file=sys.stderr)
@@ -225,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distswitch: {'stopped' if isinstance(exc, TrainingStopped) else 'failed'}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        signum = stop_signal()
+        signum = signals.stop_signal()
         print(f"distswitch: stopped by {signum.name}; run the same command again to continue "
               "from the last epoch checkpoint", file=sys.stderr)
         return 128 + signum

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from distswitch.config import Config, ConfigError
 from distswitch.io import atomic_path
+from distswitch.signals import stop_signal
 from distswitch.summary import width_label
 
 RUN_KEY_TAG = "distswitch.run_key"  # storage path + run name: what identifies a resumable run
@@ -213,10 +213,18 @@ class EpochLogger:
 
     def __init__(self, uri: str, run_id: str) -> None:
         self.client, self.run_id = mlflow_client(uri), run_id
+        self.logged: set[int] | None = None  # epochs the run has already (a relaunch), read once
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        """`metrics` at `step`, unless an earlier attempt logged that step: an epoch trained again
+        after a damaged checkpoint was skipped gives the same values, and a run keeps one per epoch."""
         from mlflow.entities import Metric
 
+        if self.logged is None:
+            self.logged = {m.step for m in self.client.get_metric_history(self.run_id, "val/acc")}
+        if step in self.logged:
+            return
+        self.logged.add(step)
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
         for i in range(0, len(batch), 1000):
@@ -294,9 +302,7 @@ def fail_run(uri: str, run_id: str, error: BaseException) -> None:
         client = mlflow_client(uri)
         client.set_tag(run_id, "distswitch.error", f"{type(error).__name__}: {error}"[:5000])
         if isinstance(error, KeyboardInterrupt):  # Ctrl-C, or a stop signal the CLI turned into one
-            # The CLI's SIGTERM handler remembers the signal (the exception Ray re-raises cannot say it).
-            received = getattr(signal.getsignal(signal.SIGTERM), "received", None) or signal.SIGINT
-            client.set_tag(run_id, "distswitch.signal", signal.Signals(received).name)
+            client.set_tag(run_id, "distswitch.signal", stop_signal().name)
         client.set_terminated(run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
     except Exception as exc:
         print(f"distswitch: warning: could not mark MLflow run {run_id} failed at {uri} ({type(exc).__name__}: "

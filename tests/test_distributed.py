@@ -167,11 +167,13 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.1)
 
 
-def test_a_worker_then_the_driver_killed_mid_epoch_resume_to_the_uninterrupted_parameters(config, two_workers, tmp_path):
-    """Two faults in one run. A worker SIGKILLed in epoch 2: Ray Train restarts the group from
+def test_a_worker_then_the_driver_killed_mid_epoch_and_the_newest_checkpoint_cut_resume_to_the_uninterrupted_parameters(
+        config, two_workers, tmp_path):
+    """Three faults in one run. A worker SIGKILLed in epoch 2: Ray Train restarts the group from
     epoch 1's checkpoint (max_failures 1). Then the driver SIGKILLed in epoch 3, its local cluster
-    going with it, and the same command run again: it continues from epoch 2's checkpoint. The end
-    is bit-identical to an uninterrupted run, in one MLflow run with each epoch logged once."""
+    going with it, and epoch 2's checkpoint cut short (a full disk, a node lost mid-write); the same
+    command run again names it, and continues from epoch 1's. The end is bit-identical to an
+    uninterrupted run, in one MLflow run with each epoch logged once."""
     out = tmp_path / "killed"
     run_dir = out / "ray" / out.name
     log = tmp_path / "first.log"
@@ -196,11 +198,14 @@ def test_a_worker_then_the_driver_killed_mid_epoch_resume_to_the_uninterrupted_p
     while _train_workers():  # Ray's processes share the driver's fate
         assert time.time() < deadline, "Ray Train workers outlived their driver by 60 s"
         time.sleep(0.5)
+    newest = run_dir / "epoch_0001" / "state.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
     again = subprocess.run(_command(config, out), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert f"the checkpoint {run_dir / 'epoch_0001'} is damaged: state.pt holds 1000 bytes" in again.stderr
     a = json.loads((out / "summary.json").read_text())
     b = json.loads((two_workers / "summary.json").read_text())
-    assert a["resumed_at_epoch"] == 2 and b["resumed_at_epoch"] == 0  # the rerun continued after epoch 2
+    assert a["resumed_at_epoch"] == 1 and b["resumed_at_epoch"] == 0  # the rerun continued after epoch 1
     resumed, uninterrupted = _tensors(_final_state(out)), _tensors(_final_state(two_workers))
     assert resumed.keys() == uninterrupted.keys()
     for key in resumed:

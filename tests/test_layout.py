@@ -12,7 +12,8 @@ import distswitch
 
 # Upstream first; a module may import its own level or any level before it.
 LEVELS = [
-    {"config", "registry", "io"},
+    {"config", "registry", "io", "signals"},
+    {"manifest"},
     {"data", "models", "optim", "fold"},
     {"gates"},
     {"switcher", "schedule", "cost"},

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from distswitch.checkpoint import STOPPED_FILE, collect_final
+from distswitch.checkpoint import INCURABLE, STOPPED_FILE, collect_final
 from distswitch.config import Config
 from distswitch.io import write_json
 from distswitch.summary import Summary
@@ -62,8 +62,11 @@ class RunHandle:
             if (Path(folder) / STOPPED_FILE).is_file():
                 from distswitch.engine import TrainingStopped
 
-                message = json.loads((Path(folder) / STOPPED_FILE).read_text())["message"]
-                raise TrainingStopped(f"{message} (kept in {result.checkpoint.path}; the same command resumes from it)")
+                stop = json.loads((Path(folder) / STOPPED_FILE).read_text())
+                incurable = {cls.__name__: cls for cls in INCURABLE}
+                if stop.get("error") in incurable:  # a worker's error no restart cures, as that error
+                    raise incurable[stop["error"]](stop["message"])
+                raise TrainingStopped(f"{stop['message']} (kept in {result.checkpoint.path}; the same command resumes from it)")
             collect_final(Path(folder), self.out, skip=("summary.json",))
             summary = Summary.read(Path(folder) / "summary.json")
         summary.checkpoint_path = str(result.checkpoint.path)  # known here only: where Ray stored it

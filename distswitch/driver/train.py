@@ -20,17 +20,17 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from distswitch import checkpoint
 from distswitch.build import preflight, validate_names
-from distswitch.checkpoint import RESUME_KEYS
+from distswitch.checkpoint import INCURABLE, RESUME_KEYS
 from distswitch.config import Config, ConfigError
-from distswitch.data.datasets import DataError
 from distswitch.driver import cluster
 from distswitch.driver.claim import claim
 from distswitch.driver.run import RunHandle
 from distswitch.io import write_json, write_text
-from distswitch.registry import UnknownNameError
+from distswitch.manifest import order
 
-USER_ERRORS = (ConfigError, UnknownNameError, DataError)
+USER_ERRORS = INCURABLE
 # The worker's entry: called on every Ray Train worker with the loop config (plain data).
 Worker = Callable[[dict], None]
 
@@ -165,27 +165,40 @@ def fit(trainer, cfg: Config, storage: str):
 def resume_hint(cfg: Config, storage: str) -> str:
     run_dir = f"{storage}/{run_name(cfg)}"
     if "://" not in storage:
-        done = sorted(p for p in Path(run_dir).glob("epoch_*") if (p / "state.pt").is_file())
-        if not done:
+        try:
+            found = checkpoint.choose(local_checkpoints(Path(run_dir)), say=lambda line: None)
+        except checkpoint.CheckpointDamaged as exc:
+            return str(exc)
+        if found is None:
             return f"no epoch had been checkpointed in {run_dir}; the same command starts again"
-        return f"the last checkpoint, {done[-1]}, is intact: the same command resumes from it"
+        return f"the last checkpoint, {found[0].where}, is intact: the same command resumes from it"
     return f"the same command resumes from the last checkpoint in {run_dir}"
+
+
+def local_checkpoints(run_dir: Path) -> list[checkpoint.Stored]:
+    """The checkpoint folders of a run stored on this machine's filesystem, read in place."""
+    if not run_dir.is_dir():
+        return []
+    return [checkpoint.Stored(p.name, str(p), lambda p=p: p) for p in run_dir.iterdir() if p.is_dir() and order(p.name)]
 
 
 def check_previous_launch(cfg: Config, out: Path, storage: str) -> None:
     """A relaunch resumes the checkpoints in storage: refuse, before Ray starts, settings that
-    could not resume them (the workers check the checkpoint itself again)."""
+    could not resume them, and storage whose every checkpoint is damaged (the workers check the
+    checkpoint they resume again: storage may be remote, or change meanwhile)."""
     run_dir = Path(storage) / run_name(cfg)
+    stored = local_checkpoints(run_dir) if "://" not in storage else []
     previous = out / "config.yaml"
-    if "://" in storage or not previous.is_file() or not any(run_dir.glob("epoch_*")):
-        return
-    from distswitch.config import load_config
+    if stored and previous.is_file():
+        from distswitch.config import load_config
 
-    try:
-        old = load_config(previous)
-    except ConfigError:
-        return  # written by another version: the workers' check on the checkpoint decides
-    for key in RESUME_KEYS:
-        if getattr(old, key) != getattr(cfg, key):
-            raise ConfigError(f"{key}: differs from the checkpoint in {run_dir} that this run would resume; "
-                              f"use another out_dir (or distributed.name) for a new run, or the earlier {key} settings")
+        try:
+            old = load_config(previous)
+        except ConfigError:
+            old = None  # written by another version: the workers' check on the checkpoint decides
+        for key in RESUME_KEYS:
+            if old is not None and getattr(old, key) != getattr(cfg, key):
+                raise ConfigError(f"{key}: differs from the checkpoint in {run_dir} that this run would resume; "
+                                  f"use another out_dir (or distributed.name) for a new run, or the earlier {key} settings")
+    # Every checkpoint damaged: one line now, not one attempt per allowed failure on the same files.
+    checkpoint.choose(stored, say=lambda line: None)

@@ -30,6 +30,7 @@ from distswitch.data import DatasetInfo
 from distswitch.engine import Engine, EpochStats
 from distswitch.export import count
 from distswitch.io import save_torch
+from distswitch.manifest import seal, unused_name
 from distswitch.parallel import Replicas, state_digest
 from distswitch.summary import width_label
 
@@ -45,6 +46,7 @@ class RunState:
     rng: list[dict] | None = None  # every worker's generators, at checkpoint epochs
     folder: Path | None = None  # rank 0: this epoch's checkpoint folder
     latest: Path | None = None  # rank 0: the latest checkpoint folder (kept for a stop)
+    taken: set[str] = field(default_factory=set)  # checkpoint names already in the run's storage
 
 
 class Record:
@@ -107,11 +109,13 @@ class SaveCheckpoint:
         if s.is_best:
             save_torch(saved, self.scratch / "best.pt")
         if s.checkpoint:
-            s.folder = self.scratch / f"epoch_{stats.epoch:04d}"
+            s.folder = self.scratch / unused_name(stats.epoch, s.taken)
+            s.taken.add(s.folder.name)
             s.folder.mkdir()
             save_torch(saved, s.folder / "state.pt")
             if (self.scratch / "best.pt").is_file():
                 shutil.copyfile(self.scratch / "best.pt", s.folder / "best.pt")
+            seal(s.folder, stats.epoch)  # last: a folder whose files match it is complete
 
 
 class Report:
@@ -121,7 +125,8 @@ class Report:
     def on_epoch_end(self, stats: EpochStats) -> None:
         metrics = epoch_metrics(stats)
         metrics["tune/score"] = stats.val_acc - self.cfg.tune.kept_weight * stats.kept_fraction  # `distswitch tune`'s trade-off
-        self.session.report(metrics, self.state.folder, f"epoch_{stats.epoch:04d}")
+        folder = self.state.folder
+        self.session.report(metrics, folder, folder.name if folder is not None else f"epoch_{stats.epoch:04d}")
 
 
 class LogMetrics:

@@ -2,8 +2,9 @@
 a progress bar. `Session` is a single local process; `RaySession` is one Ray Train worker, and the
 only place the worker touches Ray.
 
-A session saves checkpoint folders and hands back the latest one on restart; `report` is called by
-every worker the same number of times (a collective under Ray), with a folder from rank 0 only.
+A session saves checkpoint folders and, on restart, lists those in the run's storage (the worker
+resumes the newest intact one); `report` is called by every worker the same number of times (a
+collective under Ray), with a folder from rank 0 only.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from distswitch.checkpoint import collect_final
+from distswitch.checkpoint import Stored, collect_final
 from distswitch.io import copy_tree
+from distswitch.manifest import order
 
 
 class Session:
@@ -27,9 +29,11 @@ class Session:
     def __init__(self, out_dir: str | Path) -> None:
         self.root = Path(out_dir) / "checkpoints"
 
-    def latest_checkpoint(self) -> Path | None:
-        found = sorted(self.root.glob("epoch_*"))
-        return found[-1] if found else None
+    def stored(self) -> list[Stored]:
+        """The checkpoint folders under out_dir/checkpoints (read in place)."""
+        if not self.root.is_dir():
+            return []
+        return [Stored(p.name, str(p), lambda p=p: p) for p in self.root.iterdir() if p.is_dir() and order(p.name)]
 
     def report(self, metrics: dict, checkpoint: Path | None, name: str) -> None:
         if checkpoint is not None and name == "final":
@@ -59,15 +63,32 @@ class RaySession(Session):
 
             logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
-    def latest_checkpoint(self) -> Path | None:
-        import ray.train
+    def stored(self) -> list[Stored]:
+        """Ray Train's latest checkpoint and the other checkpoint folders beside it in the run's
+        storage (local or remote, through the checkpoint's filesystem); each fetched on demand."""
+        import posixpath
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        # A local copy (downloaded when the storage is remote), removed when the run ends.
-        self._restored = Path(tempfile.mkdtemp(prefix="distswitch-restore-"))
-        return Path(checkpoint.to_directory(str(self._restored)))
+        import ray.train
+        from pyarrow import fs as pafs
+
+        latest = ray.train.get_checkpoint()
+        if latest is None:
+            return []
+        parent = posixpath.dirname(latest.path.rstrip("/"))
+        infos = latest.filesystem.get_file_info(pafs.FileSelector(parent))
+        others = [ray.train.Checkpoint(info.path, filesystem=latest.filesystem) for info in infos
+                  if info.type == pafs.FileType.Directory and order(info.base_name) and info.path.rstrip("/") != latest.path.rstrip("/")]
+        return [Stored(posixpath.basename(c.path), c.path, lambda c=c: self._fetch(c), latest=c is latest)
+                for c in [latest, *others]]
+
+    def _fetch(self, checkpoint) -> Path:
+        """A local copy (downloaded when the storage is remote), removed when the run ends."""
+        if self._restored is None:
+            self._restored = Path(tempfile.mkdtemp(prefix="distswitch-restore-"))
+        folder = self._restored / Path(checkpoint.path).name
+        if not folder.is_dir():
+            checkpoint.to_directory(str(folder))
+        return folder
 
     def report(self, metrics: dict, checkpoint: Path | None, name: str) -> None:
         import ray.train

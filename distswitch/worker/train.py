@@ -27,6 +27,7 @@ from distswitch.config import Config
 from distswitch.data import make_loaders
 from distswitch.engine import Engine, EpochStats, TrainingStopped
 from distswitch.io import write_json
+from distswitch.manifest import MANIFEST_FILE, seal
 from distswitch.parallel import Replicas
 from distswitch.summary import Summary
 from distswitch.tracking import git_sha
@@ -47,6 +48,12 @@ def train(cfg: Config, session: Session | None = None, device: torch.device | No
     scratch = Path(tempfile.mkdtemp(prefix="distswitch-"))  # this worker's local files (rank 0's best.pt)
     try:
         return _train(cfg, session, device, launched_at, marks, tracker, scratch)
+    except Incurable as exc:  # no restart cures it: a stop for good, raised again by the driver
+        report_stop(session, exc.error, scratch, exc.source, _gather(session))
+        raise exc.error from None
+    except checkpoint.INCURABLE as exc:
+        report_stop(session, exc, scratch, None, _gather(session))
+        raise
     finally:  # a stop or an error too: only a killed worker leaves its scratch behind
         shutil.rmtree(scratch, ignore_errors=True)
         session.close()
@@ -68,7 +75,7 @@ def _train(cfg: Config, session: Session, device: torch.device | None, launched_
     replicas = make_replicas(tnn, method, device)
     marks["replicas_ready"] = time.time()  # DDP wrappers built, rank 0's parameters broadcast
     engine = Engine(cfg, tnn, gates, method, device, replicas)
-    state, start_epoch, restored = resume(cfg, session, engine, scratch)
+    state, start_epoch, restored = resume(cfg, session, engine, scratch, replicas)
     callbacks = epoch_callbacks(cfg, loaders.info, engine, replicas, session, state, len(loaders.train), scratch, tracker)
     progress = None
     if cfg.train.progress and session.rank == 0:
@@ -76,33 +83,51 @@ def _train(cfg: Config, session: Session, device: torch.device | None, launched_
     try:
         engine.fit(loaders.train, loaders.val, start_epoch=start_epoch, callbacks=callbacks, progress=progress)
     except TrainingStopped as exc:
-        report_stop(session, exc, scratch, state.latest or restored, replicas)
+        report_stop(session, exc, scratch, state.latest or restored, replicas.gather)
         raise
     return finish(cfg, session, engine, loaders, state, start_epoch, scratch, device, launched_at, marks)
 
 
-def resume(cfg: Config, session: Session, engine: Engine, scratch: Path) -> tuple[RunState, int, Path | None]:
-    """The run so far from the session's latest checkpoint (a fresh one without): the engine's
-    state, the history and selection, this rank's generators, rank 0's best.pt into `scratch`.
-    Returns (state, first epoch to train, the checkpoint folder restored or None)."""
-    rank, latest = session.rank, session.latest_checkpoint()
-    if latest is not None and (Path(latest) / checkpoint.STOPPED_FILE).is_file() and rank == 0:
-        print(f"the last attempt stopped: {json.loads((Path(latest) / checkpoint.STOPPED_FILE).read_text())['message']}",
-              file=sys.stderr, flush=True)
-    if latest is None or not (Path(latest) / "state.pt").is_file():
-        return RunState(), 0, None  # (a stop before the first epoch checkpoint: nothing to resume)
-    saved = checkpoint.read(Path(latest) / "state.pt")
-    checkpoint.check_resumable(cfg, saved, latest)
+def resume(cfg: Config, session: Session, engine: Engine, scratch: Path, replicas: Replicas) -> tuple[RunState, int, Path | None]:
+    """The run so far from the newest intact checkpoint in the session's storage (a fresh one
+    without): the engine's state, the history and selection, this rank's generators, rank 0's
+    best.pt into `scratch`. Rank 0 chooses (naming each damaged folder it passes over) and every
+    worker resumes its choice. Returns (state, first epoch to train, the folder restored or None)."""
+    stored = session.stored()
+    say = (lambda line: print(line, file=sys.stderr, flush=True)) if session.rank == 0 else (lambda line: None)
+    chosen = None
+    if session.rank == 0:
+        for candidate in checkpoint.resume_order(stored)[:1]:  # Ray Train's latest: did the last attempt stop?
+            stop = candidate.fetch() / checkpoint.STOPPED_FILE
+            if stop.is_file():
+                say(f"the last attempt stopped: {json.loads(stop.read_text())['message']}")
+        try:
+            found = checkpoint.choose(stored, say)
+            chosen = found[0].name if found else None
+        except checkpoint.CheckpointDamaged as exc:
+            chosen = exc
+    chosen = replicas.gather(chosen)[0]  # every worker resumes rank 0's choice, or fails with it
+    state = RunState(taken={s.name for s in stored})  # never reused: Ray Train deletes evicted ones by path
+    if isinstance(chosen, Exception):
+        raise chosen
+    if chosen is None:
+        return state, 0, None
+    [candidate] = [s for s in stored if s.name == chosen]
+    latest = candidate.fetch()
+    saved = checkpoint.read(latest / "state.pt")
+    try:
+        checkpoint.check_resumable(cfg, saved, candidate.where)
+    except checkpoint.INCURABLE as exc:
+        raise Incurable(exc, latest) from exc
     engine.load_state_dict(saved["engine"])
     engine.retune(saved["config"]["optim"])
-    state = RunState(history=[EpochStats(**h) for h in saved["history"]], best=dict(saved["best"]))
+    state.history, state.best = [EpochStats(**h) for h in saved["history"]], dict(saved["best"])
     start_epoch = saved["epoch"] + 1
-    checkpoint.set_rng(saved["rng"], rank)
-    if rank == 0 and (Path(latest) / "best.pt").is_file():
-        shutil.copyfile(Path(latest) / "best.pt", scratch / "best.pt")
-    if rank == 0:
-        print(f"resuming from {latest} after epoch {start_epoch}/{cfg.train.epochs}", file=sys.stderr, flush=True)
-    return state, start_epoch, Path(latest)
+    checkpoint.set_rng(saved["rng"], session.rank)
+    if session.rank == 0 and (latest / "best.pt").is_file():
+        shutil.copyfile(latest / "best.pt", scratch / "best.pt")
+    say(f"resuming from {candidate.where} after epoch {start_epoch}/{cfg.train.epochs}")
+    return state, start_epoch, latest
 
 
 def finish(cfg: Config, session: Session, engine: Engine, loaders, state: RunState, start_epoch: int, scratch: Path,
@@ -150,19 +175,47 @@ def finish(cfg: Config, session: Session, engine: Engine, loaders, state: RunSta
     return summary
 
 
-def report_stop(session: Session, exc: TrainingStopped, scratch: Path, source: Path | None, replicas: Replicas) -> None:
+class Incurable(Exception):
+    """An incurable `error` met while resuming `source`: the stop for good keeps that state."""
+
+    def __init__(self, error: Exception, source: Path) -> None:
+        super().__init__(str(error))
+        self.error, self.source = error, source
+
+
+def _gather(session: Session):
+    """`obj` from every worker, in rank order, before (or without) the replicas: the process group
+    Ray Train set up, when there is one."""
+    import torch.distributed as dist
+
+    def gather(obj) -> list:
+        if session.world_size == 1 or not dist.is_initialized():
+            return [obj]
+        out = [None] * session.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    return gather
+
+
+def report_stop(session: Session, exc: Exception, scratch: Path, source: Path | None, gather) -> None:
     """A stop for good becomes the run's latest checkpoint: the last good epoch's files (`source`,
     so the same command, with e.g. a lower learning rate, resumes from them) plus stopped.json with
-    the reason. Every worker calls it (the stop is decided on all-reduced figures)."""
-    token = replicas.gather(uuid.uuid4().hex[:8])[0]  # rank 0's: one folder name on every worker
+    the reason and, for an incurable error, its class (the driver raises it again). Every worker
+    calls it (a stop is decided on all-reduced figures, an incurable error on the same files)."""
+    token = gather(uuid.uuid4().hex[:8])[0]  # rank 0's: one folder name on every worker
+    saved = checkpoint.read(Path(source) / "state.pt") if source is not None and session.rank == 0 else None
+    name = f"stopped_{saved['epoch']:04d}_{token}" if saved is not None else f"stopped_{token}"
     folder = None
     if session.rank == 0:
-        folder = scratch / f"stopped_{token}"
-        if source is not None and (Path(source) / "state.pt").is_file():
-            shutil.copytree(source, folder, ignore=shutil.ignore_patterns(checkpoint.STOPPED_FILE))
+        folder = scratch / name
+        if saved is not None:
+            shutil.copytree(source, folder, ignore=shutil.ignore_patterns(checkpoint.STOPPED_FILE, MANIFEST_FILE))
         folder.mkdir(exist_ok=True)
-        write_json(folder / checkpoint.STOPPED_FILE, {"message": str(exc)})
-    session.report({checkpoint.STOPPED_METRIC: str(exc)}, folder, f"stopped_{token}")
+        error = type(exc).__name__ if isinstance(exc, checkpoint.INCURABLE) else None
+        write_json(folder / checkpoint.STOPPED_FILE, {"message": str(exc), "error": error})
+        seal(folder, saved["epoch"] if saved is not None else None)
+    session.report({checkpoint.STOPPED_METRIC: str(exc)}, folder, name)
 
 
 def ray_main(loop_config: dict) -> None:
@@ -182,7 +235,7 @@ def ray_main(loop_config: dict) -> None:
     try:
         train(cfg, session, ray.train.torch.get_device(), launched_at=loop_config.get("launched_at"),
               marks=loop_config.get("marks"), tracker=tracker)
-    except TrainingStopped:
-        # Raising would make Ray Train retry from the last checkpoint, into the same stop. `train`
-        # reported the stop as the latest checkpoint; the driver raises it.
+    except (TrainingStopped, *checkpoint.INCURABLE):
+        # Raising would make Ray Train retry from the last checkpoint, into the same stop or error.
+        # `train` reported it as the latest checkpoint; the driver raises it.
         return
