@@ -67,7 +67,7 @@ def _train(cfg: Config, session: Session, device: torch.device | None, launched_
     # Shapes are fixed for a run: let cuDNN pick the fastest kernels (a process setting; workers
     # are processes of their own).
     torch.backends.cudnn.benchmark = device.type == "cuda"
-    loaders = make_loaders(cfg, session.rank, session.world_size, device)
+    loaders = agreed(session, lambda: make_loaders(cfg, session.rank, session.world_size, device))
     marks["data_loaded"] = time.time()
     sync_bn = cfg.distributed.sync_batchnorm and session.world_size > 1
     tnn, gates, method = build(cfg, loaders.info, len(loaders.train), device, sync_batchnorm=sync_bn)
@@ -181,6 +181,19 @@ class Incurable(Exception):
     def __init__(self, error: Exception, source: Path) -> None:
         super().__init__(str(error))
         self.error, self.source = error, source
+
+
+def agreed(session: Session, make):
+    """`make()`, with an incurable error on any worker raised on every worker (each worker reads its
+    own data: one node may lack it), so that all of them report the stop for good together."""
+    try:
+        made, error = make(), None
+    except checkpoint.INCURABLE as exc:
+        made, error = None, exc
+    failed = [e for e in _gather(session)(error) if e is not None]
+    if failed:
+        raise failed[0]
+    return made
 
 
 def _gather(session: Session):
