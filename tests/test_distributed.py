@@ -261,8 +261,10 @@ def test_sigterm_to_the_driver_s_process_group_ends_the_run_killed_and_the_same_
     again = subprocess.run(_command(config, out), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     a = json.loads((out / "summary.json").read_text())
-    # Epoch 2's checkpoint may still land while the workers are being stopped: the newest complete one.
-    assert a["resumed_at_epoch"] in (1, 2)
+    # The newest complete checkpoint: epoch 2's may still land while the workers are being stopped,
+    # and on a loaded 2-core machine the driver's stop has lagged SIGTERM by ~20 s, epoch 3's landing
+    # too (2 of 4 runs, 2026-12-04; issue 18's open note). The end must match either way.
+    assert a["resumed_at_epoch"] in (1, 2, 3)
     resumed, uninterrupted = _tensors(_final_state(out)), _tensors(_final_state(two_workers))
     for key in uninterrupted:
         assert torch.equal(resumed[key], uninterrupted[key]), key
