@@ -54,6 +54,13 @@ class Stored:
     latest: bool = False
 
 
+def stored_in(folder: Path) -> list[Stored]:
+    """The checkpoint folders directly under a folder on this machine's filesystem, read in place."""
+    if not folder.is_dir():
+        return []
+    return [Stored(p.name, str(p), lambda p=p: p) for p in folder.iterdir() if p.is_dir() and order(p.name)]
+
+
 def resume_order(stored: list[Stored]) -> list[Stored]:
     """The folders a run may resume from, newest first: the latest (Ray Train's, or the newest by
     name), then the older ones, newest epoch first."""

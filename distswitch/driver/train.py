@@ -28,7 +28,6 @@ from distswitch.driver import cluster
 from distswitch.driver.claim import claim
 from distswitch.driver.run import RunHandle
 from distswitch.io import write_json, write_text
-from distswitch.manifest import order
 
 USER_ERRORS = INCURABLE
 # The worker's entry: called on every Ray Train worker with the loop config (plain data).
@@ -166,7 +165,7 @@ def resume_hint(cfg: Config, storage: str) -> str:
     run_dir = f"{storage}/{run_name(cfg)}"
     if "://" not in storage:
         try:
-            found = checkpoint.choose(local_checkpoints(Path(run_dir)), say=lambda line: None)
+            found = checkpoint.choose(checkpoint.stored_in(Path(run_dir)), say=lambda line: None)
         except checkpoint.CheckpointDamaged as exc:
             return str(exc)
         if found is None:
@@ -175,19 +174,12 @@ def resume_hint(cfg: Config, storage: str) -> str:
     return f"the same command resumes from the last checkpoint in {run_dir}"
 
 
-def local_checkpoints(run_dir: Path) -> list[checkpoint.Stored]:
-    """The checkpoint folders of a run stored on this machine's filesystem, read in place."""
-    if not run_dir.is_dir():
-        return []
-    return [checkpoint.Stored(p.name, str(p), lambda p=p: p) for p in run_dir.iterdir() if p.is_dir() and order(p.name)]
-
-
 def check_previous_launch(cfg: Config, out: Path, storage: str) -> None:
     """A relaunch resumes the checkpoints in storage: refuse, before Ray starts, settings that
     could not resume them, and storage whose every checkpoint is damaged (the workers check the
     checkpoint they resume again: storage may be remote, or change meanwhile)."""
     run_dir = Path(storage) / run_name(cfg)
-    stored = local_checkpoints(run_dir) if "://" not in storage else []
+    stored = checkpoint.stored_in(run_dir) if "://" not in storage else []
     previous = out / "config.yaml"
     if stored and previous.is_file():
         from distswitch.config import load_config

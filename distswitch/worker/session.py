@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from distswitch.checkpoint import Stored, collect_final
+from distswitch.checkpoint import Stored, collect_final, stored_in
 from distswitch.io import copy_tree
 from distswitch.manifest import order
 
@@ -31,9 +31,7 @@ class Session:
 
     def stored(self) -> list[Stored]:
         """The checkpoint folders under out_dir/checkpoints (read in place)."""
-        if not self.root.is_dir():
-            return []
-        return [Stored(p.name, str(p), lambda p=p: p) for p in self.root.iterdir() if p.is_dir() and order(p.name)]
+        return stored_in(self.root)
 
     def report(self, metrics: dict, checkpoint: Path | None, name: str) -> None:
         if checkpoint is not None and name == "final":
