@@ -1,14 +1,16 @@
-"""How a stop signal ends a run: SIGTERM is turned into the KeyboardInterrupt Ctrl-C raises, and the
-signal is remembered so the driver's messages and MLflow's tag can name it."""
+"""How a stop signal ends a run: SIGTERM and SIGINT both raise the KeyboardInterrupt Ctrl-C raises,
+and the signal is remembered so the driver's messages and MLflow's tag can name it."""
 
 from __future__ import annotations
 
 import signal
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
 
 class StopSignal:
-    """SIGTERM's handler in the driver: the run ends as Ctrl-C ends it (a KeyboardInterrupt in the
-    main thread). It remembers the signal, since ray.get re-raises a KeyboardInterrupt of its own."""
+    """The driver's handler of both stop signals: the run ends as Ctrl-C ends it (a KeyboardInterrupt
+    in the main thread). It remembers the signal, since ray.get re-raises a KeyboardInterrupt of its own."""
 
     received: int | None = None
 
@@ -18,10 +20,13 @@ class StopSignal:
 
 
 def install() -> None:
-    """Make SIGTERM end this process's run as Ctrl-C does (main thread only, as Python requires)."""
-    signal.signal(signal.SIGTERM, StopSignal())
+    """Make SIGTERM and SIGINT end this process's run the same way (main thread only, as Python requires)."""
+    handler = StopSignal()
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
 
 
 def stop_signal() -> signal.Signals:
-    """The signal that stopped this process: SIGTERM if the driver's handler saw one, else SIGINT."""
+    """The signal that stopped this process: the one the driver's handler saw, else SIGINT (a
+    KeyboardInterrupt raised without a signal)."""
     return signal.Signals(getattr(signal.getsignal(signal.SIGTERM), "received", None) or signal.SIGINT)

@@ -54,13 +54,44 @@ def connect(cfg: Config):
         return ray, False
     # ray.init replaces SIGTERM's handler with one that exits at once (and a local cluster's with
     # one that kills its processes): a launcher's own (the CLI's ends the run cleanly) is put back.
-    on_sigterm = signal.getsignal(signal.SIGTERM)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         _init(ray, cfg)
     finally:
-        if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, on_sigterm)
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in handlers.items():
+                if callable(handler):
+                    signal.signal(signum, handler)
     return ray, True
+
+
+# Ray Train's actors, by the process title Ray gives an actor's process ("ray::<class>[.<method>]").
+TRAIN_ACTORS = ("ray::TrainController", "ray::RayTrainWorker")
+
+
+def halt_local_training(timeout: float = 5.0) -> int:
+    """Kill the Train actors of the local cluster this driver started, the controller first (so its
+    failure policy restarts no worker); returns how many. A stop signal then ends training within
+    a second: ray.shutdown() stops the cluster's other processes first, and the workers trained on
+    for ~7 s (3 more epochs of the SIGTERM test's run), and Train's own abort took ~9 s. Killing
+    is safe for the run: a checkpoint cut short has no manifest, and the next launch skips it."""
+    import psutil
+
+    def title(process) -> str:
+        try:
+            return " ".join(process.cmdline())
+        except psutil.Error:  # gone meanwhile
+            return ""
+
+    found = [p for p in psutil.Process().children(recursive=True) if title(p).startswith(TRAIN_ACTORS)]
+    found.sort(key=lambda p: not title(p).startswith(TRAIN_ACTORS[0]))
+    for process in found:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(found, timeout=timeout)
+    return len(found)
 
 
 def _init(ray, cfg: Config) -> None:

@@ -14,8 +14,11 @@ the latest epoch checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -100,9 +103,15 @@ def _launch(cfg: Config, worker: Worker, out: Path, summary_json: str | Path | N
             trainer = make_trainer(cfg, worker, storage, marks, launched_at, run.tracking)
             marks["fit_called"] = time.time()  # the dict is pickled with the trainer: set before fit
             summary = run.collect(fit(trainer, cfg, storage))
+        except KeyboardInterrupt:  # a stop signal (a joined cluster ends our job's actors once we have gone)
+            if started:  # Ray's notices of the actors killed would blame "an unexpected system error"
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    cluster.halt_local_training()
+                    ray.shutdown()
+            raise
         finally:
-            if started:  # our connection, and our local cluster: closed with us (a joined cluster runs on);
-                ray.shutdown()  # also ends Ray's log stream, so the last line printed is ours
+            if started and ray.is_initialized():  # our connection, and our local cluster: closed with us
+                ray.shutdown()  # (a joined cluster runs on); also ends Ray's log stream: our line is the last
     except BaseException as exc:
         run.fail(exc)
         raise
@@ -147,7 +156,7 @@ def fit(trainer, cfg: Config, storage: str):
     from ray.train.v2.api.exceptions import WorkerGroupError
 
     try:
-        return trainer.fit()
+        return _in_thread(trainer.fit)
     except WorkerGroupError as exc:
         for failure in exc.worker_failures.values():
             cause = getattr(failure, "cause", failure)
@@ -159,6 +168,29 @@ def fit(trainer, cfg: Config, storage: str):
         raise RunFailed(f"worker {rank} failed ({type(cause).__name__}{': ' + first if first else ''}); "
                         f"distributed.max_failures={cfg.distributed.max_failures} allows no more restarts; "
                         f"{resume_hint(cfg, storage)}") from exc
+
+
+def _in_thread(call: Callable):
+    """call() in a daemon thread, waited on in this one. Called in the main thread, TorchTrainer.fit
+    puts its own SIGINT handler in place of the CLI's (one that exits 1 after a ~9 s abort, the
+    workers training on); in another thread it leaves signals to us, as it does under Tune. A
+    daemon: a stop signal's KeyboardInterrupt leaves it blocked in Ray, and it must not hold the exit."""
+
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # re-raised in the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="distswitch-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)  # a short wait: the signal handler runs between waits at the latest
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def resume_hint(cfg: Config, storage: str) -> str:
