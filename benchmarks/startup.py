@@ -11,7 +11,13 @@ as in an environment installed without `compile-bytecode` where PYTHONDONTWRITEB
 machine's setting, and many container images'): PYTHONPYCACHEPREFIX points at a folder holding the
 standard library's bytecode only.
 
+`--versus-floor REPEATS`: only Ray Train's floor (benchmarks/ray_floor.py: a trivial 2-worker
+TorchTrainer job on a fresh local cluster, Ray's defaults) and the 2-worker command above,
+alternating, REPEATS pairs; both timed from their process's creation. Reports each one's train
+function start and first step, and the medians' ratios (distswitch / floor).
+
     uv run python benchmarks/startup.py --out outputs/startup [--repeats 2] [--loaders ffcv torch] [--source-imports]
+    uv run python benchmarks/startup.py --out outputs/bench/startup_floor --versus-floor 3
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,8 +36,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SHORT = ["train.epochs=1", "schedule.warmup_epochs=0", "schedule.finetune_epochs=0", "data.train_limit=1024",
-         "train.progress=false"]
+SHORT = ["train.epochs=1", "schedule.warmup_epochs=0", "schedule.finetune_epochs=0", "budget.fraction=null",
+         "data.train_limit=1024", "train.progress=false"]
 MARKS = ["driver_ready", "ray_connected", "fit_called", "worker_started", "data_loaded", "model_built",
          "replicas_ready", "first_step"]
 
@@ -40,6 +47,7 @@ def run(label: str, out: Path, workers: int, env: dict, loader: str) -> dict:
     cmd = ["distswitch", "train", "configs/fashion_lenet5.yaml", *SHORT, f"distributed.num_workers={workers}",
            f"data.loader={loader}", f"data.beton_dir={REPO / 'data/ffcv/fashion-mnist'}", f"out_dir={out / label}"]
     print("$", shlex.join(cmd), flush=True)
+    shutil.rmtree(out / label, ignore_errors=True)  # a rerun into the same --out starts afresh
     spawned = time.time()
     subprocess.run([str(BIN / "distswitch"), *cmd[1:]], check=True, cwd=REPO, env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -47,7 +55,26 @@ def run(label: str, out: Path, workers: int, env: dict, loader: str) -> dict:
     timeline = summary["startup_timeline"]
     return {"label": label, "command": shlex.join(cmd), "timeline": timeline,
             "startup_seconds": summary["startup_seconds"],
-            "process_to_first_step": summary["startup_origin"] - spawned + timeline["first_step"]}
+            "process_to_first_step": summary["startup_origin"] - spawned + timeline["first_step"],
+            "process_to_worker_started": summary["startup_origin"] - spawned + timeline["worker_started"]}
+
+
+def versus_floor(out: Path, repeats: int, env: dict) -> dict:
+    """Ray's trivial job and `distswitch train`, alternating (see the docstring)."""
+    import statistics
+
+    pairs = []
+    for r in range(repeats):
+        floor_json = out / f"floor-{r}.json"
+        subprocess.run([sys.executable, str(REPO / "benchmarks/ray_floor.py"), "--out", str(floor_json)], check=True,
+                       cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        floor = json.loads(floor_json.read_text())
+        ours = run(f"versus-floor-{r}", out, 2, env, "ffcv")
+        pairs.append({"floor_train_fn": floor["train_fn_reached"], "floor_first_step": floor["first_step"],
+                      "train_fn": ours["process_to_worker_started"], "first_step": ours["process_to_first_step"]})
+    med = {k: statistics.median(p[k] for p in pairs) for k in pairs[0]}
+    return {"pairs": pairs, "median": med, "train_fn_ratio": med["train_fn"] / med["floor_train_fn"],
+            "first_step_ratio": med["first_step"] / med["floor_first_step"]}
 
 
 IMPORTS = {
@@ -97,8 +124,17 @@ def main() -> None:
     parser.add_argument("--source-imports", action="store_true", help="also 2 workers with no bytecode (see above)")
     parser.add_argument("--imports-only", type=int, metavar="REPEATS", default=0,
                         help="only time the heavy imports in fresh interpreters, REPEATS times each")
+    parser.add_argument("--versus-floor", type=int, metavar="REPEATS", default=0,
+                        help="only Ray's trivial job against distswitch train, alternating, REPEATS pairs")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.versus_floor:
+        env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+        env.pop("RAY_ADDRESS", None)
+        report = versus_floor(args.out, args.versus_floor, env)
+        (args.out / "versus_floor.json").write_text(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2))
+        return
     if args.imports_only:
         rows = time_imports(args.imports_only)
         table = "| import | bytecode | wall s | CPU s |\n|---|---|---|---|\n" + "\n".join(

@@ -37,6 +37,16 @@ def test_switcher_overhead_benchmark_times_dense_eager_and_compiled_switch_side_
     assert report["switch_over_dense"] > 0 and report["switch_compiled_over_dense"] > 0
 
 
+def test_startup_benchmark_times_ray_s_trivial_job_and_distswitch_train_from_process_creation(tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/startup.py", "--out", str(tmp_path), "--versus-floor", "1"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "versus_floor.json").read_text())
+    [pair] = report["pairs"]
+    assert 0 < pair["floor_train_fn"] < pair["floor_first_step"] and 0 < pair["train_fn"] < pair["first_step"]
+    assert report["first_step_ratio"] == pair["first_step"] / pair["floor_first_step"]
+
+
 def test_reference_benchmark_alternates_whole_epochs_and_reports_per_step_against_the_reference(tmp_path):
     report, _ = _bench("reference_mlp.py", tmp_path / "reference.json", "--epochs", "2", "data.train_limit=640")
     assert [r["phase"] for r in report["epochs"]] == ["tnn", "snn"]  # the papers' whole-epoch alternation

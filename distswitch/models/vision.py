@@ -1,14 +1,13 @@
 """CIFAR-style variants of torchvision's VGG16-BN, ResNet18/34 and MobileNetV2.
 
 Small inputs (28x28, 32x32) lose too much to ImageNet stems, so the stems use stride 1 and no
-max-pooling, as in the CIFAR literature the papers follow; the blocks are torchvision's own.
+max-pooling, as in the CIFAR literature the papers follow; the blocks are torchvision's own. torchvision is imported by the factories, not here: importing
+it (its ops import torch._dynamo) took 1.5 s of every worker's start, for models that never use it.
 """
 
 from __future__ import annotations
 
 from torch import nn
-from torchvision.models import mobilenet_v2, resnet18, resnet34
-from torchvision.models.vgg import cfgs as vgg_cfgs
 
 from distswitch.models.registry import MODELS
 
@@ -22,16 +21,22 @@ def _cifar_resnet(factory, in_channels: int, num_classes: int) -> nn.Module:
 
 @MODELS.register("resnet18")
 def cifar_resnet18(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    from torchvision.models import resnet18
+
     return _cifar_resnet(resnet18, in_channels, num_classes)
 
 
 @MODELS.register("resnet34")
 def cifar_resnet34(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    from torchvision.models import resnet34
+
     return _cifar_resnet(resnet34, in_channels, num_classes)
 
 
 @MODELS.register("mobilenet")
 def cifar_mobilenet_v2(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    from torchvision.models import mobilenet_v2
+
     model = mobilenet_v2(num_classes=num_classes)
     stem = model.features[0][0]
     model.features[0][0] = nn.Conv2d(in_channels, stem.out_channels, 3, stride=1, padding=1, bias=False)
@@ -40,6 +45,8 @@ def cifar_mobilenet_v2(in_channels: int, num_classes: int, image_size: int) -> n
 
 @MODELS.register("vgg16")
 def cifar_vgg16_bn(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    from torchvision.models.vgg import cfgs as vgg_cfgs
+
     layers: list[nn.Module] = []
     channels, side = in_channels, image_size
     for item in vgg_cfgs["D"]:
