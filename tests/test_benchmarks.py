@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT
+from distswitch.config import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -37,14 +38,15 @@ def test_switcher_overhead_benchmark_times_dense_eager_and_compiled_switch_side_
     assert report["switch_over_dense"] > 0 and report["switch_compiled_over_dense"] > 0
 
 
-def test_startup_benchmark_times_ray_s_trivial_job_and_distswitch_train_from_process_creation(tmp_path):
-    proc = subprocess.run([sys.executable, "benchmarks/startup.py", "--out", str(tmp_path), "--versus-floor", "1"],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads((tmp_path / "versus_floor.json").read_text())
-    [pair] = report["pairs"]
-    assert 0 < pair["floor_train_fn"] < pair["floor_first_step"] and 0 < pair["train_fn"] < pair["first_step"]
-    assert report["first_step_ratio"] == pair["first_step"] / pair["floor_first_step"]
+def test_startup_benchmark_s_short_run_is_a_config_distswitch_accepts():
+    # The benchmark itself is two Ray start-ups (about 80 s): too long for CI, whose Ray tests cover
+    # the start. Its short run failed unseen once budgets needed fine-tuning epochs: checked here.
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import startup
+
+    cfg = load_config(REPO_ROOT / "configs/fashion_lenet5.yaml",
+                      [*startup.SHORT, "distributed.num_workers=2", "data.loader=ffcv"])
+    assert cfg.train.epochs == 1 and cfg.budget.fraction is None
 
 
 def test_reference_benchmark_alternates_whole_epochs_and_reports_per_step_against_the_reference(tmp_path):
