@@ -164,8 +164,11 @@ def epoch_callbacks(cfg: Config, info: DatasetInfo, engine: Engine, replicas: Re
         SelectBest(state),
         CheckReplicas(cfg, state, engine, replicas),
         *([PrintEpoch(cfg), SaveCheckpoint(cfg, info, engine, steps_per_epoch, state, scratch)] if lead else []),
-        Report(cfg, session, state),
+        # MLflow before the checkpoint is reported: a run stopped in between then resumes from the
+        # epoch before and logs nothing twice (EpochLogger skips logged steps), where the other
+        # order lost the epoch's metrics for good (the checkpoint registered, the log never sent).
         *([LogMetrics(cfg, info, engine, state, tracker)] if lead and tracker is not None else []),
+        Report(cfg, session, state),
         *([KeepLatest(state)] if lead else []),
     ]
 

@@ -42,7 +42,7 @@ def train(cfg: Config, session: Session | None = None, device: torch.device | No
     summary.json, model.pt (the compact model) and best.pt. `launched_at` (wall clock of the
     launching process's start) gives the summary's start-up overhead, launch to first step, and
     its timeline (`marks`: the launcher's own wall-clock marks, then this worker's). `tracker`
-    (rank 0 only, `tracking.EpochLogger`) gets each epoch's metrics once its checkpoint is reported."""
+    (rank 0 only, `tracking.EpochLogger`) gets each epoch's metrics before its checkpoint is reported."""
     marks = {**(marks or {}), "worker_started": time.time()}
     session = session or Session(cfg.out_dir)
     scratch = Path(tempfile.mkdtemp(prefix="distswitch-"))  # this worker's local files (rank 0's best.pt)
