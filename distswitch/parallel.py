@@ -60,6 +60,16 @@ class Replicas:
         """Make every worker's parameters and buffers equal rank 0's (after rank 0 loads a state)."""
 
 
+def gather_object(obj) -> list:
+    """`obj` from every worker of the process group, in rank order ([obj] without one: also before
+    the replicas exist, e.g. while the data are opened)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 class DDPReplicas(Replicas):
     """TNN and source each in a DistributedDataParallel; phases select which one trains."""
 
@@ -97,9 +107,7 @@ class DDPReplicas(Replicas):
         return tensor
 
     def gather(self, obj) -> list:
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
+        return gather_object(obj)
 
     def sync_buffers(self) -> None:
         _broadcast_tensors(list(self.tnn.buffers()) + (list(self.source.buffers()) if self.source is not None else []))

@@ -69,9 +69,9 @@ def connect(cfg: Config):
 TRAIN_ACTORS = ("ray::TrainController", "ray::RayTrainWorker")
 
 
-def halt_local_training(timeout: float = 5.0) -> int:
+def halt_local_training(timeout: float = 5.0) -> None:
     """Kill the Train actors of the local cluster this driver started, the controller first (so its
-    failure policy restarts no worker); returns how many. A stop signal then ends training within
+    failure policy restarts no worker). A stop signal then ends training within
     a second: ray.shutdown() stops the cluster's other processes first, and the workers trained on
     for ~7 s (3 more epochs of the SIGTERM test's run), and Train's own abort took ~9 s. Killing
     is safe for the run: a checkpoint cut short has no manifest, and the next launch skips it."""
@@ -83,15 +83,14 @@ def halt_local_training(timeout: float = 5.0) -> int:
         except psutil.Error:  # gone meanwhile
             return ""
 
-    found = [p for p in psutil.Process().children(recursive=True) if title(p).startswith(TRAIN_ACTORS)]
-    found.sort(key=lambda p: not title(p).startswith(TRAIN_ACTORS[0]))
+    titled = [(title(p), p) for p in psutil.Process().children(recursive=True)]  # each read once
+    found = [p for actor in TRAIN_ACTORS for t, p in titled if t.startswith(actor)]  # the controller first
     for process in found:
         try:
             process.kill()
         except psutil.Error:
             pass
     psutil.wait_procs(found, timeout=timeout)
-    return len(found)
 
 
 def _init(ray, cfg: Config) -> None:

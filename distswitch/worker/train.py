@@ -28,7 +28,7 @@ from distswitch.data import make_loaders
 from distswitch.engine import Engine, EpochStats, TrainingStopped
 from distswitch.io import write_json
 from distswitch.manifest import MANIFEST_FILE, seal
-from distswitch.parallel import Replicas
+from distswitch.parallel import Replicas, gather_object
 from distswitch.summary import Summary
 from distswitch.tracking import git_sha
 from distswitch.worker.callbacks import RunState, epoch_callbacks
@@ -49,10 +49,10 @@ def train(cfg: Config, session: Session | None = None, device: torch.device | No
     try:
         return _train(cfg, session, device, launched_at, marks, tracker, scratch)
     except Incurable as exc:  # no restart cures it: a stop for good, raised again by the driver
-        report_stop(session, exc.error, scratch, exc.source, _gather(session))
+        report_stop(session, exc.error, scratch, exc.source, gather_object)
         raise exc.error from None
     except checkpoint.INCURABLE as exc:
-        report_stop(session, exc, scratch, None, _gather(session))
+        report_stop(session, exc, scratch, None, gather_object)
         raise
     finally:  # a stop or an error too: only a killed worker leaves its scratch behind
         shutil.rmtree(scratch, ignore_errors=True)
@@ -97,10 +97,9 @@ def resume(cfg: Config, session: Session, engine: Engine, scratch: Path, replica
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if session.rank == 0 else (lambda line: None)
     chosen = None
     if session.rank == 0:
-        for candidate in checkpoint.resume_order(stored)[:1]:  # Ray Train's latest: did the last attempt stop?
-            stop = candidate.fetch() / checkpoint.STOPPED_FILE
-            if stop.is_file():
-                say(f"the last attempt stopped: {json.loads(stop.read_text())['message']}")
+        newest = checkpoint.resume_order(stored)[:1]  # Ray Train's latest: did the last attempt stop?
+        if newest and (stop := newest[0].fetch() / checkpoint.STOPPED_FILE).is_file():
+            say(f"the last attempt stopped: {json.loads(stop.read_text())['message']}")
         try:
             found = checkpoint.choose(stored, say)
             chosen = found[0].name if found else None
@@ -190,25 +189,10 @@ def agreed(session: Session, make):
         made, error = make(), None
     except checkpoint.INCURABLE as exc:
         made, error = None, exc
-    failed = [e for e in _gather(session)(error) if e is not None]
+    failed = [e for e in gather_object(error) if e is not None]
     if failed:
         raise failed[0]
     return made
-
-
-def _gather(session: Session):
-    """`obj` from every worker, in rank order, before (or without) the replicas: the process group
-    Ray Train set up, when there is one."""
-    import torch.distributed as dist
-
-    def gather(obj) -> list:
-        if session.world_size == 1 or not dist.is_initialized():
-            return [obj]
-        out = [None] * session.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    return gather
 
 
 def report_stop(session: Session, exc: Exception, scratch: Path, source: Path | None, gather) -> None:
