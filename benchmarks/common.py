@@ -15,16 +15,19 @@ from distswitch.config import Config, load_config
 from distswitch.data import check_data, make_loaders
 from distswitch.engine import Engine
 from distswitch.build import build, resolve_device, seed_everything
+from distswitch.process import configure_process
 
 
-def engine_for(config: str, overrides: list[str], loaders: bool = True, steady: bool = True):
+def engine_for(config: str, overrides: list[str], loaders: bool = True, steady: bool = True, heap: bool = True):
     """(cfg, engine, loaders or None) for `config` + `overrides`, one process, outputs in a temporary
     folder. steady: no warm-up or fine-tuning epochs and no budget (every epoch trains the same way)
-    unless the overrides set them; otherwise the config's own schedule."""
+    unless the overrides set them; otherwise the config's own schedule. heap=False: glibc's default
+    heap instead of the worker's (`distswitch.process.keep_freed_memory`), to measure the difference."""
     # Steady: no budget either (its cut freezes the factors, and a frozen switcher costs nothing).
     plain = ["schedule.warmup_epochs=0", "schedule.finetune_epochs=0", "budget.fraction=null"] if steady else []
     cfg = load_config(config, [*plain, "train.progress=false", f"out_dir={tempfile.mkdtemp()}/run", *overrides])
     device = resolve_device(cfg)
+    configure_process(device, heap=heap)  # as a worker sets it
     seed_everything(cfg.train.seed)
     if loaders:
         built = make_loaders(cfg, 0, 1, device)

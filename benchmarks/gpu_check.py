@@ -57,6 +57,7 @@ from distswitch.io import save_torch
 from distswitch.parallel import state_digest
 from distswitch.artifacts import export_compact
 from distswitch.build import build
+from distswitch.process import configure_process
 from distswitch.checkpoint import bundle as checkpoint_bundle
 from distswitch.checkpoint import read as read_checkpoint
 from distswitch.checkpoint import rng_state, set_rng
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1 or args.warmup < 1 or args.batch < 1:
         print("gpu_check: error: --steps, --warmup and --batch must be >= 1", file=sys.stderr)
         return 2
-    torch.backends.cudnn.benchmark = device.type == "cuda"  # as a worker sets it
+    configure_process(device)  # as a worker sets it
     cases = [(m, p, "none") for m in args.models for p in args.precisions if "none" in args.compile]
     cases += [(m, args.precisions[-1], c) for m in args.models for c in args.compile if c != "none"]
     started = time.time()

@@ -65,9 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
     engine = runs["dense"][1]
     device = engine.device
     peak = peak_for(device, args.peak_tflops)
-    # The worker's step as it runs: cuDNN autotuning on, and batches as the loaders hand them (the
-    # precision's dtype, channels_last on CUDA).
-    torch.backends.cudnn.benchmark = device.type == "cuda"
+    # The worker's step as it runs (engine_for made the worker's process settings), on batches as the
+    # loaders hand them (the precision's dtype, channels_last on CUDA).
     gen = torch.Generator().manual_seed(0)
     dtype = AUTOCAST_DTYPES[args.precision] or torch.float32
     x = torch.randn(args.batch, 3, 32, 32, generator=gen).to(device, dtype).contiguous(memory_format=engine.memory_format)

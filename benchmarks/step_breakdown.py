@@ -2,14 +2,17 @@
 TNN step, a switch TNN step with the factors cached (the gate hooks' cost alone), a switch SNN step,
 and the switcher's forward pass alone, each also with the switcher compiled (train.compile=switcher),
 and the dense and switch TNN steps in the contiguous (NCHW) layout (train.channels_last=false), on one
-fixed batch, interleaved in one process.
+fixed batch, interleaved in one process. Each block's minor page faults per step are reported too;
+--default-heap leaves glibc's heap as it is (`distswitch.process.keep_freed_memory` not applied).
 
-    uv run python benchmarks/step_breakdown.py [--config C] [--threads N] [--rounds 8] [--steps 30] [--out F]
+    uv run python benchmarks/step_breakdown.py [--config C] [--threads N] [--rounds 8] [--steps 30]
+        [--default-heap] [--out F]
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import time
@@ -27,6 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=30, help="steps per timed block")
+    parser.add_argument("--default-heap", action="store_true", help="glibc's default heap, not the worker's")
     parser.add_argument("--out", default=None)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
@@ -34,7 +38,8 @@ def main(argv: list[str] | None = None) -> dict:
     variants = (["method=dense"], ["method=switch"], ["method=switch"], ["method=switch", "train.compile=switcher"],
                 ["method=dense", "train.channels_last=false"], ["method=switch", "train.channels_last=false"])
     dense, switch, cached, compiled, dense_nchw, switch_nchw = (
-        engine_for(args.config, ["train.device=cpu", *v, *args.overrides], loaders=False)[1] for v in variants)
+        engine_for(args.config, ["train.device=cpu", *v, *args.overrides], loaders=False,
+                   heap=not args.default_heap)[1] for v in variants)
     info, _ = check_data(dense.cfg, 1)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(dense.cfg.train.batch_size, info.channels, info.image_size, info.image_size, generator=gen)
@@ -60,21 +65,25 @@ def main(argv: list[str] | None = None) -> dict:
         "switch TNN step, NCHW": lambda: switch_nchw.step(0, Phase.TNN, x_nchw, y),
     }
     ms: dict[str, list[float]] = {k: [] for k in blocks}
+    faults: dict[str, list[float]] = {k: [] for k in blocks}
     for fn in blocks.values():
         for _ in range(10):  # warm-up: allocator, first-call paths, torch.compile
             fn()
     for _ in range(args.rounds):
         for name, fn in blocks.items():
-            start = time.perf_counter()
+            faulted, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
             for _ in range(args.steps):
                 fn()
             ms[name].append((time.perf_counter() - start) / args.steps * 1e3)
+            faults[name].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faulted) / args.steps)
     median = {k: statistics.median(v) for k, v in ms.items()}
+    median_faults = {k: statistics.median(v) for k, v in faults.items()}
     result = {"config": args.config, "overrides": args.overrides, "batch_size": len(x), "threads": args.threads,
               "gates": [(s.layer, s.side, s.units, s.fan) for s in switch.gates.specs],
-              "median_ms": median, "ms": ms, **environment()}
+              "heap": "glibc default" if args.default_heap else "kept", "median_ms": median, "ms": ms,
+              "median_page_faults_per_step": median_faults, **environment()}
     for name, value in median.items():
-        print(f"{name:38s} {value:7.2f} ms  ({value / median['dense step']:.2f} x dense)")
+        print(f"{name:38s} {value:7.2f} ms  ({value / median['dense step']:.2f} x dense)  {median_faults[name]:6.0f} page faults")
     write_report(result, args.out)
     return result
 

@@ -5,10 +5,11 @@ Three variants: dense; switch (eager); switch with its switcher compiled (`train
 the TNN runs eagerly in all three, so only the switcher's cost differs). Epochs rotate through
 them after one untimed warm-up epoch each (FFCV's pipeline and torch.compile's graphs are built
 there), so drift in the machine's speed hits all alike. Only the training loop is timed
-(`EpochStats.seconds`), not validation.
+(`EpochStats.seconds`), not validation. --default-heap: glibc's default heap instead of the one a
+worker trains with (`distswitch.process.keep_freed_memory`), to measure what it changes.
 
     uv run python benchmarks/switcher_overhead.py [--config C] [--rounds 3] [--train-limit N]
-        [--no-compile] [--out F] [overrides ...]
+        [--no-compile] [--default-heap] [--out F] [overrides ...]
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=3, help="timed epochs per method")
     parser.add_argument("--train-limit", type=int, default=None, help="training examples (default: all)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the compiled-switcher variant")
+    parser.add_argument("--default-heap", action="store_true", help="glibc's default heap, not the worker's")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     parser.add_argument("overrides", nargs="*", help="config overrides for both runs, e.g. train.batch_size=64")
     args = parser.parse_args(argv)
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.train_limit:
         overrides.append(f"data.train_limit={args.train_limit}")
     names = [v for v in VARIANTS if not (args.no_compile and v == "switch_compiled")]
-    runs = {v: engine_for(args.config, [*VARIANTS[v], *overrides]) for v in names}
+    runs = {v: engine_for(args.config, [*VARIANTS[v], *overrides], heap=not args.default_heap) for v in names}
     seconds: dict[str, list[float]] = {m: [] for m in runs}
     warmup: dict[str, float] = {}  # the untimed first epoch: FFCV's and torch.compile's build cost shows here
     steps = {}
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds_per_epoch": seconds, "median_seconds_per_epoch": median, "warmup_epoch_seconds": warmup,
         "switch_over_dense": median["switch"] / median["dense"],
         **({"switch_compiled_over_dense": median["switch_compiled"] / median["dense"]} if "switch_compiled" in median else {}),
+        "heap": "glibc default" if args.default_heap else "kept",
         "device": str(runs["switch"][1].device), **environment(),
     }
     write_report(result, args.out)

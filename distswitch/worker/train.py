@@ -29,6 +29,7 @@ from distswitch.engine import Engine, EpochStats, TrainingStopped
 from distswitch.io import write_json
 from distswitch.manifest import MANIFEST_FILE, seal
 from distswitch.parallel import Replicas, gather_object
+from distswitch.process import configure_process
 from distswitch.summary import Summary
 from distswitch.tracking import git_sha
 from distswitch.worker.callbacks import RunState, epoch_callbacks
@@ -64,9 +65,7 @@ def _train(cfg: Config, session: Session, device: torch.device | None, launched_
     validate_names(cfg)
     device = device or resolve_device(cfg)
     seed_everything(cfg.train.seed)
-    # Shapes are fixed for a run: let cuDNN pick the fastest kernels (a process setting; workers
-    # are processes of their own).
-    torch.backends.cudnn.benchmark = device.type == "cuda"
+    configure_process(device)  # cuDNN autotuning, a heap that keeps a step's freed memory
     loaders = agreed(session, lambda: make_loaders(cfg, session.rank, session.world_size, device))
     marks["data_loaded"] = time.time()
     sync_bn = cfg.distributed.sync_batchnorm and session.world_size > 1
