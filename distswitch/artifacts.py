@@ -18,7 +18,8 @@ from distswitch.build import build, dense_tnn
 from distswitch.config import Config, ConfigError
 from distswitch.data import DatasetInfo
 from distswitch.engine import Engine
-from distswitch.export import architecture, compact_model, count, save_compact
+from distswitch.counting import count
+from distswitch.export import architecture, compact_model, save_compact
 from distswitch.gates import GateSet, kept_report
 
 # Eval outputs of the compact model must match the gated model this closely (issue #2).

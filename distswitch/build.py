@@ -4,6 +4,7 @@ builds them once on the CPU before a cluster starts, to fail in seconds)."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -13,8 +14,9 @@ import torch.distributed as dist
 from distswitch.config import Config, ConfigError, channels_last_on
 from distswitch.cost import CostModel
 from distswitch.data import DATASETS, DatasetInfo, check_data
-from distswitch.export import fit_cost_model
-from distswitch.gates import GateSet, GateSpec, find_gates, find_readers
+from distswitch.counting import exact_cost_model
+from distswitch.coupling import dependency_graph, find_readers
+from distswitch.gates import GateSet, GateSpec, find_gates
 from distswitch.methods import METHODS, build_method
 from distswitch.methods.base import min_units
 from distswitch.models import MODELS, create_tnn
@@ -62,11 +64,12 @@ def build(cfg: Config, info: DatasetInfo, steps_per_epoch: int, device: torch.de
     tnn = tnn.to(device)
     if channels_last_on(cfg.train):
         tnn = tnn.to(memory_format=torch.channels_last)  # 4-d weights only
-    specs = find_gates(tnn, cfg.model.gated, cfg.switcher.granularity)
     example = torch.zeros(1, info.channels, info.image_size, info.image_size)
-    plain = dense_tnn(cfg, info)  # same names, on CPU
-    gates = GateSet(tnn, specs, find_readers(plain, specs, example))
-    method = build_method(cfg, specs, steps_per_epoch, budget_cost_model(cfg, info, specs, example))
+    plain = dense_tnn(cfg, info)  # same names, on CPU: the graph is traced once, here
+    graph = dependency_graph(plain, example)
+    specs = find_gates(plain, cfg.model.gated, cfg.switcher.granularity, example, graph)
+    gates = GateSet(tnn, specs, find_readers(plain, specs, example, graph))
+    method = build_method(cfg, specs, steps_per_epoch, budget_cost_model(cfg, plain, specs, example, graph))
     smallest = min(specs, key=lambda spec: spec.units, default=None)
     if method.source is not None and smallest is not None and cfg.switcher.min_kept > smallest.units:
         raise ConfigError(f"switcher.min_kept: got {cfg.switcher.min_kept}; layer {smallest.layer} has only "
@@ -76,17 +79,19 @@ def build(cfg: Config, info: DatasetInfo, steps_per_epoch: int, device: torch.de
     return tnn, gates, method
 
 
-def budget_cost_model(cfg: Config, info: DatasetInfo, specs: list[GateSpec], example: torch.Tensor) -> CostModel | None:
+def budget_cost_model(cfg: Config, model: torch.nn.Module, specs: list[GateSpec], example: torch.Tensor,
+                      graph=None) -> CostModel | None:
     """The cost model of `budget.kind` (None without a budget); a budget no cut can meet is refused."""
     b = cfg.budget
     if b.fraction is None or cfg.method == "dense":
         return None
-    cost = fit_cost_model(lambda: dense_tnn(cfg, info), specs, example, b.kind)
+    cost = exact_cost_model(model, specs, example, b.kind, graph)
     floor = cost.floor(min_units(cfg, specs)) / cost.dense
     if floor > b.fraction + 0.01:
         raise ConfigError(f"budget.fraction: {b.fraction} of the dense {b.kind} cannot be met by {cfg.model.name}: "
-                          f"keeping switcher.min_kept={max(1, cfg.switcher.min_kept)} unit(s) per gated layer already "
-                          f"costs {floor:.3f}; use budget.fraction >= {floor:.3f}")
+                          f"keeping budget.min_width={b.min_width} of each unit group (at least switcher.min_kept="
+                          f"{max(1, cfg.switcher.min_kept)}) already costs {floor:.3f}; use budget.fraction >= "
+                          f"{math.ceil(floor * 1000) / 1000:.3f} or a smaller budget.min_width")
     return cost
 
 

@@ -1,21 +1,23 @@
-"""What a pruned network costs as a function of how many units each gated layer keeps, and the cut
+"""What a pruned network costs as a function of how many units each gated group keeps, and the cut
 that meets a budget exactly.
 
-For networks whose layers form a chain (MLP, LeNet5, VGG), a layer's multiply-accumulates and
-parameters are products of the kept widths on its two sides (plus bias and per-channel terms), so
-the cost is a polynomial of degree two in the per-layer kept counts x:
+Each layer's multiply-accumulates and parameters are products of its two channel widths (plus bias
+and per-channel terms), and each width is a constant plus a multiple of the kept count of the unit
+group that sets it, so the cost is a polynomial of degree two in the per-group kept counts x:
 
-    cost(x) = c0 + sum_s a_s x_s + sum_{s<t} b_st x_s x_t
+    cost(x) = c0 + a . x + x^T b x / 2        (b symmetric; its diagonal is a group read and written
+                                               by one layer)
 
-`distswitch.export.fit_cost_model` fits it from exact counts of real compact models and checks it
-on a random width vector; the training loop then evaluates it on the device without a host sync
-(the switcher's budget controller) and the baselines cut to it.
+`distswitch.counting.exact_cost_model` builds it from one traced forward pass; the training loop
+evaluates it on the device without a host sync (the switcher's budget controller) and every method
+cuts to it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -27,22 +29,21 @@ class CostModel:
     units: tuple[int, ...]
     c0: float
     a: tuple[float, ...]
-    b: tuple[tuple[float, ...], ...]  # symmetric, zero diagonal
+    b: tuple[tuple[float, ...], ...]  # symmetric
 
     @property
     def dense(self) -> float:
         return self.evaluate_list(list(self.units))
 
     def evaluate_list(self, x: list[float]) -> float:
-        total = self.c0 + sum(a * v for a, v in zip(self.a, x))
-        n = len(x)
-        total += sum(self.b[s][t] * x[s] * x[t] for s in range(n) for t in range(s + 1, n))
-        return total
+        v = np.asarray(x, dtype=np.float64)
+        return float(self.c0 + np.dot(self.a, v) + 0.5 * v @ np.asarray(self.b, dtype=np.float64) @ v)
 
     def marginal_list(self, x: list[float]) -> list[float]:
-        """d cost / d x_s: what one more unit of layer s costs at widths x."""
-        n = len(x)
-        return [self.a[s] + sum(self.b[s][t] * x[t] for t in range(n) if t != s) for s in range(n)]
+        """What the last kept unit of each group costs at widths x: cost(x) - cost(x - e_s)."""
+        v = np.asarray(x, dtype=np.float64)
+        b = np.asarray(self.b, dtype=np.float64)
+        return (np.asarray(self.a) + b @ v - 0.5 * np.diag(b)).tolist()
 
     def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(c0, a, b) as float64 tensors on `device`, for `evaluate` and `marginal`."""
@@ -75,29 +76,39 @@ OVERSHOOT = 0.005
 
 
 def cut_to_budget(cost: CostModel, scores: list[torch.Tensor], fraction: float, min_units: list[int]) -> list[torch.Tensor]:
-    """0/1 masks (one per layer, shaped like its scores) keeping the highest-scored units such that
+    """0/1 masks (one per group, shaped like its scores) keeping the highest-scored units such that
     cost <= fraction * dense, as close to it as single units allow (or up to OVERSHOOT of the dense
     cost above it, where that is closer).
 
-    Units go lowest score first (a layer never below its `min_units`) until the cost fits; then
+    Units go lowest score first (a group never below its `min_units`) until the cost fits; then
     the highest-scored removed units that still fit come back (cheap units fill the gap a costly
-    one leaves). Scores are compared across layers: rank-normalise them per layer for a uniform
-    allocation. Ties break by layer, then index, so the cut is deterministic.
+    one leaves). Scores are compared across groups: rank-normalise them per group for a uniform
+    allocation. Ties break by group, then index, so the cut is deterministic.
     """
     target = fraction * cost.dense
-    flat = [(float(v), s, i) for s, sc in enumerate(scores) for i, v in enumerate(sc.detach().flatten().tolist())]
-    order = sorted(flat, key=lambda t: (t[0], t[1], t[2]))
-    x = [float(n) for n in cost.units]
-    keep = [torch.ones(sc.numel()) for sc in scores]
-    current = cost.evaluate_list(x)
+    flat = np.concatenate([sc.detach().flatten().cpu().double().numpy() for sc in scores]) if scores else np.zeros(0)
+    group = np.concatenate([np.full(sc.numel(), s) for s, sc in enumerate(scores)]) if scores else np.zeros(0, int)
+    index = np.concatenate([np.arange(sc.numel()) for sc in scores]) if scores else np.zeros(0, int)
+    order = np.lexsort((index, group, flat))  # by score, then group, then index
+    a, b = np.asarray(cost.a, dtype=np.float64), np.asarray(cost.b, dtype=np.float64)
+    half_diag = 0.5 * np.diag(b)
+    x = np.asarray(cost.units, dtype=np.float64)
+    # grad = a + b x: removing a unit of group s saves grad[s] - half_diag[s]; adding one costs
+    # grad[s] + half_diag[s] (exact: the polynomial is quadratic); kept up to date in O(groups).
+    grad = a + b @ x
+    keep = [np.ones(sc.numel()) for sc in scores]
+    current = cost.evaluate_list(x.tolist())
+    floor = np.asarray(min_units, dtype=np.float64)
     removed = []
-    for _, s, i in order:
+    for u in order:
         if current <= target + 1e-9:
             break
-        if x[s] <= min_units[s]:
+        s, i = int(group[u]), int(index[u])
+        if x[s] <= floor[s]:
             continue
-        current -= cost.marginal_list(x)[s]
+        current -= grad[s] - half_diag[s]
         x[s] -= 1
+        grad -= b[:, s]
         keep[s][i] = 0.0
         removed.append((s, i))
     # Then the removed units come back, highest-scored first, while they fit; and where a gap is left
@@ -106,12 +117,13 @@ def cut_to_budget(cost: CostModel, scores: list[torch.Tensor], fraction: float, 
     for fits in (lambda new: new <= target + 1e-9,
                  lambda new: abs(new - target) < abs(current - target) and new <= target + OVERSHOOT * cost.dense):
         for s, i in reversed(removed):
-            extra = cost.marginal_list(x)[s]
+            extra = grad[s] + half_diag[s]
             if not keep[s][i] and fits(current + extra):
                 current += extra
                 x[s] += 1
+                grad += b[:, s]
                 keep[s][i] = 1.0
-    return [k.view_as(sc).to(sc.device) for k, sc in zip(keep, scores)]
+    return [torch.from_numpy(k).float().view_as(sc).to(sc.device) for k, sc in zip(keep, scores)]
 
 
 def cut_to_widths(scores: list[torch.Tensor], widths: list[int]) -> list[torch.Tensor]:

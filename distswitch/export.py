@@ -1,10 +1,10 @@
 """The compact model: fold positive factors into the weights, remove switched-off units.
 
 Removal uses Torch-Pruning's dependency graph, so coupled channels (residual additions, depthwise
-convolutions) are handled as groups. A unit is removed only where that is exact:
+convolutions) are removed as groups. A unit is removed only where that is exact:
 
-- ``out`` gates: every layer producing that channel of the coupled group has factor 0 there (a
-  residual stream channel goes only when every block writing to it is off);
+- ``out`` gates: a unit group's factor is 0 (one factor scales every layer writing the group's
+  channel, so a residual stream channel goes from every block at once);
 - ``in`` gates: the features are read by the gated Linear alone and made by some layer, which then
   stops making them (the model's own input is never trimmed);
 - ``weight`` gates: connections are zeroed in place (unstructured sparsity; dense shapes stay).
@@ -22,8 +22,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from distswitch.config import ConfigError
-from distswitch.cost import CostModel, units_cost_model
+from distswitch.coupling import dependency_graph
 from distswitch.gates import GateSpec
 from distswitch.io import save_torch, write_json
 from distswitch.models import create_tnn
@@ -47,10 +46,11 @@ def fold_factors(model: nn.Module, specs: list[GateSpec], factors: list[torch.Te
         elif spec.side == "in":
             modules[spec.layer].weight.mul_(f[None, :])
         else:
-            point = modules[spec.point]
-            point.weight.mul_(f.view(-1, *([1] * (point.weight.dim() - 1))))
-            if point.bias is not None:
-                point.bias.mul_(f)
+            for _, point_name in spec.members:
+                point = modules[point_name]
+                point.weight.mul_(f.view(-1, *([1] * (point.weight.dim() - 1))))
+                if point.bias is not None:
+                    point.bias.mul_(f)
 
 
 def _kind(module: nn.Module) -> str:
@@ -58,45 +58,28 @@ def _kind(module: nn.Module) -> str:
 
 
 def removal_plan(model: nn.Module, specs: list[GateSpec], factors: list[torch.Tensor], example: torch.Tensor) -> list[dict]:
-    """[{"layer", "dim": "out"|"in", "idxs"}]: the exact removals, one entry per coupled group."""
+    """[{"layer", "dim": "out"|"in", "idxs"}]: the exact removals, one entry per unit group."""
     modules = dict(model.named_modules())
     names = {m: n for n, m in modules.items()}
-    zeros = {}
+    graph = None
+    plan = []
     for spec, f in zip(specs, factors):
-        if spec.side == "out":
-            zeros[spec.layer] = set(torch.nonzero(f.detach() == 0).flatten().tolist())
-    graph = _dependency_graph(model, example)
-    plan, covered = [], set()
-    for spec, f in zip(specs, factors):
+        if spec.side == "weight":
+            continue
+        idxs = torch.nonzero(f.detach() == 0).flatten().tolist()
+        if not idxs:
+            continue
         layer = modules[spec.layer]
-        if spec.side == "out" and spec.layer not in covered and zeros[spec.layer]:
-            idxs = sorted(zeros[spec.layer])
-            group = graph.get_pruning_group(layer, _OUT_HANDLERS[_kind(layer)], idxs=idxs)
-            producers = [names[d.target.module] for d, _ in group if d.handler in _PRODUCERS]
-            covered.update(producers)
-            keep = set(idxs)
-            for p in producers:
-                keep &= zeros.get(p, set())
-            keep = _leave_one(sorted(keep), spec.units)
-            if keep:
-                plan.append({"layer": spec.layer, "dim": "out", "idxs": keep})
-        elif spec.side == "in":
-            idxs = torch.nonzero(f.detach() == 0).flatten().tolist()
-            if not idxs:
-                continue
-            group = graph.get_pruning_group(layer, _IN_HANDLERS[_kind(layer)], idxs=idxs)
-            consumers = {names[d.target.module] for d, _ in group if d.handler in _CONSUMERS}
-            has_producer = any(d.handler in _PRODUCERS for d, _ in group)
-            if consumers == {spec.layer} and has_producer:
-                plan.append({"layer": spec.layer, "dim": "in", "idxs": _leave_one(idxs, spec.units)})
+        if spec.side == "out":
+            plan.append({"layer": spec.layer, "dim": "out", "idxs": _leave_one(idxs, spec.units)})
+            continue
+        graph = graph or dependency_graph(model, example)
+        group = graph.get_pruning_group(layer, _IN_HANDLERS[_kind(layer)], idxs=idxs)
+        consumers = {names[d.target.module] for d, _ in group if d.handler in _CONSUMERS}
+        has_producer = any(d.handler in _PRODUCERS for d, _ in group)
+        if consumers == {spec.layer} and has_producer:
+            plan.append({"layer": spec.layer, "dim": "in", "idxs": _leave_one(idxs, spec.units)})
     return plan
-
-
-def _dependency_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
-    """Torch-Pruning traces through autograd: built with grad on, so that loading a compact model
-    inside the caller's torch.no_grad() works too."""
-    with torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example)
 
 
 def _leave_one(idxs: list[int], units: int) -> list[int]:
@@ -110,7 +93,7 @@ def apply_plan(model: nn.Module, plan: list[dict], example: torch.Tensor) -> Non
     if not plan:
         return
     modules = dict(model.named_modules())
-    graph = _dependency_graph(model, example)
+    graph = dependency_graph(model, example)
     groups = []
     for item in plan:
         layer = modules[item["layer"]]
@@ -130,13 +113,6 @@ def compact_model(model: nn.Module, specs: list[GateSpec], factors: list[torch.T
     plan = removal_plan(model, specs, factors, example)
     apply_plan(model, plan, example)
     return plan
-
-
-def count(model: nn.Module, example: torch.Tensor) -> dict:
-    """Parameters (all and nonzero) and multiply-accumulates for one example."""
-    macs, params = tp.utils.count_ops_and_params(model, example[:1])
-    nonzero = sum(int((p != 0).sum()) for p in model.parameters())
-    return {"params": int(params), "nonzero_params": nonzero, "macs": int(macs)}
 
 
 def architecture(model_name: str, in_channels: int, num_classes: int, image_size: int, plan: list[dict],
@@ -173,48 +149,3 @@ def load_compact(path: str | Path, map_location: str | torch.device = "cpu") -> 
     apply_plan(model, [{**item, "layer": rename_layer_key(item["layer"], renamed)} for item in arch["plan"]], example)
     model.load_state_dict({rename_layer_key(k, renamed): v for k, v in bundle["state_dict"].items()})
     return model.eval()
-
-
-def fit_cost_model(make_model, specs: list[GateSpec], example: torch.Tensor, kind: str) -> CostModel:
-    """The exact cost polynomial (see `distswitch.cost`) of the compact models `make_model()` gives
-    for per-layer kept counts, fitted from real compact models and checked on one more.
-
-    Raises ConfigError where the cost is not such a polynomial (e.g. residual channels coupled
-    across blocks: then which units are kept matters, not only how many).
-    """
-    units = [s.units for s in specs]
-    if kind == "units":
-        return units_cost_model(units)
-    if any(s.side == "weight" for s in specs):
-        raise ConfigError("budget: connection gates keep the dense shapes; use switcher.granularity=neuron")
-    n = len(specs)
-    if n > 16:
-        raise ConfigError(f"budget: {n} gated layers; exact budgets support up to 16 (use model.gated=fc or classifier)")
-    example = example[:1].cpu()
-
-    def measure(x: list[int]) -> float:
-        factors = [(torch.arange(s.units) < k).float() for s, k in zip(specs, x)]
-        model = make_model()
-        compact_model(model, specs, factors, example)
-        return float(count(model, example)[kind])
-
-    half = [max(1, u // 2) for u in units]
-    d = [h - u for h, u in zip(half, units)]
-    full = measure(units)
-    single = [measure([half[k] if k == s else units[k] for k in range(n)]) for s in range(n)]
-    b = [[0.0] * n for _ in range(n)]
-    for s in range(n):
-        for t in range(s + 1, n):
-            if d[s] and d[t]:
-                pair = measure([half[k] if k in (s, t) else units[k] for k in range(n)])
-                b[s][t] = b[t][s] = (pair - single[s] - single[t] + full) / (d[s] * d[t])
-    g = [(single[s] - full) / d[s] if d[s] else 0.0 for s in range(n)]
-    a = [g[s] - sum(b[s][t] * units[t] for t in range(n) if t != s) for s in range(n)]
-    c0 = full - sum(a[s] * units[s] for s in range(n)) - sum(b[s][t] * units[s] * units[t] for s in range(n) for t in range(s + 1, n))
-    model = CostModel(kind, tuple(units), c0, tuple(a), tuple(tuple(row) for row in b))
-    probe = [max(1, (2 * u) // 3 - 1) for u in units]  # widths none of the fitting probes used
-    exact, predicted = measure(probe), model.evaluate_list([float(v) for v in probe])
-    if abs(exact - predicted) > 1e-6 * full + 0.5:
-        raise ConfigError(f"budget.kind={kind}: this model's cost depends on which units are kept, not only how many "
-                          "(coupled channels); use model.gated=fc or classifier, or no budget")
-    return model

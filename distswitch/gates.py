@@ -34,6 +34,7 @@ import torch_pruning as tp
 from torch import nn
 
 from distswitch.config import ConfigError
+from distswitch.coupling import Readers, coupled_writers, dependency_graph
 from distswitch.fold import FoldedForward
 
 Side = Literal["out", "in", "weight"]
@@ -51,7 +52,11 @@ class GateSpec:
             the layer itself.
         side: ``out`` | ``in`` | ``weight`` (see module docstring).
         units: number of factors per row dimension (channels, neurons or input features).
-        fan: weights describing one unit (row length of the description matrix).
+        fan: weights describing one unit (row length of the description matrix: every writer's
+            incoming weights, side by side).
+        writers: for an ``out`` unit group, the other (layer, point) pairs that write its channels
+            (a residual stream's blocks and shortcuts, a depthwise conv after its producer); the one
+            factor scales each writer's output, so the group's channel is scaled once.
     """
 
     layer: str
@@ -59,6 +64,12 @@ class GateSpec:
     side: Side
     units: int
     fan: int
+    writers: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def members(self) -> tuple[tuple[str, str], ...]:
+        """Every (layer, point) whose output the factor scales, this spec's own first."""
+        return ((self.layer, self.point), *self.writers)
 
     @property
     def factor_shape(self) -> tuple[int, ...]:
@@ -157,42 +168,6 @@ def _flat(w: torch.Tensor) -> torch.Tensor:
     return w.as_strided((w.numel(),), (1,))
 
 
-# (reader layer name, index [units, per_unit] into the reader's input channels)
-Readers = list[tuple[str, torch.Tensor]]
-_IN_CHANNELS = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
-
-
-def find_readers(model: nn.Module, specs: list[GateSpec], example: torch.Tensor) -> list[Readers]:
-    """For each ``out`` gate, the layers that read its units and which of their input channels
-    carry unit i (flattening maps one channel to several features); [] for other sides."""
-    modules = dict(model.named_modules())
-    names = {m: n for n, m in modules.items()}
-    graph = None
-    out: list[Readers] = []
-    for spec in specs:
-        if spec.side != "out":
-            out.append([])
-            continue
-        if graph is None:  # built once, and only where some gate needs it; it traces through autograd
-            with torch.enable_grad():
-                graph = tp.DependencyGraph().build_dependency(model, example_inputs=example.cpu())
-        layer = modules[spec.layer]
-        handler = tp.prune_conv_out_channels if isinstance(layer, nn.Conv2d) else tp.prune_linear_out_channels
-        group = graph.get_pruning_group(layer, handler, idxs=list(range(spec.units)))
-        readers: Readers = []
-        for item in group.items:
-            if item.dep.handler not in _IN_CHANNELS or item.dep.target.module not in names:
-                continue
-            idxs, roots = torch.tensor(item.idxs), torch.tensor(item.root_idxs)
-            per = len(idxs) // spec.units
-            if per * spec.units != len(idxs) or torch.bincount(roots, minlength=spec.units).ne(per).any():
-                continue  # an uneven mapping (not seen in the registered models): no outgoing view from it
-            order = torch.argsort(roots, stable=True)
-            readers.append((names[item.dep.target.module], idxs[order].view(spec.units, per)))
-        out.append(readers)
-    return out
-
-
 def _classifier_name(model: nn.Module) -> str:
     """The output layer: the last Linear registered in the model (its outputs are the classes)."""
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -201,20 +176,25 @@ def _classifier_name(model: nn.Module) -> str:
     return linears[-1]
 
 
-def find_gates(model: nn.Module, gated: str, granularity: str) -> list[GateSpec]:
-    """The gated layers of `model` for `model.gated` = all | fc | classifier.
+def find_gates(model: nn.Module, gated: str, granularity: str, example: torch.Tensor,
+               graph: tp.DependencyGraph | None = None) -> list[GateSpec]:
+    """The gated unit groups of `model` (inputs shaped like `example`) for `model.gated` = all | fc | classifier.
 
-    all: every conv channel and hidden FC neuron (granularity "connection": every Linear's weights).
-    fc: hidden FC neurons only (connection: every Linear's weights). classifier: the classifier's
-    input features (connection: its weights) -- the papers' setting for ResNet and MobileNet.
+    all: every prunable channel group and hidden FC neuron (granularity "connection": every Linear's
+    weights). fc: hidden FC neurons only (connection: every Linear's weights). classifier: the
+    classifier's input features (connection: its weights) -- the papers' setting for ResNet and
+    MobileNet. An ``out`` unit is a coupled group (Torch-Pruning's dependency graph): every channel
+    that must go together, named after the first layer that writes it. The input's channels and the
+    classifier's outputs are never units.
     """
     if gated not in GATED_MODES:
         raise ConfigError(f"model.gated: got {gated!r}; choose one of: {', '.join(GATED_MODES)}")
     modules = list(model.named_modules())
+    position = {name: i for i, (name, _) in enumerate(modules)}
     classifier = _classifier_name(model)
-    specs = []
+    specs, covered = [], set()
     for i, (name, layer) in enumerate(modules):
-        if not isinstance(layer, _WEIGHT_LAYERS):
+        if not isinstance(layer, _WEIGHT_LAYERS) or name in covered:
             continue
         is_linear = isinstance(layer, nn.Linear)
         w = layer.weight
@@ -224,7 +204,14 @@ def find_gates(model: nn.Module, gated: str, granularity: str) -> list[GateSpec]
             if name == classifier and granularity == "neuron":
                 specs.append(GateSpec(name, name, "in", w.shape[1], w.shape[0]))
         elif name != classifier and (gated == "all" or (gated == "fc" and is_linear)):
-            specs.append(GateSpec(name, _affine_output(modules, i), "out", w.shape[0], w[0].numel()))
+            graph = graph or dependency_graph(model, example)
+            writers = coupled_writers(graph, model, name)
+            covered.update(writers)
+            if classifier in writers or (gated == "fc" and not all(isinstance(dict(modules)[n], nn.Linear) for n in writers)):
+                continue
+            members = tuple((n, _affine_output(modules, position[n])) for n in writers)
+            fan = sum(dict(modules)[n].weight[0].numel() for n in writers)
+            specs.append(GateSpec(name, members[0][1], "out", w.shape[0], fan, members[1:]))
     if not specs:
         raise ConfigError(
             f"model.gated: {gated!r} with switcher.granularity {granularity!r} selects no layer of "
@@ -257,47 +244,53 @@ class GateSet:
         self.specs = list(specs)
         modules = dict(model.named_modules())
         self._layers = [modules[s.layer] for s in self.specs]
+        # Per group: every writer's layer and the norm after it (None where the layer is the point).
+        self._members = [[(modules[layer], modules[point] if s.side == "out" and point != layer else None)
+                          for layer, point in s.members] for s in self.specs]
         # [reader layer, index]: the index moves to the weights' device once (in `views`), not every step.
         self._readers = [[[modules[name], idx] for name, idx in r] for r in readers] if readers else [[] for _ in specs]
         self._caches: list[dict] = [{} for _ in specs]  # per layer: the outgoing sample's positions
-        self._norms = [modules[s.point] if s.side == "out" and s.point != s.layer else None for s in self.specs]
         self._factors: list[torch.Tensor] | None = None
         self._handles = []
         self._folded: list[nn.Module] = []
         for k, spec in enumerate(self.specs):
-            point = modules[spec.point]
-            if spec.side == "out" and spec.point != spec.layer:  # after a BatchNorm: scale its output
-                self._handles.append(point.register_forward_hook(self._out_hook(k)))
-            else:
-                # Into the layer's weights: scaling a [units, fan] matrix costs far less than scaling
-                # its output activations (and their gradient) in every step; the same function.
-                point.forward = FoldedForward(self, k, point, spec.side)
-                self._folded.append(point)
+            for layer, point in spec.members:
+                point = modules[point]
+                if spec.side == "out" and point is not modules[layer]:  # after a BatchNorm: scale its output
+                    self._handles.append(point.register_forward_hook(self._out_hook(k)))
+                else:
+                    # Into the layer's weights: scaling a [units, fan] matrix costs far less than scaling
+                    # its output activations (and their gradient) in every step; the same function.
+                    point.forward = FoldedForward(self, k, point, spec.side)
+                    self._folded.append(point)
 
     def weights(self) -> list[torch.Tensor]:
-        """Description matrices, one per gated layer: shape [units, fan] (a view of the weights)."""
+        """Description matrices, one per gated group: shape [units, fan] (a view of the weights where
+        one layer writes the group; its writers' rows side by side where several do)."""
         out = []
-        for spec, layer in zip(self.specs, self._layers):
-            w = layer.weight
-            out.append(w.t() if spec.side == "in" else w.reshape(w.shape[0], -1))
+        for spec, members in zip(self.specs, self._members):
+            rows = [layer.weight.t() if spec.side == "in" else layer.weight.reshape(layer.weight.shape[0], -1)
+                    for layer, _ in members]
+            out.append(rows[0] if len(rows) == 1 else torch.cat(rows, dim=1))
         return out
 
     def unit_sq_norms(self) -> list[torch.Tensor | None]:
-        """Per gated layer [units]: each unit's squared group norm over everything removing it
-        removes -- incoming weights and bias, the following BatchNorm's scale and shift, and its
-        outgoing weights in every reader -- with gradients (a penalty on it trains the TNN). None
-        for connection gates (a connection is no group)."""
+        """Per gated group [units]: each unit's squared group norm over everything removing it
+        removes -- every writer's incoming weights and bias and the BatchNorm scale and shift after
+        it, and its outgoing weights in every reader -- with gradients (a penalty on it trains the
+        TNN). None for connection gates (a connection is no group)."""
         out = []
-        for spec, w, layer, readers, norm in zip(self.specs, self.weights(), self._layers, self._readers, self._norms):
+        for spec, w, members, readers in zip(self.specs, self.weights(), self._members, self._readers):
             if spec.side == "weight":
                 out.append(None)
                 continue
             sq = w.square().sum(dim=1)
             if spec.side == "out":
-                if layer.bias is not None:
-                    sq = sq + layer.bias.square()
-                if norm is not None and norm.affine:
-                    sq = sq + norm.weight.square() + norm.bias.square()
+                for layer, norm in members:
+                    if layer.bias is not None:
+                        sq = sq + layer.bias.square()
+                    if norm is not None and norm.affine:
+                        sq = sq + norm.weight.square() + norm.bias.square()
                 for reader, idx in readers:
                     rw = reader.weight
                     per_input = rw.square().sum(dim=[d for d in range(rw.dim()) if d != 1])  # [reader inputs]
@@ -308,14 +301,17 @@ class GateSet:
     @torch.no_grad()
     def views(self) -> list[UnitWeights]:
         """Both sides of every gated unit (see `UnitWeights`), detached: factors are trained through
-        the source's parameters, never through the weights they read."""
+        the source's parameters, never through the weights they read. A group's gain is every
+        writer's norm scale and shift side by side."""
         out = []
-        for w, readers, norm, cache in zip(self.weights(), self._readers, self._norms, self._caches):
+        for w, readers, members, cache in zip(self.weights(), self._readers, self._members, self._caches):
             for reader in readers:
                 if reader[1].device != reader[0].weight.device:
                     reader[1] = reader[1].to(reader[0].weight.device)
                     cache.clear()
-            gain = torch.stack([norm.weight.detach(), norm.bias.detach()], dim=1) if norm is not None and norm.affine else None
+            gains = [torch.stack([norm.weight.detach(), norm.bias.detach()], dim=1)
+                     for _, norm in members if norm is not None and norm.affine]
+            gain = (gains[0] if len(gains) == 1 else torch.cat(gains, dim=1)) if gains else None
             out.append(UnitWeights(w.detach(), gain=gain, readers=[(layer.weight.detach(), idx) for layer, idx in readers],
                                    cache=cache))
         return out

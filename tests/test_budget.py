@@ -4,6 +4,7 @@ exported compact model meets it, and a budget no cut can meet is refused before 
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -12,45 +13,71 @@ import torch
 from conftest import FASHION_INFO, make_config
 from distswitch.config import ConfigError
 from distswitch.cost import OVERSHOOT, cut_to_budget, scheduled_fraction
-from distswitch.export import compact_model, count, fit_cost_model
+from distswitch.methods.base import min_units
+from distswitch.counting import count, exact_cost_model
+from distswitch.export import compact_model
 from distswitch.gates import find_gates
-from distswitch.models import create_tnn
+from distswitch.models import create_tnn, list_models
 from distswitch.build import budget_cost_model, build
 from distswitch.worker import train
 
 
-def _measured(name: str, specs, widths: list[int], kind: str) -> float:
-    """The real compact model's cost when layer s keeps its first widths[s] units."""
-    model = create_tnn(name, 1, 10, 28)
+EXAMPLE = torch.zeros(1, 1, 28, 28)
+
+
+def _specs(name: str):
+    return find_gates(create_tnn(name, 1, 10, 28), "all", "neuron", EXAMPLE)
+
+
+def _cost(name: str, specs, kind: str = "macs"):
+    return exact_cost_model(create_tnn(name, 1, 10, 28), specs, EXAMPLE, kind)
+
+
+def _measured(name: str, specs, widths: list[int], kind: str, channels: int = 1, size: int = 28) -> float:
+    """The real compact model's cost when group s keeps its first widths[s] units."""
+    model = create_tnn(name, channels, 10, size)
     factors = [(torch.arange(s.units) < k).float() for s, k in zip(specs, widths)]
-    example = torch.zeros(1, 1, 28, 28)
+    example = torch.zeros(1, channels, size, size)
     compact_model(model, specs, factors, example)
     return float(count(model, example)[kind])
 
 
-@pytest.mark.parametrize("name", ["mlp", "lenet5"])
+@pytest.mark.parametrize("name", list_models())
 @pytest.mark.parametrize("kind", ["macs", "params"])
-def test_the_cost_model_predicts_the_compact_model_s_cost_at_random_widths(name, kind):
-    specs = find_gates(create_tnn(name, 1, 10, 28), "all", "neuron")
-    cost = fit_cost_model(lambda: create_tnn(name, 1, 10, 28), specs, torch.zeros(1, 1, 28, 28), kind)
-    assert cost.dense == _measured(name, specs, [s.units for s in specs], kind)
+def test_the_cost_model_equals_the_compact_model_s_count_at_random_widths(name, kind):
+    example = torch.zeros(1, 3, 32, 32)
+    specs = find_gates(create_tnn(name, 3, 10, 32), "all", "neuron", example)
+    cost = exact_cost_model(create_tnn(name, 3, 10, 32), specs, example, kind)
+    assert cost.dense == _measured(name, specs, [s.units for s in specs], kind, 3, 32)
     rng = random.Random(0)
-    for _ in range(3):
+    for _ in range(2):
         widths = [rng.randint(1, s.units) for s in specs]
-        assert cost.evaluate_list([float(w) for w in widths]) == pytest.approx(_measured(name, specs, widths, kind), abs=0.5)
+        assert cost.evaluate_list([float(w) for w in widths]) == _measured(name, specs, widths, kind, 3, 32)
 
 
-def test_a_model_whose_cost_depends_on_which_channels_are_kept_is_refused_in_one_line():
-    model = create_tnn("resnet18", 1, 10, 28)
-    specs = find_gates(model, "all", "neuron")[:6]  # few enough layers to fit; the stem and block 1 share channels
-    with pytest.raises(ConfigError, match="coupled channels"):
-        fit_cost_model(lambda: create_tnn("resnet18", 1, 10, 28), specs, torch.zeros(1, 1, 28, 28), "macs")
+def test_a_residual_channel_is_one_unit_scaled_and_removed_at_every_block_that_writes_it():
+    example = torch.zeros(1, 3, 32, 32)
+    model = create_tnn("resnet18", 3, 10, 32)
+    specs = find_gates(model, "all", "neuron", example)
+    stream = next(s for s in specs if s.layer == "conv1")  # the stem's channels: layer1's residual stream
+    assert [layer for layer, _ in stream.members] == ["conv1", "layer1.0.conv2", "layer1.1.conv2"]
+    assert [point for _, point in stream.members] == ["bn1", "layer1.0.bn2", "layer1.1.bn2"]
+    layers = {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    members = [layer for s in specs for layer, _ in s.members]
+    assert sorted(members) == sorted(layers - {"fc"}), "every layer but the classifier writes exactly one unit group"
+    factors = [(torch.arange(s.units) % 4 > 0).float() if s is stream else torch.ones(s.units) for s in specs]
+    compact_model(model, specs, factors, example)
+    modules = dict(model.named_modules())
+    for name in ("conv1", "layer1.0.conv2", "layer1.1.conv2", "layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1"):
+        conv = modules[name]
+        width = conv.out_channels if name in ("conv1", "layer1.0.conv2", "layer1.1.conv2") else conv.in_channels
+        assert width == 48, (name, width)
 
 
 @pytest.mark.parametrize("fraction", [0.7, 0.3, 0.15])
 def test_the_cut_meets_the_budget_within_a_percent_and_keeps_the_highest_scores(fraction):
-    specs = find_gates(create_tnn("lenet5", 1, 10, 28), "all", "neuron")
-    cost = fit_cost_model(lambda: create_tnn("lenet5", 1, 10, 28), specs, torch.zeros(1, 1, 28, 28), "macs")
+    specs = _specs("lenet5")
+    cost = _cost("lenet5", specs)
     gen = torch.Generator().manual_seed(0)
     scores = [torch.rand(s.units, generator=gen) for s in specs]
     masks = cut_to_budget(cost, scores, fraction, [1] * len(specs))
@@ -65,8 +92,8 @@ def test_the_cut_meets_the_budget_within_a_percent_and_keeps_the_highest_scores(
 def test_a_gap_no_cheap_unit_can_fill_is_closed_by_one_costly_unit_just_over_the_budget():
     # Every FC unit scored above every conv channel: all 500 survive, and the conv channels alone
     # left the cut 1.1% under 50% in a sweep run (lenet5-switch-b0.5-s2, 0.489 of the MACs).
-    specs = find_gates(create_tnn("lenet5", 1, 10, 28), "all", "neuron")
-    cost = fit_cost_model(lambda: create_tnn("lenet5", 1, 10, 28), specs, torch.zeros(1, 1, 28, 28), "macs")
+    specs = _specs("lenet5")
+    cost = _cost("lenet5", specs)
     gen = torch.Generator().manual_seed(0)
     scores = [torch.rand(s.units, generator=gen) + (10.0 if s.units == 500 else 0.0) for s in specs]
     spent = {}
@@ -75,7 +102,9 @@ def test_a_gap_no_cheap_unit_can_fill_is_closed_by_one_costly_unit_just_over_the
         assert int(masks[2].sum()) == 500
         spent[fraction] = _measured("lenet5", specs, [int(m.sum()) for m in masks], "macs") / cost.dense
         assert abs(spent[fraction] - fraction) <= 0.01
-    assert 0.5 < spent[0.5] <= 0.5 + OVERSHOOT  # before: 0.489 (one conv2 channel, 1.2% of the MACs, short)
+    # At 45% the best fit from below is 0.4396 (one conv2 channel, 1.1% of the MACs, short); one
+    # more lands 0.08% over, closer (with the counter of 2026-11, the same happened at 50%: 0.489).
+    assert 0.45 < spent[0.45] <= 0.45 + OVERSHOOT
 
 
 def test_the_gradual_budget_falls_from_one_to_the_target_and_stays_there():
@@ -89,9 +118,31 @@ def test_the_gradual_budget_falls_from_one_to_the_target_and_stays_there():
 def test_a_budget_below_what_min_kept_allows_is_refused_before_training():
     cfg = make_config(model={"name": "lenet5"}, schedule={"finetune_epochs": 1}, switcher={"min_kept": 10},
                       budget={"fraction": 0.05})
-    specs = find_gates(create_tnn("lenet5", 1, 10, 28), "all", "neuron")
+    specs = _specs("lenet5")
     with pytest.raises(ConfigError, match=r"budget.fraction: 0.05 of the dense macs cannot be met .* use budget.fraction >= "):
-        budget_cost_model(cfg, FASHION_INFO, specs, torch.zeros(1, 1, 28, 28))
+        budget_cost_model(cfg, create_tnn("lenet5", 1, 10, 28), specs, EXAMPLE)
+
+
+@pytest.mark.parametrize("min_width", [0.1, 0.3])
+def test_no_cut_takes_a_group_below_budget_min_width(min_width):
+    cfg = make_config(model={"name": "vgg16"}, schedule={"finetune_epochs": 1}, budget={"fraction": 0.5, "min_width": min_width})
+    example = torch.zeros(1, 3, 32, 32)
+    specs = find_gates(create_tnn("vgg16", 3, 10, 32), "all", "neuron", example)
+    cost = budget_cost_model(cfg, create_tnn("vgg16", 3, 10, 32), specs, example)
+    # The first convs' channels cost the most MACs: scored lowest, they would go first and all but one.
+    scores = [torch.rand(s.units) + (0.0 if k < 4 else 10.0) for k, s in enumerate(specs)]
+    masks = cut_to_budget(cost, scores, 0.5, min_units(cfg, specs))
+    for s, m in zip(specs, masks):
+        assert int(m.sum()) >= math.ceil(min_width * s.units), (s.layer, int(m.sum()))
+    spent = cost.evaluate_list([float(m.sum()) for m in masks]) / cost.dense
+    assert abs(spent - 0.5) <= 0.01
+
+
+def test_a_budget_min_width_cannot_meet_is_refused_naming_the_smallest_feasible_fraction():
+    cfg = make_config(model={"name": "lenet5"}, schedule={"finetune_epochs": 1}, budget={"fraction": 0.1, "min_width": 0.5})
+    specs = _specs("lenet5")
+    with pytest.raises(ConfigError, match=r"budget.min_width=0.5 .* use budget.fraction >= 0\.2\d\d or a smaller budget.min_width"):
+        budget_cost_model(cfg, create_tnn("lenet5", 1, 10, 28), specs, EXAMPLE)
 
 
 @pytest.mark.parametrize("overrides, key", [

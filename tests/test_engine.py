@@ -44,7 +44,7 @@ def _steps(engine: Engine, phase: Phase, n: int, epoch: int = 0) -> None:
         engine.step(epoch, phase, *fake_batch(4, seed=i))
 
 
-MODELS = ["mlp", "lenet5", "mobilenet", "vgg16"]  # the last two: BatchNorm statistics too
+MODELS = ["mlp", "lenet5", "mobilenet_v2", "vgg16"]  # the last two: BatchNorm statistics too
 
 
 # -- phase freezing ---------------------------------------------------------------------------------
@@ -71,9 +71,9 @@ def test_tnn_steps_leave_every_switcher_parameter_bit_identical(name):
 
 
 def test_batchnorm_statistics_move_only_in_tnn_steps():
-    engine = _engine("mobilenet")
+    engine = _engine("mobilenet_v2")
     bn = [n for n, _ in engine.tnn.named_buffers() if n.endswith("running_mean")]
-    assert bn, "mobilenet has no BatchNorm statistics to check"
+    assert bn, "mobilenet_v2 has no BatchNorm statistics to check"
     before = _tnn_state(engine)
     _steps(engine, Phase.SNN, 1)
     assert _changed(before, _tnn_state(engine)) == []

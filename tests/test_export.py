@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from distswitch.export import architecture, compact_model, count, load_compact, save_compact
+from distswitch.counting import count
+from distswitch.export import architecture, compact_model, load_compact, save_compact
 from distswitch.gates import GateSet, find_gates
 from distswitch.models import create_tnn, list_models
 
@@ -26,7 +27,7 @@ def _gated(name: str, gated: str = "all", granularity: str = "neuron", size: int
     model.eval()
     plain = create_tnn(name, 3, 10, size)
     plain.load_state_dict(model.state_dict())
-    specs = find_gates(model, gated, granularity)
+    specs = find_gates(model, gated, granularity, torch.zeros(1, 3, size, size))
     return model, GateSet(model, specs), plain
 
 
@@ -192,7 +193,7 @@ def test_a_compact_model_loads_inside_torch_no_grad(tmp_path):
     """Torch-Pruning's graph traces through autograd; a caller's no_grad must not break loading."""
     torch.manual_seed(0)
     model = create_tnn("lenet5", 1, 10, 28)
-    specs = find_gates(model, "all", "neuron")
+    specs = find_gates(model, "all", "neuron", torch.zeros(1, 1, 28, 28))
     factors = [(torch.arange(s.units) % 2).float() for s in specs]
     example = torch.zeros(1, 1, 28, 28)
     plan = compact_model(model, specs, factors, example)
@@ -212,7 +213,7 @@ def test_a_compact_model_saved_with_the_old_index_layer_names_still_loads(name, 
 
     torch.manual_seed(0)
     model = create_tnn(name, 1, 10, 28)
-    specs = find_gates(model, "all", "neuron")
+    specs = find_gates(model, "all", "neuron", torch.zeros(1, 1, 28, 28))
     example = torch.randn(2, 1, 28, 28)
     plan = compact_model(model, specs, [(torch.arange(s.units) % 3 > 0).float() for s in specs], example)
     old = {new: index for index, new in renamed_layers(name).items()}
@@ -228,4 +229,4 @@ def test_a_compact_model_saved_with_the_old_index_layer_names_still_loads(name, 
 def test_the_small_models_name_their_layers():
     assert [n for n, m in create_tnn("lenet5", 1, 10, 28).named_children() if isinstance(m, (nn.Conv2d, nn.Linear))] \
         == ["conv1", "conv2", "fc1", "fc2"]
-    assert [s.layer for s in find_gates(create_tnn("mlp", 1, 10, 28), "all", "neuron")] == ["fc1", "fc2"]
+    assert [s.layer for s in find_gates(create_tnn("mlp", 1, 10, 28), "all", "neuron", torch.zeros(1, 1, 28, 28))] == ["fc1", "fc2"]

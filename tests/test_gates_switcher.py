@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from distswitch.config import SwitcherConfig
-from distswitch.gates import GateSet, check_factors, find_gates, find_readers
+from distswitch.coupling import find_readers
+from distswitch.gates import GateSet, check_factors, find_gates
 from distswitch.models import create_tnn, list_models
 from distswitch.schedule import Alternation, Phase
 from distswitch.switcher import build_switcher, revivable_relu
@@ -73,9 +74,9 @@ def test_find_gates_raises_only_when_nothing_is_selected(name, gated, granularit
     model = _model(name)
     if _selects_nothing(name, gated, granularity):
         with pytest.raises(ValueError, match="selects no layer"):
-            find_gates(model, gated, granularity)
+            find_gates(model, gated, granularity, _input(1))
         return
-    specs = find_gates(model, gated, granularity)
+    specs = find_gates(model, gated, granularity, _input(1))
     classifier = _linears(model)[-1]
     assert len({s.layer for s in specs}) == len(specs), "a layer is gated twice"
     if gated == "classifier":
@@ -84,21 +85,26 @@ def test_find_gates_raises_only_when_nothing_is_selected(name, gated, granularit
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_all_neuron_gates_every_conv_and_linear_but_the_classifier(name):
+def test_all_neuron_gates_every_conv_and_linear_but_the_classifier_each_in_one_unit_group(name):
     model = _model(name)
-    specs = find_gates(model, "all", "neuron")
+    specs = find_gates(model, "all", "neuron", _input(1))
     layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    assert [s.layer for s in specs] == layers[:-1]
+    members = [layer for s in specs for layer, _ in s.members]
+    assert sorted(members) == sorted(layers[:-1]), "a layer is in no group, in two, or the classifier is gated"
+    assert [s.layer for s in specs] == [n for n in layers if n in {s.layer for s in specs}], "groups not in model order"
     modules = dict(model.named_modules())
     for s in specs:
-        assert s.side == "out" and s.units == modules[s.layer].weight.shape[0]
-        # The factor acts after the layer's BatchNorm when one follows, else on the layer itself.
-        assert s.point == s.layer or isinstance(modules[s.point], BN_TYPES)
+        assert s.side == "out"
+        assert s.fan == sum(modules[layer].weight[0].numel() for layer, _ in s.members)
+        for layer, point in s.members:
+            assert modules[layer].weight.shape[0] == s.units
+            # The factor acts after the layer's BatchNorm when one follows, else on the layer itself.
+            assert point == layer or isinstance(modules[point], BN_TYPES)
 
 
 def test_unknown_gated_mode_is_rejected_naming_the_key():
     with pytest.raises(ValueError, match="model.gated"):
-        find_gates(_model("mlp"), "everything", "neuron")
+        find_gates(_model("mlp"), "everything", "neuron", _input(1))
 
 
 # -- gated forward with real switchers ----------------------------------------------------------------
@@ -114,7 +120,7 @@ CASES = [
 @pytest.mark.parametrize("name, gated, granularity, arch", CASES)
 def test_switcher_factors_fit_the_gates_and_the_model_still_classifies(name, gated, granularity, arch):
     model = _model(name)
-    specs = find_gates(model, gated, granularity)
+    specs = find_gates(model, gated, granularity, _input(1))
     gates = GateSet(model, specs)
     switcher = build_switcher(specs, SwitcherConfig(arch=arch, width=8, granularity=granularity))
     _randomise(switcher, gates.views())
@@ -136,7 +142,7 @@ def test_gates_without_factors_leave_the_output_bit_identical(name):
     model, x = _model(name), _input()
     with torch.no_grad():
         plain = model(x)
-        gates = GateSet(model, find_gates(model, "all", "neuron"))
+        gates = GateSet(model, find_gates(model, "all", "neuron", _input(1)))
         assert torch.equal(model(x), plain)
         gates.set([torch.full(s.factor_shape, 0.5 if k == 0 else 1.0) for k, s in enumerate(gates.specs)])
         assert not torch.equal(model(x), plain)
@@ -149,7 +155,7 @@ def test_unit_factors_leave_the_output_bit_identical(name, granularity):
     model, x = _model(name), _input()
     with torch.no_grad():
         plain = model(x)
-        gates = GateSet(model, find_gates(model, "all", granularity))
+        gates = GateSet(model, find_gates(model, "all", granularity, _input(1)))
         gates.set([torch.ones(s.factor_shape) for s in gates.specs])
         assert torch.equal(model(x), plain)
 
@@ -157,7 +163,7 @@ def test_unit_factors_leave_the_output_bit_identical(name, granularity):
 @pytest.mark.parametrize("name", MODELS)
 def test_zero_factors_on_an_out_gate_make_that_output_exactly_zero(name):
     model, x = _model(name), _input()
-    specs = find_gates(model, "all", "neuron")
+    specs = find_gates(model, "all", "neuron", _input(1))
     gates = GateSet(model, specs)
     modules = dict(model.named_modules())
     if not any(isinstance(m, BN_TYPES) for m in model.modules()):
@@ -177,7 +183,7 @@ def test_zero_factors_on_an_out_gate_make_that_output_exactly_zero(name):
 @pytest.mark.parametrize("name", SMALL)
 def test_zero_input_factors_on_the_classifier_leave_only_its_bias(name):
     model, x = _model(name), _input()
-    specs = find_gates(model, "classifier", "neuron")
+    specs = find_gates(model, "classifier", "neuron", _input(1))
     gates = GateSet(model, specs)
     gates.set([torch.zeros(specs[0].factor_shape)])
     bias = dict(model.named_modules())[specs[0].layer].bias
@@ -187,7 +193,7 @@ def test_zero_input_factors_on_the_classifier_leave_only_its_bias(name):
 
 def test_zero_connection_factors_leave_only_the_bias():
     model, x = _model("mlp"), _input()
-    specs = find_gates(model, "classifier", "connection")
+    specs = find_gates(model, "classifier", "connection", _input(1))
     gates = GateSet(model, specs)
     gates.set([torch.zeros(specs[0].factor_shape)])
     with torch.no_grad():
@@ -198,14 +204,14 @@ def test_zero_connection_factors_leave_only_the_bias():
 
 def _mlp_switcher(arch: str = "rowwise", **kw):
     model = _model("mlp")
-    specs = find_gates(model, "all", "neuron")  # layers fc1 (300 units) and fc2 (100 units)
+    specs = find_gates(model, "all", "neuron", _input(1))  # layers fc1 (300 units) and fc2 (100 units)
     readers = find_readers(model, specs, _input(1))
     return model, GateSet(model, specs, readers), build_switcher(specs, SwitcherConfig(arch=arch, **kw))
 
 
 def test_readers_map_each_conv_channel_to_its_flattened_columns_of_the_next_linear():
     model = create_tnn("lenet5", 1, 10, 28)
-    specs = find_gates(model, "all", "neuron")  # conv1 (20 channels), conv2 (50 channels), fc1 (500 units)
+    specs = find_gates(model, "all", "neuron", torch.zeros(1, 1, 28, 28))  # conv1 (20 channels), conv2 (50 channels), fc1 (500 units)
     readers = find_readers(model, specs, torch.zeros(1, 1, 28, 28))
     assert [[name for name, _ in r] for r in readers] == [["conv2"], ["fc1"], ["fc2"]]
     _, idx = readers[1][0]
@@ -218,13 +224,15 @@ def test_readers_map_each_conv_channel_to_its_flattened_columns_of_the_next_line
 
 def test_a_residual_channel_is_read_by_every_layer_that_reads_the_stream():
     model = create_tnn("resnet18", 3, 10, 32)
-    specs = find_gates(model, "all", "neuron")
+    specs = find_gates(model, "all", "neuron", _input(1))
     readers = dict(zip([s.layer for s in specs], find_readers(model, specs, torch.zeros(1, 3, 32, 32))))
-    # layer1.0.conv2 writes the 64-channel stream that layer1.1.conv1 and layer2.0 (conv1, shortcut) read
-    assert {"layer1.1.conv1", "layer2.0.conv1", "layer2.0.downsample.0"} <= {n for n, _ in readers["layer1.0.conv2"]}
+    # The stem, layer1.0.conv2 and layer1.1.conv2 write the 64-channel stream (one unit group, named
+    # after the stem) that layer1's first convs and layer2.0 (conv1, shortcut) read.
+    assert {n for n, _ in readers["conv1"]} == {"layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1", "layer2.0.downsample.0"}
     views = GateSet(model, specs).views()  # without readers: the incoming side only, and BN gains
     assert all(v.outgoing is None for v in views)
-    assert views[0].gain.shape == (64, 2)
+    assert views[0].gain.shape == (64, 2 * 3), "the gains of the three BatchNorms after the stream's writers"
+    assert views[0].incoming.shape == (64, 3 * 9 + 64 * 9 * 2), "every writer's incoming weights side by side"
 
 
 @pytest.mark.parametrize("name, channels_last", [("lenet5", False), ("lenet5", True), ("resnet18", True)])
@@ -233,7 +241,7 @@ def test_the_outgoing_rms_and_sample_read_from_the_readers_equal_those_of_the_ga
     model = create_tnn(name, channels, 10, side := 28 if name == "lenet5" else 32)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    specs = find_gates(model, "all", "neuron")
+    specs = find_gates(model, "all", "neuron", torch.zeros(1, channels, side, side))
     readers = find_readers(model, specs, torch.zeros(1, channels, side, side))
     views, fresh_views = GateSet(model, specs, readers).views(), GateSet(model, specs, readers).views()
     assert all(v.has_outgoing for v in views)  # every gated unit here is read by a later layer
@@ -336,7 +344,7 @@ def test_layers_with_identical_weights_get_identical_factors():
     with torch.no_grad():
         model[2].weight.copy_(model[0].weight)
         model[2].bias.copy_(model[0].bias)
-    specs = find_gates(model, "all", "neuron")
+    specs = find_gates(model, "all", "neuron", torch.zeros(1, 20))
     assert [s.layer for s in specs] == ["0", "2"]
     switcher = build_switcher(specs, SwitcherConfig(arch="rowwise"))
     weights = GateSet(model, specs).views()
@@ -350,7 +358,7 @@ def test_layers_with_identical_weights_get_identical_factors():
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_a_negative_head_bias_switches_every_unit_exactly_off(granularity):
     model = _model("lenet5")
-    specs = find_gates(model, "all", granularity)
+    specs = find_gates(model, "all", granularity, _input(1))
     switcher = build_switcher(specs, SwitcherConfig(granularity=granularity, init_factor=-0.5))
     with torch.no_grad():
         factors = switcher(GateSet(model, specs).views())

@@ -12,11 +12,11 @@ import distswitch
 
 # Upstream first; a module may import its own level or any level before it.
 LEVELS = [
-    {"config", "registry", "io", "signals"},
+    {"config", "registry", "io", "signals", "process"},
     {"manifest"},
-    {"data", "models", "optim", "fold"},
+    {"data", "models", "optim", "fold", "coupling"},
     {"gates"},
-    {"switcher", "schedule", "cost"},
+    {"switcher", "schedule", "cost", "counting"},
     {"methods", "parallel"},
     {"engine", "export"},
     {"build", "checkpoint", "summary", "tracking"},  # what the worker and the driver both need

@@ -15,7 +15,8 @@ from conftest import DEFAULT_CONFIG
 from distswitch.cli import main
 from distswitch.config import load_config
 from distswitch.data import BatchLoader, load_splits, make_loaders
-from distswitch.export import count, load_compact
+from distswitch.counting import count
+from distswitch.export import load_compact
 from distswitch.worker import train
 from distswitch.tracking import global_tracking_uri
 

@@ -100,6 +100,7 @@ def check_values(cfg) -> None:
 def _check_budget(cfg, require) -> None:
     b = cfg.budget
     require(b.fraction is None or 0 < b.fraction <= 1, "budget.fraction", b.fraction, "null or in (0, 1]")
+    require(0 <= b.min_width < 1, "budget.min_width", b.min_width, "a fraction in [0, 1) of each unit group's width")
     require(math.isfinite(b.sparse_learning) and b.sparse_learning >= 0, "budget.sparse_learning", b.sparse_learning,
             "a finite number >= 0")
     require(b.sparse_learning == 0 or b.fraction is not None, "budget.sparse_learning", b.sparse_learning,

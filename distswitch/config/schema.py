@@ -142,6 +142,10 @@ class BudgetConfig:
     # method's own allocation), ranked by the method's scores -- e.g. magnitude pruning with the
     # switcher's per-layer widths separates which units are kept from how many per layer.
     widths: Union[dict, None] = None
+    # No degenerate cuts: every cut (every method's) keeps at least this fraction of each unit
+    # group's width, rounded up, and at least switcher.min_kept (>= 1) units. A budget that cannot be
+    # met so is refused before training, naming the smallest fraction that can.
+    min_width: float = 0.1
     # Sparse learning (train the network to be prunable before the cut, as Torch-Pruning's sparse
     # training does): while cutting, TNN steps add this times the group L2 norm (incoming and
     # outgoing weights, bias, BatchNorm gain) of each unit the final cut would remove by the method's

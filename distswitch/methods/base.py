@@ -7,6 +7,7 @@ dense network. Its parameters train in `source_phase` (SNN for the switcher, TNN
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -33,13 +34,14 @@ def budget_cost(cfg: Config, cost: CostModel | None) -> CostModel | None:
     if cfg.budget.fraction is None:
         return None
     if cost is None:
-        raise ValueError("a budget needs the model's cost model (distswitch.export.fit_cost_model)")
+        raise ValueError("a budget needs the model's cost model (distswitch.counting.exact_cost_model)")
     return cost
 
 
 def min_units(cfg: Config, specs: list[GateSpec]) -> list[int]:
-    """Fewest units each gated layer keeps in a cut: switcher.min_kept, at least 1 (a layer needs a unit)."""
-    return [min(s.units, max(1, cfg.switcher.min_kept)) for s in specs]
+    """Fewest units each unit group keeps in a cut: budget.min_width of its width (rounded up), and
+    switcher.min_kept, at least 1 (a layer needs a unit)."""
+    return [min(s.units, max(1, cfg.switcher.min_kept, math.ceil(cfg.budget.min_width * s.units - 1e-9))) for s in specs]
 
 
 class Method:
