@@ -88,3 +88,28 @@ def test_the_baselines_cut_the_same_unit_groups_to_the_budget(name, method, tmp_
     switch_specs = _engine(_config(name, "switch", "macs", tmp_path)).gates.specs
     engine, _ = _prune_and_check(_config(name, method, "macs", tmp_path), tmp_path)
     assert engine.gates.specs == switch_specs
+
+
+# The field's benchmark configs, ready for a GPU cluster: valid as shipped, and two steps of each phase
+# on inputs of their shape (CIFAR-10 32x32, ImageNet 224x224 with 1,000 classes) on this CPU.
+FIELD_CONFIGS = {"cifar10_resnet56.yaml": (10, 32), "imagenet_resnet50.yaml": (1000, 224)}
+
+
+@pytest.mark.parametrize("name", sorted(FIELD_CONFIGS))
+def test_the_field_s_benchmark_configs_build_and_step_on_inputs_of_their_shape(name):
+    from distswitch.config import load_config
+
+    classes, size = FIELD_CONFIGS[name]
+    cfg = load_config(f"configs/{name}", ["train.device=cpu", "train.precision=fp32", "train.compile=none",
+                                          "train.progress=false"])
+    info = dataclasses.replace(INFO, num_classes=classes, image_size=size)
+    torch.manual_seed(0)
+    tnn, gates, method = build(cfg, info, 100, CPU)
+    engine = Engine(cfg, tnn, gates, method, CPU)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 3, size, size, generator=gen), torch.randint(0, classes, (2,), generator=gen)
+    first_switching = cfg.schedule.warmup_epochs
+    for phase in (Phase.TNN, Phase.SNN, Phase.TNN, Phase.SNN):
+        losses = engine.step(first_switching, phase, x, y)
+        assert all(torch.isfinite(t).all() for t in losses)
+    assert engine.gates.factors is not None and len(engine.gates.specs) > 10
