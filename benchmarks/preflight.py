@@ -3,6 +3,9 @@ exact cost model (`distswitch.build.build` on the CPU, as the driver runs it bef
 starts), and how many groups it finds; each model in a fresh process, `--rounds` times, medians.
 
     uv run python benchmarks/preflight.py [--models resnet50 ...] [--image-size 224] [--rounds 3] [--out F]
+
+The models are imported from the working directory first: run it from a checkout of another commit
+(`git worktree add`) with `uv run --project THIS python THIS/benchmarks/preflight.py` to time that one.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ start = time.perf_counter()
 tnn, gates, method = build(cfg, info, 100, torch.device("cpu"))
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, "groups": len(gates.specs), "units": sum(s.units for s in gates.specs),
-                  "coupled_groups": sum(1 for s in gates.specs if s.writers)}))
+                  "coupled_groups": sum(1 for s in gates.specs if getattr(s, "writers", ()))}))
 """
 
 

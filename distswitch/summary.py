@@ -22,6 +22,20 @@ def width_label(layer: str, row: dict) -> str:
     return f"{layer} {row['units']}→{row['kept']}"
 
 
+def widths_line(layers: dict, limit: int = 6) -> str:
+    """Every gated group's width for a few groups; for many (a ResNet-50 has 37), the cut ones, the
+    most cut first, at most `limit`, and a count of the rest: a console line a person can read."""
+    if len(layers) <= limit:
+        return ", ".join(width_label(layer, row) for layer, row in layers.items())
+    cut = sorted((layer for layer, row in layers.items() if row["kept"] < row["units"]),
+                 key=lambda layer: layers[layer]["kept"] / max(layers[layer]["units"], 1))
+    shown = [width_label(layer, layers[layer]) for layer in cut[:limit]]
+    rest = len(cut) - len(shown)
+    whole = len(layers) - len(cut)
+    tail = ([f"{rest} more cut"] if rest else []) + ([f"{whole} of {len(layers)} groups whole"] if whole else [])
+    return ", ".join(shown + tail)
+
+
 @dataclass
 class Summary:
     model: str

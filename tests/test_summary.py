@@ -31,3 +31,13 @@ def test_a_summary_read_back_writes_the_same_json_and_keeps_keys_it_does_not_kno
     record = Summary.read(tmp_path / "summary.json")
     assert record.test_acc == 0.9 and record.extra == {"from_a_newer_writer": [1, 2]}
     assert record.to_dict() == data
+
+
+def test_the_console_shows_every_group_of_a_small_net_and_the_most_cut_of_a_large_one():
+    from distswitch.summary import widths_line
+
+    small = {"conv1": {"units": 20, "kept": 14}, "fc1": {"units": 500, "kept": 500}}
+    assert widths_line(small) == "conv1 20→14, fc1 500→500"
+    large = {f"layer{i}": {"units": 64, "kept": 64 - i} for i in range(37)}  # layer0 whole, layer36 most cut
+    line = widths_line(large, limit=3)
+    assert line == "layer36 64→28, layer35 64→29, layer34 64→30, 33 more cut, 1 of 37 groups whole"

@@ -32,7 +32,7 @@ from distswitch.counting import count
 from distswitch.io import save_torch
 from distswitch.manifest import seal, unused_name
 from distswitch.parallel import Replicas, state_digest
-from distswitch.summary import width_label
+from distswitch.summary import widths_line
 
 
 @dataclass
@@ -209,6 +209,6 @@ def tracking_metrics(stats: EpochStats, size: dict | None, dense: dict) -> dict:
 def epoch_line(cfg: Config, s: EpochStats) -> str:
     losses = " ".join(f"{ph}/loss={v:.4f}" for ph, v in s.train_loss.items())
     layers = (s.kept or {}).get("layers") or {}
-    widths = " [" + ", ".join(width_label(layer, row) for layer, row in layers.items()) + "]" if layers else ""
+    widths = f" [{widths_line(layers)}]" if layers else ""
     return (f"epoch {s.epoch + 1}/{cfg.train.epochs} {losses} val/acc={s.val_acc:.4f} "
             f"kept={s.kept_fraction:.3f}{widths} ({s.seconds:.1f}s, {s.images_per_s:.0f} img/s)")
