@@ -80,6 +80,22 @@ def test_communication_benchmark_counts_each_phase_s_own_parameter_bytes(tmp_pat
         assert row["bytes_per_step"] == {"tnn": 4 * row["parameters"]["tnn"], "snn": 4 * row["parameters"]["snn"]}
 
 
+def test_scale_benchmark_times_the_three_steps_and_counts_the_switcher_s_inputs_and_bytes(tmp_path):
+    report, _ = _bench("scale.py", tmp_path / "scale.json", "--models", "lenet5", "resnet20", "--rounds", "1",
+                       "--steps", "1", "--batch", "4")
+    for name, row in report["models"].items():
+        assert set(row["median_ms"]) == {"dense step", "switch TNN step", "switch SNN step", "switcher forward (no grad)"}
+        assert row["switch_over_dense_per_training_step"] > 0 and row["peak_mb"]["switch"] > 0
+        assert row["allreduce_bytes_per_step"] == {"tnn": 4 * row["tnn_parameters"], "snn": 4 * row["switcher_parameters"]}
+    assert report["models"]["resnet20"]["groups"] == 12  # 9 blocks' inner channels and the 3 stages' streams
+
+
+def test_preflight_benchmark_builds_each_model_in_a_fresh_process(tmp_path):
+    report, _ = _bench("preflight.py", tmp_path / "preflight.json", "--models", "resnet20", "--rounds", "1")
+    row = report["models"]["resnet20"]
+    assert row["groups"] == 12 and row["coupled_groups"] == 3 and len(row["seconds"]) == 1
+
+
 def test_gpu_throughput_benchmark_counts_model_flops_and_times_both_methods(tmp_path):
     # Reduced (LeNet5, few steps) on whatever device this host has; a peak above any device's
     # (H200: 989 TFLOP/s bf16), so MFU < 1 holds on a GPU host too.

@@ -215,6 +215,19 @@ def test_magnitude_keeps_ceil_fraction_of_units_per_layer_at_the_prune_epoch(nam
         assert float(norms[f == 0].max()) <= float(norms[f == 1].min()), "a weaker unit was kept"
 
 
+def test_group_magnitude_keeps_a_unit_whose_outgoing_weights_are_large_where_incoming_magnitude_cuts_it():
+    kept = {}
+    for importance in ("incoming", "group"):
+        engine = _engine("mlp", method="magnitude", prune={"kept_fraction": 0.5, "finetune_epochs": 1, "importance": importance})
+        modules = dict(engine.tnn.named_modules())
+        with torch.no_grad():  # fc1's unit 7: the weakest incoming row, but what it feeds is 100x
+            modules["fc1"].weight[7].mul_(1e-3)
+            modules["fc2"].weight[:, 7].mul_(100.0)
+        engine.method.on_epoch_start(2, engine.gates.views())
+        kept[importance] = float(engine.compute_factors(2)[0][7])
+    assert kept == {"incoming": 0.0, "group": 1.0}
+
+
 def test_state_dict_round_trip_restores_the_factors():
     engine = _engine("mlp")
     _steps(engine, Phase.SNN, 2)

@@ -164,6 +164,10 @@ class PruneConfig:
     # the budget at each epoch from schedule.warmup_epochs on (as the switcher's), masks re-derived
     # from the current weights each time, the last one at the budget.
     schedule: Literal["once", "gradual"] = "once"
+    # magnitude's unit score: the L2 norm of its incoming weights (incoming), or of every weight and
+    # BatchNorm scale/shift removing it removes, outgoing weights included (group: Torch-Pruning's
+    # GroupNormImportance, DepGraph's default).
+    importance: Literal["incoming", "group"] = "incoming"
     # Epochs after the (last) cut: an integer, or a share of train.epochs as schedule.warmup_epochs.
     finetune_epochs: Union[int, float] = 2
     # Slimming's L1 coefficient on the per-neuron scales (Liu et al. 2017 use 1e-4 to 1e-5).

@@ -59,10 +59,20 @@ def _count(fraction: float, n: int) -> int:
     return max(1, math.ceil(round(fraction * n, 6)))
 
 
-def _importance(spec: GateSpec, w: torch.Tensor) -> torch.Tensor:
-    """Per connection |w|; per unit the L2 norm of its row."""
-    w = w.detach()
-    return w.abs() if spec.side == "weight" else w.norm(dim=1)
+def _importance(spec: GateSpec, view: UnitWeights, kind: str) -> torch.Tensor:
+    """Per connection |w|; per unit the L2 norm of its incoming row (`incoming`), or of everything
+    removing it removes (`group`: every writer's incoming weights, the BatchNorm scales and shifts
+    after them, and its outgoing weights in every reader -- Torch-Pruning's group norm)."""
+    w = view.incoming.detach()
+    if spec.side == "weight":
+        return w.abs()
+    sq = w.square().sum(dim=1)
+    if kind == "group":
+        if view.gain is not None:
+            sq = sq + view.gain.detach().square().sum(dim=1)
+        if view.has_outgoing:
+            sq = sq + view.outgoing_rms().square() * view.fan_out
+    return sq.sqrt()
 
 
 def _rank_fraction(score: torch.Tensor) -> torch.Tensor:
@@ -82,7 +92,7 @@ class Magnitude(_PruneOnce):
         return epoch >= self.first_cut
 
     def masks(self, views, fraction):
-        scores = [_importance(spec, v.incoming) for spec, v in zip(self.specs, views)]
+        scores = [_importance(spec, v, self.cfg.prune.importance) for spec, v in zip(self.specs, views)]
         if self.cost is not None:
             return self.cut([_rank_fraction(s) for s in scores], fraction)
         return [keep_top(s, _count(self.kept_fraction, s.numel())) for s in scores]

@@ -1,0 +1,125 @@
+"""The switcher's cost as networks grow (CPU, step level): per model, the dense step, the switch TNN
+step and the switch SNN step on one fixed batch, blocks interleaved round by round, medians; the
+switch run's cost per training step at the shipped update ratio (k TNN steps, then one SNN step)
+against k + 1 dense steps; the switcher's no-grad forward alone; the gated units and weights it
+reads; its parameters; the bytes each phase all-reduces per step under DDP (the phase's gradients);
+and the peak memory of each variant, each in a fresh process (ru_maxrss after a few steps).
+
+    uv run python benchmarks/scale.py [--models lenet5 resnet20 resnet56 resnet50] [--batch 32]
+        [--threads 2] [--rounds 8] [--steps 3] [--out F]
+
+Models run on Fashion-MNIST's shape padded to 3x32x32 (CIFAR's), so the ResNets use their CIFAR stems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from common import engine_for, environment, write_report
+from distswitch.schedule import Phase
+
+CONFIG = "configs/fashion_lenet5.yaml"
+
+# Peak memory of one variant in a process of its own: what a worker holding it needs.
+_PEAK = """
+import json, resource, sys
+sys.path.insert(0, "benchmarks")
+import torch
+from common import engine_for
+from distswitch.schedule import Phase
+model, method, batch, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(threads)
+_, engine, _ = engine_for("%s", ["train.device=cpu", f"model.name={model}", "data.channels=3", "data.image_size=32",
+                                  f"method={method}", "train.channels_last=false"], loaders=False)
+x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+for phase in (Phase.TNN, Phase.SNN, Phase.TNN) if method == "switch" else (Phase.TNN,) * 3:
+    engine.step(0, phase, x, y)
+print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+""" % CONFIG
+
+
+def _bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+
+
+def measure(model: str, batch: int, rounds: int, steps: int) -> dict:
+    shape = [f"model.name={model}", "data.channels=3", "data.image_size=32", "train.device=cpu",
+             "train.channels_last=false"]
+    _, dense, _ = engine_for(CONFIG, [*shape, "method=dense"], loaders=False)
+    cfg, switch, _ = engine_for(CONFIG, [*shape, "method=switch"], loaders=False)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
+
+    def forward():
+        with torch.no_grad():
+            switch.source(switch.gates.views())
+
+    blocks = {"dense step": lambda: dense.step(0, Phase.TNN, x, y),
+              "switch TNN step": lambda: switch.step(0, Phase.TNN, x, y),
+              "switch SNN step": lambda: switch.step(0, Phase.SNN, x, y),
+              "switcher forward (no grad)": forward}
+    for fn in blocks.values():
+        for _ in range(3):  # warm-up: allocator, first-call paths
+            fn()
+    ms: dict[str, list[float]] = {k: [] for k in blocks}
+    for _ in range(rounds):
+        for name, fn in blocks.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            ms[name].append((time.perf_counter() - start) / steps * 1e3)
+    median = {k: statistics.median(v) for k, v in ms.items()}
+    k = cfg.schedule.update_ratio
+    per_step = (k * median["switch TNN step"] + median["switch SNN step"]) / ((k + 1) * median["dense step"])
+    specs = switch.gates.specs
+    row = {
+        "batch": batch, "update_ratio": k, "median_ms": median, "ms": ms,
+        "switch_over_dense_per_training_step": per_step,
+        "groups": len(specs), "units": sum(s.units for s in specs),
+        "weights_read": sum(v.incoming.numel() + (v.fan_out * v.incoming.shape[0] if v.has_outgoing else 0)
+                            for v in switch.gates.views()),
+        "tnn_parameters": sum(p.numel() for p in switch.tnn.parameters()),
+        "switcher_parameters": sum(p.numel() for p in switch.source.parameters()),
+        "allreduce_bytes_per_step": {"tnn": _bytes(switch.tnn.parameters()), "snn": _bytes(switch.source.parameters())},
+    }
+    row["peak_mb"] = {}
+    for method in ("dense", "switch"):
+        out = subprocess.run([sys.executable, "-c", _PEAK, model, method, str(batch), str(torch.get_num_threads())],
+                             capture_output=True, text=True, check=True).stdout
+        row["peak_mb"][method] = json.loads(out.splitlines()[-1])["peak_mb"]
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["lenet5", "resnet20", "resnet56", "resnet50"])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3, help="steps per timed block")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = {}
+    for model in args.models:
+        rows[model] = r = measure(model, args.batch, args.rounds, args.steps)
+        m = r["median_ms"]
+        print(f"{model:10s} {r['groups']:3d} groups {r['units']:6d} units  dense {m['dense step']:8.1f} ms  "
+              f"TNN {m['switch TNN step']:8.1f}  SNN {m['switch SNN step']:8.1f}  switcher {m['switcher forward (no grad)']:6.1f}  "
+              f"per step {r['switch_over_dense_per_training_step']:.3f}x  peak {r['peak_mb']['dense']:.0f}/{r['peak_mb']['switch']:.0f} MB",
+              file=sys.stderr)
+    result = {"config": CONFIG, "rounds": args.rounds, "steps": args.steps, "threads": args.threads,
+              "models": rows, **environment()}
+    write_report(result, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
