@@ -1,9 +1,10 @@
 """What a network costs, counted on the network and predicted for any widths.
 
 `count` counts a built model: its parameters, and its multiply-accumulates (MACs) for one input --
-every convolution's and linear layer's weight products, the convention of the pruning literature's
-tables (fvcore's and thop's conv/linear counts); elementwise work (BatchNorm, activations, pooling,
-additions) is not a MAC.
+every convolution's and linear layer's weight products, and attention's two products (queries with
+keys, weights with values: 2 N^2 per head channel for N tokens), the convention of the pruning
+literature's tables (fvcore's conv/linear/matmul counts); elementwise work (BatchNorm, activations,
+pooling, additions, softmax) is not a MAC.
 
 `exact_cost_model` predicts the same two counts for the compact model of any per-group kept widths,
 without building one: one traced forward pass gives each layer's kernel, groups and output size,
@@ -24,21 +25,29 @@ from torch import nn
 
 from distswitch.config import ConfigError
 from distswitch.cost import CostModel, units_cost_model
+from distswitch.coupling import dependency_graph
 from distswitch.gates import GateSpec
+from distswitch.models.vit import Attention
 
 COUNTED = (nn.Conv2d, nn.Linear)
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
 def _layer_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int, int]]:
-    """Per counted layer: (output positions per input -- a conv's H*W, a linear's tokens -- , calls)."""
+    """Per counted layer: (output positions per input -- a conv's H*W, a linear's tokens, an attention
+    layer's tokens -- , calls)."""
     seen: dict[str, tuple[int, int]] = {}
     handles = []
     batch = example.shape[0]
     for name, module in model.named_modules():
-        if isinstance(module, COUNTED):
+        if isinstance(module, (*COUNTED, Attention)):
             def hook(mod, inputs, output, name=name):
-                positions = output[0].numel() // output.shape[1] if isinstance(mod, nn.Conv2d) else output.numel() // (batch * mod.out_features)
+                if isinstance(mod, Attention):
+                    positions = inputs[0].shape[1]
+                elif isinstance(mod, nn.Conv2d):
+                    positions = output[0].numel() // output.shape[1]
+                else:
+                    positions = output.numel() // (batch * mod.out_features)
                 prev = seen.get(name, (positions, 0))
                 seen[name] = (positions, prev[1] + 1)
             handles.append(module.register_forward_hook(hook))
@@ -58,7 +67,10 @@ def count(model: nn.Module, example: torch.Tensor) -> dict:
     for name, module in model.named_modules():
         if name in shapes:
             positions, calls = shapes[name]
-            macs += calls * positions * module.weight.numel()  # a weight entry is used once per position
+            if isinstance(module, Attention):  # q.k^T and weights.v: N^2 per head channel each
+                macs += calls * 2 * positions * positions * module.q.out_features
+            else:
+                macs += calls * positions * module.weight.numel()  # a weight entry is used once per position
     params = sum(p.numel() for p in model.parameters())
     nonzero = sum(int((p != 0).sum()) for p in model.parameters())
     return {"params": int(params), "nonzero_params": nonzero, "macs": int(macs)}
@@ -104,12 +116,15 @@ def widths(model: nn.Module, specs: list[GateSpec], example: torch.Tensor,
     modules = dict(model.named_modules())
     names = {m: n for n, m in modules.items()}
     if graph is None:
-        with torch.enable_grad():
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        graph = dependency_graph(model, example)
     out: dict[tuple[str, str], _Width] = {}
     for g, spec in enumerate(specs):
         if spec.side == "weight":
             raise ConfigError("budget: connection gates keep the dense shapes; use switcher.granularity=neuron")
+        if spec.heads_of:  # a head's rows in q, k, v and its columns of the output projection
+            for part, dim in (("q", "out"), ("k", "out"), ("v", "out"), ("proj", "in")):
+                out[(f"{spec.heads_of}.{part}", dim)] = _Width(0.0, {g: float(spec.rows)})
+            continue
         group = _root_group(graph, modules[spec.layer], spec)
         if spec.side == "in" and not _in_removable(group, spec, names):
             continue  # features nobody else makes or reads alone: the export keeps them (cost constant)
@@ -187,6 +202,10 @@ def exact_cost_model(model: nn.Module, specs: list[GateSpec], example: torch.Ten
     poly = _Quadratic(len(specs))
     counted: set[int] = set()
     for name, module in model.named_modules():
+        if isinstance(module, Attention) and name in shapes:
+            positions, calls = shapes[name]
+            poly.add(2.0 * positions * positions * calls, width_of.get((f"{name}.q", "out"), _Width(float(module.q.out_features))))
+            continue
         if not isinstance(module, (*COUNTED, *_NORMS)):
             continue
         w_out = width_of.get((name, "out"), _Width(float(_dense_width(module, "out"))))

@@ -46,6 +46,7 @@ def fold_factors(model: nn.Module, specs: list[GateSpec], factors: list[torch.Te
         elif spec.side == "in":
             modules[spec.layer].weight.mul_(f[None, :])
         else:
+            f = f.repeat_interleave(spec.rows)  # an attention head's factor scales its rows of v
             for _, point_name in spec.members:
                 point = modules[point_name]
                 point.weight.mul_(f.view(-1, *([1] * (point.weight.dim() - 1))))
@@ -58,7 +59,7 @@ def _kind(module: nn.Module) -> str:
 
 
 def removal_plan(model: nn.Module, specs: list[GateSpec], factors: list[torch.Tensor], example: torch.Tensor) -> list[dict]:
-    """[{"layer", "dim": "out"|"in", "idxs"}]: the exact removals, one entry per unit group."""
+    """[{"layer", "dim": "out"|"in"|"heads", "idxs"}]: the exact removals, one entry per unit group."""
     modules = dict(model.named_modules())
     names = {m: n for n, m in modules.items()}
     graph = None
@@ -70,6 +71,9 @@ def removal_plan(model: nn.Module, specs: list[GateSpec], factors: list[torch.Te
         if not idxs:
             continue
         layer = modules[spec.layer]
+        if spec.heads_of:
+            plan.append({"layer": spec.heads_of, "dim": "heads", "idxs": _leave_one(idxs, spec.units)})
+            continue
         if spec.side == "out":
             plan.append({"layer": spec.layer, "dim": "out", "idxs": _leave_one(idxs, spec.units)})
             continue
@@ -89,13 +93,19 @@ def _leave_one(idxs: list[int], units: int) -> list[int]:
 
 
 def apply_plan(model: nn.Module, plan: list[dict], example: torch.Tensor) -> None:
-    """Remove the planned units in place (also used to rebuild a saved compact model's shapes)."""
-    if not plan:
+    """Remove the planned units in place (also used to rebuild a saved compact model's shapes):
+    attention heads by their module, then every channel group through one dependency graph."""
+    modules = dict(model.named_modules())
+    for item in plan:
+        if item["dim"] == "heads":
+            modules[item["layer"]].prune_heads(list(item["idxs"]))
+    channels = [item for item in plan if item["dim"] != "heads"]
+    if not channels:
         return
     modules = dict(model.named_modules())
     graph = dependency_graph(model, example)
     groups = []
-    for item in plan:
+    for item in channels:
         layer = modules[item["layer"]]
         handlers = _OUT_HANDLERS if item["dim"] == "out" else _IN_HANDLERS
         groups.append(graph.get_pruning_group(layer, handlers[_kind(layer)], idxs=list(item["idxs"])))

@@ -17,8 +17,8 @@ class FoldedForward:
     the folded form's factor gradient would need the layer's weight gradient, which that step
     otherwise skips. With no factors set it is the layer's own forward."""
 
-    def __init__(self, gates, k: int, layer: nn.Module, side: str) -> None:
-        self.gates, self.k, self.layer, self.side = gates, k, layer, side
+    def __init__(self, gates, k: int, layer: nn.Module, side: str, rows: int = 1) -> None:
+        self.gates, self.k, self.layer, self.side, self.rows = gates, k, layer, side, rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         layer, factors = self.layer, self.gates.factors
@@ -26,8 +26,12 @@ class FoldedForward:
         if factors is None:
             return plain(layer, x)
         f = factors[self.k]
+        if self.rows > 1:  # one factor for several rows (an attention head's)
+            f = f.repeat_interleave(self.rows)
         if f.requires_grad and self.side == "out":
             out = plain(layer, x)
+            if isinstance(layer, nn.Linear):  # its units are the last dimension, tokens or not
+                return out * f.to(out.dtype)
             return out * f.to(out.dtype).view(1, -1, *([1] * (out.dim() - 2)))
         if f.requires_grad and self.side == "in":
             return plain(layer, x * f.to(x.dtype))

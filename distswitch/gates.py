@@ -36,6 +36,7 @@ from torch import nn
 from distswitch.config import ConfigError
 from distswitch.coupling import Readers, coupled_writers, dependency_graph
 from distswitch.fold import FoldedForward
+from distswitch.models.vit import Attention
 
 Side = Literal["out", "in", "weight"]
 GATED_MODES = ("all", "fc", "classifier")
@@ -57,6 +58,10 @@ class GateSpec:
         writers: for an ``out`` unit group, the other (layer, point) pairs that write its channels
             (a residual stream's blocks and shortcuts, a depthwise conv after its producer); the one
             factor scales each writer's output, so the group's channel is scaled once.
+        heads_of: for an attention head unit, the `distswitch.models.vit.Attention` module's path;
+            then ``layer`` is its v projection, whose output the factor scales (a head's output is
+            linear in its values), and the unit is `rows` rows of q, k and v (the head's width).
+        rows: a unit's rows in its layer (1, or a head's width).
     """
 
     layer: str
@@ -65,6 +70,8 @@ class GateSpec:
     units: int
     fan: int
     writers: tuple[tuple[str, str], ...] = ()
+    heads_of: str = ""
+    rows: int = 1
 
     @property
     def members(self) -> tuple[tuple[str, str], ...]:
@@ -194,6 +201,12 @@ def find_gates(model: nn.Module, gated: str, granularity: str, example: torch.Te
     classifier = _classifier_name(model)
     specs, covered = [], set()
     for i, (name, layer) in enumerate(modules):
+        if isinstance(layer, Attention) and gated == "all" and granularity == "neuron":
+            parts = ("q", "k", "v", "proj")
+            covered.update(f"{name}.{p}" for p in parts)
+            specs.append(GateSpec(f"{name}.v", f"{name}.v", "out", layer.heads, 3 * layer.head_dim * layer.q.in_features,
+                                  heads_of=name, rows=layer.head_dim))
+            continue
         if not isinstance(layer, _WEIGHT_LAYERS) or name in covered:
             continue
         is_linear = isinstance(layer, nn.Linear)
@@ -205,9 +218,9 @@ def find_gates(model: nn.Module, gated: str, granularity: str, example: torch.Te
                 specs.append(GateSpec(name, name, "in", w.shape[1], w.shape[0]))
         elif name != classifier and (gated == "all" or (gated == "fc" and is_linear)):
             graph = graph or dependency_graph(model, example)
-            writers = coupled_writers(graph, model, name)
+            writers, gateable = coupled_writers(graph, model, name)
             covered.update(writers)
-            if classifier in writers or (gated == "fc" and not all(isinstance(dict(modules)[n], nn.Linear) for n in writers)):
+            if not gateable or classifier in writers or (gated == "fc" and not all(isinstance(dict(modules)[n], nn.Linear) for n in writers)):
                 continue
             members = tuple((n, _affine_output(modules, position[n])) for n in writers)
             fan = sum(dict(modules)[n].weight[0].numel() for n in writers)
@@ -247,6 +260,9 @@ class GateSet:
         # Per group: every writer's layer and the norm after it (None where the layer is the point).
         self._members = [[(modules[layer], modules[point] if s.side == "out" and point != layer else None)
                           for layer, point in s.members] for s in self.specs]
+        # Per group: the layers whose rows describe a unit (a head's: q, k and v).
+        self._described = [[modules[f"{s.heads_of}.{p}"] for p in ("q", "k", "v")] if s.heads_of
+                           else [layer for layer, _ in m] for s, m in zip(self.specs, self._members)]
         # [reader layer, index]: the index moves to the weights' device once (in `views`), not every step.
         self._readers = [[[modules[name], idx] for name, idx in r] for r in readers] if readers else [[] for _ in specs]
         self._caches: list[dict] = [{} for _ in specs]  # per layer: the outgoing sample's positions
@@ -261,16 +277,15 @@ class GateSet:
                 else:
                     # Into the layer's weights: scaling a [units, fan] matrix costs far less than scaling
                     # its output activations (and their gradient) in every step; the same function.
-                    point.forward = FoldedForward(self, k, point, spec.side)
+                    point.forward = FoldedForward(self, k, point, spec.side, spec.rows)
                     self._folded.append(point)
 
     def weights(self) -> list[torch.Tensor]:
         """Description matrices, one per gated group: shape [units, fan] (a view of the weights where
         one layer writes the group; its writers' rows side by side where several do)."""
         out = []
-        for spec, members in zip(self.specs, self._members):
-            rows = [layer.weight.t() if spec.side == "in" else layer.weight.reshape(layer.weight.shape[0], -1)
-                    for layer, _ in members]
+        for spec, layers in zip(self.specs, self._described):
+            rows = [layer.weight.t() if spec.side == "in" else layer.weight.reshape(spec.units, -1) for layer in layers]
             out.append(rows[0] if len(rows) == 1 else torch.cat(rows, dim=1))
         return out
 
@@ -280,15 +295,17 @@ class GateSet:
         it, and its outgoing weights in every reader -- with gradients (a penalty on it trains the
         TNN). None for connection gates (a connection is no group)."""
         out = []
-        for spec, w, members, readers in zip(self.specs, self.weights(), self._members, self._readers):
+        for spec, w, members, described, readers in zip(self.specs, self.weights(), self._members, self._described,
+                                                        self._readers):
             if spec.side == "weight":
                 out.append(None)
                 continue
             sq = w.square().sum(dim=1)
             if spec.side == "out":
-                for layer, norm in members:
+                for layer in described:
                     if layer.bias is not None:
-                        sq = sq + layer.bias.square()
+                        sq = sq + layer.bias.view(spec.units, -1).square().sum(dim=1)
+                for _, norm in members:
                     if norm is not None and norm.affine:
                         sq = sq + norm.weight.square() + norm.bias.square()
                 for reader, idx in readers:

@@ -230,3 +230,19 @@ def test_the_small_models_name_their_layers():
     assert [n for n, m in create_tnn("lenet5", 1, 10, 28).named_children() if isinstance(m, (nn.Conv2d, nn.Linear))] \
         == ["conv1", "conv2", "fc1", "fc2"]
     assert [s.layer for s in find_gates(create_tnn("mlp", 1, 10, 28), "all", "neuron", torch.zeros(1, 1, 28, 28))] == ["fc1", "fc2"]
+
+
+def test_an_attention_head_is_removed_as_its_query_key_value_rows_and_projection_columns():
+    model, gates, plain = _gated("vit_tiny")
+    specs = gates.specs
+    heads = specs[0]  # blocks.0's three heads of 64
+    assert (heads.heads_of, heads.units, heads.rows) == ("blocks.0.attn", 3, 64)
+    factors = [torch.tensor([0.7, 0.0, 1.3]) if s is heads else torch.rand(s.units) + 0.5 for s in specs]
+    gates.set(factors)
+    x = _inputs()
+    expected = _outputs(model, x)
+    plan = compact_model(plain, specs, factors, x[:1])
+    assert {"layer": "blocks.0.attn", "dim": "heads", "idxs": [1]} in plan
+    attn = dict(plain.named_modules())["blocks.0.attn"]
+    assert (attn.heads, attn.q.out_features, attn.v.out_features, attn.proj.in_features) == (2, 128, 128, 128)
+    assert _max_diff(_outputs(plain, x), expected) <= TOLERANCE

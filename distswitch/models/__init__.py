@@ -4,6 +4,6 @@ Importing this package registers every model family; each lives in its own modul
 """
 
 from distswitch.models.registry import MODELS, create_tnn, list_models
-from distswitch.models import small, vision  # noqa: F401  (registers the families)
+from distswitch.models import small, vision, vit  # noqa: F401  (registers the families)
 
 __all__ = ["MODELS", "create_tnn", "list_models"]
