@@ -92,7 +92,7 @@ def test_the_baselines_cut_the_same_unit_groups_to_the_budget(name, method, tmp_
 
 # The field's benchmark configs, ready for a GPU cluster: valid as shipped, and two steps of each phase
 # on inputs of their shape (CIFAR-10 32x32, ImageNet 224x224 with 1,000 classes) on this CPU.
-FIELD_CONFIGS = {"cifar10_resnet56.yaml": (10, 32), "imagenet_resnet50.yaml": (1000, 224)}
+FIELD_CONFIGS = {"cifar10_resnet56.yaml": (10, 32), "cifar10_vit_tiny.yaml": (10, 32), "imagenet_resnet50.yaml": (1000, 224)}
 
 
 @pytest.mark.parametrize("name", sorted(FIELD_CONFIGS))
