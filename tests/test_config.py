@@ -266,7 +266,7 @@ def test_sync_batchnorm_with_a_compiled_tnn_is_refused_naming_both_settings(conf
 
 # -- any input: one line naming what is wrong, never a traceback (generative) ---------------------------
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 _SECTIONS = {name: list(section) if isinstance(section, dict) else [] for name, section in Config().to_dict().items()}
@@ -285,6 +285,7 @@ _OVERRIDES = st.lists(st.builds(lambda k, v: f"{k}={v}", _KEYS, st.one_of(
 
 @settings(max_examples=int(os.environ.get("CONFIG_EXAMPLES", 300)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(document=_DOCUMENTS, overrides=_OVERRIDES)
+@example(document={"\n": None}, overrides=[])  # found by a CI-sized run: a key that is a line break
 def test_any_yaml_document_and_overrides_give_a_config_or_one_line_config_error(tmp_path, document, overrides):
     import yaml
 

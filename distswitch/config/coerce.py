@@ -85,7 +85,9 @@ def build(cls: type, data: Any, prefix: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names), key=str)  # YAML keys may be numbers too
     if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; allowed keys here: {', '.join(names)}")
+        key = str(unknown[0])
+        key = key if key.isprintable() and key.strip() == key and key else repr(unknown[0])  # '\n' stays on one line
+        raise ConfigError(f"{prefix}{key}: unknown key; allowed keys here: {', '.join(names)}")
     kwargs = {}
     for name in names:
         if name not in data:
