@@ -3,10 +3,10 @@ step and the switch SNN step on one fixed batch, blocks interleaved round by rou
 switch run's cost per training step at the shipped update ratio (k TNN steps, then one SNN step)
 against k + 1 dense steps; the switcher's no-grad forward alone; the gated units and weights it
 reads; its parameters; the bytes each phase all-reduces per step under DDP (the phase's gradients);
-and the peak memory of each variant, each in a fresh process (ru_maxrss after a few steps).
+and the peak memory of each variant's steps, each in a fresh process (--memory-only: that alone).
 
-    uv run python benchmarks/scale.py [--models lenet5 resnet20 resnet56 resnet50] [--batch 32]
-        [--threads 2] [--rounds 8] [--steps 3] [--out F]
+    uv run python benchmarks/scale.py [--models lenet5 resnet20 resnet56 resnet50 vit_tiny] [--batch 32]
+        [--threads 2] [--rounds 8] [--steps 3] [--memory-only] [--out F]
 
 Models run on Fashion-MNIST's shape padded to 3x32x32 (CIFAR's), so the ResNets use their CIFAR stems.
 """
@@ -27,9 +27,11 @@ from distswitch.schedule import Phase
 
 CONFIG = "configs/fashion_lenet5.yaml"
 
-# Peak memory of one variant in a process of its own: what a worker holding it needs.
+# Peak memory of one variant's steps in a process of its own: the resident set's high-water mark
+# reset after the engine is built (Linux: /proc/self/clear_refs), so building it (the dependency
+# graph's trace) does not hide what the steps need.
 _PEAK = """
-import json, resource, sys
+import json, sys
 sys.path.insert(0, "benchmarks")
 import torch
 from common import engine_for
@@ -39,14 +41,26 @@ torch.set_num_threads(threads)
 _, engine, _ = engine_for("%s", ["train.device=cpu", f"model.name={model}", "data.channels=3", "data.image_size=32",
                                   f"method={method}", "train.channels_last=false"], loaders=False)
 x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
 for phase in (Phase.TNN, Phase.SNN, Phase.TNN) if method == "switch" else (Phase.TNN,) * 3:
     engine.step(0, phase, x, y)
-print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"peak_mb": int(hwm.split()[1]) / 1024}))
 """ % CONFIG
 
 
 def _bytes(params) -> int:
     return sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+
+
+def peaks(model: str, batch: int) -> dict:
+    out = {}
+    for method in ("dense", "switch"):
+        proc = subprocess.run([sys.executable, "-c", _PEAK, model, method, str(batch), str(torch.get_num_threads())],
+                              capture_output=True, text=True, check=True)
+        out[method] = json.loads(proc.stdout.splitlines()[-1])["peak_mb"]
+    return out
 
 
 def measure(model: str, batch: int, rounds: int, steps: int) -> dict:
@@ -89,24 +103,26 @@ def measure(model: str, batch: int, rounds: int, steps: int) -> dict:
         "switcher_parameters": sum(p.numel() for p in switch.source.parameters()),
         "allreduce_bytes_per_step": {"tnn": _bytes(switch.tnn.parameters()), "snn": _bytes(switch.source.parameters())},
     }
-    row["peak_mb"] = {}
-    for method in ("dense", "switch"):
-        out = subprocess.run([sys.executable, "-c", _PEAK, model, method, str(batch), str(torch.get_num_threads())],
-                             capture_output=True, text=True, check=True).stdout
-        row["peak_mb"][method] = json.loads(out.splitlines()[-1])["peak_mb"]
+    row["peak_mb"] = peaks(model, batch)
     return row
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["lenet5", "resnet20", "resnet56", "resnet50"])
+    parser.add_argument("--models", nargs="+", default=["lenet5", "resnet20", "resnet56", "resnet50", "vit_tiny"])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3, help="steps per timed block")
+    parser.add_argument("--memory-only", action="store_true", help="only the peak memory of each variant's steps")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.memory_only:
+        result = {"batch": args.batch, "threads": args.threads, "peak_mb": {m: peaks(m, args.batch) for m in args.models},
+                  **environment()}
+        write_report(result, args.out)
+        return result
     rows = {}
     for model in args.models:
         rows[model] = r = measure(model, args.batch, args.rounds, args.steps)
