@@ -125,25 +125,20 @@ def _vgg_features(config: str, in_channels: int, image_size: int) -> tuple[nn.Se
     return nn.Sequential(*layers), channels
 
 
+def _vgg(config: str, in_channels: int, image_size: int, classifier) -> nn.Module:
+    """VGG's BN features, global pooling, and `classifier(feature channels)`."""
+    features, channels = _vgg_features(config, in_channels, image_size)
+    return nn.Sequential(OrderedDict(features=features, pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(),
+                                     classifier=classifier(channels)))
+
+
 # Before its layers had module paths, vgg16 was one nn.Sequential: '0.3' is today's 'features.3'.
 @MODELS.register("vgg16", renamed={"0": "features", "3": "classifier.0", "5": "classifier.2", "7": "classifier.4"})
 def vgg16(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
-    features, channels = _vgg_features("D", in_channels, image_size)
-    return nn.Sequential(OrderedDict(
-        features=features,
-        pool=nn.AdaptiveAvgPool2d(1),
-        flatten=nn.Flatten(),
-        classifier=nn.Sequential(nn.Linear(channels, 512), nn.ReLU(inplace=True), nn.Linear(512, 512),
-                                 nn.ReLU(inplace=True), nn.Linear(512, num_classes)),
-    ))
+    return _vgg("D", in_channels, image_size, lambda c: nn.Sequential(
+        nn.Linear(c, 512), nn.ReLU(inplace=True), nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Linear(512, num_classes)))
 
 
 @MODELS.register("vgg19")
 def vgg19(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
-    features, channels = _vgg_features("E", in_channels, image_size)
-    return nn.Sequential(OrderedDict(
-        features=features,
-        pool=nn.AdaptiveAvgPool2d(1),
-        flatten=nn.Flatten(),
-        classifier=nn.Linear(channels, num_classes),
-    ))
+    return _vgg("E", in_channels, image_size, lambda c: nn.Linear(c, num_classes))
