@@ -213,3 +213,22 @@ def test_a_loaded_state_after_the_final_cut_gives_the_frozen_factors_without_sta
     fresh.source.load_state_dict(method.source.state_dict())
     for a, b in zip(fresh.source(gates2.views()), frozen):
         assert torch.equal(a, b)
+
+
+def test_rank_allocation_cuts_the_same_share_of_every_group_and_global_follows_the_factors():
+    kept = {}
+    for allocation in ("global", "rank"):
+        cfg = make_config(model={"name": "lenet5"}, train={"epochs": 4}, schedule={"warmup_epochs": 0, "finetune_epochs": 1},
+                          budget={"fraction": 0.5, "kind": "units"}, switcher={"allocation": allocation})
+        torch.manual_seed(0)
+        _, gates, method = build(cfg, FASHION_INFO, 10, torch.device("cpu"))
+        with torch.no_grad():  # conv2's factors far below the others': a global cut takes conv2 first
+            torch.nn.init.normal_(method.source.switcher.neuron_head.weight, std=0.5)
+            method.source.switcher.neuron_head.bias.fill_(5.0)
+        scale = {1: 0.01}
+        real = method.source.switcher.forward
+        method.source.switcher.forward = lambda views: [f * scale.get(k, 1.0) for k, f in enumerate(real(views))]
+        method.on_epoch_start(3, gates.views())  # the final cut
+        kept[allocation] = [int(m.sum()) for m in method.source.masks()]
+    assert kept["global"][1] < 0.2 * 50 + 1  # conv2 cut toward its floor
+    assert [round(k / n, 1) for k, n in zip(kept["rank"], (20, 50, 500))] == [0.5, 0.5, 0.5]

@@ -44,6 +44,10 @@ class SwitcherConfig:
     # What a unit is judged by: "both" (incoming and outgoing weights, BatchNorm gain; invariant to
     # rescaling a ReLU unit's two sides) or "incoming" (its incoming weights only, the papers' view).
     describe: Literal["both", "incoming"] = "both"
+    # With a budget, how the cut compares factors: global (raw factors across all groups: the
+    # switcher allocates) or rank (each factor's rank within its group: the same share of every
+    # group, as magnitude pruning allocates; the switcher only chooses which units).
+    allocation: Literal["global", "rank"] = "global"
     # Rowwise switcher: the final ReLU passes gradients below 0, so a switched-off unit can come back.
     revive: bool = True
 

@@ -130,3 +130,11 @@ def keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
     order = torch.argsort(scores.flatten(), descending=True, stable=True)
     mask.view(-1)[order[:keep]] = 1.0
     return mask
+
+
+def rank_fraction(score: torch.Tensor) -> torch.Tensor:
+    """Each unit's rank within its layer in (0, 1]: one global cut on it removes the same share of
+    every layer (the per-layer allocation of classic magnitude pruning)."""
+    ranks = torch.empty(score.numel())
+    ranks[torch.argsort(score.flatten().cpu(), stable=True)] = torch.arange(1, score.numel() + 1, dtype=torch.float32)
+    return (ranks / score.numel()).view_as(score)

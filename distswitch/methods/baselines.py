@@ -12,7 +12,7 @@ import torch
 from distswitch.config import Config
 from distswitch.cost import CostModel, scheduled_fraction
 from distswitch.gates import GateSpec, UnitWeights
-from distswitch.methods.base import METHODS, FixedFactors, Method, budget_cost, keep_top
+from distswitch.methods.base import METHODS, FixedFactors, Method, budget_cost, keep_top, rank_fraction
 
 
 @METHODS.register("dense")
@@ -75,14 +75,6 @@ def _importance(spec: GateSpec, view: UnitWeights, kind: str) -> torch.Tensor:
     return sq.sqrt()
 
 
-def _rank_fraction(score: torch.Tensor) -> torch.Tensor:
-    """Each unit's rank within its layer in (0, 1]: one global cut on it removes the same share of
-    every layer (the per-layer allocation of classic magnitude pruning)."""
-    ranks = torch.empty(score.numel())
-    ranks[torch.argsort(score.flatten().cpu(), stable=True)] = torch.arange(1, score.numel() + 1, dtype=torch.float32)
-    return (ranks / score.numel()).view_as(score)
-
-
 @METHODS.register("magnitude")
 class Magnitude(_PruneOnce):
     def __init__(self, cfg: Config, specs: list[GateSpec], steps_per_epoch: int, cost: CostModel | None = None) -> None:
@@ -94,7 +86,7 @@ class Magnitude(_PruneOnce):
     def masks(self, views, fraction):
         scores = [_importance(spec, v, self.cfg.prune.importance) for spec, v in zip(self.specs, views)]
         if self.cost is not None:
-            return self.cut([_rank_fraction(s) for s in scores], fraction)
+            return self.cut([rank_fraction(s) for s in scores], fraction)
         return [keep_top(s, _count(self.kept_fraction, s.numel())) for s in scores]
 
 

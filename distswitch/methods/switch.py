@@ -23,7 +23,7 @@ from torch import nn
 from distswitch.config import Config
 from distswitch.cost import CostModel, kept_counts, scheduled_fraction
 from distswitch.gates import GateSpec, UnitWeights
-from distswitch.methods.base import METHODS, Method, budget_cost
+from distswitch.methods.base import METHODS, Method, budget_cost, rank_fraction
 from distswitch.schedule import Alternation, Phase
 from distswitch.switcher import build_switcher
 
@@ -129,8 +129,10 @@ class Switch(Method):
 
     @torch.no_grad()
     def _cut(self, factors: list[torch.Tensor], fraction: float, final: bool) -> None:
-        masks = self.budget_cut(factors, fraction, final=final)
+        scores = [rank_fraction(f) for f in factors] if self.cfg.switcher.allocation == "rank" else factors
+        masks = self.budget_cut(scores, fraction, final=final)
         for k, (f, m) in enumerate(zip(factors, masks)):
+            m = m.to(f.device)  # ranks are made on the CPU
             self.source.masks()[k].copy_(m)
             if final:
                 # A unit the budget keeps although its factor is 0 comes back at its layer's typical
