@@ -198,6 +198,7 @@ def find_gates(model: nn.Module, gated: str, granularity: str, example: torch.Te
         raise ConfigError(f"model.gated: got {gated!r}; choose one of: {', '.join(GATED_MODES)}")
     modules = list(model.named_modules())
     position = {name: i for i, (name, _) in enumerate(modules)}
+    by_name = dict(modules)
     classifier = _classifier_name(model)
     specs, covered = [], set()
     for i, (name, layer) in enumerate(modules):
@@ -220,10 +221,10 @@ def find_gates(model: nn.Module, gated: str, granularity: str, example: torch.Te
             graph = graph or dependency_graph(model, example)
             writers, gateable = coupled_writers(graph, model, name)
             covered.update(writers)
-            if not gateable or classifier in writers or (gated == "fc" and not all(isinstance(dict(modules)[n], nn.Linear) for n in writers)):
+            if not gateable or classifier in writers or (gated == "fc" and not all(isinstance(by_name[n], nn.Linear) for n in writers)):
                 continue
             members = tuple((n, _affine_output(modules, position[n])) for n in writers)
-            fan = sum(dict(modules)[n].weight[0].numel() for n in writers)
+            fan = sum(by_name[n].weight[0].numel() for n in writers)
             specs.append(GateSpec(name, members[0][1], "out", w.shape[0], fan, members[1:]))
     if not specs:
         raise ConfigError(
