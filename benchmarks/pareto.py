@@ -41,7 +41,14 @@ VARIANTS = {
     "switch-r8": ["method=switch", "schedule.update_ratio=8", "optim.snn.lr=2e-3"],
     # No pressure toward the budget while switching: zeros from the ReLU only, the ramp of cuts alone.
     "switch-l1-0": ["method=switch", "switcher.l1=0"],
+    # Issue 36's fair dynamics, each alone: a 0/1 gate (factors straight through), tied zeros ordered
+    # by the switcher's score, and an SNN step as an extra step (the TNN steps every batch).
+    "switch-hard": ["method=switch", "switcher.gate=hard"],
+    "switch-ties": ["method=switch", "switcher.ties=score"],
+    "switch-extra": ["method=switch", "schedule.snn_steps=extra"],
     "magnitude": ["method=magnitude"],
+    "magnitude-group": ["method=magnitude", "prune.importance=group"],
+    "magnitude-gradual-group": ["method=magnitude", "prune.schedule=gradual", "prune.importance=group"],
     "magnitude-gradual": ["method=magnitude", "prune.schedule=gradual"],
     "slimming": ["method=slimming"],
     "slimming-gradual": ["method=slimming", "prune.schedule=gradual"],
@@ -72,8 +79,10 @@ def run_one(model: str, variant: str, budget: float | None, seed: int, args, out
     name = f"{model}-{variant}" + (f"-b{budget:g}" if budget is not None else "") + f"-s{seed}"
     folder = out / "runs" / name
     summary = folder / "summary.json"
-    if summary.exists():
-        return json.loads(summary.read_text())
+    record = Path(args.record) / f"{name}.json" if args.record else None
+    for done in (record, summary):
+        if done is not None and done.exists():
+            return json.loads(done.read_text())
     if args.report_only:
         return None
     overrides = [*protocol(args), *VARIANTS[variant], f"train.seed={seed}", f"out_dir={folder}",
@@ -82,6 +91,9 @@ def run_one(model: str, variant: str, budget: float | None, seed: int, args, out
     start = time.perf_counter()
     train(load_config(CONFIGS[model], overrides))
     result = json.loads(summary.read_text())
+    if record is not None:  # results as data: committed, a sweep resumes from them on any machine
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(summary.read_text())
     print(f"[pareto] {name}: test {result['test_acc']:.4f} macs {result['compact']['macs'] / result['dense']['macs']:.4f} "
           f"({time.perf_counter() - start:.0f} s)", flush=True)
     return result
@@ -136,7 +148,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def aggregate(results: dict, args) -> list[dict]:
     rows = []
     for (model, variant, budget), runs in results.items():
-        acc = [r["test_acc"] for r in runs.values()]
+        acc = [r[args.metric] for r in runs.values()]
         macs = [r["compact"]["macs"] / r["dense"]["macs"] for r in runs.values()]
         params = [r["compact"]["params"] / r["dense"]["params"] for r in runs.values()]
         row = {"model": model, "method": variant, "budget": budget, "seeds": sorted(runs), "test_acc": _mean_std(acc),
@@ -147,7 +159,7 @@ def aggregate(results: dict, args) -> list[dict]:
         ref = results.get((model, args.reference, budget))
         if ref and variant != args.reference and budget is not None:
             shared = sorted(set(runs) & set(ref))
-            diffs = [runs[s]["test_acc"] - ref[s]["test_acc"] for s in shared]
+            diffs = [runs[s][args.metric] - ref[s][args.metric] for s in shared]
             row["vs_reference"] = _mean_std(diffs) if diffs else None
             if args.mcnemar and shared:
                 a = torch.cat([test_predictions(runs[s]) for s in shared])
@@ -157,8 +169,9 @@ def aggregate(results: dict, args) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict], reference: str = REFERENCE) -> str:
-    lines = ["| model | budget (MACs) | method | test acc (mean ± std) | compact MACs | compact params | "
+def table(rows: list[dict], reference: str = REFERENCE, metric: str = "test_acc") -> str:
+    label = {"test_acc": "test acc", "val_acc": "validation acc (selected epoch)"}[metric]
+    lines = [f"| model | budget (MACs) | method | {label} (mean ± std) | compact MACs | compact params | "
              f"Δ vs {reference} (paired by seed, mean ± std) | McNemar vs {reference} (only this right / only "
              f"{reference} right, p) | seeds |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -191,6 +204,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", nargs="*", default=[], help="more overrides for every run, KEY=VALUE")
     parser.add_argument("--no-mcnemar", dest="mcnemar", action="store_false")
     parser.add_argument("--reference", default=REFERENCE, help="method the paired comparisons are made against")
+    parser.add_argument("--record", default=None,
+                        help="folder that gets each finished run's summary as NAME.json (to commit); runs found there are not run again")
+    parser.add_argument("--metric", default="test_acc", choices=["test_acc", "val_acc"],
+                        help="what the table compares: val_acc to choose settings, test_acc to report them")
     parser.add_argument("--report-only", action="store_true", help="run nothing: tabulate the runs already in OUT")
     parser.add_argument("--diagnose", action="store_true",
                         help="also magnitude with the switch's per-layer widths and the switch with magnitude's")
@@ -216,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = aggregate(results, args)
     report = {"protocol": protocol(args), "args": vars(args), "rows": rows}
     (out / "pareto.json").write_text(json.dumps(report, indent=1, default=str))
-    text = table(rows, args.reference)
+    text = table(rows, args.reference, args.metric)
     (out / "pareto.md").write_text(text + "\n")
     figure(rows, Path(args.figure) if args.figure else out / "pareto.png", title="Fashion-MNIST")
     print(text)

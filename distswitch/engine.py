@@ -4,7 +4,8 @@ Per epoch::
 
     method.on_epoch_start(epoch)            # baselines prune here
     for each batch:
-        phase = method.phase_at(epoch, step)          # Phase.TNN or Phase.SNN
+        phase = method.phase_at(epoch, step)          # Phase.TNN or Phase.SNN (schedule.snn_steps=extra:
+                                                      # an SNN step, then the TNN's on the same batch)
         factors = source(gates.views())               # once per step, from the weights;
                                                       # with grad only in the source's phase
         (the side that trains runs through its replica wrapper, so only its gradients are
@@ -207,7 +208,8 @@ class Engine:
         local_steps = {ph: int(s[0]) for ph, s in sums.items()}
         totals = self.replicas.sum_(torch.stack([sums[ph] for ph in Phase])).tolist()
         sums = {ph: [local_steps[ph], t[1], int(t[2]), int(t[3])] for ph, t in zip(Phase, totals)}
-        images = sum(s[3] for s in sums.values())
+        # Images read (an extra SNN step reads its batch again, for the TNN step after it).
+        images = sums[Phase.TNN][3] if self.cfg.schedule.snn_steps == "extra" else sum(s[3] for s in sums.values())
         comm = {ph.value: (self.replicas.comm_bytes[ph] - comm_start[ph]) / local_steps[ph]
                 for ph in Phase if local_steps[ph]}
         return EpochStats(
@@ -232,18 +234,21 @@ class Engine:
         first faulty step as step * 4 + fault (-1: none), both still on the device."""
         sums = {ph: torch.zeros(4, device=self.device, dtype=torch.float64) for ph in Phase}
         first_fault = torch.full((), -1, device=self.device, dtype=torch.int64)
+        extra = self.cfg.schedule.snn_steps == "extra"
         for step, (x, y) in enumerate(loader):
             x, y = self._to_device(x, y)
             phase = self.method.phase_at(epoch, step)
-            loss, correct, fault = self.step(epoch, phase, x, y)
-            first_fault = torch.where((fault == 0) | (first_fault >= 0), first_fault, step * 4 + fault)
+            # schedule.snn_steps=extra: the batch of an SNN step also gets its TNN step, after it.
+            for ph in (phase, Phase.TNN) if extra and phase == Phase.SNN else (phase,):
+                loss, correct, fault = self.step(epoch, ph, x, y)
+                first_fault = torch.where((fault == 0) | (first_fault >= 0), first_fault, step * 4 + fault)
+                s = sums[ph]
+                s[0] += 1
+                s[1] += loss * len(y)
+                s[2] += correct
+                s[3] += len(y)
             if self.first_step_at is None:
                 self.first_step_at = time.time()
-            s = sums[phase]
-            s[0] += 1
-            s[1] += loss * len(y)
-            s[2] += correct
-            s[3] += len(y)
             if bar is not None:
                 bar.update(1)
                 if step % 20 == 0:  # reading the loss waits for the device: not every step

@@ -5,7 +5,9 @@ Contract (checked by `GateSet.set`): ``forward(views)`` takes one `UnitWeights` 
 `distswitch.gates`), and returns one factor tensor per layer, shape [units] for neuron gates or
 [units, fan] for connection gates. Every factor is >= 0; a final ReLU
 makes exact zeros possible (the papers' only source of pruning). Factors are a function of the
-weights alone: no per-neuron free parameters, no layer index, no input data.
+weights alone: no per-neuron free parameters, no layer index, no input data. A switcher may also
+have ``scores(views)``, the factors before that ReLU, which a budget's cut orders tied zeros by
+(`switcher.ties: score`).
 """
 
 from __future__ import annotations
@@ -217,20 +219,25 @@ class RowwiseSwitcher(nn.Module):
         return [out[k] if k in out else _pad(describe_rows(v.incoming), self.body[0].in_features) for k, v in enumerate(views)]
 
     def forward(self, views: list[UnitWeights]) -> list[torch.Tensor]:
+        return [self.relu(s) for s in self.scores(views)]
+
+    def scores(self, views: list[UnitWeights]) -> list[torch.Tensor]:
+        """The factors before the final ReLU: their order where the factors are 0 (a budget's cut
+        breaks the ReLU's ties with it)."""
         # All layers' units through the body (and the neuron head) at once: the same rows, fewer ops.
         ds = self.describe(views)
         hs = self.body(torch.cat(ds)).split([len(d) for d in ds])
         neuron = [k for k, side in enumerate(self.sides) if side != "weight"]
         out: list[torch.Tensor | None] = [None] * len(views)
         if neuron:
-            f = self.relu(self.neuron_head(torch.cat([hs[k] for k in neuron])).squeeze(1))
+            f = self.neuron_head(torch.cat([hs[k] for k in neuron])).squeeze(1)
             for k, fk in zip(neuron, f.split([len(hs[k]) for k in neuron])):
                 out[k] = fk
         for k, side in enumerate(self.sides):
             if side == "weight":
                 w = views[k].incoming.detach()
                 slope, offset = self.connection_head(hs[k]).unbind(dim=1)
-                out[k] = self.relu(slope[:, None] * w.abs() / (w.std() + 1e-8) + offset[:, None])
+                out[k] = slope[:, None] * w.abs() / (w.std() + 1e-8) + offset[:, None]
         return out
 
 
@@ -290,13 +297,16 @@ class UNetSwitcher(nn.Module):
             nn.init.constant_(norm.bias, cfg.init_factor)
 
     def forward(self, views: list[UnitWeights]) -> list[torch.Tensor]:
+        return [F.relu(s) for s in self.scores(views)]
+
+    def scores(self, views: list[UnitWeights]) -> list[torch.Tensor]:
+        """The factors before the final ReLU."""
         out = []
         for side, view, net, norm in zip(self.sides, views, self.nets, self.norms):
             m = net(view.incoming)
             if side != "weight":
                 m = m.mean(dim=1)
-            flat = norm(m.reshape(1, 1, -1)).reshape(m.shape)
-            out.append(F.relu(flat))
+            out.append(norm(m.reshape(1, 1, -1)).reshape(m.shape))
         return out
 
 

@@ -152,6 +152,7 @@ def test_a_budget_min_width_cannot_meet_is_refused_naming_the_smallest_feasible_
      "switcher.granularity"),
     ({"budget": {"fraction": 0.5}}, "schedule.finetune_epochs"),
     ({"budget": {"fraction": 1.5}}, "budget.fraction"),
+    ({"switcher": {"gate": "hard"}}, "switcher.gate"),
 ])
 def test_settings_that_contradict_a_budget_are_refused_naming_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key):
@@ -232,3 +233,51 @@ def test_rank_allocation_cuts_the_same_share_of_every_group_and_global_follows_t
         kept[allocation] = [int(m.sum()) for m in method.source.masks()]
     assert kept["global"][1] < 0.2 * 50 + 1  # conv2 cut toward its floor
     assert [round(k / n, 1) for k, n in zip(kept["rank"], (20, 50, 500))] == [0.5, 0.5, 0.5]
+
+
+def _dark_switcher(**switcher):
+    """An MLP under a 30% budget whose switcher's factors are all 0 (every score below the ReLU,
+    each a different distance below it)."""
+    cfg = make_config(model={"name": "mlp"}, train={"epochs": 4}, schedule={"warmup_epochs": 0, "finetune_epochs": 1},
+                      budget={"fraction": 0.3}, switcher=switcher)
+    torch.manual_seed(0)
+    _, gates, method = build(cfg, FASHION_INFO, 10, torch.device("cpu"))
+    with torch.no_grad():
+        torch.nn.init.normal_(method.source.switcher.neuron_head.weight, std=0.5)
+        method.source.switcher.neuron_head.bias.fill_(-20.0)
+    assert all((f == 0).all() for f in method.source.switcher(gates.views()))
+    return gates, method
+
+
+def test_a_hard_gate_is_the_cut_s_mask_so_relu_zeros_never_cut_past_the_ramp():
+    gates, method = _dark_switcher(gate="hard")
+    method.on_epoch_start(1, gates.views())
+    masks = method.source.masks()
+    seen = method.source(gates.views())
+    assert all(torch.equal(f.detach(), m) and m.sum() > 0 for f, m in zip(seen, masks))
+    assert sum(m.sum() for m in masks) < sum(m.numel() for m in masks)  # the ramp's first cut
+    # The factors' gradient passes straight through the 0/1 value to the switcher.
+    sum((f * torch.randn_like(f)).sum() for f in seen).backward()
+    assert method.source.switcher.neuron_head.weight.grad.abs().sum() > 0
+    gates_soft, soft = _dark_switcher(gate="factor")
+    soft.on_epoch_start(1, gates_soft.views())
+    assert all((f == 0).all() for f in soft.source(gates_soft.views())), "the factor gate: every unit off"
+
+
+def test_a_hard_gate_s_final_cut_freezes_the_mask_itself():
+    gates, method = _dark_switcher(gate="hard")
+    method.on_epoch_start(3, gates.views())
+    assert all(torch.equal(f, m) for f, m in zip(method.source(gates.views()), method.source.masks()))
+
+
+@pytest.mark.parametrize("ties", ["score", "index"])
+def test_tied_zero_factors_are_cut_by_the_switcher_s_score_with_ties_score_and_by_index_otherwise(ties):
+    gates, method = _dark_switcher(ties=ties)
+    method.on_epoch_start(3, gates.views())
+    scores = method.source.switcher.scores(gates.views())
+    by_score = []
+    for score, mask in zip(scores, method.source.masks()):
+        top = torch.zeros_like(mask)
+        top[torch.topk(score.detach(), int(mask.sum())).indices] = 1
+        by_score.append(torch.equal(mask, top))
+    assert all(by_score) == (ties == "score")

@@ -104,6 +104,13 @@ def test_an_epoch_takes_k_tnn_steps_per_snn_step():
     assert stats.gated and 0 <= stats.val_acc <= 1
 
 
+def test_extra_snn_steps_leave_the_tnn_a_step_on_every_batch():
+    engine = _engine("mlp", schedule={"warmup_epochs": 0, "update_ratio": 4, "snn_steps": "extra"})
+    batches = [fake_batch(4, seed=i) for i in range(10)]
+    stats = engine.train_epoch(0, batches, batches[:2])
+    assert stats.steps == {"tnn": 10, "snn": 2}
+
+
 def test_a_phase_without_steps_in_an_epoch_does_not_warn_about_its_scheduler():
     # During the warm-up the SNN optimizer takes no step, yet its (per-epoch) scheduler advances;
     # the engine means to silence torch's "scheduler before optimizer" warning for that.

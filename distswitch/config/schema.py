@@ -48,6 +48,14 @@ class SwitcherConfig:
     # switcher allocates) or rank (each factor's rank within its group: the same share of every
     # group, as magnitude pruning allocates; the switcher only chooses which units).
     allocation: Literal["global", "rank"] = "global"
+    # With a budget, what the gated network sees: "factor" (the factors times the cut's mask: each
+    # kept unit re-weighted) or "hard" (the cut's 0/1 mask itself, the factors' gradient passed
+    # straight through: kept units train at the TNN's own learning rate, not scaled by factor^2, and
+    # the ReLU's zeros never cut past the budget's ramp).
+    gate: Literal["factor", "hard"] = "factor"
+    # With a budget, how the cut orders units whose factors tie (the ReLU's zeros): by the
+    # switcher's score before the ReLU ("score"), or by group and index ("index").
+    ties: Literal["score", "index"] = "index"
     # Rowwise switcher: the final ReLU passes gradients below 0, so a switched-off unit can come back.
     revive: bool = True
 
@@ -62,6 +70,9 @@ class ScheduleConfig:
     # Last epochs: TNN steps only, the switcher frozen (its factors still act) -- the counterpart
     # of the baselines' fine-tuning. An integer or a share of train.epochs, as warmup_epochs.
     finetune_epochs: Union[int, float] = 0
+    # An SNN step "replaces" the TNN step on its batch, or comes as an "extra" step before it: the
+    # TNN then gets a step on every batch, as many as a baseline in the same epochs.
+    snn_steps: Literal["replace", "extra"] = "replace"
 
 
 @dataclass(frozen=True)

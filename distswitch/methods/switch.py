@@ -32,9 +32,10 @@ class BudgetedSwitcher(nn.Module):
     """The switcher under the budget's current mask, or the factors frozen at the final cut. Masks
     and frozen factors are buffers, so a checkpoint holds them."""
 
-    def __init__(self, switcher: nn.Module, specs: list[GateSpec]) -> None:
+    def __init__(self, switcher: nn.Module, specs: list[GateSpec], hard: bool = False) -> None:
         super().__init__()
         self.switcher = switcher
+        self.hard = hard  # switcher.gate: hard
         for k, s in enumerate(specs):
             self.register_buffer(f"mask{k}", torch.ones(s.factor_shape))
             self.register_buffer(f"frozen{k}", torch.zeros(s.factor_shape))
@@ -62,6 +63,8 @@ class BudgetedSwitcher(nn.Module):
     def forward(self, views: list[UnitWeights]) -> list[torch.Tensor]:
         if self.is_cut:
             return self.frozen()
+        if self.hard:  # value m, gradient as if the value were f: a 0/1 gate that still teaches the factors
+            return [m + (f - f.detach()) for f, m in zip(self.switcher(views), self.masks())]
         # Value f * m; gradient as if unmasked: a masked unit's factor still learns what it would gain.
         return [f * m + (f - f.detach()) * (1 - m) for f, m in zip(self.switcher(views), self.masks())]
 
@@ -74,7 +77,10 @@ class Switch(Method):
         super().__init__(cfg, specs, steps_per_epoch, budget_cost(cfg, cost))
         switcher = build_switcher(specs, cfg.switcher)
         self.budgeted = cfg.budget.fraction is not None
-        self.source = BudgetedSwitcher(switcher, specs) if self.budgeted else switcher
+        self.source = BudgetedSwitcher(switcher, specs, cfg.switcher.gate == "hard") if self.budgeted else switcher
+        if self.budgeted and cfg.switcher.ties == "score" and not hasattr(switcher, "scores"):
+            raise ValueError(f"switcher.ties=score: switcher.arch={cfg.switcher.arch} has no scores(views) "
+                             "(its factors before the final ReLU); set switcher.ties=index")
         self.cut_epoch = cfg.train.epochs - cfg.schedule.finetune_epochs
         self.alternation = Alternation(cfg.schedule.update_ratio, cfg.schedule.warmup_epochs, steps_per_epoch,
                                        finetune_from=self.cut_epoch)
@@ -119,22 +125,32 @@ class Switch(Method):
         start = self.cfg.schedule.warmup_epochs + 1
         shrinking = self.cfg.budget.sparse_learning > 0 and start <= epoch < self.cut_epoch
         if start <= epoch <= self.cut_epoch:
-            with torch.no_grad():
-                factors = self.source.switcher(views)  # one pass serves the cut and sparse learning
-            self._cut(factors, scheduled_fraction(self.cfg.budget.fraction, epoch, start, self.cut_epoch),
+            scores = self._scores(views)  # one pass serves the cut and sparse learning
+            self._cut(scores, scheduled_fraction(self.cfg.budget.fraction, epoch, start, self.cut_epoch),
                       final=epoch == self.cut_epoch)
         if self.cfg.budget.sparse_learning > 0:  # (the first cut's epoch on: the scores mean something)
-            self.set_shrink(self.budget_cut(factors, self.cfg.budget.fraction) if shrinking else None)
+            self.set_shrink(self.budget_cut(scores, self.cfg.budget.fraction) if shrinking else None)
         self.source.set_cut(epoch >= self.cut_epoch)  # a resumed run gets the frozen factors from its checkpoint
 
     @torch.no_grad()
-    def _cut(self, factors: list[torch.Tensor], fraction: float, final: bool) -> None:
-        scores = [rank_fraction(f) for f in factors] if self.cfg.switcher.allocation == "rank" else factors
-        masks = self.budget_cut(scores, fraction, final=final)
-        for k, (f, m) in enumerate(zip(factors, masks)):
-            m = m.to(f.device)  # ranks are made on the CPU
+    def _scores(self, views: list[UnitWeights]) -> list[torch.Tensor]:
+        """What the cut orders units by: the factors, or their scores before the ReLU (the same
+        order where factors are > 0; tied zeros ordered too)."""
+        if self.cfg.switcher.ties == "score":
+            return self.source.switcher.scores(views)
+        return self.source.switcher(views)
+
+    @torch.no_grad()
+    def _cut(self, scores: list[torch.Tensor], fraction: float, final: bool) -> None:
+        ranked = [rank_fraction(f) for f in scores] if self.cfg.switcher.allocation == "rank" else scores
+        masks = self.budget_cut(ranked, fraction, final=final)
+        for k, (score, m) in enumerate(zip(scores, masks)):
+            m = m.to(score.device)  # ranks are made on the CPU
             self.source.masks()[k].copy_(m)
-            if final:
+            if final and self.source.hard:
+                self.source.frozen()[k].copy_(m)
+            elif final:
+                f = score.clamp_min(0)  # the factors (scores: the same where > 0)
                 # A unit the budget keeps although its factor is 0 comes back at its layer's typical
                 # factor: it must survive the export for the compact model to meet the budget.
                 on = f[f > 0]
