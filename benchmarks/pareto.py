@@ -46,6 +46,11 @@ VARIANTS = {
     "switch-hard": ["method=switch", "switcher.gate=hard"],
     "switch-ties": ["method=switch", "switcher.ties=score"],
     "switch-extra": ["method=switch", "schedule.snn_steps=extra"],
+    "switch-fair": ["method=switch", "switcher.gate=hard", "switcher.ties=score", "schedule.snn_steps=extra"],
+    # Issue 36's relational switcher (messages along the weights between units), alone and with the fair dynamics.
+    "switch-graph": ["method=switch", "switcher.arch=graph"],
+    "switch-fair-graph": ["method=switch", "switcher.arch=graph", "switcher.gate=hard", "switcher.ties=score",
+                          "schedule.snn_steps=extra"],
     "magnitude": ["method=magnitude"],
     "magnitude-group": ["method=magnitude", "prune.importance=group"],
     "magnitude-gradual-group": ["method=magnitude", "prune.schedule=gradual", "prune.importance=group"],

@@ -101,6 +101,9 @@ class UnitWeights:
     gain: torch.Tensor | None = None
     # (reader weight [out, in, *kernel], index [units, per] of the reader's inputs carrying each unit)
     readers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # Per reader: the gated group whose units its outputs are (rows of `GateSet.weights()` in order;
+    # a head's rows in a row), or None (an ungated layer: the classifier, a ViT's stream).
+    reader_groups: list[int | None] = field(default_factory=list)
     cache: dict = field(default_factory=dict)  # sample positions, owned by the GateSet: made once
 
     @property
@@ -266,6 +269,9 @@ class GateSet:
                            else [layer for layer, _ in m] for s, m in zip(self.specs, self._members)]
         # [reader layer, index]: the index moves to the weights' device once (in `views`), not every step.
         self._readers = [[[modules[name], idx] for name, idx in r] for r in readers] if readers else [[] for _ in specs]
+        index = {id(layer): j for j, layers in enumerate(self._described) for layer in layers}
+        owner = {name: index[id(m)] for name, m in modules.items() if id(m) in index}
+        self._reader_groups = [[owner.get(name) for name, _ in r] for r in readers] if readers else [[] for _ in specs]
         self._caches: list[dict] = [{} for _ in specs]  # per layer: the outgoing sample's positions
         self._factors: list[torch.Tensor] | None = None
         self._handles = []
@@ -322,7 +328,8 @@ class GateSet:
         the source's parameters, never through the weights they read. A group's gain is every
         writer's norm scale and shift side by side."""
         out = []
-        for w, readers, members, cache in zip(self.weights(), self._readers, self._members, self._caches):
+        for w, readers, groups, members, cache in zip(self.weights(), self._readers, self._reader_groups, self._members,
+                                                      self._caches):
             for reader in readers:
                 if reader[1].device != reader[0].weight.device:
                     reader[1] = reader[1].to(reader[0].weight.device)
@@ -331,7 +338,7 @@ class GateSet:
                      for _, norm in members if norm is not None and norm.affine]
             gain = (gains[0] if len(gains) == 1 else torch.cat(gains, dim=1)) if gains else None
             out.append(UnitWeights(w.detach(), gain=gain, readers=[(layer.weight.detach(), idx) for layer, idx in readers],
-                                   cache=cache))
+                                   reader_groups=groups, cache=cache))
         return out
 
     def set(self, factors: list[torch.Tensor] | None) -> None:

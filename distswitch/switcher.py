@@ -221,12 +221,16 @@ class RowwiseSwitcher(nn.Module):
     def forward(self, views: list[UnitWeights]) -> list[torch.Tensor]:
         return [self.relu(s) for s in self.scores(views)]
 
+    def hidden(self, views: list[UnitWeights]) -> list[torch.Tensor]:
+        """Each unit's hidden state [units, width] per layer, which the heads read."""
+        # All layers' units through the body at once: the same rows, fewer ops.
+        ds = self.describe(views)
+        return self.body(torch.cat(ds)).split([len(d) for d in ds])
+
     def scores(self, views: list[UnitWeights]) -> list[torch.Tensor]:
         """The factors before the final ReLU: their order where the factors are 0 (a budget's cut
         breaks the ReLU's ties with it)."""
-        # All layers' units through the body (and the neuron head) at once: the same rows, fewer ops.
-        ds = self.describe(views)
-        hs = self.body(torch.cat(ds)).split([len(d) for d in ds])
+        hs = self.hidden(views)
         neuron = [k for k, side in enumerate(self.sides) if side != "weight"]
         out: list[torch.Tensor | None] = [None] * len(views)
         if neuron:
@@ -239,6 +243,78 @@ class RowwiseSwitcher(nn.Module):
                 slope, offset = self.connection_head(hs[k]).unbind(dim=1)
                 out[k] = slope[:, None] * w.abs() / (w.std() + 1e-8) + offset[:, None]
         return out
+
+
+def edges(views: list[UnitWeights]) -> list[tuple[int, int, torch.Tensor]]:
+    """(p, j, A): A [units_j, units_p] >= 0, the norm of the weights from unit i of group p into
+    unit o of group j (a head's rows summed into its unit), for every reader that is a gated group."""
+    out = []
+    for p, view in enumerate(views):
+        for (w, idx), j in zip(view.readers, view.reader_groups):
+            if j is None:
+                continue
+            sq = w.float().square()
+            if sq.dim() > 2:
+                sq = sq.sum(dim=tuple(range(2, sq.dim())))  # [out, in]: a kernel's taps together
+            units, per = idx.shape
+            a = torch.index_select(sq, 1, idx.flatten()).view(sq.shape[0], units, per).sum(dim=2)  # [out, units_p]
+            units_j = views[j].incoming.shape[0]
+            out.append((p, j, a.view(units_j, -1, units).sum(dim=1).sqrt()))
+    return out
+
+
+@SWITCHERS.register("graph")
+class GraphSwitcher(RowwiseSwitcher):
+    """The relational switcher (`switcher.arch: graph`): messages along the weight graph.
+
+    Nodes are the gated units (a coupled group's unit is one node); an edge joins unit i of group p
+    to unit o of group j when a layer writing j reads i, weighted by the norm of the weights between
+    them (a kernel's taps and a flattened channel's features together; `edges`). Each node starts
+    from the rowwise switcher's hidden state of its description (both sides, rescaling-invariant);
+    each of `switcher.rounds` rounds then adds an MLP of [itself, the weighted mean of the units that
+    feed it, of the units it feeds, the mean of its own group]. So a unit's factor depends on what
+    feeds it, what it feeds and its group's other units; the map is equivariant to permuting any
+    group's units, and still a function of the current weights alone (no per-unit parameters).
+
+    Edge weights enter as weighted means, so scaling a layer's weights changes no message. Ungated
+    layers' units (the classifier's, a ViT's stream) are no nodes: a group without gated neighbours
+    gets its group mean only. Each round's last layer starts at zero: a fresh graph switcher gives
+    the rowwise one's factors (`init_factor` everywhere)."""
+
+    def __init__(self, specs: list[GateSpec], cfg: SwitcherConfig) -> None:
+        super().__init__(specs, cfg)
+        w = cfg.width
+        self.rounds = nn.ModuleList(nn.Sequential(nn.Linear(4 * w, w), nn.ReLU(), nn.Linear(w, w))
+                                    for _ in range(cfg.rounds))
+        for r in self.rounds:
+            nn.init.zeros_(r[2].weight)
+            nn.init.zeros_(r[2].bias)
+
+    def hidden(self, views: list[UnitWeights]) -> list[torch.Tensor]:
+        hs = list(super().hidden(views))
+        sizes = [len(h) for h in hs]
+        graph = edges(views)
+        # Per node: the total weight of its edges in (from writers' inputs) and out (to readers).
+        weight_in = [hs[0].new_zeros(n) for n in sizes]
+        weight_out = [hs[0].new_zeros(n) for n in sizes]
+        for p, j, a in graph:
+            weight_in[j] = weight_in[j] + a.sum(dim=1)
+            weight_out[p] = weight_out[p] + a.sum(dim=0)
+        norm_in = [1 / (t + 1e-12) for t in weight_in]  # a node without edges: a zero message
+        norm_out = [1 / (t + 1e-12) for t in weight_out]
+        for layer in self.rounds:
+            msg_in = [torch.zeros_like(h) for h in hs]
+            msg_out = [torch.zeros_like(h) for h in hs]
+            for p, j, a in graph:
+                msg_in[j] = msg_in[j] + a @ hs[p]
+                msg_out[p] = msg_out[p] + a.t() @ hs[j]
+            h = torch.cat(hs)
+            context = torch.cat([
+                h, torch.cat([m * n[:, None] for m, n in zip(msg_in, norm_in)]),
+                torch.cat([m * n[:, None] for m, n in zip(msg_out, norm_out)]),
+                torch.cat([x.mean(dim=0, keepdim=True).expand_as(x) for x in hs])], dim=1)
+            hs = list((h + layer(context)).split(sizes))
+        return hs
 
 
 def _pad(d: torch.Tensor, size: int) -> torch.Tensor:

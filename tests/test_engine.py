@@ -104,6 +104,20 @@ def test_an_epoch_takes_k_tnn_steps_per_snn_step():
     assert stats.gated and 0 <= stats.val_acc <= 1
 
 
+@pytest.mark.parametrize("name", ["lenet5", "resnet20"])
+def test_an_snn_step_gives_every_graph_switcher_parameter_a_gradient(name):
+    # DDP's reducer (no find_unused_parameters) waits for a gradient of every parameter.
+    engine = _engine(name, switcher={"arch": "graph"})
+    x, y = fake_batch(4, seed=0)
+    grads = {}
+    hooks = [p.register_hook(lambda g, n=n: grads.setdefault(n, g)) for n, p in engine.source.named_parameters()]
+    engine.step(0, Phase.SNN, x, y)
+    for h in hooks:
+        h.remove()
+    assert sorted(grads) == sorted(n for n, _ in engine.source.named_parameters())
+    assert any(n.startswith("rounds.") for n in grads)
+
+
 def test_extra_snn_steps_leave_the_tnn_a_step_on_every_batch():
     engine = _engine("mlp", schedule={"warmup_epochs": 0, "update_ratio": 4, "snn_steps": "extra"})
     batches = [fake_batch(4, seed=i) for i in range(10)]

@@ -14,7 +14,7 @@ from distswitch.coupling import find_readers
 from distswitch.gates import GateSet, check_factors, find_gates
 from distswitch.models import create_tnn, list_models
 from distswitch.schedule import Alternation, Phase
-from distswitch.switcher import build_switcher, revivable_relu
+from distswitch.switcher import build_switcher, edges, revivable_relu
 
 MODELS = list_models()
 GATED = ("all", "fc", "classifier")
@@ -48,14 +48,14 @@ def _selects_nothing(name: str, gated: str, granularity: str) -> bool:
 
 def _randomise(switcher: nn.Module, weights: list[torch.Tensor], seed: int = 0) -> None:
     """Re-initialise every parameter so the output depends visibly on the weights; for the rowwise
-    switcher the heads' biases are then centred so that about half of the factors are 0."""
+    and graph switchers the heads' biases are then centred so that about half of the factors are 0."""
     torch.manual_seed(seed)
     with torch.no_grad():
         for p in switcher.parameters():
             nn.init.normal_(p, std=0.5)
         if not hasattr(switcher, "body"):
             return
-        hidden = [switcher.body(d) for d in switcher.describe(weights)]
+        hidden = switcher.hidden(weights)
         if hasattr(switcher, "neuron_head"):
             pre = torch.cat([switcher.neuron_head(h).flatten() for h in hidden])
             switcher.neuron_head.bias.sub_(pre.median())
@@ -118,7 +118,7 @@ CASES = [
     (name, gated, gran, arch)
     for name, gated, gran in itertools.product(MODELS, GATED, GRANULARITIES)
     if not _selects_nothing(name, gated, gran)
-    for arch in (("rowwise", "unet") if name in SMALL else ("rowwise",))
+    for arch in (("rowwise", "graph", "unet") if name in SMALL else ("rowwise", "graph"))
 ]
 
 
@@ -133,7 +133,7 @@ def test_switcher_factors_fit_the_gates_and_the_model_still_classifies(name, gat
         factors = switcher(gates.views())
     assert [tuple(f.shape) for f in factors] == [s.factor_shape for s in specs]
     assert all(bool((f >= 0).all()) for f in factors)
-    if arch == "rowwise":  # centred heads: the ReLU really clips, and some units stay on
+    if arch != "unet":  # centred heads: the ReLU really clips, and some units stay on
         flat = torch.cat([f.flatten() for f in factors])
         assert 0 < int((flat == 0).sum()) < flat.numel()
     gates.set(factors)
@@ -306,14 +306,14 @@ def test_a_factor_at_zero_gets_the_task_gradient_only_when_revivable(revive):
     assert h.grad.tolist() == ([1.0, 1.0] if revive else [0.0, 1.0])
 
 
-@pytest.mark.parametrize("arch", ["rowwise", "unet"])
+@pytest.mark.parametrize("arch", ["rowwise", "graph", "unet"])
 def test_a_fresh_switcher_starts_at_init_factor(arch):
     _, gates, switcher = _mlp_switcher(arch, width=8, init_factor=1.0)
     with torch.no_grad():
         factors = switcher(gates.views())
     for f in factors:
         assert float(f.mean()) == pytest.approx(1.0, abs=1e-4)
-    if arch == "rowwise":
+    if arch != "unet":
         assert all(bool((f == 1).all()) for f in factors)
 
 
@@ -335,12 +335,71 @@ def test_permuting_neurons_permutes_their_factors():
     _randomise(switcher, gates.views())
     perm = torch.randperm(300, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        before = switcher(gates.views())[0]
+        before = switcher(gates.views())
         model[1].weight.copy_(model[1].weight[perm])  # the units move with both of their sides
         model[1].bias.copy_(model[1].bias[perm])
         model[3].weight.copy_(model[3].weight[:, perm])
-        after = switcher(gates.views())[0]
-    torch.testing.assert_close(after, before[perm], atol=1e-5, rtol=1e-5)
+        after = switcher(gates.views())
+    assert before[0].unique().numel() > 1
+    torch.testing.assert_close(after[0], before[0][perm], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["rowwise", "graph"])
+def test_permuting_one_layer_s_units_permutes_its_factors_and_leaves_every_other_layer_s(arch):
+    # Rows of at most 256 entries are described whole (longer ones from evenly spaced entries,
+    # which a permutation moves): here every description is exact. Scores: the factors before the
+    # final ReLU, which may zero a whole layer of a random switcher.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 40), nn.ReLU(), nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 10))
+    example = torch.zeros(1, 20)
+    specs = find_gates(model, "all", "neuron", example)
+    gates = GateSet(model, specs, find_readers(model, specs, example))
+    switcher = build_switcher(specs, SwitcherConfig(arch=arch, width=8))
+    _randomise(switcher, gates.views())
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = switcher.scores(gates.views())
+        model[0].weight.copy_(model[0].weight[perm])
+        model[0].bias.copy_(model[0].bias[perm])
+        model[2].weight.copy_(model[2].weight[:, perm])
+        after = switcher.scores(gates.views())
+    assert before[0].unique().numel() > 1 and before[1].unique().numel() > 1
+    torch.testing.assert_close(after[0], before[0][perm], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after[1], before[1], atol=1e-5, rtol=1e-5)
+
+
+def _lenet5_switcher(arch: str):
+    torch.manual_seed(0)
+    model = create_tnn("lenet5", 1, 10, 28).eval()
+    example = torch.zeros(1, 1, 28, 28)
+    specs = find_gates(model, "all", "neuron", example)  # conv1 (20 channels), conv2 (50), fc1 (500)
+    gates = GateSet(model, specs, find_readers(model, specs, example))
+    switcher = build_switcher(specs, SwitcherConfig(arch=arch, width=8))
+    _randomise(switcher, gates.views())
+    return model, gates, switcher
+
+
+@pytest.mark.parametrize("arch", ["rowwise", "graph"])
+def test_only_the_graph_switcher_s_factors_depend_on_the_units_two_layers_away(arch):
+    # Scores (before the final ReLU). conv1's incoming weights are no part of a conv2 channel's description (its incoming rows are
+    # conv2's, its outgoing fc1's): only messages along conv1 -> conv2 carry them.
+    model, gates, switcher = _lenet5_switcher(arch)
+    with torch.no_grad():
+        before = switcher.scores(gates.views())
+        model.conv1.weight[:5].mul_(3.0)
+        model.conv1.weight[5:10].mul_(0.2)
+        after = switcher.scores(gates.views())
+    assert before[1].unique().numel() > 1
+    assert torch.equal(after[1], before[1]) == (arch == "rowwise")
+
+
+def test_the_graph_switcher_s_edges_are_the_weight_norms_between_gated_units():
+    model, gates, _ = _lenet5_switcher("graph")
+    (p1, j1, a1), (p2, j2, a2) = edges(gates.views())
+    assert (p1, j1, p2, j2) == (0, 1, 1, 2)  # conv1 -> conv2 -> fc1; fc2 (the classifier) is no node
+    torch.testing.assert_close(a1, model.conv2.weight.detach().square().sum(dim=(2, 3)).sqrt())
+    fc1 = model.fc1.weight.detach().view(500, 50, -1)  # conv2's channel c is fc1's inputs c*16 .. c*16+15
+    torch.testing.assert_close(a2, fc1.square().sum(dim=2).sqrt())
 
 
 def test_layers_with_identical_weights_get_identical_factors():

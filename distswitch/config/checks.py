@@ -43,6 +43,7 @@ def check_values(cfg) -> None:
             raise ConfigError(f"{key}: got {value!r}; must be {allowed}")
 
     require(cfg.switcher.width > 0, "switcher.width", cfg.switcher.width, "a positive integer")
+    require(cfg.switcher.rounds >= 0, "switcher.rounds", cfg.switcher.rounds, "an integer >= 0")
     require(cfg.switcher.l1 >= 0 and math.isfinite(cfg.switcher.l1), "switcher.l1", cfg.switcher.l1, ">= 0")
     init = cfg.switcher.init_factor
     require(math.isfinite(init) and init > 0, "switcher.init_factor", init, "a finite number > 0")

@@ -58,6 +58,8 @@ class SwitcherConfig:
     ties: Literal["score", "index"] = "index"
     # Rowwise switcher: the final ReLU passes gradients below 0, so a switched-off unit can come back.
     revive: bool = True
+    # Graph switcher (arch: graph): rounds of messages between units along the weights that join them.
+    rounds: int = 2
 
 
 @dataclass(frozen=True)

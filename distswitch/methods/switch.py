@@ -63,6 +63,8 @@ class BudgetedSwitcher(nn.Module):
     def forward(self, views: list[UnitWeights]) -> list[torch.Tensor]:
         if self.is_cut:
             return self.frozen()
+        if self.hard and not torch.is_grad_enabled():  # TNN steps, evaluation: the mask is all they see
+            return self.masks()
         if self.hard:  # value m, gradient as if the value were f: a 0/1 gate that still teaches the factors
             return [m + (f - f.detach()) for f, m in zip(self.switcher(views), self.masks())]
         # Value f * m; gradient as if unmasked: a masked unit's factor still learns what it would gain.
