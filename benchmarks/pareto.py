@@ -166,20 +166,51 @@ def aggregate(results: dict, args) -> list[dict]:
             shared = sorted(set(runs) & set(ref))
             diffs = [runs[s][args.metric] - ref[s][args.metric] for s in shared]
             row["vs_reference"] = _mean_std(diffs) if diffs else None
+            row["paired_t"] = paired_t(diffs)
             if args.mcnemar and shared:
                 a = torch.cat([test_predictions(runs[s]) for s in shared])
                 b = torch.cat([test_predictions(ref[s]) for s in shared])
                 row["mcnemar"] = mcnemar(a, b)
         rows.append(row)
+    holm(rows)
     return rows
+
+
+def paired_t(diffs: list[float]) -> dict | None:
+    """Paired t over seeds of (method - reference): t and the one-sided p-values that the method is
+    better ("better") and that it is worse ("worse"); None below 2 seeds."""
+    from scipy import stats
+
+    if len(diffs) < 2:
+        return None
+    if statistics.pstdev(diffs) == 0:  # identical runs: no evidence either way
+        return {"t": 0.0, "better": 1.0, "worse": 1.0, "n": len(diffs)}
+    t = stats.ttest_1samp(diffs, 0.0, alternative="greater")
+    return {"t": float(t.statistic), "better": float(t.pvalue), "worse": float(1 - t.pvalue), "n": len(diffs)}
+
+
+def holm(rows: list[dict]) -> None:
+    """Holm's step-down correction of each method's one-sided p-values over its cells (model x
+    budget), in place: row["paired_t"]["better_holm"] / ["worse_holm"]."""
+    by_method: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("paired_t"):
+            by_method.setdefault(r["method"], []).append(r)
+    for cells in by_method.values():
+        for side in ("better", "worse"):
+            ordered = sorted(cells, key=lambda r: r["paired_t"][side])
+            running = 0.0
+            for i, r in enumerate(ordered):
+                running = max(running, min(1.0, (len(ordered) - i) * r["paired_t"][side]))
+                r["paired_t"][f"{side}_holm"] = running
 
 
 def table(rows: list[dict], reference: str = REFERENCE, metric: str = "test_acc") -> str:
     label = {"test_acc": "test acc", "val_acc": "validation acc (selected epoch)"}[metric]
     lines = [f"| model | budget (MACs) | method | {label} (mean ± std) | compact MACs | compact params | "
              f"Δ vs {reference} (paired by seed, mean ± std) | McNemar vs {reference} (only this right / only "
-             f"{reference} right, p) | seeds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"{reference} right, p) | paired t: one-sided p better / worse (Holm over cells) | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["model"], -(r["budget"] or 2), r["method"])):
         acc, macs, params = r["test_acc"], r["macs"], r["params"]
         budget = "dense" if r["budget"] is None else f"{r['budget']:.0%}"
@@ -189,8 +220,15 @@ def table(rows: list[dict], reference: str = REFERENCE, metric: str = "test_acc"
             f"| {r['model']} | {budget} | "
             f"{r['method']} | {acc[0]:.4f} ± {acc[1]:.4f} | {r['macs_abs']:,.0f} ({macs[0]:.3f}) | "
             f"{r['params_abs']:,.0f} ({params[0]:.3f}) | {'' if not vs else f'{vs[0]:+.4f} ± {vs[1]:.4f}'} | "
-            f"{'' if not mc else f'{mc[0]} / {mc[1]}, p={mc[2]:.3g}'} | {len(r['seeds'])} |")
+            f"{'' if not mc else f'{mc[0]} / {mc[1]}, p={mc[2]:.3g}'} | {_t_cell(r.get('paired_t'))} | {len(r['seeds'])} |")
     return "\n".join(lines)
+
+
+def _t_cell(t: dict | None) -> str:
+    if not t:
+        return ""
+    return (f"t={t['t']:+.2f}: {t['better']:.3g} / {t['worse']:.3g} "
+            f"({t.get('better_holm', t['better']):.3g} / {t.get('worse_holm', t['worse']):.3g})")
 
 
 def main(argv: list[str] | None = None) -> dict:

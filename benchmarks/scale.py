@@ -6,7 +6,7 @@ reads; its parameters; the bytes each phase all-reduces per step under DDP (the 
 and the peak memory of each variant's steps, each in a fresh process (--memory-only: that alone).
 
     uv run python benchmarks/scale.py [--models lenet5 resnet20 resnet56 resnet50 vit_tiny] [--batch 32]
-        [--threads 2] [--rounds 8] [--steps 3] [--memory-only] [--out F]
+        [--threads 2] [--rounds 8] [--steps 3] [--memory-only] [--switch-set KEY=VALUE ...] [--out F]
 
 Models run on Fashion-MNIST's shape padded to 3x32x32 (CIFAR's), so the ResNets use their CIFAR stems.
 """
@@ -39,7 +39,7 @@ from distswitch.schedule import Phase
 model, method, batch, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(threads)
 _, engine, _ = engine_for("%s", ["train.device=cpu", f"model.name={model}", "data.channels=3", "data.image_size=32",
-                                  f"method={method}", "train.channels_last=false"], loaders=False)
+                                  f"method={method}", "train.channels_last=false", *sys.argv[5:]], loaders=False)
 x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
@@ -54,20 +54,21 @@ def _bytes(params) -> int:
     return sum(p.numel() * p.element_size() for p in params if p.requires_grad)
 
 
-def peaks(model: str, batch: int) -> dict:
+def peaks(model: str, batch: int, switch_set: tuple[str, ...] = ()) -> dict:
     out = {}
     for method in ("dense", "switch"):
-        proc = subprocess.run([sys.executable, "-c", _PEAK, model, method, str(batch), str(torch.get_num_threads())],
+        extra = list(switch_set) if method == "switch" else []
+        proc = subprocess.run([sys.executable, "-c", _PEAK, model, method, str(batch), str(torch.get_num_threads()), *extra],
                               capture_output=True, text=True, check=True)
         out[method] = json.loads(proc.stdout.splitlines()[-1])["peak_mb"]
     return out
 
 
-def measure(model: str, batch: int, rounds: int, steps: int) -> dict:
+def measure(model: str, batch: int, rounds: int, steps: int, switch_set: tuple[str, ...] = ()) -> dict:
     shape = [f"model.name={model}", "data.channels=3", "data.image_size=32", "train.device=cpu",
              "train.channels_last=false"]
     _, dense, _ = engine_for(CONFIG, [*shape, "method=dense"], loaders=False)
-    cfg, switch, _ = engine_for(CONFIG, [*shape, "method=switch"], loaders=False)
+    cfg, switch, _ = engine_for(CONFIG, [*shape, "method=switch", *switch_set], loaders=False)
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(batch, 3, 32, 32, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
 
@@ -91,10 +92,11 @@ def measure(model: str, batch: int, rounds: int, steps: int) -> dict:
             ms[name].append((time.perf_counter() - start) / steps * 1e3)
     median = {k: statistics.median(v) for k, v in ms.items()}
     k = cfg.schedule.update_ratio
-    per_step = (k * median["switch TNN step"] + median["switch SNN step"]) / ((k + 1) * median["dense step"])
+    tnn_steps = k + 1 if cfg.schedule.snn_steps == "extra" else k  # per k + 1 batches
+    per_step = (tnn_steps * median["switch TNN step"] + median["switch SNN step"]) / ((k + 1) * median["dense step"])
     specs = switch.gates.specs
     row = {
-        "batch": batch, "update_ratio": k, "median_ms": median, "ms": ms,
+        "batch": batch, "update_ratio": k, "switch_overrides": list(switch_set), "median_ms": median, "ms": ms,
         "switch_over_dense_per_training_step": per_step,
         "groups": len(specs), "units": sum(s.units for s in specs),
         "weights_read": sum(v.incoming.numel() + (v.fan_out * v.incoming.shape[0] if v.has_outgoing else 0)
@@ -103,7 +105,7 @@ def measure(model: str, batch: int, rounds: int, steps: int) -> dict:
         "switcher_parameters": sum(p.numel() for p in switch.source.parameters()),
         "allreduce_bytes_per_step": {"tnn": _bytes(switch.tnn.parameters()), "snn": _bytes(switch.source.parameters())},
     }
-    row["peak_mb"] = peaks(model, batch)
+    row["peak_mb"] = peaks(model, batch, switch_set)
     return row
 
 
@@ -115,6 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3, help="steps per timed block")
     parser.add_argument("--memory-only", action="store_true", help="only the peak memory of each variant's steps")
+    parser.add_argument("--switch-set", nargs="*", default=[],
+                        help="overrides for the switch variant, e.g. switcher.arch=graph budget.fraction=0.5 "
+                             "schedule.finetune_epochs=1 switcher.gate=hard (steps of epoch 0: before any cut)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -125,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         return result
     rows = {}
     for model in args.models:
-        rows[model] = r = measure(model, args.batch, args.rounds, args.steps)
+        rows[model] = r = measure(model, args.batch, args.rounds, args.steps, tuple(args.switch_set))
         m = r["median_ms"]
         print(f"{model:10s} {r['groups']:3d} groups {r['units']:6d} units  dense {m['dense step']:8.1f} ms  "
               f"TNN {m['switch TNN step']:8.1f}  SNN {m['switch SNN step']:8.1f}  switcher {m['switcher forward (no grad)']:6.1f}  "

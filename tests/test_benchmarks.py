@@ -169,3 +169,26 @@ def test_pareto_benchmark_meets_each_budget_and_resumes_without_rerunning(tmp_pa
     assert "| mlp | 15% | switch |" in (out / "pareto.md").read_text()
     again = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "[pareto] mlp-switch-b0.5-s0: train" not in again.stdout  # resumed, not rerun
+
+
+def _pareto():
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        import pareto
+    finally:
+        sys.path.pop(0)
+    return pareto
+
+
+def test_the_paired_t_test_gives_the_textbook_one_sided_p():
+    # diffs 1, 2, 3: mean 2, sd 1, t = 2 / (1 / sqrt 3) = 3.464 with 2 df; P(T > 3.464) = 0.0371.
+    t = _pareto().paired_t([0.01, 0.02, 0.03])
+    assert t["t"] == pytest.approx(3.4641, abs=1e-4)
+    assert t["better"] == pytest.approx(0.03709, abs=1e-4) and t["worse"] == pytest.approx(1 - 0.03709, abs=1e-4)
+
+
+def test_holm_multiplies_the_smallest_p_by_the_cell_count_and_keeps_the_adjusted_order():
+    rows = [{"method": "switch", "paired_t": {"better": p, "worse": 1 - p}} for p in (0.04, 0.01, 0.03)]
+    rows.append({"method": "magnitude", "paired_t": {"better": 0.02, "worse": 0.98}})
+    _pareto().holm(rows)
+    assert [r["paired_t"]["better_holm"] for r in rows] == pytest.approx([0.06, 0.03, 0.06, 0.02])
