@@ -47,6 +47,8 @@ VARIANTS = {
     "switch-ties": ["method=switch", "switcher.ties=score"],
     "switch-extra": ["method=switch", "schedule.snn_steps=extra"],
     "switch-fair": ["method=switch", "switcher.gate=hard", "switcher.ties=score", "schedule.snn_steps=extra"],
+    "switch-fair-rank": ["method=switch", "switcher.gate=hard", "switcher.ties=score", "schedule.snn_steps=extra",
+                         "switcher.allocation=rank"],
     # Issue 36's relational switcher (messages along the weights between units), alone and with the fair dynamics.
     "switch-graph": ["method=switch", "switcher.arch=graph"],
     "switch-fair-graph": ["method=switch", "switcher.arch=graph", "switcher.gate=hard", "switcher.ties=score",
@@ -55,6 +57,8 @@ VARIANTS = {
     "magnitude-group": ["method=magnitude", "prune.importance=group"],
     "magnitude-gradual-group": ["method=magnitude", "prune.schedule=gradual", "prune.importance=group"],
     "magnitude-gradual": ["method=magnitude", "prune.schedule=gradual"],
+    # The peer check: Torch-Pruning's own pruner (group-norm importance, global ranking), our fine-tuning.
+    "torch-pruning": ["method=torch-pruning"],
     "slimming": ["method=slimming"],
     "slimming-gradual": ["method=slimming", "prune.schedule=gradual"],
     # Sparse learning (train to be prunable): the same strength for every method.

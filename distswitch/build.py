@@ -70,6 +70,7 @@ def build(cfg: Config, info: DatasetInfo, steps_per_epoch: int, device: torch.de
     specs = find_gates(plain, cfg.model.gated, cfg.switcher.granularity, example, graph)
     gates = GateSet(tnn, specs, find_readers(plain, specs, example, graph))
     method = build_method(cfg, specs, steps_per_epoch, budget_cost_model(cfg, plain, specs, example, graph))
+    method.bind(tnn, lambda: dense_tnn(cfg, info), example)
     smallest = min(specs, key=lambda spec: spec.units, default=None)
     if method.source is not None and smallest is not None and cfg.switcher.min_kept > smallest.units:
         raise ConfigError(f"switcher.min_kept: got {cfg.switcher.min_kept}; layer {smallest.layer} has only "

@@ -182,8 +182,8 @@ def test_the_switcher_s_mask_is_rederived_each_epoch_so_a_cut_unit_can_come_back
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model, kind, methods", [
-    ("mlp", "macs", ["switch", "magnitude", "slimming"]),
-    ("mlp", "params", ["switch", "magnitude", "slimming"]),
+    ("mlp", "macs", ["switch", "magnitude", "slimming", "torch-pruning"]),
+    ("mlp", "params", ["switch", "magnitude", "slimming", "torch-pruning"]),
     ("lenet5", "macs", ["switch", "magnitude", "slimming"]),
 ])
 def test_every_method_s_exported_model_meets_the_budget_within_a_percent(tmp_path, model, kind, methods):
@@ -281,3 +281,26 @@ def test_tied_zero_factors_are_cut_by_the_switcher_s_score_with_ties_score_and_b
         top[torch.topk(score.detach(), int(mask.sum())).indices] = 1
         by_score.append(torch.equal(mask, top))
     assert all(by_score) == (ties == "score")
+
+
+def test_torch_pruning_s_pruner_removes_the_units_of_lowest_group_norm_within_the_budget():
+    cfg = make_config(model={"name": "mlp"}, method="torch-pruning", train={"epochs": 4}, prune={"finetune_epochs": 1},
+                      budget={"fraction": 0.5})
+    torch.manual_seed(0)
+    _, gates, method = build(cfg, FASHION_INFO, 10, torch.device("cpu"))
+    with torch.no_grad():  # units of very different sizes: the ranking is unambiguous
+        gates.model.fc1.weight.mul_(torch.linspace(0.1, 3.0, 300)[torch.randperm(300)][:, None])
+    masks = method.masks(gates.views(), 0.5)
+    spent = method.cost.evaluate_list([int(m.sum()) for m in masks]) / method.cost.dense
+    assert 0.49 <= spent <= 0.5
+    with torch.no_grad():
+        norms = (gates.model.fc1.weight.square().sum(1) + gates.model.fc1.bias.square()
+                 + gates.model.fc2.weight.square().sum(0)).sqrt()
+    kept, gone = norms[masks[0] == 1], norms[masks[0] == 0]
+    assert len(gone) > 0 and float(gone.max()) <= float(kept.min())
+
+
+def test_torch_pruning_without_a_budget_is_refused_in_one_line():
+    cfg = make_config(model={"name": "mlp"}, method="torch-pruning")
+    with pytest.raises(ConfigError, match="torch-pruning needs budget.fraction"):
+        build(cfg, FASHION_INFO, 10, torch.device("cpu"))

@@ -65,6 +65,10 @@ class Method:
             return cut_to_widths(scores, [min(int(widths[s.layer]), s.units) for s in self.specs])
         return cut_to_budget(self.cost, scores, fraction, min_units(self.cfg, self.specs))
 
+    def bind(self, tnn: nn.Module, fresh: Callable[[], nn.Module], example: torch.Tensor) -> None:
+        """The network itself, for a method that needs more than its weights' views (Torch-Pruning's
+        pruner): the gated TNN, a maker of fresh ungated copies of it, and an input example."""
+
     def phase_at(self, epoch: int, step: int) -> Phase:
         return Phase.TNN
 

@@ -1,15 +1,20 @@
 """Baselines under the same engine: dense; magnitude pruning (Han et al. 2015, here per neuron:
 lowest weight-norm units, the same fraction of each layer); network slimming (Liu et al. 2017: L1
-on per-channel scales, one global ranking). Both prune once, `prune.finetune_epochs` before the end,
-to the budget when one is set (`distswitch.cost.cut_to_budget`), then fine-tune."""
+on per-channel scales, one global ranking); and Torch-Pruning's own pruner (DepGraph, Fang et al.
+2023: group-norm importance, one global ranking), as a peer check of ours. Each prunes once,
+`prune.finetune_epochs` before the end, to the budget when one is set (`distswitch.cost.cut_to_budget`;
+Torch-Pruning: its pruner's steps until the budget is met), then fine-tunes."""
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
+import torch_pruning as tp
+from torch import nn
 
-from distswitch.config import Config
+from distswitch.config import Config, ConfigError
 from distswitch.cost import CostModel, scheduled_fraction
 from distswitch.gates import GateSpec, UnitWeights
 from distswitch.methods.base import METHODS, FixedFactors, Method, budget_cost, keep_top, rank_fraction
@@ -119,3 +124,67 @@ class Slimming(_PruneOnce):
                 m = keep_top(s, 1)
             out.append(m)
         return out
+
+
+@METHODS.register("torch-pruning")
+class TorchPruning(Magnitude):
+    """Torch-Pruning's MetaPruner with its group-norm importance (`GroupMagnitudeImportance(p=2)`,
+    DepGraph's default) and global ranking, run on a copy of the TNN in small steps until the
+    budget's cost is met (then the last-removed units that fit come back, as in our cut); the
+    channels it removed become this run's masks, so the fine-tuning, the export and the counts are
+    ours. Needs a budget; `prune.schedule: gradual` runs the pruner
+    afresh at each cut of the ramp. Convolutional and FC unit groups only (no attention heads)."""
+
+    STEPS = 200  # pruner steps (each ~0.5% of the channels) to 1 - budget.min_width
+
+    def __init__(self, cfg: Config, specs: list[GateSpec], steps_per_epoch: int, cost: CostModel | None = None) -> None:
+        if cfg.budget.fraction is None or cfg.switcher.granularity != "neuron":
+            raise ConfigError("method: torch-pruning needs budget.fraction and switcher.granularity=neuron")
+        if any(s.heads_of for s in specs):
+            raise ConfigError("method: torch-pruning does not prune attention heads here; use magnitude")
+        super().__init__(cfg, specs, steps_per_epoch, cost)
+        self.network: tuple[nn.Module, Callable[[], nn.Module], torch.Tensor] | None = None
+
+    def bind(self, tnn: nn.Module, fresh: Callable[[], nn.Module], example: torch.Tensor) -> None:
+        self.network = (tnn, fresh, example)
+
+    def masks(self, views, fraction):
+        tnn, fresh, example = self.network
+        model = fresh()  # ungated, on the CPU: the TNN's weights without its gates' hooks
+        model.load_state_dict({k: v.detach().cpu() for k, v in tnn.state_dict().items()})
+        modules = dict(model.named_modules())
+        roots = {id(modules[name]): k for k, s in enumerate(self.specs) for name, _ in s.members}
+        gated = set(roots)
+        ignored = [m for m in modules.values() if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in gated]
+        pruner = tp.pruner.MetaPruner(
+            model, example, importance=tp.importance.GroupMagnitudeImportance(p=2), global_pruning=True,
+            pruning_ratio=1 - self.cfg.budget.min_width, max_pruning_ratio=1 - self.cfg.budget.min_width,
+            iterative_steps=self.STEPS, ignored_layers=ignored)
+        left = [list(range(s.units)) for s in self.specs]  # original indices still in each group
+        removed: list[tuple[int, int]] = []  # (group, original index) in the pruner's order
+        target = fraction * self.cost.dense
+        for _ in range(self.STEPS):
+            if self.cost.evaluate_list([len(x) for x in left]) <= target + 1e-9:
+                break
+            for group in pruner.step(interactive=True):
+                item = next((i for i in group if id(i.dep.target.module) in roots and i.dep.handler in _OUT), None)
+                if item is not None:  # positions in the pruned copy's layer: map them back to the originals
+                    k, gone = roots[id(item.dep.target.module)], set(item.idxs)
+                    removed += [(k, u) for i, u in enumerate(left[k]) if i in gone]
+                    left[k] = [u for i, u in enumerate(left[k]) if i not in gone]
+                group.prune()
+        # The last step may remove a costly unit (a conv channel) and land well under the budget: the
+        # units removed last (the pruner's most important among them) come back while they fit.
+        for k, u in reversed(removed):
+            counts = [len(x) + (j == k) for j, x in enumerate(left)]
+            if self.cost.evaluate_list(counts) <= target + 1e-9:
+                left[k].append(u)
+        masks = []
+        for s, kept, v in zip(self.specs, left, views):
+            m = torch.zeros(s.units, device=v.incoming.device)
+            m[kept] = 1.0
+            masks.append(m)
+        return masks
+
+
+_OUT = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
