@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from distswitch.config import Config, ConfigError
+from distswitch import model_registry as registry
 from distswitch.io import atomic_path
 from distswitch.signals import stop_signal
 from distswitch.summary import width_label
@@ -258,11 +259,15 @@ def finish_run(uri: str, run_id: str, out_dir: Path, summary: dict) -> None:
     model = load_compact(out_dir / "model.pt")
     arch = json.loads((out_dir / "model.arch.json").read_text())
     example = torch.zeros(2, arch["in_channels"], arch["image_size"], arch["image_size"]).numpy()
+    register = summary["config"]["tracking"].get("register")
     with global_tracking_uri(uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
         # pt2 (torch.export): loading it runs no pickle, so needs none of our classes. MLflow's
-        # default, except on Databricks: said explicitly.
-        mlflow.pytorch.log_model(model, name="model", input_example=example, serialization_format="pt2",
-                                 conda_env=model_env())
+        # default, except on Databricks: said explicitly. The signature comes from the example.
+        info = mlflow.pytorch.log_model(model, name="model", input_example=example, serialization_format="pt2",
+                                        conda_env=model_env(), registered_model_name=register,
+                                        extra_files=[str(out_dir / "model.arch.json")])
+    if register:
+        registry.register(client, register, str(info.registered_model_version), summary)
     client.set_terminated(run_id, "FINISHED")
 
 

@@ -18,7 +18,7 @@ LEVELS = [
     {"gates"},
     {"switcher", "schedule", "cost", "counting"},
     {"methods", "parallel"},
-    {"engine", "export"},
+    {"engine", "export", "model_registry"},
     {"build", "checkpoint", "summary", "tracking"},  # what the worker and the driver both need
     {"artifacts", "compare"},
     {"worker", "driver"},  # siblings: neither imports the other (below)

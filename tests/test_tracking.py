@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -220,3 +221,76 @@ def test_marking_a_run_failed_in_a_store_that_is_gone_only_warns(tmp_path, capsy
 
     fail_run("http://127.0.0.1:9", "abc", RuntimeError("the real error"))  # port 9: nothing listens
     assert "could not mark MLflow run abc failed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["fashion-lenet5", "a b", "", " ", "a/b", "a:b", "..", ".", "a//b", "./a", "../a", "a/"])
+def test_a_registered_model_name_is_refused_exactly_when_mlflow_would_refuse_it(name):
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_name
+
+    try:
+        _validate_model_name(name)
+        mlflow_ok = True
+    except MlflowException:
+        mlflow_ok = False
+    if mlflow_ok:
+        assert make_config(tracking={"register": name}).tracking.register == name
+    else:
+        with pytest.raises(ConfigError, match="tracking.register"):
+            make_config(tracking={"register": name})
+
+
+@pytest.mark.slow
+def test_registered_versions_carry_their_tags_and_best_loads_in_a_fresh_process_as_model_pt(tmp_path, mlflow_store):
+    import json
+    import sys
+
+    import torch
+
+    from distswitch.tracking import finish_run
+    from distswitch.worker import train
+
+    summaries = {}
+    for seed in (0, 1):
+        cfg = load_config(REPO_ROOT / "configs/fashion_mlp.yaml", [
+            "train.progress=false", "train.device=cpu", "train.epochs=3", "schedule.warmup_epochs=1",
+            "schedule.finetune_epochs=1", "prune.finetune_epochs=1", "data.train_limit=2000", "data.val_size=500",
+            "data.loader=torch", "distributed.num_workers=1", "tracking.enabled=false", f"train.seed={seed}",
+            "tracking.register=fashion-mlp-macs50", f"out_dir={tmp_path / f'run{seed}'}"])
+        summary = train(cfg)
+        uri, run_id = open_run(cfg, f"registry/{seed}")
+        finish_run(uri, run_id, tmp_path / f"run{seed}", summary)
+        summaries[seed] = summary
+    client = MlflowClient(mlflow_store)
+    versions = {str(v.version): v for v in client.search_model_versions("name = 'fashion-mlp-macs50'")}
+    assert sorted(versions) == ["1", "2"]
+    for version, seed in (("1", 0), ("2", 1)):
+        tags = versions[version].tags
+        assert tags["method"] == "switch" and tags["budget"] == "macs:0.5" and tags["meets_budget"] == "true"
+        assert float(tags["val_acc"]) == pytest.approx(summaries[seed]["val_acc"], abs=1e-6)
+        assert int(tags["compact_macs"]) == summaries[seed]["compact"]["macs"]
+        assert tags["git_commit"] == (summaries[seed]["git_sha"] or "unknown")
+    best_seed = max((0, 1), key=lambda s: (summaries[s]["val_acc"], s))
+    assert str(client.get_model_version_by_alias("fashion-mlp-macs50", "best").version) == str(best_seed + 1)
+    import mlflow
+
+    from distswitch.tracking import global_tracking_uri
+
+    with global_tracking_uri(mlflow_store):
+        info = mlflow.models.get_model_info("models:/fashion-mlp-macs50@best")
+        files = Path(mlflow.artifacts.download_artifacts("models:/fashion-mlp-macs50@best", dst_path=str(tmp_path / "dl")))
+    assert info.signature is not None and info.saved_input_example_info is not None
+    assert [p.name for p in files.rglob("model.arch.json")] == ["model.arch.json"]
+    # A fresh process with plain MLflow (no distswitch import) gets the same outputs as model.pt.
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    torch.save(x, tmp_path / "x.pt")
+    script = ("import sys, mlflow, torch; x = torch.load(sys.argv[1]); "
+              "m = mlflow.pytorch.load_model('models:/fashion-mlp-macs50@best'); "
+              "torch.save(m(x).detach(), sys.argv[2])")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "x.pt"), str(tmp_path / "y.pt")], check=True,
+                   env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}, timeout=300)
+    from distswitch.export import load_compact
+
+    expected = load_compact(tmp_path / f"run{best_seed}" / "model.pt")(x)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected.detach())
+    assert json.loads((tmp_path / f"run{best_seed}" / "summary.json").read_text())["val_acc"] == summaries[best_seed]["val_acc"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import posixpath
 from typing import Any
 
 from distswitch.config.coerce import ConfigError, set_dotted
@@ -37,6 +38,14 @@ def resolve_epoch_shares(cfg):
     return cfg
 
 
+def registered_name_ok(name: str) -> bool:
+    """MLflow's rule for a registered model's name (mlflow.utils.validation._validate_model_name),
+    checked before a run starts rather than when its model is logged."""
+    norm = posixpath.normpath(name)
+    return bool(name.strip()) and "/" not in name and ":" not in name and norm == name and norm != "." \
+        and not norm.startswith("..")
+
+
 def check_values(cfg) -> None:
     def require(ok: bool, key: str, value: Any, allowed: str) -> None:
         if not ok:
@@ -44,6 +53,9 @@ def check_values(cfg) -> None:
 
     require(cfg.switcher.width > 0, "switcher.width", cfg.switcher.width, "a positive integer")
     require(cfg.switcher.rounds >= 0, "switcher.rounds", cfg.switcher.rounds, "an integer >= 0")
+    name = cfg.tracking.register
+    require(name is None or registered_name_ok(name), "tracking.register", name,
+            "null or a name MLflow's registry accepts (not empty, no '/' or ':', not a path such as '..')")
     require(cfg.switcher.l1 >= 0 and math.isfinite(cfg.switcher.l1), "switcher.l1", cfg.switcher.l1, ">= 0")
     init = cfg.switcher.init_factor
     require(math.isfinite(init) and init > 0, "switcher.init_factor", init, "a finite number > 0")

@@ -228,6 +228,9 @@ class TrackingConfig:
     # without a file: runs of one config compare in one experiment.
     experiment: Union[str, None] = None
     run_name: Union[str, None] = None  # null = out_dir's name
+    # A registered model's name: each run's compact model becomes a version of it, and the alias
+    # `best` its best version (validation accuracy) at the same budget. null = not registered.
+    register: Union[str, None] = None
 
 
 @dataclass(frozen=True)
