@@ -51,18 +51,10 @@ def check_values(cfg) -> None:
         if not ok:
             raise ConfigError(f"{key}: got {value!r}; must be {allowed}")
 
-    require(cfg.switcher.width > 0, "switcher.width", cfg.switcher.width, "a positive integer")
-    require(cfg.switcher.rounds >= 0, "switcher.rounds", cfg.switcher.rounds, "an integer >= 0")
+    _check_switcher(cfg, require)
     name = cfg.tracking.register
     require(name is None or registered_name_ok(name), "tracking.register", name,
             "null or a name MLflow's registry accepts (not empty, no '/' or ':', not a path such as '..')")
-    require(cfg.switcher.l1 >= 0 and math.isfinite(cfg.switcher.l1), "switcher.l1", cfg.switcher.l1, ">= 0")
-    init = cfg.switcher.init_factor
-    require(math.isfinite(init) and init > 0, "switcher.init_factor", init, "a finite number > 0")
-    require(cfg.switcher.min_kept >= 0, "switcher.min_kept", cfg.switcher.min_kept, "an integer >= 0")
-    target = cfg.switcher.target_kept
-    require(target is None or 0 < target < 1, "switcher.target_kept", target, "null or in (0, 1)")
-    require(target is None or cfg.switcher.l1 > 0, "switcher.target_kept", target, "null unless switcher.l1 > 0")
     ratio = cfg.schedule.update_ratio
     require(ratio == "epoch" or ratio >= 1, "schedule.update_ratio", ratio, "an integer >= 1 or 'epoch'")
     require(cfg.schedule.warmup_epochs >= 0, "schedule.warmup_epochs", cfg.schedule.warmup_epochs, ">= 0")
@@ -108,6 +100,18 @@ def check_values(cfg) -> None:
             cfg.prune.finetune_epochs,
             f"in [1, train.epochs) = [1, {cfg.train.epochs}), or a share of train.epochs such as 0.2",
         )
+
+
+def _check_switcher(cfg, require) -> None:
+    sw = cfg.switcher
+    require(sw.width > 0, "switcher.width", sw.width, "a positive integer")
+    require(sw.rounds >= 0, "switcher.rounds", sw.rounds, "an integer >= 0")
+    require(sw.l1 >= 0 and math.isfinite(sw.l1), "switcher.l1", sw.l1, ">= 0")
+    require(math.isfinite(sw.init_factor) and sw.init_factor > 0, "switcher.init_factor", sw.init_factor,
+            "a finite number > 0")
+    require(sw.min_kept >= 0, "switcher.min_kept", sw.min_kept, "an integer >= 0")
+    require(sw.target_kept is None or 0 < sw.target_kept < 1, "switcher.target_kept", sw.target_kept, "null or in (0, 1)")
+    require(sw.target_kept is None or sw.l1 > 0, "switcher.target_kept", sw.target_kept, "null unless switcher.l1 > 0")
 
 
 def _check_budget(cfg, require) -> None:
