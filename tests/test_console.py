@@ -17,7 +17,12 @@ import pytest
 
 from conftest import DEFAULT_CONFIG, REPO_ROOT
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _tmux():
+    assert shutil.which("tmux"), "tmux is missing: `make setup` installs it"
 
 BIN = Path(sys.executable).parent
 EPOCHS = 3
