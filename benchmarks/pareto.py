@@ -158,9 +158,10 @@ def aggregate(results: dict, args) -> list[dict]:
     rows = []
     for (model, variant, budget), runs in results.items():
         acc = [r[args.metric] for r in runs.values()]
+        test = [r["test_acc"] for r in runs.values()]
         macs = [r["compact"]["macs"] / r["dense"]["macs"] for r in runs.values()]
         params = [r["compact"]["params"] / r["dense"]["params"] for r in runs.values()]
-        row = {"model": model, "method": variant, "budget": budget, "seeds": sorted(runs), "test_acc": _mean_std(acc),
+        row = {"model": model, "method": variant, "budget": budget, "seeds": sorted(runs), "acc": _mean_std(acc), "test_acc": _mean_std(test),
                "macs": _mean_std(macs), "params": _mean_std(params), "macs_abs": statistics.fmean(r["compact"]["macs"] for r in runs.values()),
                "params_abs": statistics.fmean(r["compact"]["params"] for r in runs.values()),
                "budget_error": max((abs(m - budget) for m in (macs if args.kind == "macs" else params)), default=0.0)
@@ -210,13 +211,17 @@ def holm(rows: list[dict]) -> None:
 
 
 def table(rows: list[dict], reference: str = REFERENCE, metric: str = "test_acc") -> str:
+    """Markdown: `metric` per row (mean ± std over seeds), paired against `reference`; the McNemar
+    column only where a row has one."""
     label = {"test_acc": "test acc", "val_acc": "validation acc (selected epoch)"}[metric]
+    mcnemar = any("mcnemar" in r for r in rows)
+    head = f" McNemar vs {reference} (only this right / only {reference} right, p) |" if mcnemar else ""
     lines = [f"| model | budget (MACs) | method | {label} (mean ± std) | compact MACs | compact params | "
-             f"Δ vs {reference} (paired by seed, mean ± std) | McNemar vs {reference} (only this right / only "
-             f"{reference} right, p) | paired t: one-sided p better / worse (Holm over cells) | seeds |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"Δ vs {reference} (paired by seed, mean ± std) |{head} paired t: one-sided p better / worse "
+             "(Holm over cells) | seeds |",
+             "|---" * (9 + mcnemar) + "|"]
     for r in sorted(rows, key=lambda r: (r["model"], -(r["budget"] or 2), r["method"])):
-        acc, macs, params = r["test_acc"], r["macs"], r["params"]
+        acc, macs, params = r["acc"], r["macs"], r["params"]
         budget = "dense" if r["budget"] is None else f"{r['budget']:.0%}"
         vs = r.get("vs_reference")
         mc = r.get("mcnemar")
@@ -224,7 +229,8 @@ def table(rows: list[dict], reference: str = REFERENCE, metric: str = "test_acc"
             f"| {r['model']} | {budget} | "
             f"{r['method']} | {acc[0]:.4f} ± {acc[1]:.4f} | {r['macs_abs']:,.0f} ({macs[0]:.3f}) | "
             f"{r['params_abs']:,.0f} ({params[0]:.3f}) | {'' if not vs else f'{vs[0]:+.4f} ± {vs[1]:.4f}'} | "
-            f"{'' if not mc else f'{mc[0]} / {mc[1]}, p={mc[2]:.3g}'} | {_t_cell(r.get('paired_t'))} | {len(r['seeds'])} |")
+            + (f"{'' if not mc else f'{mc[0]} / {mc[1]}, p={mc[2]:.3g}'} | " if mcnemar else "")
+            + f"{_t_cell(r.get('paired_t'))} | {len(r['seeds'])} |")
     return "\n".join(lines)
 
 
@@ -279,6 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
                     diagnose(model, budget, seed, results, args, out)
     rows = aggregate(results, args)
     report = {"protocol": protocol(args), "args": vars(args), "rows": rows}
+    out.mkdir(parents=True, exist_ok=True)
     (out / "pareto.json").write_text(json.dumps(report, indent=1, default=str))
     text = table(rows, args.reference, args.metric)
     (out / "pareto.md").write_text(text + "\n")
