@@ -9,7 +9,7 @@ UV = $(shell command -v uv 2>/dev/null || { test -x "$$HOME/.local/bin/uv" && ec
 CONFIG ?= configs/fashion_lenet5.yaml
 ARGS ?=
 
-.PHONY: setup data train test test-fast bench bench-gpu gpu-check bench-pareto bench-data bench-startup bench-table ui head head-stop clean
+.PHONY: setup data train test test-fast bench bench-gpu gpu-check bench-pareto results bench-data bench-startup bench-table ui head head-stop clean
 
 ## setup: Debian packages (FFCV's build needs, offline Fashion-MNIST), uv, then the locked venv.
 setup:
@@ -55,6 +55,13 @@ bench: data bench-data
 ## bench-pareto: accuracy vs MACs, MLP and LeNet5, budgets 70/50/30/15%, 3 seeds, into outputs/pareto (hours on 2 cores; resumable)
 bench-pareto: setup
 	$(BENCH)/pareto.py --out outputs/pareto --figure docs/pareto.png
+
+## results: issue 36's tables, from the committed run summaries in benchmarks/results/issue36 alone (runs nothing)
+RECORDS := --record benchmarks/results/issue36 --report-only --no-mcnemar --reference magnitude-gradual
+SELECTION := switch switch-hard switch-ties switch-extra switch-fair switch-fair-rank switch-fair-graph magnitude-gradual magnitude-gradual-group
+results: setup
+	$(BENCH)/pareto.py --out outputs/results/mlp-selection $(RECORDS) --models mlp --budgets 0.3 0.15 --metric val_acc --methods $(SELECTION)
+	$(BENCH)/pareto.py --out outputs/results/lenet5-selection $(RECORDS) --models lenet5 --budgets 0.3 0.15 --metric val_acc --methods $(SELECTION)
 
 ## bench-gpu: on a GPU host, ResNet18 32x32 bf16 images/s and MFU, dense and switch, compiled
 bench-gpu: data

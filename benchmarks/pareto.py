@@ -103,7 +103,7 @@ def run_one(model: str, variant: str, budget: float | None, seed: int, args, out
     if record is not None:  # results as data: committed, a sweep resumes from them on any machine
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(summary.read_text())
-    print(f"[pareto] {name}: test {result['test_acc']:.4f} macs {result['compact']['macs'] / result['dense']['macs']:.4f} "
+    print(f"[pareto] {name}: val {result['val_acc']:.4f} macs {result['compact']['macs'] / result['dense']['macs']:.4f} "
           f"({time.perf_counter() - start:.0f} s)", flush=True)
     return result
 
