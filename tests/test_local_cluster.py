@@ -49,3 +49,19 @@ def test_ray_2_60s_internal_servers_still_listen_beyond_loopback(local_cluster):
     _, listening = local_cluster
     exposed = {name for ip, _, name in listening if ip not in ("127.0.0.1", "::1")}
     assert {"gcs_server", "raylet"} <= exposed, sorted(listening)
+
+
+def test_every_process_of_the_cluster_asks_its_own_dashboard_and_the_driver_s_environment_is_unchanged(local_cluster):
+    # Ray's state API would otherwise auto-detect a cluster, and fail when two run on the machine.
+    import os
+
+    import ray
+
+    url, _ = local_cluster
+
+    @ray.remote(num_cpus=0)
+    def api_server() -> str | None:
+        return os.environ.get("RAY_API_SERVER_ADDRESS")
+
+    assert ray.get(api_server.remote()) == f"http://{url}"
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ

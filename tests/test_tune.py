@@ -165,3 +165,28 @@ def test_a_trial_that_ends_without_closing_its_run_is_closed_killed(tmp_path):
     assert client.get_run(child).info.status == "KILLED"
     assert client.get_run(done).info.status == "FINISHED"  # a closed run is left as it is
     assert client.get_run(parent).info.status == "RUNNING"
+
+
+@pytest.mark.slow
+def test_a_search_and_a_training_started_together_on_one_machine_both_finish(tmp_path):
+    # Each starts its own local cluster; Train's placement-group cleaner used to find both by
+    # auto-detection ("Found multiple active Ray instances") and the search's next trial never started.
+    quick = ["train.epochs=2", "schedule.warmup_epochs=0", "schedule.finetune_epochs=0", "budget.fraction=null",
+             "data.train_limit=512", "distributed.num_workers=1", "train.progress=false"]
+    search = subprocess.Popen([sys.executable, "-m", "distswitch.cli", "tune", str(DEFAULT_CONFIG), *quick,
+                               f"out_dir={tmp_path / 'search'}", "tune.num_samples=1",
+                               "tune.space={optim.tnn.lr: {grid: [0.05, 0.02, 0.01]}}"],
+                              cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(15)
+    train = subprocess.run([sys.executable, "-m", "distswitch.cli", "train", str(DEFAULT_CONFIG), *quick,
+                            f"out_dir={tmp_path / 'train'}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    try:
+        out, _ = search.communicate(timeout=600)
+    finally:
+        if search.poll() is None:
+            search.kill()
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    assert search.returncode == 0, out[-3000:]
+    assert "multiple active Ray instances" not in out + train.stdout + train.stderr
+    summary = json.loads((tmp_path / "search" / "tune_summary.json").read_text())
+    assert len(summary["trials"]) == 3

@@ -111,18 +111,42 @@ def _init(ray, cfg: Config) -> None:
         return
     for key, value in LOCAL_CLUSTER_ENV.items():
         os.environ.setdefault(key, value)
-    ray.init(
-        address="local",  # a new cluster even when another one runs on this machine
-        num_cpus=cfg.distributed.local_cpus or os.cpu_count(),
-        # The dashboard serves the state API that Train's placement-group cleaner polls (without it
-        # the cleaner warns every second); loopback only.
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        _node_ip_address="127.0.0.1",
-        # Idle workers prestarted for tasks we never run only compete with Train's actors for CPU.
-        _system_config={"enable_worker_prestart": False},
-        logging_level="WARNING",
-    )
+    # Ray's state API (Train's placement-group cleaner polls it from inside the cluster) finds its
+    # cluster by auto-detection, which fails ("Found multiple active Ray instances") while another
+    # local cluster runs on the machine, e.g. a search beside a quick train. So this cluster's
+    # dashboard gets a port chosen here, and every process the cluster starts inherits its address
+    # (only those: the driver's own environment is put back after the start).
+    port = _free_port()
+    before = os.environ.get(API_SERVER_ENV)
+    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    try:
+        ray.init(
+            address="local",  # a new cluster even when another one runs on this machine
+            num_cpus=cfg.distributed.local_cpus or os.cpu_count(),
+            # The dashboard serves the state API that Train's placement-group cleaner polls (without
+            # it the cleaner warns every second); loopback only.
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            _node_ip_address="127.0.0.1",
+            # Idle workers prestarted for tasks we never run only compete with Train's actors for CPU.
+            _system_config={"enable_worker_prestart": False},
+            logging_level="WARNING",
+        )
+    finally:
+        if before is None:
+            os.environ.pop(API_SERVER_ENV, None)
+        else:
+            os.environ[API_SERVER_ENV] = before
+
+
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # read before RAY_ADDRESS by Ray's state API client
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def check_resources(ray, cfg: Config) -> None:
