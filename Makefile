@@ -57,11 +57,14 @@ bench-pareto: setup
 	$(BENCH)/pareto.py --out outputs/pareto --figure docs/pareto.png
 
 ## results: issue 36's tables, from the committed run summaries in benchmarks/results/issue36 alone (runs nothing)
-RECORDS := --record benchmarks/results/issue36 --report-only --no-mcnemar --reference magnitude-gradual
+RECORDS := $(BENCH)/pareto.py --record benchmarks/results/issue36 --report-only --no-mcnemar
 SELECTION := switch switch-hard switch-ties switch-extra switch-fair switch-fair-rank switch-fair-graph magnitude-gradual magnitude-gradual-group
+CONFIRMATION := switch-fair-rank magnitude-gradual magnitude-gradual-group torch-pruning
 results: setup
-	$(BENCH)/pareto.py --out outputs/results/mlp-selection $(RECORDS) --models mlp --budgets 0.3 0.15 --metric val_acc --methods $(SELECTION)
-	$(BENCH)/pareto.py --out outputs/results/lenet5-selection $(RECORDS) --models lenet5 --budgets 0.3 0.15 --metric val_acc --methods $(SELECTION)
+	$(RECORDS) --out outputs/results/mlp-selection --models mlp --budgets 0.3 0.15 --metric val_acc --reference magnitude-gradual --methods $(SELECTION)
+	$(RECORDS) --out outputs/results/lenet5-selection --models lenet5 --budgets 0.3 0.15 --metric val_acc --reference magnitude-gradual-group --methods $(SELECTION)
+	$(RECORDS) --out outputs/results/confirmation --models mlp lenet5 --budgets 0.3 0.15 --seeds 10 11 12 13 14 15 16 17 --reference magnitude-gradual-group --methods $(CONFIRMATION)
+	$(RECORDS) --out outputs/results/resnet20 --models resnet20 --budgets 0.5 0.25 --seeds 10 11 12 --epochs 8 --finetune 2 --train-limit 20000 --reference magnitude-gradual --methods switch-fair-rank magnitude-gradual
 
 ## bench-gpu: on a GPU host, ResNet18 32x32 bf16 images/s and MFU, dense and switch, compiled
 bench-gpu: data
