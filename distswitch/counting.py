@@ -51,10 +51,12 @@ def _layer_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[in
                 prev = seen.get(name, (positions, 0))
                 seen[name] = (positions, prev[1] + 1)
             handles.append(module.register_forward_hook(hook))
+    training = model.training
     try:
         with torch.no_grad():
-            model.eval()(example)
+            model.eval()(example)  # eval: BatchNorm statistics untouched by the count
     finally:
+        model.train(training)
         for h in handles:
             h.remove()
     return seen

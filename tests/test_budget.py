@@ -304,3 +304,11 @@ def test_torch_pruning_without_a_budget_is_refused_in_one_line():
     cfg = make_config(model={"name": "mlp"}, method="torch-pruning")
     with pytest.raises(ConfigError, match="torch-pruning needs budget.fraction"):
         build(cfg, FASHION_INFO, 10, torch.device("cpu"))
+
+
+def test_counting_leaves_the_model_in_its_mode_and_its_batchnorm_statistics_untouched():
+    model = create_tnn("resnet20", 3, 10, 32).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    count(model, torch.randn(2, 3, 32, 32))
+    assert model.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
