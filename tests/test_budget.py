@@ -152,7 +152,6 @@ def test_a_budget_min_width_cannot_meet_is_refused_naming_the_smallest_feasible_
      "switcher.granularity"),
     ({"budget": {"fraction": 0.5}}, "schedule.finetune_epochs"),
     ({"budget": {"fraction": 1.5}}, "budget.fraction"),
-    ({"switcher": {"gate": "hard"}}, "switcher.gate"),
 ])
 def test_settings_that_contradict_a_budget_are_refused_naming_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key):
@@ -312,3 +311,18 @@ def test_counting_leaves_the_model_in_its_mode_and_its_batchnorm_statistics_unto
     count(model, torch.randn(2, 3, 32, 32))
     assert model.training
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_hard_gate_without_a_budget_is_on_exactly_where_the_factor_is_positive():
+    cfg = make_config(model={"name": "mlp"}, switcher={"gate": "hard"})
+    torch.manual_seed(0)
+    _, gates, method = build(cfg, FASHION_INFO, 10, torch.device("cpu"))
+    switcher = method.source.switcher
+    with torch.no_grad():  # about half of the factors at 0
+        torch.nn.init.normal_(switcher.neuron_head.weight, std=0.5)
+        switcher.neuron_head.bias.sub_(torch.cat(switcher.scores(gates.views())).median())
+    factors = switcher(gates.views())
+    seen = method.source(gates.views())
+    assert any(bool((f == 0).any()) and bool((f > 0).any()) for f in factors)
+    for f, s in zip(factors, seen):
+        assert torch.equal(s.detach(), (f > 0).float())

@@ -122,8 +122,6 @@ def _check_budget(cfg, require) -> None:
             "a finite number >= 0")
     require(b.sparse_learning == 0 or b.fraction is not None, "budget.sparse_learning", b.sparse_learning,
             "0 without a budget (it shrinks the units the budget's cut removes; set budget.fraction)")
-    require(b.fraction is not None or cfg.switcher.gate == "factor", "switcher.gate", cfg.switcher.gate,
-            "'factor' without a budget (a hard gate is the budget's cut; set budget.fraction)")
     if b.fraction is None:
         return
     require(cfg.prune.kept_fraction is None, "prune.kept_fraction", cfg.prune.kept_fraction,

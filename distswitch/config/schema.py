@@ -48,10 +48,10 @@ class SwitcherConfig:
     # switcher allocates) or rank (each factor's rank within its group: the same share of every
     # group, as magnitude pruning allocates; the switcher only chooses which units).
     allocation: Literal["global", "rank"] = "global"
-    # With a budget, what the gated network sees: "factor" (the factors times the cut's mask: each
-    # kept unit re-weighted) or "hard" (the cut's 0/1 mask itself, the factors' gradient passed
-    # straight through: kept units train at the TNN's own learning rate, not scaled by factor^2, and
-    # the ReLU's zeros never cut past the budget's ramp).
+    # What the gated network sees: "factor" (the factors, times the budget's mask: each kept unit
+    # re-weighted) or "hard" (0/1, the factors' gradient passed straight through: with a budget its
+    # cut's mask, so the ReLU's zeros never cut past the ramp; without one, on where the factor is > 0).
+    # Hard: kept units train at the TNN's own learning rate, not scaled by factor^2.
     gate: Literal["factor", "hard"] = "factor"
     # With a budget, how the cut orders units whose factors tie (the ReLU's zeros): by the
     # switcher's score before the ReLU ("score"), or by group and index ("index").

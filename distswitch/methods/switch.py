@@ -71,6 +71,18 @@ class BudgetedSwitcher(nn.Module):
         return [f * m + (f - f.detach()) * (1 - m) for f, m in zip(self.switcher(views), self.masks())]
 
 
+class OnOffSwitcher(nn.Module):
+    """`switcher.gate: hard` without a budget: a unit is on (1) where its factor is > 0 and off (0)
+    where the ReLU zeroes it, the factors' gradient passed straight through."""
+
+    def __init__(self, switcher: nn.Module) -> None:
+        super().__init__()
+        self.switcher = switcher
+
+    def forward(self, views: list[UnitWeights]) -> list[torch.Tensor]:
+        return [(f > 0).to(f.dtype) + (f - f.detach()) for f in self.switcher(views)]
+
+
 @METHODS.register("switch")
 class Switch(Method):
     source_phase = Phase.SNN
@@ -79,7 +91,11 @@ class Switch(Method):
         super().__init__(cfg, specs, steps_per_epoch, budget_cost(cfg, cost))
         switcher = build_switcher(specs, cfg.switcher)
         self.budgeted = cfg.budget.fraction is not None
-        self.source = BudgetedSwitcher(switcher, specs, cfg.switcher.gate == "hard") if self.budgeted else switcher
+        hard = cfg.switcher.gate == "hard"
+        if self.budgeted:
+            self.source = BudgetedSwitcher(switcher, specs, hard)
+        else:
+            self.source = OnOffSwitcher(switcher) if hard else switcher
         if self.budgeted and cfg.switcher.ties == "score" and not hasattr(switcher, "scores"):
             raise ValueError(f"switcher.ties=score: switcher.arch={cfg.switcher.arch} has no scores(views) "
                              "(its factors before the final ReLU); set switcher.ties=index")
