@@ -17,9 +17,23 @@ from conftest import make_config
 pytestmark = pytest.mark.slow
 
 
+def test_disconnect_stops_every_process_of_the_local_cluster_it_started():
+    # First in the file: one Ray session per process, and the module's cluster below lives until the end.
+    from distswitch.driver.cluster import connect, disconnect
+
+    ray, owned = connect(make_config())
+    assert owned
+    cluster = psutil.Process().children(recursive=True)
+    assert any(p.name() == "raylet" for p in cluster)
+    disconnect(ray, owned)
+    assert not ray.is_initialized()
+    gone, alive = psutil.wait_procs(cluster, timeout=10)
+    assert not alive, [p.name() for p in alive]
+
+
 @pytest.fixture(scope="module")
 def local_cluster():
-    from distswitch.driver.cluster import connect as _connect
+    from distswitch.driver.cluster import connect as _connect, disconnect
 
     ray, owned = _connect(make_config())
     assert owned, "a Ray session was left open by an earlier test"
@@ -35,7 +49,7 @@ def local_cluster():
                 pass
         yield get_dashboard_url(), listening
     finally:
-        ray.shutdown()
+        disconnect(ray, owned)
 
 
 def test_the_dashboard_listens_on_loopback_only(local_cluster):
@@ -65,3 +79,27 @@ def test_every_process_of_the_cluster_asks_its_own_dashboard_and_the_driver_s_en
 
     assert ray.get(api_server.remote()) == f"http://{url}"
     assert "RAY_API_SERVER_ADDRESS" not in os.environ
+
+
+def test_a_sigterm_to_the_whole_process_group_leaves_the_cluster_running_for_the_driver_to_stop(local_cluster):
+    # `kill -- -PGID`, systemd and SLURM signal every process: had the raylet died with the driver's
+    # group, the driver's Ray core could exit 1 before the run was ended (seen once in CI).
+    import os
+    import signal
+    import time
+
+    import ray
+
+    cluster = [p for p in psutil.Process().children(recursive=True) if p.name() in ("raylet", "gcs_server")]
+    assert {p.name() for p in cluster} == {"raylet", "gcs_server"}
+    for process in cluster:
+        os.kill(process.pid, signal.SIGTERM)
+    time.sleep(1.0)
+    assert all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in cluster)
+
+    @ray.remote(num_cpus=0)
+    def answer() -> int:
+        return 42
+
+    assert ray.get(answer.remote(), timeout=60) == 42
+

@@ -93,6 +93,32 @@ def halt_local_training(timeout: float = 5.0) -> None:
     psutil.wait_procs(found, timeout=timeout)
 
 
+def disconnect(ray, started: bool) -> None:
+    """Close this driver's connection; a local cluster it started is stopped at once.
+
+    The cluster's processes ignore SIGTERM (see `_init`): ray.shutdown()'s SIGTERM, a second's wait
+    per process, then SIGKILL added ~2.7 s to every run, and the agents the raylet started outlived a
+    raylet killed without them. So the driver disconnects first (Ray has no public switch for that:
+    its private node handle is taken out of ray.shutdown()'s hands), then every process the cluster
+    started, read before any of them is gone (orphans leave the tree), gets SIGKILL."""
+    if not started:
+        return
+    import psutil
+    from ray._private import worker as ray_worker
+
+    processes = psutil.Process().children(recursive=True)
+    node, ray_worker._global_node = getattr(ray_worker, "_global_node", None), None
+    ray.shutdown()  # the driver disconnects; the processes are left to us
+    if node is not None and node.is_head():
+        node.destroy_external_storage()  # objects spilled to disk
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.Error:  # gone meanwhile
+            pass
+    psutil.wait_procs(processes, timeout=10)
+
+
 def _init(ray, cfg: Config) -> None:
     address = os.environ.get("RAY_ADDRESS")
     if address:
@@ -119,6 +145,13 @@ def _init(ray, cfg: Config) -> None:
     port = _free_port()
     before = os.environ.get(API_SERVER_ENV)
     os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    # A stop signal for the launcher's whole process group or cgroup (`kill -- -PGID`, systemd,
+    # SLURM) must reach the driver only: the driver halts the workers and stops the cluster. When the
+    # raylet took the same SIGTERM and died first, the driver's Ray core exited at once with status 1
+    # ("the local Raylet is dead") before the run was ended (seen once in CI). Ray blocks SIGINT in the
+    # processes it starts for the same reason; the blocked mask is inherited by every process the
+    # cluster starts, and fate-sharing's SIGKILL still ends them with the driver.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         ray.init(
             address="local",  # a new cluster even when another one runs on this machine
@@ -134,6 +167,7 @@ def _init(ray, cfg: Config) -> None:
             logging_level="WARNING",
         )
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         if before is None:
             os.environ.pop(API_SERVER_ENV, None)
         else:

@@ -107,11 +107,11 @@ def _launch(cfg: Config, worker: Worker, out: Path, summary_json: str | Path | N
             if started:  # Ray's notices of the actors killed would blame "an unexpected system error"
                 with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                     cluster.halt_local_training()
-                    ray.shutdown()
+                    cluster.disconnect(ray, started)
             raise
         finally:
             if started and ray.is_initialized():  # our connection, and our local cluster: closed with us
-                ray.shutdown()  # (a joined cluster runs on); also ends Ray's log stream: our line is the last
+                cluster.disconnect(ray, started)  # (a joined cluster runs on); also ends Ray's log stream
     except BaseException as exc:
         run.fail(exc)
         raise

@@ -100,8 +100,7 @@ def _tune(cfg: Config, worker: Worker, out: Path, launched_at: float) -> dict:
             cluster.check_storage(ray, storage)
             summary = _search(ray, cfg, worker, out, name, storage, search, launched_at)
         finally:
-            if started:
-                ray.shutdown()
+            cluster.disconnect(ray, started)
     except BaseException as exc:
         search.fail(exc)
         raise
