@@ -3,6 +3,7 @@ and the signal is remembered so the driver's messages and MLflow's tag can name 
 
 from __future__ import annotations
 
+import contextlib
 import signal
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -13,10 +14,12 @@ class StopSignal:
     in the main thread). It remembers the signal, since ray.get re-raises a KeyboardInterrupt of its own."""
 
     received: int | None = None
+    held: bool = False
 
     def __call__(self, signum, frame):
         self.received = signum
-        raise KeyboardInterrupt(signal.Signals(signum).name)
+        if not self.held:
+            raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def install() -> None:
@@ -24,6 +27,23 @@ def install() -> None:
     handler = StopSignal()
     for signum in STOP_SIGNALS:
         signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def held():
+    """A stop signal that arrives inside the block is acted on at its end, so that what the block
+    starts (a local cluster) is there whole to be stopped. A no-op where `install` was not called."""
+    handler = signal.getsignal(signal.SIGTERM)
+    if not isinstance(handler, StopSignal):
+        yield
+        return
+    before, handler.held = handler.received, True
+    try:
+        yield
+    finally:
+        handler.held = False
+    if handler.received is not None and before is None:
+        raise KeyboardInterrupt(signal.Signals(handler.received).name)
 
 
 def stop_signal() -> signal.Signals:

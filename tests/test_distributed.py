@@ -132,6 +132,9 @@ def test_a_worker_leaves_no_scratch_files_whether_it_finishes_or_stops(config, t
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the worker's mkdtemp goes
+    # torch's compiler cache (torch.export of the compact model) would go there too on its first use
+    # in this process, i.e. when this test runs alone: it is torch's, kept elsewhere.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     short = ["train.epochs=2", "data.train_limit=640", "distributed.num_workers=1"]
     train(load_config(config, [f"out_dir={tmp_path / 'done'}", *short]), Session(tmp_path / "done"))
     assert list(scratch.iterdir()) == []

@@ -103,3 +103,48 @@ def test_a_sigterm_to_the_whole_process_group_leaves_the_cluster_running_for_the
 
     assert ray.get(answer.remote(), timeout=60) == 42
 
+
+
+STOP_WHILE_STARTING = """
+import json, sys
+import psutil
+sys.path.insert(0, "tests")
+from conftest import make_config
+from distswitch import signals
+from distswitch.driver.cluster import connect
+
+import ray  # imported before: the signal lands inside ray.init
+
+signals.install()  # as `distswitch train` does
+print("starting", flush=True)
+try:
+    connect(make_config())
+    outcome = "connected"
+except KeyboardInterrupt as exc:
+    outcome = str(exc)
+left = [p.name() for p in psutil.wait_procs(psutil.Process().children(recursive=True), timeout=10)[1]]
+print(json.dumps({"outcome": outcome, "initialized": ray.is_initialized(), "left": left}))
+"""
+
+
+def test_a_stop_signal_while_the_cluster_starts_is_acted_on_once_it_is_up_and_leaves_no_process():
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO_ROOT
+
+    proc = subprocess.Popen([sys.executable, "-c", STOP_WHILE_STARTING], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "starting"
+        time.sleep(1.0)  # inside ray.init (~5 s on 2 cores)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result == {"outcome": "SIGTERM", "initialized": False, "left": []}, stderr[-3000:]

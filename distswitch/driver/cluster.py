@@ -14,6 +14,8 @@ import uuid
 from pathlib import Path
 
 from distswitch.config import Config, ConfigError
+from distswitch import signals
+from distswitch.signals import STOP_SIGNALS
 
 # Local clusters only (set before ray.init, inherited by every Ray process it starts). On a small
 # machine Ray Train's start-up is CPU-bound: these switch off background actors and polls that
@@ -54,14 +56,29 @@ def connect(cfg: Config):
         return ray, False
     # ray.init replaces SIGTERM's handler with one that exits at once (and a local cluster's with
     # one that kills its processes): a launcher's own (the CLI's ends the run cleanly) is put back.
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    # Stop signals are held while the cluster starts. A signal for the launcher's whole process group
+    # or cgroup (`kill -- -PGID`, systemd, SLURM) must reach the driver only, which halts the workers
+    # and stops the cluster: when the raylet took the same SIGTERM and died first, the driver's Ray
+    # core exited at once with status 1 ("the local Raylet is dead") before the run was ended (seen
+    # once in CI). The blocked mask is inherited by every process the cluster starts (Ray blocks
+    # SIGINT in them for the same reason); fate-sharing's SIGKILL still ends them with the driver.
+    # The driver's own handler acts on a signal once the cluster is there whole, then stopped.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        _init(ray, cfg)
-    finally:
-        if threading.current_thread() is threading.main_thread():
-            for signum, handler in handlers.items():
-                if callable(handler):
-                    signal.signal(signum, handler)
+        with signals.held():
+            try:
+                _init(ray, cfg)
+            finally:
+                if threading.current_thread() is threading.main_thread():
+                    for signum, handler in handlers.items():
+                        if callable(handler):
+                            signal.signal(signum, handler)
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    except KeyboardInterrupt:
+        if ray.is_initialized():
+            disconnect(ray, True)
+        raise
     return ray, True
 
 
@@ -96,7 +113,7 @@ def halt_local_training(timeout: float = 5.0) -> None:
 def disconnect(ray, started: bool) -> None:
     """Close this driver's connection; a local cluster it started is stopped at once.
 
-    The cluster's processes ignore SIGTERM (see `_init`): ray.shutdown()'s SIGTERM, a second's wait
+    The cluster's processes ignore SIGTERM (see `connect`): ray.shutdown()'s SIGTERM, a second's wait
     per process, then SIGKILL added ~2.7 s to every run, and the agents the raylet started outlived a
     raylet killed without them. So the driver disconnects first (Ray has no public switch for that:
     its private node handle is taken out of ray.shutdown()'s hands), then every process the cluster
@@ -145,13 +162,6 @@ def _init(ray, cfg: Config) -> None:
     port = _free_port()
     before = os.environ.get(API_SERVER_ENV)
     os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
-    # A stop signal for the launcher's whole process group or cgroup (`kill -- -PGID`, systemd,
-    # SLURM) must reach the driver only: the driver halts the workers and stops the cluster. When the
-    # raylet took the same SIGTERM and died first, the driver's Ray core exited at once with status 1
-    # ("the local Raylet is dead") before the run was ended (seen once in CI). Ray blocks SIGINT in the
-    # processes it starts for the same reason; the blocked mask is inherited by every process the
-    # cluster starts, and fate-sharing's SIGKILL still ends them with the driver.
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         ray.init(
             address="local",  # a new cluster even when another one runs on this machine
@@ -167,7 +177,6 @@ def _init(ray, cfg: Config) -> None:
             logging_level="WARNING",
         )
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         if before is None:
             os.environ.pop(API_SERVER_ENV, None)
         else:
