@@ -16,6 +16,7 @@ the URI travels to the workers in the trainer's config.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -230,6 +231,21 @@ class EpochLogger:
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+
+
+def system_metrics(uri: str, run_id: str, node: str, interval: float):
+    """MLflow's system-metrics monitor for one node of the run, as system/<node>/<metric>, every
+    `interval` seconds (a daemon thread; `finish()` ends it), its steps continuing an earlier attempt's.
+    Not `mlflow.start_run(log_system_metrics=True)`: its run would be the process's active run, which
+    `end_run` marks FINISHED, and the driver owns the run's status."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    # Its INFO lines (started, stopped, no GPU found) would reach the console from every node.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=True, node_id=node,
+                                   tracking_uri=uri)
+    monitor.start()
+    return monitor
 
 
 def finish_run(uri: str, run_id: str, out_dir: Path, summary: dict) -> None:

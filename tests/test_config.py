@@ -91,6 +91,7 @@ def test_yaml_dump_round_trips_through_a_file(tmp_path, config_file):
     ("schedule.finetune_epochs=-1", "schedule.finetune_epochs"),
     ("switcher.target_kept=1.0", "switcher.target_kept"),
     ("switcher.target_kept=0.5", "switcher.target_kept"),  # without switcher.l1 > 0 it would do nothing
+    ("tracking.system_metrics_interval=0", "tracking.system_metrics_interval"),
 ])
 def test_bad_value_raises_config_error_naming_the_key(override, key, config_file):
     with pytest.raises(ConfigError) as info:

@@ -294,3 +294,10 @@ def test_registered_versions_carry_their_tags_and_best_loads_in_a_fresh_process_
     expected = load_compact(tmp_path / f"run{best_seed}" / "model.pt")(x)
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected.detach())
     assert json.loads((tmp_path / f"run{best_seed}" / "summary.json").read_text())["val_acc"] == summaries[best_seed]["val_acc"]
+
+
+def test_system_metrics_are_sampled_every_10_s_by_default_and_can_be_switched_off():
+    from distswitch.driver.train import system_metrics_interval
+
+    assert system_metrics_interval(make_config()) == 10.0
+    assert system_metrics_interval(make_config(tracking={"system_metrics": False})) is None

@@ -41,9 +41,10 @@ def _train(out: Path, *overrides: str) -> dict:
 @pytest.fixture(scope="module")
 def switch_run(tmp_path_factory, fashion_mnist_root) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("switch") / "run"
-    # The shipped default job, shortened: 1 dense warm-up, 1 alternating and 1 fine-tuning epoch.
+    # The shipped default job, shortened: 1 dense warm-up, 1 alternating and 1 fine-tuning epoch; the
+    # system metrics sampled every second.
     return out, _train(out, "data.train_limit=5000", "train.epochs=3", "schedule.warmup_epochs=1",
-                       "schedule.finetune_epochs=1")
+                       "schedule.finetune_epochs=1", "tracking.system_metrics_interval=1")
 
 
 def test_the_default_job_leaves_one_finished_mlflow_run_with_metrics_architecture_model_and_figures(switch_run):
@@ -89,6 +90,15 @@ def test_the_default_job_leaves_one_finished_mlflow_run_with_metrics_architectur
         assert sorted(p.name for p in files) == ["model.arch.json", "model.pt2"]  # no pickle; the architecture beside it
     test = make_loaders(load_config(out / "config.yaml")).test
     assert abs(_accuracy(model, test) - summary["test_acc"]) <= 1e-3
+
+
+def test_the_run_holds_system_metrics_from_one_monitor_per_node(switch_run):
+    _, summary = switch_run
+    run = MlflowClient(summary["mlflow"]["tracking_uri"]).get_run(summary["mlflow"]["run_id"])
+    system = [key.split("/") for key in run.data.metrics if key.startswith("system/")]
+    nodes = {node for _, node, _ in system}
+    assert len(nodes) == 1  # two workers on one node: the node's first worker samples it
+    assert {"cpu_utilization_percentage", "system_memory_usage_megabytes"} <= {name for *_, name in system}
 
 
 def _accuracy(model: torch.nn.Module, loader) -> float:

@@ -55,6 +55,8 @@ def check_values(cfg) -> None:
     name = cfg.tracking.register
     require(name is None or registered_name_ok(name), "tracking.register", name,
             "null or a name MLflow's registry accepts (not empty, no '/' or ':', not a path such as '..')")
+    interval = cfg.tracking.system_metrics_interval
+    require(math.isfinite(interval) and interval > 0, "tracking.system_metrics_interval", interval, "a number of seconds > 0")
     ratio = cfg.schedule.update_ratio
     require(ratio == "epoch" or ratio >= 1, "schedule.update_ratio", ratio, "an integer >= 1 or 'epoch'")
     require(cfg.schedule.warmup_epochs >= 0, "schedule.warmup_epochs", cfg.schedule.warmup_epochs, ">= 0")

@@ -228,6 +228,14 @@ def ray_main(loop_config: dict) -> None:
         from distswitch.tracking import EpochLogger
 
         tracker = EpochLogger(*loop_config["tracking"])
+    monitor = None
+    interval = loop_config.get("system_metrics")
+    if loop_config.get("tracking") and interval and context.get_local_rank() == 0:  # one per node
+        from ray.util import get_node_ip_address
+
+        from distswitch.tracking import system_metrics
+
+        monitor = system_metrics(*loop_config["tracking"], node=get_node_ip_address(), interval=interval)
     try:
         train(cfg, session, ray.train.torch.get_device(), launched_at=loop_config.get("launched_at"),
               marks=loop_config.get("marks"), tracker=tracker)
@@ -235,3 +243,6 @@ def ray_main(loop_config: dict) -> None:
         # Raising would make Ray Train retry from the last checkpoint, into the same stop or error.
         # `train` reported it as the latest checkpoint; the driver raises it.
         return
+    finally:
+        if monitor is not None:
+            monitor.finish()
