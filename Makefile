@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine: `make train` and `make test`.
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
-DEB_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev dataset-fashion-mnist iproute2 chromium chromium-driver tmux
+DEB_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev dataset-fashion-mnist iproute2 chromium chromium-driver tmux postgresql
 # Expanded at each use: after `setup` installs uv with pip (--user: ~/.local/bin, often off PATH), the
 # binary is found there; `python3 -m uv` is the last resort, and fails under `uv run` (as in `make test`'s
 # tests), where python3 is the project's venv, which has no uv.
@@ -9,7 +9,7 @@ UV = $(shell command -v uv 2>/dev/null || { test -x "$$HOME/.local/bin/uv" && ec
 CONFIG ?= configs/fashion_lenet5.yaml
 ARGS ?=
 
-.PHONY: setup data train test test-fast bench bench-gpu gpu-check bench-pareto results bench-data bench-startup bench-table ui head head-stop clean
+.PHONY: setup data train test test-fast bench bench-gpu gpu-check bench-pareto results bench-data bench-startup bench-table ui tracking-server head head-stop clean
 
 ## setup: Debian packages (FFCV's build needs, offline Fashion-MNIST), uv, then the locked venv.
 setup:
@@ -107,6 +107,11 @@ STORE ?= .
 PORT ?= 5000
 ui: setup
 	$(UV) run --locked mlflow ui --backend-store-uri sqlite:///$(abspath $(STORE))/mlflow.db --host 127.0.0.1 --port $(PORT) --workers 1
+
+## tracking-server: the team's MLflow server on http://127.0.0.1:5001: PostgreSQL store (Debian's, started
+## here), artifacts proxied by the server; TRACKING_DB/_HOST/_PORT/_ARTIFACTS: see cluster/tracking-server.sh
+tracking-server: setup
+	MLFLOW="$(UV) run --locked mlflow" cluster/tracking-server.sh
 
 ## head: a Ray head on 127.0.0.1 with token authentication, as cluster/README.md submits jobs to; then
 ## `export RAY_AUTH_MODE=token` and the README's `ray job submit` line run as written. `make head-stop` ends it.

@@ -51,6 +51,52 @@ def session_store(tmp_path_factory):
         os.environ["MLFLOW_TRACKING_URI"] = before
 
 
+@pytest.fixture(scope="session")
+def tracking_server(tmp_path_factory) -> str:
+    """`make tracking-server` as a team runs it (`mlflow server`, PostgreSQL store, artifacts proxied by
+    the server), one for the whole test run, on a free port; its URI. The database outlives the test
+    run: tests name an experiment of their own (`server_experiment`)."""
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("tracking-server") / "server.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(["make", "-s", "tracking-server", f"TRACKING_PORT={port}",
+                                 f"TRACKING_ARTIFACTS={log.parent / 'artifacts'}"], cwd=REPO_ROOT, stdout=sink,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"`make tracking-server` did not come up: {log.read_text()[-3000:]}", pytrace=False)
+            time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def server_experiment(request) -> str:
+    """An MLflow experiment name no other test (or earlier test run) on the server uses."""
+    import uuid
+
+    return f"{request.node.name[:60]}-{uuid.uuid4().hex[:8]}"
+
+
 @pytest.fixture
 def no_leaked_tracking_uri():
     """A test that leaves MLFLOW_TRACKING_URI changed sends every later run in the session to its

@@ -301,3 +301,22 @@ def test_system_metrics_are_sampled_every_10_s_by_default_and_can_be_switched_of
 
     assert system_metrics_interval(make_config()) == 10.0
     assert system_metrics_interval(make_config(tracking={"system_metrics": False})) is None
+
+
+def test_the_team_s_tracking_server_keeps_runs_in_postgresql_and_serves_their_artifacts(tracking_server,
+                                                                                          server_experiment, tmp_path,
+                                                                                          capsys):
+    cfg = make_config(out_dir=str(tmp_path / "run"), tracking={"uri": tracking_server, "experiment": server_experiment})
+    uri, run_id = open_run(cfg, "server/run")
+    assert uri == tracking_server
+    EpochLogger(uri, run_id).log({"best/test_acc": 0.8765, "best/val_acc": 0.88}, step=3)
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # uploaded through the server: no shared disk
+    assert client.list_artifacts(run_id) and "config.yaml" in {a.path for a in client.list_artifacts(run_id)}
+    client.set_terminated(run_id, "FINISHED")
+    capsys.readouterr()  # MLflow's own "View run at <url>" line
+    assert main(["runs", "--uri", tracking_server, "--experiment", server_experiment]) == 0
+    printed = capsys.readouterr().out
+    header, row = printed.strip().splitlines()
+    assert row.split()[:3] == [server_experiment, "run", "FINISHED"] and "0.8765" in row.split(), printed
