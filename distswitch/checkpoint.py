@@ -25,10 +25,9 @@ from distswitch.data import DatasetInfo
 from distswitch.data.datasets import DataError
 from distswitch.io import copy_file
 from distswitch.manifest import CheckpointDamaged, damage, order
-from distswitch.models.registry import rename_layer_key, renamed_layers
 from distswitch.registry import UnknownNameError
 
-CHECKPOINT_FORMAT = "distswitch.ckpt/1"
+CHECKPOINT_FORMAT = "distswitch.ckpt/2"  # 2: layers by name, every folder sealed
 # In a checkpoint folder: training stopped for good (TrainingStopped) after that folder's state.
 STOPPED_FILE, STOPPED_METRIC = "stopped.json", "stopped"
 # The final report's folder -> where its files land in out_dir.
@@ -95,20 +94,7 @@ def choose(stored: list[Stored], say: Callable[[str], None]) -> tuple[Stored, Pa
 
 def verify(folder: str | Path) -> str | None:
     """What is wrong with a checkpoint folder, in a few words; None if it is intact."""
-    return damage(folder, _unsealed)
-
-
-def _unsealed(folder: Path) -> str | None:
-    """A folder without a manifest (written before checkpoints were sealed): intact if its bundles load."""
-    for name in ("state.pt", "best.pt"):
-        if (folder / name).is_file():
-            try:
-                torch.load(folder / name, map_location="cpu", weights_only=True)
-            except Exception as exc:  # a cut-off zip, a partial pickle: whatever torch says, it is damaged
-                return f"it has no manifest and its {name} does not load ({type(exc).__name__})"
-    if not any((folder / name).is_file() for name in ("state.pt", STOPPED_FILE)):
-        return "it has no manifest and no state.pt"
-    return None
+    return damage(folder)
 
 
 def bundle(cfg: Config, info: DatasetInfo, engine, epoch: int, steps_per_epoch: int, history: list,
@@ -136,34 +122,16 @@ def read(path: str | Path) -> dict:
     `load_state_dict` places model and optimiser state on the device, while RNG states must stay
     CPU ByteTensors (`torch.set_rng_state` refuses others) and optimiser step counters on the host
     (on a GPU each would cost a host sync per parameter per step)."""
-    return _rename_layers(torch.load(path, map_location="cpu", weights_only=True))
-
-
-def _rename_layers(state):
-    """A bundle written before its model's layers were named (conv1, fc1, ...), in today's names: the
-    TNN's weights, the history's per-layer counts and the budget's per-layer widths."""
-    config = state.get("config") if isinstance(state, dict) else None
-    renamed = renamed_layers(config.get("model", {}).get("name", "")) if isinstance(config, dict) else {}
-    if not renamed or not any(key.partition(".")[0] in renamed for key in state.get("engine", {}).get("tnn", {})):
-        return state
-
-    def keys(d: dict) -> dict:
-        return {rename_layer_key(k, renamed): v for k, v in d.items()}
-
-    state["engine"]["tnn"] = keys(state["engine"]["tnn"])
-    for row in state.get("history", []):
-        if isinstance(row.get("kept"), dict) and isinstance(row["kept"].get("layers"), dict):
-            row["kept"]["layers"] = keys(row["kept"]["layers"])
-    budget = config.get("budget") or {}
-    if budget.get("widths"):
-        budget["widths"] = keys(budget["widths"])
-    return state
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def check_resumable(cfg: Config, state: dict, where) -> None:
     """A run resumes only a distswitch checkpoint of the same model, method, switcher and data."""
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(f"{where} is not a distswitch checkpoint (format {state.get('format')!r}); "
+    found = state.get("format")
+    if found != CHECKPOINT_FORMAT:
+        what = ("was written by another version of distswitch" if str(found).startswith("distswitch.ckpt/")
+                else "is not a distswitch checkpoint")
+        raise ConfigError(f"{where} {what} (format {found!r}; this version reads {CHECKPOINT_FORMAT!r}); "
                           "use another distributed.name or storage_path")
     old = Config.from_dict(state["config"])
     for key in RESUME_KEYS:

@@ -154,9 +154,7 @@ def _store(args) -> str:
         summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
         if (summary.get("mlflow") or {}).get("tracking_uri"):
             return summary["mlflow"]["tracking_uri"]
-        if (out / "mlflow.db").is_file():  # a run from when each run had its own store
-            return default_uri(out)
-        raise ConfigError(f"--out-dir: {out} has no summary.json naming its MLflow store (and no mlflow.db); "
+        raise ConfigError(f"--out-dir: {out} has no summary.json naming its MLflow store; "
                           "pass the out_dir of a finished run, or --uri")
     if args.uri or os.environ.get("MLFLOW_TRACKING_URI"):
         return args.uri or os.environ["MLFLOW_TRACKING_URI"]

@@ -26,9 +26,8 @@ from distswitch.coupling import dependency_graph
 from distswitch.gates import GateSpec
 from distswitch.io import save_torch, write_json
 from distswitch.models import create_tnn
-from distswitch.models.registry import rename_layer_key, renamed_layers
 
-FORMAT = "distswitch.compact/1"
+FORMAT = "distswitch.compact/2"  # 2: layers by name
 _OUT_HANDLERS = {"conv": tp.prune_conv_out_channels, "linear": tp.prune_linear_out_channels}
 _IN_HANDLERS = {"conv": tp.prune_conv_in_channels, "linear": tp.prune_linear_in_channels}
 _PRODUCERS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels, tp.prune_depthwise_conv_out_channels)
@@ -155,7 +154,6 @@ def load_compact(path: str | Path, map_location: str | torch.device = "cpu") -> 
     arch = json.loads(bundle["arch"])
     model = create_tnn(arch["model"], arch["in_channels"], arch["num_classes"], arch["image_size"])
     example = torch.zeros(1, arch["in_channels"], arch["image_size"], arch["image_size"])
-    renamed = renamed_layers(arch["model"])  # written before the model's layers had names
-    apply_plan(model, [{**item, "layer": rename_layer_key(item["layer"], renamed)} for item in arch["plan"]], example)
-    model.load_state_dict({rename_layer_key(k, renamed): v for k, v in bundle["state_dict"].items()})
+    apply_plan(model, arch["plan"], example)
+    model.load_state_dict(bundle["state_dict"])
     return model.eval()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 from distswitch.io import write_json
@@ -36,15 +35,14 @@ def seal(folder: str | Path, epoch: int | None) -> None:
     write_json(folder / MANIFEST_FILE, {"format": MANIFEST_FORMAT, "epoch": epoch, "files": files})
 
 
-def damage(folder: str | Path, unsealed: Callable[[Path], str | None]) -> str | None:
-    """What is wrong with `folder` against its manifest, in a few words; None if it is intact.
-    `unsealed` judges a folder without a manifest (written before seals, or its manifest lost)."""
+def damage(folder: str | Path) -> str | None:
+    """What is wrong with `folder` against its manifest, in a few words; None if it is intact."""
     folder = Path(folder)
     try:
         manifest = json.loads((folder / MANIFEST_FILE).read_text())
         files = manifest["files"]
     except FileNotFoundError:
-        return unsealed(folder)
+        return f"it has no {MANIFEST_FILE} (cut short before its seal)"
     except (ValueError, KeyError, TypeError):
         return f"its {MANIFEST_FILE} is unreadable"
     for name, want in files.items():

@@ -12,9 +12,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from distswitch.config import ConfigError
 from distswitch.io import write_json
 
 DRIVER_FIELDS = ("checkpoint_path", "mlflow")
+SUMMARY_FORMAT = "distswitch.summary/1"  # raised when a field changes meaning or goes
 
 
 def width_label(layer: str, row: dict) -> str:
@@ -75,6 +77,7 @@ class Summary:
     config: dict
     checkpoint_path: str | None = None
     mlflow: dict | None = None
+    format: str = SUMMARY_FORMAT
     extra: dict[str, Any] = field(default_factory=dict)  # keys of a newer writer, kept as they are
 
     def to_dict(self) -> dict:
@@ -87,6 +90,9 @@ class Summary:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Summary":
+        if d.get("format") != SUMMARY_FORMAT:
+            raise ConfigError(f"a summary of format {d.get('format')!r}: written by another version of distswitch "
+                              f"(this one reads {SUMMARY_FORMAT!r})")
         names = {f.name for f in fields(cls)} - {"extra"}
         return cls(**{k: v for k, v in d.items() if k in names},
                    extra={k: v for k, v in d.items() if k not in names})

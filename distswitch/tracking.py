@@ -33,18 +33,16 @@ from distswitch.summary import width_label
 RUN_KEY_TAG = "distswitch.run_key"  # storage path + run name: what identifies a resumable run
 # The selected model's results, logged once at the end under `best/`: MLflow's chart view and a run
 # page's metrics sort by name, so what a run delivered comes first (and stays out of the per-epoch
-# series). The names before them, still read from older stores.
+# series).
 BEST = {"test_acc": "best/test_acc", "val_acc": "best/val_acc", "kept": "best/kept_fraction",
         "params": "best/compact_params", "macs": "best/compact_macs"}
-_BEFORE = {"best/test_acc": "test/acc", "best/val_acc": "val/selected_acc", "best/kept_fraction": "selected/kept_fraction",
-           "best/compact_params": "selected/compact/params", "best/compact_macs": "selected/compact/macs"}
 # MLflow's experiment page opens on its training runs for this kind (not on the GenAI overview).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def result(metrics: dict, name: str) -> float | None:
-    """A run's `best/` result, from today's name or the one before it."""
-    return metrics.get(name, metrics.get(_BEFORE.get(name, name)))
+    """A run's `best/` result (None for a run that has not finished)."""
+    return metrics.get(name)
 
 
 # Set by `ray job submit` in the job's driver, whose working directory is Ray's temporary copy of
@@ -54,11 +52,8 @@ RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 def store_dir(cfg: Config) -> Path:
     """Where the default store lives: the launch directory (MLflow's default `./mlflow.db`); in a
-    submitted Ray job, out_dir's parent (the job's own directory is temporary); and for a run begun
-    while each run had its own store (`<out_dir>/mlflow.db`), that store, so it continues its run."""
+    submitted Ray job, out_dir's parent (the job's own directory is temporary)."""
     out = Path(cfg.out_dir).resolve()
-    if (out / "mlflow.db").is_file():
-        return out
     return out.parent if os.environ.get(RAY_JOB_ENV) else Path.cwd()
 
 

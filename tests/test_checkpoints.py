@@ -8,6 +8,8 @@ CPU, on which nothing can be read back.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -70,29 +72,25 @@ def test_a_checkpoint_resumes_onto_a_non_cpu_device_with_cpu_generators_and_host
             assert t.device == (CPU if name == "step" else META), (name, t.device)
 
 
-# The run that wrote tests/fixtures/resume_v1 (configs/fashion_mlp.yaml with these overrides), killed
-# after epoch 2 of 3: a checkpoint of the code before issue 16's redesign must still resume.
-FIXTURE_OVERRIDES = ["train.epochs=3", "schedule.warmup_epochs=1", "schedule.finetune_epochs=1", "budget.fraction=0.5",
-                     "data.train_limit=512", "data.val_size=128", "data.loader=torch", "tracking.enabled=false",
-                     "train.progress=false", "distributed.num_workers=1", "distributed.checkpoint_every=1",
-                     "train.batch_size=64"]
+# tests/fixtures/resume_v2: an out_dir of this checkpoint format (distswitch.ckpt/2), left by a run of
+# its config.yaml after epoch 2 of 3 (tests/fixtures/resume_v2/README.md says how it was made). Every
+# later version of the format must still resume it, or refuse it in one line.
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "resume_v2"
 
 
 @pytest.mark.slow
-def test_an_out_dir_written_before_the_redesign_resumes_from_its_checkpoint_and_finishes(tmp_path):
+def test_a_checkpoint_of_todays_format_written_earlier_resumes_and_finishes(tmp_path):
     import json
     import shutil
-    from pathlib import Path
 
     from distswitch.config import load_config
     from distswitch.worker import train
 
-    root = Path(__file__).resolve().parents[1]
     resumed, straight = tmp_path / "resumed", tmp_path / "straight"
-    shutil.copytree(root / "tests/fixtures/resume_v1", resumed)
+    shutil.copytree(FIXTURE, resumed)
     old = read_checkpoint(resumed / "checkpoints/epoch_0001/state.pt")
     for out in (resumed, straight):
-        train(load_config(root / "configs/fashion_mlp.yaml", [*FIXTURE_OVERRIDES, f"out_dir={out}"]))
+        train(load_config(FIXTURE / "config.yaml", [f"out_dir={out}"]))
     summary = json.loads((resumed / "summary.json").read_text())
     assert summary["resumed_at_epoch"] == 2  # not a fresh start
     assert abs(summary["compact"]["macs"] / summary["dense"]["macs"] - 0.5) <= 0.01  # and it finished
@@ -102,9 +100,27 @@ def test_an_out_dir_written_before_the_redesign_resumes_from_its_checkpoint_and_
 
     a = read_checkpoint(resumed / "checkpoints/epoch_0002/state.pt")
     b = read_checkpoint(straight / "checkpoints/epoch_0002/state.pt")
-    assert measured(a["history"][:2]) == measured(old["history"])  # the old run's epochs, carried on
-    for key in ("tnn", "source", "optimizers", "schedulers"):  # today's layout of every state
+    assert measured(a["history"][:2]) == measured(old["history"])  # the fixture's epochs, carried on
+    for key in ("tnn", "source", "optimizers", "schedulers"):  # the layout of every state
         assert a["engine"][key].keys() == b["engine"][key].keys(), key
-    # Parameters are not compared bit for bit: the switcher's description was rewritten after the
-    # fixture was made (the same values to 5e-6), and a near-tie in the budget's cut may then fall
-    # the other way. Bit-identical resume of today's checkpoints: tests/test_distributed.py.
+
+
+def test_a_checkpoint_of_another_format_version_is_refused_in_one_line(tmp_path):
+    import shutil
+
+    from distswitch.config import ConfigError, load_config
+    from distswitch.manifest import seal
+    from distswitch.worker import train
+
+    out = tmp_path / "run"
+    shutil.copytree(FIXTURE, out)
+    folder = out / "checkpoints" / "epoch_0001"
+    state = read_checkpoint(folder / "state.pt")
+    state["format"] = "distswitch.ckpt/999"
+    torch.save(state, folder / "state.pt")
+    seal(folder, state["epoch"])  # intact, only of another version
+    with pytest.raises(ConfigError) as refused:
+        train(load_config(FIXTURE / "config.yaml", [f"out_dir={out}"]))
+    message = str(refused.value)
+    assert "was written by another version of distswitch (format 'distswitch.ckpt/999'; this version reads " \
+           "'distswitch.ckpt/2')" in message and "\n" not in message

@@ -204,28 +204,6 @@ def test_a_compact_model_loads_inside_torch_no_grad(tmp_path):
         torch.testing.assert_close(loaded(example), model(example))
 
 
-@pytest.mark.parametrize("name", ["mlp", "lenet5"])
-def test_a_compact_model_saved_with_the_old_index_layer_names_still_loads(name, tmp_path):
-    """Before the small models' layers were named (conv1, fc1, ...), their state dicts and removal
-    plans used nn.Sequential's indices ('7.weight'); such files load into today's model."""
-    from distswitch.export import FORMAT
-    from distswitch.models.registry import renamed_layers
-
-    torch.manual_seed(0)
-    model = create_tnn(name, 1, 10, 28)
-    specs = find_gates(model, "all", "neuron", torch.zeros(1, 1, 28, 28))
-    example = torch.randn(2, 1, 28, 28)
-    plan = compact_model(model, specs, [(torch.arange(s.units) % 3 > 0).float() for s in specs], example)
-    old = {new: index for index, new in renamed_layers(name).items()}
-    back = lambda key: old.get(key.partition(".")[0], key.partition(".")[0]) + "".join(key.partition(".")[1:])  # noqa: E731
-    arch = architecture(name, 1, 10, 28, plan, model)
-    arch["plan"] = [{**item, "layer": back(item["layer"])} for item in plan]
-    legacy = {back(k): v for k, v in model.state_dict().items()}
-    assert all(k.split(".")[0].isdigit() for k in legacy)
-    torch.save({"format": FORMAT, "arch": json.dumps(arch), "state_dict": legacy}, tmp_path / "old.pt")
-    torch.testing.assert_close(load_compact(tmp_path / "old.pt")(example), model.eval()(example))
-
-
 def test_the_small_models_name_their_layers():
     assert [n for n, m in create_tnn("lenet5", 1, 10, 28).named_children() if isinstance(m, (nn.Conv2d, nn.Linear))] \
         == ["conv1", "conv2", "fc1", "fc2"]

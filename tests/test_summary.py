@@ -9,7 +9,7 @@ from distswitch.summary import DRIVER_FIELDS, Summary
 
 
 def _record(**changes) -> Summary:
-    values = {f.name: None for f in dataclasses.fields(Summary) if f.name != "extra"}
+    values = {f.name: None for f in dataclasses.fields(Summary) if f.name not in ("extra", "format")}
     values.update(model="mlp", method="switch", history=[], config={}, dense={"params": 2}, compact={"params": 1})
     values.update(changes)
     return Summary(**values)
@@ -31,6 +31,20 @@ def test_a_summary_read_back_writes_the_same_json_and_keeps_keys_it_does_not_kno
     record = Summary.read(tmp_path / "summary.json")
     assert record.test_acc == 0.9 and record.extra == {"from_a_newer_writer": [1, 2]}
     assert record.to_dict() == data
+
+
+def test_a_summary_of_another_format_is_refused_in_one_line(tmp_path):
+    import pytest
+
+    from distswitch.config import ConfigError
+    from distswitch.summary import SUMMARY_FORMAT
+
+    assert _record().to_dict()["format"] == SUMMARY_FORMAT
+    for other in ({"format": "distswitch.summary/0"}, {}):
+        data = {**{k: v for k, v in _record().to_dict().items() if k != "format"}, **other}
+        (tmp_path / "summary.json").write_text(json.dumps(data))
+        with pytest.raises(ConfigError, match=r"^a summary of format .*written by another version of distswitch"):
+            Summary.read(tmp_path / "summary.json")
 
 
 def test_the_console_shows_every_group_of_a_small_net_and_the_most_cut_of_a_large_one():

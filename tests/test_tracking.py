@@ -57,17 +57,6 @@ def test_without_a_uri_every_run_launched_from_a_directory_lands_in_its_one_stor
     assert location == (project / "mlruns" / "a").as_uri()
 
 
-def test_a_run_begun_in_its_own_out_dir_store_keeps_it(tmp_path, monkeypatch):
-    # Before one store per directory, each run had <out_dir>/mlflow.db: resuming it continues that run.
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    monkeypatch.chdir(tmp_path)
-    cfg = _cfg(tmp_path)
-    legacy = f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
-    (tmp_path / "run").mkdir()
-    _, old = open_run(_cfg(tmp_path, tracking={"uri": legacy}), "store/run")
-    assert open_run(cfg, "store/run") == (legacy, old)
-
-
 def test_a_submitted_ray_job_keeps_its_store_beside_its_out_dir(tmp_path, monkeypatch):
     # The job's working directory is Ray's temporary copy of --working-dir, gone with the job.
     from distswitch.tracking import RAY_JOB_ENV, tracking_uri
@@ -146,7 +135,7 @@ def test_runs_lists_each_run_with_its_settings_and_results(tmp_path, capsys):
 def test_runs_lists_every_experiment_and_sorts_by_a_metric(tmp_path, capsys):
     for name, experiment, acc in (("a", "one", 0.7), ("b", "two", 0.9), ("c", "one", 0.8)):
         uri, run_id = open_run(make_config(out_dir=str(tmp_path / name), tracking={"experiment": experiment}), name)
-        EpochLogger(uri, run_id).log({"best/test_acc": acc} if name != "a" else {"test/acc": acc}, step=0)  # a: older name
+        EpochLogger(uri, run_id).log({"best/test_acc": acc}, step=0)
     assert main(["runs", "--sort", "test_acc"]) == 0
     rows = [line.split()[:2] for line in capsys.readouterr().out.strip().splitlines()[1:]]
     assert rows == [["two", "b"], ["one", "c"], ["one", "a"]]

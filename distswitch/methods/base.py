@@ -16,7 +16,6 @@ from torch import nn
 from distswitch.config import Config
 from distswitch.cost import CostModel, cut_to_budget, cut_to_widths
 from distswitch.gates import GateSpec, UnitWeights
-from distswitch.models.registry import rename_layer_key, renamed_layers
 from distswitch.registry import Registry
 from distswitch.schedule import Phase
 
@@ -56,8 +55,7 @@ class Method:
     def budget_cut(self, scores: list[torch.Tensor], fraction: float, final: bool = True) -> list[torch.Tensor]:
         """Masks meeting `fraction` of the budgeted cost, highest scores kept; the final cut keeps
         `budget.widths` per layer instead where they are given (the allocation diagnostic)."""
-        renamed = renamed_layers(self.cfg.model.name)  # widths read from a summary of before the layers had names
-        widths = {rename_layer_key(str(k), renamed): v for k, v in (self.cfg.budget.widths or {}).items()}  # YAML: 1 is an int
+        widths = {str(k): v for k, v in (self.cfg.budget.widths or {}).items()}  # YAML: 1 is an int
         if final and widths:
             missing = sorted({s.layer for s in self.specs} - set(widths))
             if missing:

@@ -20,13 +20,3 @@ def create_tnn(name: str, in_channels: int, num_classes: int, image_size: int) -
 def list_models() -> list[str]:
     return MODELS.names()
 
-
-def renamed_layers(name: str) -> dict[str, str]:
-    """Old layer name -> today's, for a model whose layers were renamed (empty for the others)."""
-    return MODELS.traits(name).get("renamed", {}) if name in MODELS.names() else {}
-
-
-def rename_layer_key(key: str, renamed: dict[str, str]) -> str:
-    """'7' -> 'fc1' and '7.weight' -> 'fc1.weight' for renamed = {'7': 'fc1'}; other keys as they are."""
-    head, dot, rest = key.partition(".")
-    return renamed.get(head, head) + dot + rest

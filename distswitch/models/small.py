@@ -13,7 +13,7 @@ from torch import nn
 from distswitch.models.registry import MODELS
 
 
-@MODELS.register("mlp", renamed={"1": "fc1", "3": "fc2", "5": "fc3"})
+@MODELS.register("mlp")
 def mlp(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     return nn.Sequential(OrderedDict(
         flatten=nn.Flatten(),
@@ -25,7 +25,7 @@ def mlp(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     ))
 
 
-@MODELS.register("lenet5", renamed={"0": "conv1", "3": "conv2", "7": "fc1", "9": "fc2"})
+@MODELS.register("lenet5")
 def lenet5(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     # Caffe's LeNet as used by the papers: 5x5 valid convs, each followed by 2x2 max-pooling.
     side = ((image_size - 4) // 2 - 4) // 2

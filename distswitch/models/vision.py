@@ -133,7 +133,7 @@ def _vgg(config: str, in_channels: int, image_size: int, classifier) -> nn.Modul
 
 
 # Before its layers had module paths, vgg16 was one nn.Sequential: '0.3' is today's 'features.3'.
-@MODELS.register("vgg16", renamed={"0": "features", "3": "classifier.0", "5": "classifier.2", "7": "classifier.4"})
+@MODELS.register("vgg16")
 def vgg16(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     return _vgg("D", in_channels, image_size, lambda c: nn.Sequential(
         nn.Linear(c, 512), nn.ReLU(inplace=True), nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Linear(512, num_classes)))
