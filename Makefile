@@ -37,6 +37,7 @@ train: data
 
 ## test: the whole suite, slow (real training) tests included
 test: setup
+	$(UV) run --locked ruff check distswitch tests benchmarks
 	$(UV) run --locked pytest -q $(ARGS)
 
 ## test-fast: skip the slow tests while developing

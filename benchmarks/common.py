@@ -11,10 +11,10 @@ import time
 
 import torch
 
+from distswitch.build import build, resolve_device, seed_everything
 from distswitch.config import Config, load_config
 from distswitch.data import check_data, make_loaders
 from distswitch.engine import Engine
-from distswitch.build import build, resolve_device, seed_everything
 from distswitch.process import configure_process
 
 

@@ -22,10 +22,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from common import environment, write_report
+from distswitch.build import build, make_replicas
 from distswitch.config import load_config
 from distswitch.data.datasets import DatasetInfo
 from distswitch.engine import Engine
-from distswitch.build import build, make_replicas
 from distswitch.schedule import Phase
 
 CIFAR_SHAPE = DatasetInfo("cifar10", 10, 3, 32, (0.5,) * 3, (0.25,) * 3, "none")

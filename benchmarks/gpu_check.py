@@ -49,18 +49,18 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from distswitch.artifacts import export_compact
+from distswitch.build import build
+from distswitch.checkpoint import bundle as checkpoint_bundle
+from distswitch.checkpoint import read as read_checkpoint
+from distswitch.checkpoint import rng_state, set_rng
 from distswitch.config import Config, channels_last_on
 from distswitch.data.datasets import DatasetInfo
 from distswitch.data.transform import AUTOCAST_DTYPES
 from distswitch.engine import Engine
 from distswitch.io import save_torch
 from distswitch.parallel import state_digest
-from distswitch.artifacts import export_compact
-from distswitch.build import build
 from distswitch.process import configure_process
-from distswitch.checkpoint import bundle as checkpoint_bundle
-from distswitch.checkpoint import read as read_checkpoint
-from distswitch.checkpoint import rng_state, set_rng
 from distswitch.schedule import Phase
 
 INFO = DatasetInfo("synthetic", 10, 3, 32, (0.5,) * 3, (0.25,) * 3, "none")

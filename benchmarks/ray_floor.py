@@ -79,7 +79,8 @@ def main() -> None:
     ray.init(**json.loads(args.init))
     if args.warm_coordinator:  # the controller's first request_resources waits on it (5 s timeout)
         from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
-            get_or_create_autoscaling_coordinator)
+            get_or_create_autoscaling_coordinator,
+        )
 
         get_or_create_autoscaling_coordinator()
     t["ray_init"] = time.time()

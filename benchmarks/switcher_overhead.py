@@ -20,7 +20,6 @@ import sys
 
 from common import engine_for, environment, write_report
 
-
 VARIANTS = {"dense": ["method=dense"], "switch": ["method=switch"],
             "switch_compiled": ["method=switch", "train.compile=switcher"]}
 
@@ -44,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     warmup: dict[str, float] = {}  # the untimed first epoch: FFCV's and torch.compile's build cost shows here
     steps = {}
     for epoch in range(args.rounds + 1):
-        for method, (cfg, engine, loaders) in runs.items():
+        for method, (_cfg, engine, loaders) in runs.items():
             stats = engine.train_epoch(epoch, loaders.train, loaders.val)
             steps[method] = stats.steps
             if epoch > 0:  # epoch 0 warms up (FFCV and torch.compile build their code)

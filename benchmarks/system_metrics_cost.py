@@ -14,7 +14,6 @@ import tempfile
 import time
 
 from common import environment, write_report
-
 from distswitch.tracking import mlflow_client, system_metrics
 
 

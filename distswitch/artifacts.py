@@ -16,9 +16,9 @@ import torch
 from distswitch import checkpoint
 from distswitch.build import build, dense_tnn
 from distswitch.config import Config, ConfigError
+from distswitch.counting import count
 from distswitch.data import DatasetInfo
 from distswitch.engine import Engine
-from distswitch.counting import count
 from distswitch.export import architecture, compact_model, save_compact
 from distswitch.gates import GateSet, kept_report
 

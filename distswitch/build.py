@@ -13,9 +13,9 @@ import torch.distributed as dist
 
 from distswitch.config import Config, ConfigError, channels_last_on
 from distswitch.cost import CostModel
-from distswitch.data import DATASETS, DatasetInfo, check_data
 from distswitch.counting import exact_cost_model
 from distswitch.coupling import dependency_graph, find_readers
+from distswitch.data import DATASETS, DatasetInfo, check_data
 from distswitch.gates import GateSet, GateSpec, find_gates
 from distswitch.methods import METHODS, build_method
 from distswitch.methods.base import min_units

@@ -200,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distswitch: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        from distswitch.engine import TrainingStopped  # here: torch is not needed before an error
         from distswitch.driver.train import RunFailed
+        from distswitch.engine import TrainingStopped  # here: torch is not needed before an error
 
         if not isinstance(exc, (TrainingStopped, RunFailed)) or args.debug:
             raise

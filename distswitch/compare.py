@@ -62,8 +62,8 @@ def runs_table(uri: str, experiment: str | None = None, sort: str | None = None)
     for name, run in found:
         p, m = run.data.params, run.data.metrics
 
-        def num(key, fmt):
-            value = result(m, BEST[key])
+        def num(key, fmt):  # called in this iteration only
+            value = result(m, BEST[key])  # noqa: B023
             return "-" if value is None else format(value, fmt)
 
         budget = p.get("budget.fraction", "null")

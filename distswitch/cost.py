@@ -115,7 +115,7 @@ def cut_to_budget(cost: CostModel, scores: list[torch.Tensor], fraction: float, 
     # that no unit fits into from below (every cheap unit already kept: a LeNet5 whose FC units all
     # survived was left 1.1% short of 50%), a unit that lands closer, at most OVERSHOOT over.
     for fits in (lambda new: new <= target + 1e-9,
-                 lambda new: abs(new - target) < abs(current - target) and new <= target + OVERSHOOT * cost.dense):
+                 lambda new: abs(new - target) < abs(current - target) and new <= target + OVERSHOOT * cost.dense):  # noqa: B023
         for s, i in reversed(removed):
             extra = grad[s] + half_diag[s]
             if not keep[s][i] and fits(current + extra):

@@ -41,7 +41,6 @@ from distswitch.optim import build_optimizer, build_scheduler
 from distswitch.parallel import Replicas
 from distswitch.schedule import Phase
 
-
 LOSS_FAULT, FACTOR_FAULT = 1, 2  # a step's fault code: its loss, or its factors, not finite
 
 

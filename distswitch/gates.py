@@ -204,7 +204,7 @@ def find_gates(model: nn.Module, gated: str, granularity: str, example: torch.Te
     by_name = dict(modules)
     classifier = _classifier_name(model)
     specs, covered = [], set()
-    for i, (name, layer) in enumerate(modules):
+    for name, layer in modules:
         if isinstance(layer, Attention) and gated == "all" and granularity == "neuron":
             parts = ("q", "k", "v", "proj")
             covered.update(f"{name}.{p}" for p in parts)

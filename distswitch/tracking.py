@@ -24,8 +24,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from distswitch.config import Config, ConfigError
 from distswitch import model_registry as registry
+from distswitch.config import Config, ConfigError
 from distswitch.io import atomic_path
 from distswitch.signals import stop_signal
 from distswitch.summary import width_label

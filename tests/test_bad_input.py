@@ -44,10 +44,10 @@ def _foreign(path: Path) -> None:
 
 def _dense_checkpoint(tmp: Path) -> Path:
     """A real training checkpoint of the dense method: it has no switcher, hence no factors."""
-    from distswitch.engine import Engine
-    from distswitch.io import save_torch
     from distswitch.build import build
     from distswitch.checkpoint import bundle as checkpoint_bundle
+    from distswitch.engine import Engine
+    from distswitch.io import save_torch
 
     cfg = make_config(model={"name": "mlp"}, method="dense")
     cpu = torch.device("cpu")

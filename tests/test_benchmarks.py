@@ -83,7 +83,7 @@ def test_communication_benchmark_counts_each_phase_s_own_parameter_bytes(tmp_pat
 def test_scale_benchmark_times_the_three_steps_and_counts_the_switcher_s_inputs_and_bytes(tmp_path):
     report, _ = _bench("scale.py", tmp_path / "scale.json", "--models", "lenet5", "resnet20", "--rounds", "1",
                        "--steps", "1", "--batch", "4")
-    for name, row in report["models"].items():
+    for row in report["models"].values():
         assert set(row["median_ms"]) == {"dense step", "switch TNN step", "switch SNN step", "switcher forward (no grad)"}
         assert row["switch_over_dense_per_training_step"] > 0 and row["peak_mb"]["switch"] > 0
         assert row["allreduce_bytes_per_step"] == {"tnn": 4 * row["tnn_parameters"], "snn": 4 * row["switcher_parameters"]}

@@ -11,16 +11,15 @@ import pytest
 import torch
 
 from conftest import FASHION_INFO, make_config
+from distswitch.build import budget_cost_model, build
 from distswitch.config import ConfigError
 from distswitch.cost import OVERSHOOT, cut_to_budget, scheduled_fraction
-from distswitch.methods.base import min_units
 from distswitch.counting import count, exact_cost_model
 from distswitch.export import compact_model
 from distswitch.gates import find_gates
+from distswitch.methods.base import min_units
 from distswitch.models import create_tnn, list_models
-from distswitch.build import budget_cost_model, build
 from distswitch.worker import train
-
 
 EXAMPLE = torch.zeros(1, 1, 28, 28)
 
@@ -227,7 +226,7 @@ def test_rank_allocation_cuts_the_same_share_of_every_group_and_global_follows_t
             method.source.switcher.neuron_head.bias.fill_(5.0)
         scale = {1: 0.01}
         real = method.source.switcher.forward
-        method.source.switcher.forward = lambda views: [f * scale.get(k, 1.0) for k, f in enumerate(real(views))]
+        method.source.switcher.forward = lambda views: [f * scale.get(k, 1.0) for k, f in enumerate(real(views))]  # noqa: B023
         method.on_epoch_start(3, gates.views())  # the final cut
         kept[allocation] = [int(m.sum()) for m in method.source.masks()]
     assert kept["global"][1] < 0.2 * 50 + 1  # conv2 cut toward its floor

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from conftest import FASHION_INFO, fake_batch, make_config
-from distswitch.engine import Engine
-from distswitch.io import save_torch
 from distswitch.build import build
 from distswitch.checkpoint import bundle as checkpoint_bundle
 from distswitch.checkpoint import read as read_checkpoint
 from distswitch.checkpoint import rng_state, set_rng
+from distswitch.engine import Engine
+from distswitch.io import save_torch
 from distswitch.schedule import Phase
 
 CPU, META = torch.device("cpu"), torch.device("meta")

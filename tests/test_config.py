@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 
 from conftest import DEFAULT_CONFIG, REPO_ROOT, make_config
+from distswitch.build import validate_names
 from distswitch.cli import main
 from distswitch.config import Config, ConfigError, load_config, parse_override
 from distswitch.registry import UnknownNameError
-from distswitch.build import validate_names
-
 
 # -- loading and overrides -------------------------------------------------------------------------
 

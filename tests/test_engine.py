@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import FASHION_INFO, fake_batch, make_config
+from distswitch.build import build
 from distswitch.config import ConfigError
 from distswitch.engine import Engine, TrainingStopped
 from distswitch.gates import kept_report
-from distswitch.build import build
 from distswitch.schedule import Phase
 
 CPU = torch.device("cpu")

@@ -167,10 +167,10 @@ def test_the_run_s_export_check_compares_cpu_copies_not_the_training_device_s_tn
     fp32: a check between the two fails for a ResNet. The engine's TNN here rounds its outputs the
     way another device's kernels would (1e-3 off, 10x the tolerance); the export must not see it."""
     from conftest import make_config
-    from distswitch.data import DatasetInfo
-    from distswitch.engine import Engine
     from distswitch.artifacts import export_compact
     from distswitch.build import build
+    from distswitch.data import DatasetInfo
+    from distswitch.engine import Engine
 
     info = DatasetInfo("cifar10", 10, 3, 32, (0.5,) * 3, (0.25,) * 3, "none")
     cfg = make_config(model={"name": "resnet18"}, method="switch", schedule={"warmup_epochs": 0})

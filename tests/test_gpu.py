@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import FASHION_INFO, fake_batch, indexed_mnist, make_config
+from distswitch.build import build
 from distswitch.data import make_loaders
 from distswitch.engine import Engine
-from distswitch.build import build
 from distswitch.schedule import Phase
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

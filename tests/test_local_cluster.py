@@ -33,7 +33,8 @@ def test_disconnect_stops_every_process_of_the_local_cluster_it_started():
 
 @pytest.fixture(scope="module")
 def local_cluster():
-    from distswitch.driver.cluster import connect as _connect, disconnect
+    from distswitch.driver.cluster import connect as _connect
+    from distswitch.driver.cluster import disconnect
 
     ray, owned = _connect(make_config())
     assert owned, "a Ray session was left open by an earlier test"

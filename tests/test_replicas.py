@@ -11,10 +11,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import FASHION_INFO, make_config
+from distswitch.build import build, make_replicas
 from distswitch.engine import Engine, TrainingStopped
 from distswitch.gates import kept_report
 from distswitch.parallel import DDPReplicas
-from distswitch.build import build, make_replicas
 
 CPU = torch.device("cpu")
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import FASHION_INFO, fake_batch, make_config
-from distswitch.engine import Engine
 from distswitch.build import build
+from distswitch.engine import Engine
 from distswitch.schedule import Phase
 
 CPU = torch.device("cpu")

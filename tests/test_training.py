@@ -14,11 +14,11 @@ from mlflow.tracking import MlflowClient
 from conftest import DEFAULT_CONFIG
 from distswitch.cli import main
 from distswitch.config import load_config
-from distswitch.data import BatchLoader, load_splits, make_loaders
 from distswitch.counting import count
+from distswitch.data import BatchLoader, load_splits, make_loaders
 from distswitch.export import load_compact
-from distswitch.worker import train
 from distswitch.tracking import global_tracking_uri
+from distswitch.worker import train
 
 pytestmark = pytest.mark.slow
 

@@ -13,9 +13,22 @@ package stays at the top of the data flow and imports nothing else from distswit
 
 from distswitch.config.coerce import ConfigError, set_dotted
 from distswitch.config.load import load_config, merge_overrides, parse_override
-from distswitch.config.schema import (BudgetConfig, Config, DataConfig, DistributedConfig, ModelConfig, OptimConfig,
-                                      OptimizerConfig, PruneConfig, ScheduleConfig, SwitcherConfig, TrackingConfig,
-                                      TrainConfig, TuneConfig, channels_last_on)
+from distswitch.config.schema import (
+                                      BudgetConfig,
+                                      Config,
+                                      DataConfig,
+                                      DistributedConfig,
+                                      ModelConfig,
+                                      OptimConfig,
+                                      OptimizerConfig,
+                                      PruneConfig,
+                                      ScheduleConfig,
+                                      SwitcherConfig,
+                                      TrackingConfig,
+                                      TrainConfig,
+                                      TuneConfig,
+                                      channels_last_on,
+)
 
 __all__ = ["BudgetConfig", "Config", "ConfigError", "DataConfig", "DistributedConfig", "ModelConfig", "OptimConfig",
            "OptimizerConfig", "PruneConfig", "ScheduleConfig", "SwitcherConfig", "TrackingConfig", "TrainConfig",

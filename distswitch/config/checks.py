@@ -11,7 +11,6 @@ from typing import Any
 
 from distswitch.config.coerce import ConfigError, set_dotted
 
-
 # Epoch counts that may be given as a share of train.epochs, and the fewest epochs each may resolve to
 # when given as a share (a budget's cut needs a fine-tuning epoch after it; the baselines always do).
 _SHARES = {

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from distswitch.config import DataConfig
-from distswitch.io import atomic_path, write_json
 from distswitch.data.datasets import DATASETS, DataError, DatasetInfo, split_indices
+from distswitch.io import atomic_path, write_json
 
 FORMAT = "distswitch.beton/1"
 SPLITS = ("train", "val", "test")

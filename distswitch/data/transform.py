@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from distswitch.data.datasets import DatasetInfo
 
-
 # train.precision -> the autocast dtype (None: fp32, no autocast); the loaders normalise to it too.
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

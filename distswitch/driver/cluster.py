@@ -8,13 +8,13 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import threading
 import sys
+import threading
 import uuid
 from pathlib import Path
 
-from distswitch.config import Config, ConfigError
 from distswitch import signals
+from distswitch.config import Config, ConfigError
 from distswitch.signals import STOP_SIGNALS
 
 # Local clusters only (set before ray.init, inherited by every Ray process it starts). On a small
@@ -43,6 +43,7 @@ def connect(cfg: Config):
     for key, value in DRIVER_ENV.items():
         os.environ.setdefault(key, value)
     import ray
+
     # Private: Ray reads this switch once, when ray is first imported, and offers no public setter
     # (the uv hook became the default in ray-project/ray#53060; ray_constants is its only home).
     from ray._private import ray_constants

@@ -29,7 +29,6 @@ from distswitch.driver.run import RunHandle
 from distswitch.driver.train import Worker, fit, local_paths, make_trainer, storage_path
 from distswitch.io import write_json, write_text
 
-
 TRIAL_DRIVER_CPU = 0.01
 TRIAL_TAG = "distswitch.tune_trial_id"
 

@@ -26,9 +26,9 @@ from distswitch import checkpoint
 from distswitch.artifacts import compact_size
 from distswitch.build import dense_tnn
 from distswitch.config import Config
+from distswitch.counting import count
 from distswitch.data import DatasetInfo
 from distswitch.engine import Engine, EpochStats
-from distswitch.counting import count
 from distswitch.io import save_torch
 from distswitch.manifest import seal, unused_name
 from distswitch.parallel import Replicas, state_digest
