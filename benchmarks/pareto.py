@@ -34,27 +34,32 @@ CONFIGS = {"mlp": ROOT / "configs/fashion_mlp.yaml", "lenet5": ROOT / "configs/f
 # A model's own overrides on its config: ResNet-20 on Fashion-MNIST at CIFAR's shape (3x32x32).
 MODEL_SET = {"resnet20": ["model.name=resnet20", "data.channels=3", "data.image_size=32"]}
 SPARSE_LEARNING = 3e-3  # MLP at 15%, seed 0: switch 0.8788 / 0.8859 / 0.8673 at 3e-4 / 3e-3 / 1e-2; gradual magnitude 0.8851 at 3e-3, 0.8858 at 1e-2
-# Method variants: name -> overrides. "switch" is the package's default switcher under a budget.
+# The switcher as first built (the schema's defaults), whatever the configs ship: every "switch" variant
+# starts from it, so a variant's name means the same run in every record (the configs ship issue 36's
+# choice, "switch-fair-rank").
+SWITCH = ["method=switch", "switcher.gate=factor", "switcher.ties=index", "schedule.snn_steps=replace",
+          "switcher.allocation=global"]
+# Method variants: name -> overrides.
 VARIANTS = {
     "dense": ["method=dense"],
-    "switch": ["method=switch"],
-    "switch-incoming": ["method=switch", "switcher.describe=incoming"],
-    "switch-norevive": ["method=switch", "switcher.revive=false"],
+    "switch": SWITCH,
+    "switch-incoming": [*SWITCH, "switcher.describe=incoming"],
+    "switch-norevive": [*SWITCH, "switcher.revive=false"],
     # Fewer TNN steps lost to SNN steps (1 in 9 instead of 1 in 5), the switcher's rate doubled.
-    "switch-r8": ["method=switch", "schedule.update_ratio=8", "optim.snn.lr=2e-3"],
+    "switch-r8": [*SWITCH, "schedule.update_ratio=8", "optim.snn.lr=2e-3"],
     # No pressure toward the budget while switching: zeros from the ReLU only, the ramp of cuts alone.
-    "switch-l1-0": ["method=switch", "switcher.l1=0"],
+    "switch-l1-0": [*SWITCH, "switcher.l1=0"],
     # Issue 36's fair dynamics, each alone: a 0/1 gate (factors straight through), tied zeros ordered
     # by the switcher's score, and an SNN step as an extra step (the TNN steps every batch).
-    "switch-hard": ["method=switch", "switcher.gate=hard"],
-    "switch-ties": ["method=switch", "switcher.ties=score"],
-    "switch-extra": ["method=switch", "schedule.snn_steps=extra"],
-    "switch-fair": ["method=switch", "switcher.gate=hard", "switcher.ties=score", "schedule.snn_steps=extra"],
-    "switch-fair-rank": ["method=switch", "switcher.gate=hard", "switcher.ties=score", "schedule.snn_steps=extra",
+    "switch-hard": [*SWITCH, "switcher.gate=hard"],
+    "switch-ties": [*SWITCH, "switcher.ties=score"],
+    "switch-extra": [*SWITCH, "schedule.snn_steps=extra"],
+    "switch-fair": [*SWITCH, "switcher.gate=hard", "switcher.ties=score", "schedule.snn_steps=extra"],
+    "switch-fair-rank": [*SWITCH, "switcher.gate=hard", "switcher.ties=score", "schedule.snn_steps=extra",
                          "switcher.allocation=rank"],
     # Issue 36's relational switcher (messages along the weights between units), alone and with the fair dynamics.
-    "switch-graph": ["method=switch", "switcher.arch=graph"],
-    "switch-fair-graph": ["method=switch", "switcher.arch=graph", "switcher.gate=hard", "switcher.ties=score",
+    "switch-graph": [*SWITCH, "switcher.arch=graph"],
+    "switch-fair-graph": [*SWITCH, "switcher.arch=graph", "switcher.gate=hard", "switcher.ties=score",
                           "schedule.snn_steps=extra"],
     "magnitude": ["method=magnitude"],
     "magnitude-group": ["method=magnitude", "prune.importance=group"],
@@ -65,7 +70,7 @@ VARIANTS = {
     "slimming": ["method=slimming"],
     "slimming-gradual": ["method=slimming", "prune.schedule=gradual"],
     # Sparse learning (train to be prunable): the same strength for every method.
-    "switch-sl": ["method=switch", f"budget.sparse_learning={SPARSE_LEARNING}"],
+    "switch-sl": [*SWITCH, f"budget.sparse_learning={SPARSE_LEARNING}"],
     "magnitude-sl": ["method=magnitude", f"budget.sparse_learning={SPARSE_LEARNING}"],
     "magnitude-gradual-sl": ["method=magnitude", "prune.schedule=gradual", f"budget.sparse_learning={SPARSE_LEARNING}"],
 }

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -83,10 +84,33 @@ def config(tmp_path_factory, fashion_mnist_root) -> Path:
 
 
 @pytest.fixture(scope="module")
-def two_workers(config, tmp_path_factory) -> Path:
+def two_workers(config, tmp_path_factory, tracking_server) -> Path:
+    """The uninterrupted 2-worker run, logged to the team's tracking server (`make tracking-server`)."""
     out = tmp_path_factory.mktemp("two") / "two"
-    _run(config, out)
+    _run(config, out, f"tracking.uri={tracking_server}", f"tracking.experiment=ddp-{uuid.uuid4().hex[:8]}")
     return out
+
+
+def test_a_two_worker_run_logs_through_the_tracking_server_and_runs_and_compare_read_it(two_workers, tracking_server,
+                                                                                        tmp_path, capsys):
+    from distswitch.cli import main
+
+    summary = json.loads((two_workers / "summary.json").read_text())
+    assert summary["mlflow"]["tracking_uri"] == tracking_server
+    client = MlflowClient(tracking_server)
+    run = client.get_run(summary["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == [0, 1, 2]
+    assert any(key.startswith("system/") for key in run.data.metrics)  # the node's system metrics
+    # The compact model comes back through the server (no disk shared with the workers).
+    arch = client.download_artifacts(run.info.run_id, "model.arch.json", str(tmp_path))
+    assert json.loads(Path(arch).read_text()) == json.loads((two_workers / "model.arch.json").read_text())
+    experiment = summary["mlflow"]["experiment"]
+    capsys.readouterr()
+    assert main(["runs", "--uri", tracking_server, "--experiment", experiment]) == 0
+    assert run.info.run_name in capsys.readouterr().out
+    assert main(["compare", "--uri", tracking_server, "--experiment", experiment, "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 10_000
 
 
 def test_replicas_stay_identical_through_both_phases(two_workers):

@@ -143,8 +143,8 @@ def test_asha_stops_a_weak_trial_mid_run_and_a_killed_search_resumes_with_no_dup
 
 def test_a_trial_that_ends_without_closing_its_run_is_closed_killed(tmp_path):
     from distswitch.config import Config
-    from distswitch.tracking import mlflow_client, open_run
     from distswitch.driver.tune import TRIAL_TAG, close_runs_callback
+    from distswitch.tracking import mlflow_client, open_run
 
     cfg = Config.from_dict({"out_dir": str(tmp_path / "search")})
     uri, parent = open_run(cfg, "store/search")
@@ -168,11 +168,14 @@ def test_a_trial_that_ends_without_closing_its_run_is_closed_killed(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_search_and_a_training_started_together_on_one_machine_both_finish(tmp_path):
+def test_a_search_and_a_training_started_together_on_one_machine_both_finish(tmp_path, tracking_server,
+                                                                          server_experiment):
     # Each starts its own local cluster; Train's placement-group cleaner used to find both by
     # auto-detection ("Found multiple active Ray instances") and the search's next trial never started.
+    # Both log to the team's tracking server (`make tracking-server`).
     quick = ["train.epochs=2", "schedule.warmup_epochs=0", "schedule.finetune_epochs=0", "budget.fraction=null",
-             "data.train_limit=512", "distributed.num_workers=1", "train.progress=false"]
+             "data.train_limit=512", "distributed.num_workers=1", "train.progress=false",
+             f"tracking.uri={tracking_server}", f"tracking.experiment={server_experiment}"]
     search = subprocess.Popen([sys.executable, "-m", "distswitch.cli", "tune", str(DEFAULT_CONFIG), *quick,
                                f"out_dir={tmp_path / 'search'}", "tune.num_samples=1",
                                "tune.space={optim.tnn.lr: {grid: [0.05, 0.02, 0.01]}}"],
@@ -190,3 +193,9 @@ def test_a_search_and_a_training_started_together_on_one_machine_both_finish(tmp
     assert "multiple active Ray instances" not in out + train.stdout + train.stderr
     summary = json.loads((tmp_path / "search" / "tune_summary.json").read_text())
     assert len(summary["trials"]) == 3
+    client = MlflowClient(tracking_server)
+    runs = client.search_runs([client.get_experiment_by_name(server_experiment).experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and r.info.run_name.endswith("(search)")]
+    assert len(parents) == 1 and len(runs) == 1 + 3 + 1  # the search, its 3 trials, the training
+    assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    assert sum(r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id for r in runs) == 3
