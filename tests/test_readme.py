@@ -17,7 +17,7 @@ from distswitch.cli import _parser
 from distswitch.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ["README.md", "cluster/README.md"]
+DOCS = ["README.md", "docs/usage.md", "docs/architecture.md", "cluster/README.md"]
 STARTS = ("distswitch ", "uv run distswitch ", "make ", "ray job submit ")
 
 
