@@ -81,12 +81,14 @@ def tracking_server(tmp_path_factory) -> str:
                 pytest.fail(f"`make tracking-server` did not come up: {log.read_text()[-3000:]}", pytrace=False)
             time.sleep(0.5)
         yield uri
+        assert proc.poll() is None, f"the tracking server died during the tests: {log.read_text()[-3000:]}"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture

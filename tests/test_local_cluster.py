@@ -17,18 +17,26 @@ from conftest import make_config
 pytestmark = pytest.mark.slow
 
 
-def test_disconnect_stops_every_process_of_the_local_cluster_it_started():
+def test_disconnect_stops_every_process_of_the_local_cluster_it_started_and_no_other():
     # First in the file: one Ray session per process, and the module's cluster below lives until the end.
+    import subprocess
+
     from distswitch.driver.cluster import connect, disconnect
 
-    ray, owned = connect(make_config())
-    assert owned
-    cluster = psutil.Process().children(recursive=True)
-    assert any(p.name() == "raylet" for p in cluster)
-    disconnect(ray, owned)
-    assert not ray.is_initialized()
-    gone, alive = psutil.wait_procs(cluster, timeout=10)
-    assert not alive, [p.name() for p in alive]
+    bystander = subprocess.Popen(["sleep", "600"])  # the driver's own child (a test session's server)
+    try:
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        ray, owned = connect(make_config())
+        assert owned
+        cluster = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        assert any(p.name() == "raylet" for p in cluster)
+        disconnect(ray, owned)
+        assert not ray.is_initialized()
+        gone, alive = psutil.wait_procs(cluster, timeout=10)
+        assert not alive, [p.name() for p in alive]
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
 
 
 @pytest.fixture(scope="module")

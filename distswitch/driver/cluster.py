@@ -118,14 +118,22 @@ def disconnect(ray, started: bool) -> None:
     per process, then SIGKILL added ~2.7 s to every run, and the agents the raylet started outlived a
     raylet killed without them. So the driver disconnects first (Ray has no public switch for that:
     its private node handle is taken out of ray.shutdown()'s hands), then every process the cluster
-    started, read before any of them is gone (orphans leave the tree), gets SIGKILL."""
+    started, and theirs, read before any of them is gone (orphans leave the tree), gets SIGKILL. Only
+    those: the driver's other children (a test session's servers, a notebook's) are not the cluster's."""
     if not started:
         return
     import psutil
     from ray._private import worker as ray_worker
 
-    processes = psutil.Process().children(recursive=True)
     node, ray_worker._global_node = getattr(ray_worker, "_global_node", None), None
+    processes = []
+    for infos in (node.all_processes.values() if node is not None else []):
+        for info in infos:
+            try:
+                process = psutil.Process(info.process.pid)
+                processes += [process, *process.children(recursive=True)]
+            except psutil.Error:  # gone meanwhile
+                pass
     ray.shutdown()  # the driver disconnects; the processes are left to us
     if node is not None and node.is_head():
         node.destroy_external_storage()  # objects spilled to disk
