@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     if proc.returncode != 0:
         print(proc.stdout[-3000:] + proc.stderr[-3000:], file=sys.stderr)
         return proc.returncode
-    lines = [line.rstrip() for line in (proc.stdout + proc.stderr).splitlines()]
+    # Ray colours the worker prefix; a README shows the text.
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).rstrip() for line in (proc.stdout + proc.stderr).splitlines()]
     text = block(lines, json.loads((out / "summary.json").read_text()), (time.time() - started) / 60,
                  time.strftime("%Y-%m-%d"), args.out_dir)
     if args.keep_readme:
