@@ -6,7 +6,8 @@
 #   TRACKING_DB         postgresql://USER:PASSWORD@HOST:PORT/DB of an existing database; unset: Debian's
 #                       local PostgreSQL cluster is started (as root, or with sudo) and given a role and
 #                       a database named distswitch
-#   TRACKING_HOST/PORT  where the server listens (127.0.0.1:5001; 0.0.0.0 for the nodes of a cluster)
+#   TRACKING_HOST/PORT  where the server listens (127.0.0.1:5001; the head's private address for a
+#                       cluster's nodes, cluster/README.md)
 #   TRACKING_ARTIFACTS  where the server keeps artifacts (./mlflow-server-artifacts)
 #   MLFLOW              the mlflow command (uv run --locked mlflow)
 set -euo pipefail

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from distswitch.config import ConfigError
 from distswitch.io import atomic_path
-from distswitch.tracking import BEST, mlflow_client, result
+from distswitch.tracking import BEST, mlflow_client
 
 # Params that do not make a setting: where and how a run ran, and the seed its repeats differ in.
 NOT_SETTING = ("train.seed", "out_dir", "tracking.", "distributed.", "data.root", "data.beton_dir", "data.num_workers",
@@ -56,14 +56,13 @@ def runs_table(uri: str, experiment: str | None = None, sort: str | None = None)
     found = store_runs(uri, experiment)
     if sort is not None:
         metric, sign = BEST[sort], -1 if _LARGER_FIRST[sort] else 1
-        found.sort(key=lambda er: (result(er[1].data.metrics, metric) is None,
-                                   sign * (result(er[1].data.metrics, metric) or 0)))
+        found.sort(key=lambda er: (er[1].data.metrics.get(metric) is None, sign * (er[1].data.metrics.get(metric) or 0)))
     rows = []
     for name, run in found:
         p, m = run.data.params, run.data.metrics
 
         def num(key, fmt):  # called in this iteration only
-            value = result(m, BEST[key])  # noqa: B023
+            value = m.get(BEST[key])  # noqa: B023
             return "-" if value is None else format(value, fmt)
 
         budget = p.get("budget.fraction", "null")
@@ -92,7 +91,7 @@ def finished_runs(uri: str, experiment: str | None = None) -> list[dict]:
     """The store's finished training runs with their results, as plain records."""
     records = []
     for name, run in store_runs(uri, experiment):
-        m, p = {k: result(run.data.metrics, v) for k, v in METRICS.items()}, run.data.params
+        m, p = {k: run.data.metrics.get(v) for k, v in METRICS.items()}, run.data.params
         if run.info.status != "FINISHED" or run.data.tags.get(COMPARE_TAG) or None in m.values():
             continue  # unfinished, a search's parent, or a comparison itself
         setting = tuple(sorted((k, v) for k, v in p.items() if not k.startswith(NOT_SETTING)))

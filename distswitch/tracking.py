@@ -40,11 +40,6 @@ BEST = {"test_acc": "best/test_acc", "val_acc": "best/val_acc", "kept": "best/ke
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
-def result(metrics: dict, name: str) -> float | None:
-    """A run's `best/` result (None for a run that has not finished)."""
-    return metrics.get(name)
-
-
 # Set by `ray job submit` in the job's driver, whose working directory is Ray's temporary copy of
 # --working-dir (gone with the job).
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -226,6 +221,11 @@ class EpochLogger:
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
         for i in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+
+
+def system_metrics_interval(cfg: Config) -> float | None:
+    """Seconds between system-metrics samples on every node, None when off (tracking.system_metrics)."""
+    return cfg.tracking.system_metrics_interval if cfg.tracking.system_metrics else None
 
 
 def system_metrics(uri: str, run_id: str, node: str, interval: float):

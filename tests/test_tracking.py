@@ -286,7 +286,7 @@ def test_registered_versions_carry_their_tags_and_best_loads_in_a_fresh_process_
 
 
 def test_system_metrics_are_sampled_every_10_s_by_default_and_can_be_switched_off():
-    from distswitch.driver.train import system_metrics_interval
+    from distswitch.tracking import system_metrics_interval
 
     assert system_metrics_interval(make_config()) == 10.0
     assert system_metrics_interval(make_config(tracking={"system_metrics": False})) is None

@@ -131,8 +131,7 @@ def make_trainer(cfg: Config, worker: Worker, storage: str, marks: dict, launche
     backend = d.backend if d.backend != "auto" else ("nccl" if d.use_gpu else "gloo")
     return TorchTrainer(
         worker,
-        train_loop_config={"config": cfg.to_dict(), "launched_at": launched_at, "marks": marks, "tracking": tracking,
-                           "system_metrics": system_metrics_interval(cfg)},
+        train_loop_config={"config": cfg.to_dict(), "launched_at": launched_at, "marks": marks, "tracking": tracking},
         torch_config=TorchConfig(backend=backend),
         scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                      resources_per_worker=dict(d.resources_per_worker) or None),
@@ -149,11 +148,6 @@ def make_trainer(cfg: Config, worker: Worker, storage: str, marks: dict, launche
             callbacks=callbacks,
         ),
     )
-
-
-def system_metrics_interval(cfg: Config) -> float | None:
-    """Seconds between system-metrics samples on every node, None when off (tracking.system_metrics)."""
-    return cfg.tracking.system_metrics_interval if cfg.tracking.system_metrics else None
 
 
 def fit(trainer, cfg: Config, storage: str):

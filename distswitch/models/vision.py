@@ -132,7 +132,6 @@ def _vgg(config: str, in_channels: int, image_size: int, classifier) -> nn.Modul
                                      classifier=classifier(channels)))
 
 
-# Before its layers had module paths, vgg16 was one nn.Sequential: '0.3' is today's 'features.3'.
 @MODELS.register("vgg16")
 def vgg16(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     return _vgg("D", in_channels, image_size, lambda c: nn.Sequential(

@@ -229,13 +229,13 @@ def ray_main(loop_config: dict) -> None:
 
         tracker = EpochLogger(*loop_config["tracking"])
     monitor = None
-    interval = loop_config.get("system_metrics")
-    if loop_config.get("tracking") and interval and context.get_local_rank() == 0:  # one per node
+    if loop_config.get("tracking") and cfg.tracking.system_metrics and context.get_local_rank() == 0:  # per node
         from ray.util import get_node_ip_address
 
-        from distswitch.tracking import system_metrics
+        from distswitch.tracking import system_metrics, system_metrics_interval
 
-        monitor = system_metrics(*loop_config["tracking"], node=get_node_ip_address(), interval=interval)
+        monitor = system_metrics(*loop_config["tracking"], node=get_node_ip_address(),
+                                 interval=system_metrics_interval(cfg))
     try:
         train(cfg, session, ray.train.torch.get_device(), launched_at=loop_config.get("launched_at"),
               marks=loop_config.get("marks"), tracker=tracker)
