@@ -12,6 +12,7 @@ with the rowwise switcher and with the papers' U-Net. The goal: SNN bytes <= 5% 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
@@ -34,31 +35,38 @@ CIFAR_SHAPE = DatasetInfo("cifar10", 10, 3, 32, (0.5,) * 3, (0.25,) * 3, "none")
 SETTINGS = [("all", "rowwise"), ("classifier", "rowwise"), ("classifier", "unet")]
 
 
+def _measure(model: str, gated: str, arch: str, x: torch.Tensor, y: torch.Tensor) -> dict:
+    cpu = torch.device("cpu")
+    cfg = load_config(None, [f"model.name={model}", f"model.gated={gated}", "method=switch",
+                             f"switcher.arch={arch}", "train.device=cpu", "schedule.warmup_epochs=0",
+                             f"out_dir={tempfile.gettempdir()}/distswitch-comm"])
+    tnn, gates, method = build(cfg, CIFAR_SHAPE, 10, cpu)
+    engine = Engine(cfg, tnn, gates, method, cpu, make_replicas(tnn, method, cpu))
+    for phase in (Phase.TNN, Phase.SNN):
+        engine.step(0, phase, x, y)
+    params = {"tnn": sum(p.numel() for p in tnn.parameters()),
+              "snn": sum(p.numel() for p in method.source.parameters())}
+    sent = {ph.value: engine.replicas.comm_bytes[ph] for ph in Phase}
+    return {"gated": gated, "switcher": arch, "gated_layers": len(gates.specs), "parameters": params,
+            "bytes_per_step": sent, "snn_over_tnn": sent["snn"] / sent["tnn"]}
+
+
 def _worker(rank: int, world: int, tmp: str, model: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
-    rows = []
     try:
-        cpu = torch.device("cpu")
         gen = torch.Generator().manual_seed(rank)
         x, y = torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 10, (4,), generator=gen)
-        for gated, arch in SETTINGS:
-            cfg = load_config(None, [f"model.name={model}", f"model.gated={gated}", "method=switch",
-                                     f"switcher.arch={arch}", "train.device=cpu", "schedule.warmup_epochs=0",
-                                     f"out_dir={tempfile.gettempdir()}/distswitch-comm"])
-            tnn, gates, method = build(cfg, CIFAR_SHAPE, 10, cpu)
-            engine = Engine(cfg, tnn, gates, method, cpu, make_replicas(tnn, method, cpu))
-            for phase in (Phase.TNN, Phase.SNN):
-                engine.step(0, phase, x, y)
-            if rank == 0:
-                params = {"tnn": sum(p.numel() for p in tnn.parameters()),
-                          "snn": sum(p.numel() for p in method.source.parameters())}
-                sent = {ph.value: engine.replicas.comm_bytes[ph] for ph in Phase}
-                rows.append({"gated": gated, "switcher": arch, "gated_layers": len(gates.specs), "parameters": params,
-                           "bytes_per_step": sent, "snn_over_tnn": sent["snn"] / sent["tnn"]})
+        # Each setting's DDP replicas are built and freed inside _measure, so none outlives the group.
+        rows = [_measure(model, gated, arch, x, y) for gated, arch in SETTINGS]
         if rank == 0:
             Path(tmp, "rows.json").write_text(json.dumps(rows))
+        # Both ranks done with every collective before either tears gloo down: a rank that exits while
+        # its peer's gloo threads still run aborted once in CI ("terminate called without an active
+        # exception", SIGABRT).
+        dist.barrier()
     finally:
+        gc.collect()
         dist.destroy_process_group()
 
 
