@@ -1,4 +1,4 @@
-"""`distswitch` command line: train | tune | export | data prepare | runs | compare.
+"""`distswitch` command line: train | tune | export | data prepare | runs | compare | sync.
 
 User errors (bad config, missing data, unknown names, every checkpoint damaged) print one line and exit with status 2;
 training that stopped for good (it diverged, a layer lost its last units) or that Ray gave up on
@@ -60,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     where = runs.add_mutually_exclusive_group()
     where.add_argument("--uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
     where.add_argument("--out-dir", help="the store a run's out_dir logged to (its summary.json says which)")
+
+    sync = sub.add_parser("sync", help="send what a run logged while its MLflow server was away "
+                                         "(out_dir/mlflow-outbox) to the server")
+    sync.add_argument("out_dir", help="the run's out_dir")
 
     compare = sub.add_parser("compare", help="test accuracy against compact MACs and params across a store's runs "
                                                "(table and figure, seeds aggregated; also logged to MLflow)")
@@ -173,6 +177,29 @@ def _cmd_runs(args) -> int:
     return 0
 
 
+def _cmd_sync(args) -> int:
+    from pathlib import Path
+
+    from distswitch.outbox import send_all, unsent
+    from distswitch.tracking import Delivery, outbox_dir
+
+    folder = outbox_dir(args.out_dir)
+    if not Path(args.out_dir).is_dir():
+        raise ConfigError(f"out_dir: {args.out_dir} is not a folder; pass the out_dir of a run")
+    if not folder.is_dir() or unsent(folder) == 0:
+        print(f"nothing to send: {folder} holds nothing unsent")
+        return 0
+    try:
+        sent, busy = send_all(folder, Delivery())
+    except Exception as exc:
+        left = unsent(folder)
+        print(f"distswitch: error: MLflow did not take all of it ({type(exc).__name__}: {str(exc)[:200]}); "
+              f"{left} entries wait in {folder}: run this again once the server is reachable", file=sys.stderr)
+        return 1
+    print(f"sent {sent} entries from {folder}" + (f" ({', '.join(busy)}: a live run is sending those)" if busy else ""))
+    return 0
+
+
 def _cmd_compare(args) -> int:
     from distswitch.compare import compare
 
@@ -192,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         commands = {"train": _cmd_train, "tune": _cmd_tune, "export": _cmd_export, "data": _cmd_data, "runs": _cmd_runs,
-                    "compare": _cmd_compare}
+                    "compare": _cmd_compare, "sync": _cmd_sync}
         return commands[args.command](args)
     except (ConfigError, UnknownNameError, DataError, CheckpointDamaged) as exc:
         if args.debug:

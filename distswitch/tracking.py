@@ -2,10 +2,13 @@
 
 The driver opens (or, for a resumed run, re-opens) the run and passes its id to the workers; only
 rank 0 logs, by run id through an `MlflowClient` (no active-run global), so a worker-group restart
-continues the same run instead of starting another (the trap in Ray issue #48664). Per-epoch
-metrics are logged after the epoch's checkpoint is reported: an epoch that is re-run after a
-restart was never logged before it. The driver logs the final artifacts and marks the run
-FINISHED, FAILED (with the error) or KILLED.
+continues the same run instead of starting another (the trap in Ray issue #48664). The driver logs
+the final artifacts and marks the run FINISHED, FAILED (with the error) or KILLED.
+
+What rank 0 and the driver log goes through the run's outbox (out_dir/mlflow-outbox,
+`distswitch.outbox`): on disk first, then sent by a background thread that retries, so a server
+that is away blocks no epoch and loses nothing; what it has not taken when the run ends waits there
+for `distswitch sync OUT_DIR`.
 
 Default store: MLflow's own, `mlflow.db` in the directory the run is launched from, artifacts in
 `mlruns/` beside it, so every run launched there lands in one store and a plain `mlflow ui` there
@@ -21,14 +24,12 @@ import os
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
-from distswitch import model_registry as registry
 from distswitch.config import Config, ConfigError
-from distswitch.io import atomic_path
+from distswitch.outbox import Outbox
+from distswitch.run_results import log_results
 from distswitch.signals import stop_signal
-from distswitch.summary import width_label
 
 RUN_KEY_TAG = "distswitch.run_key"  # storage path + run name: what identifies a resumable run
 # The selected model's results, logged once at the end under `best/`: MLflow's chart view and a run
@@ -146,43 +147,6 @@ def command_line(short: bool = False) -> str:
     return " ".join(argv)[:500]
 
 
-def _dataset(summary: dict):
-    """The run's data as an MLflow dataset (the Dataset column): name, where it was read from, the
-    source's checksum from the prepared folder's metadata.json as digest, and the split sizes."""
-    import warnings
-
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-
-    data = summary["config"]["data"]
-    folder = Path(data.get("beton_dir") or ".")
-    meta = json.loads((folder / "metadata.json").read_text()) if (folder / "metadata.json").is_file() else None
-    ffcv = summary.get("data_loader") == "ffcv" and meta is not None
-    root = data.get("root")
-    if ffcv:
-        location = str(folder.resolve())
-    elif root and Path(root).is_dir():
-        location = Path(root).resolve().as_uri()
-    else:
-        location = root or f"({data['dataset']} default location)"
-    sizes = dict(meta["counts"]) if ffcv else {"val": data.get("val_size")}
-    sizes["train"] = summary["train_examples"]  # after data.train_limit
-
-    class Splits(MetaDataset):
-        @property
-        def profile(self):
-            return sizes
-
-        def to_dict(self):
-            return {**super().to_dict(), "profile": json.dumps(sizes)}
-
-    with warnings.catch_warnings():  # a local path matches two of MLflow's local source kinds; either is right
-        warnings.simplefilter("ignore")
-        source = resolve_dataset_source(location)
-    digest = meta["source"]["sha256"][:16] if meta is not None else None
-    return Splits(source, name=data["dataset"], digest=digest)
-
-
 def _check_reachable(uri: str, timeout: float = 5.0) -> None:
     """An HTTP tracking server answers /health within seconds (MLflow's own client retries with
     backoff for minutes before it gives up)."""
@@ -200,27 +164,103 @@ def _check_reachable(uri: str, timeout: float = 5.0) -> None:
                           "or set tracking.uri / MLFLOW_TRACKING_URI to a reachable one") from None
 
 
-class EpochLogger:
-    """Rank 0's per-epoch metrics, by run id."""
+OUTBOX = "mlflow-outbox"  # in out_dir: what the run logs, until its tracking server has it
 
-    def __init__(self, uri: str, run_id: str) -> None:
-        self.client, self.run_id = mlflow_client(uri), run_id
-        self.logged: set[int] | None = None  # epochs the run has already (a relaunch), read once
+
+def outbox_dir(out_dir: str | Path) -> Path:
+    return Path(out_dir).resolve() / OUTBOX
+
+
+def transient(exc: BaseException) -> bool:
+    """A delivery worth retrying: the server unreachable, timed out or overloaded (MLflow's client
+    wraps the connection error it gave up on); not a refusal or a bug of ours."""
+    import re
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, (OSError, TimeoutError)):  # requests' errors are OSErrors
+            return True
+        if getattr(seen, "error_code", None) in ("TEMPORARILY_UNAVAILABLE", "RESOURCE_EXHAUSTED"):
+            return True
+        if re.search(r"error code 5\d\d|Max retries exceeded|Connection refused", str(seen)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+class Delivery:
+    """An outbox entry into MLflow (each entry names its store and run, so any sender, or `distswitch
+    sync`, delivers it): per-epoch metrics an earlier attempt already logged are skipped; the rest
+    MLflow takes twice without harm (identical metrics are kept once, uploads overwrite; the model
+    is logged unless the run has one)."""
+
+    def __init__(self) -> None:
+        self.clients: dict[str, object] = {}
+        self.logged: dict[str, set[int]] = {}  # run id -> epochs MLflow had when this process first looked
+
+    def __call__(self, entry: dict) -> None:
+        from mlflow.entities import Metric
+
+        uri, run_id = entry["uri"], entry["run_id"]
+        client = self.clients.get(uri) or self.clients.setdefault(uri, mlflow_client(uri))
+        if entry["kind"] == "metrics":
+            if entry.get("epoch"):
+                if run_id not in self.logged:
+                    self.logged[run_id] = {m.step for m in client.get_metric_history(run_id, "val/acc")}
+                if entry["step"] in self.logged[run_id]:
+                    return
+            batch = [Metric(k, float(v), entry["timestamp"], entry["step"]) for k, v in entry["metrics"].items()]
+            for i in range(0, len(batch), 1000):
+                client.log_batch(run_id, metrics=batch[i : i + 1000])
+        elif entry["kind"] == "finish":
+            log_results(client, uri, run_id, Path(entry["out_dir"]))
+        elif entry["kind"] == "end":
+            for key, value in entry.get("tags", {}).items():
+                client.set_tag(run_id, key, value)
+            client.set_terminated(run_id, entry["status"], end_time=entry["timestamp"])
+        else:
+            raise ValueError(f"unknown outbox entry {entry['kind']!r} (written by a newer distswitch?)")
+
+
+def run_outbox(uri: str, out_dir: str | Path, name: str) -> Outbox:
+    return Outbox(outbox_dir(out_dir), name, Delivery(), uri, transient=transient)
+
+
+def _entry(kind: str, uri: str, run_id: str, **fields) -> dict:
+    return {"kind": kind, "uri": uri, "run_id": run_id, "timestamp": int(time.time() * 1000), **fields}
+
+
+class EpochLogger:
+    """Rank 0's per-epoch metrics, by run id, through the run's outbox (out_dir/mlflow-outbox):
+    an epoch blocks on nothing, whatever the server does."""
+
+    def __init__(self, uri: str, run_id: str, out_dir: str | Path) -> None:
+        self.uri, self.run_id = uri, run_id
+        self.outbox = run_outbox(uri, out_dir, "rank0")
+        # Epochs an earlier attempt put here (a relaunch on this node); MLflow's own are checked on delivery.
+        self.logged = {e["step"] for e in self.outbox.journal.entries()
+                       if e.get("epoch") and e["run_id"] == run_id}
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """`metrics` at `step`, unless an earlier attempt logged that step: an epoch trained again
         after a damaged checkpoint was skipped gives the same values, and a run keeps one per epoch."""
-        from mlflow.entities import Metric
-
-        if self.logged is None:
-            self.logged = {m.step for m in self.client.get_metric_history(self.run_id, "val/acc")}
         if step in self.logged:
             return
         self.logged.add(step)
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
-        for i in range(0, len(batch), 1000):
-            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+        values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        self.outbox.put(_entry("metrics", self.uri, self.run_id, step=step, metrics=values, epoch=True))
+
+    def close(self, timeout: float) -> None:
+        """Up to `timeout` seconds for the server to take what waits (the rest stays in the outbox:
+        the driver, or `distswitch sync`, sends it)."""
+        self.outbox.flush(timeout)
+        self.outbox.close()
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """`metrics` at `step` now, synchronously (the driver's own figures, e.g. a search's summary)."""
+    Delivery()(_entry("metrics", uri, run_id, step=step,
+                      metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}))
 
 
 def system_metrics_interval(cfg: Config) -> float | None:
@@ -243,146 +283,60 @@ def system_metrics(uri: str, run_id: str, node: str, interval: float):
     return monitor
 
 
-def finish_run(uri: str, run_id: str, out_dir: Path, summary: dict) -> None:
-    """Final metrics, the architecture, the compact model and the figures; then FINISHED."""
-    import mlflow
-    import torch
-
-    from distswitch.export import load_compact
-
-    client = mlflow_client(uri)
+def finish_run(uri: str, run_id: str, out_dir: Path, summary: dict, timeout: float) -> bool:
+    """Final metrics, the architecture, the compact model and the figures; then FINISHED; all through
+    the outbox, waiting up to `timeout` seconds for the server. Whether it took everything (if not, one
+    line says how to send the rest); an error no retry cures is raised."""
     values = {"test_acc": summary["test_acc"], "val_acc": summary["val_acc"], "kept": summary["kept_fraction"],
               "params": summary["compact"]["params"], "macs": summary["compact"]["macs"]}
     final = {**{BEST[k]: v for k, v in values.items()}, "best/epoch": summary["selected_epoch"],
              "test/acc": summary["test_acc"], "test/loss": summary["test_loss"],
              "dense/params": summary["dense"]["params"], "dense/macs": summary["dense"]["macs"]}
-    EpochLogger(uri, run_id).log(final, step=len(summary["history"]))
-    from mlflow.entities import DatasetInput, InputTag
-
-    dataset = _dataset(summary)._to_mlflow_entity()
-    client.log_inputs(run_id, [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])])
-    for name in ("summary.json", "model.arch.json"):
-        client.log_artifact(run_id, str(out_dir / name))
-    client.log_dict(run_id, {"kept_per_layer": summary["kept_per_layer"], "widths": summary["widths"]},
-                    "architecture/kept.json")
-    for path in figures(summary, out_dir / "figures"):
-        client.log_artifact(run_id, str(path), "figures")
-    model = load_compact(out_dir / "model.pt")
-    arch = json.loads((out_dir / "model.arch.json").read_text())
-    example = torch.zeros(2, arch["in_channels"], arch["image_size"], arch["image_size"]).numpy()
-    register = summary["config"]["tracking"].get("register")
-    with global_tracking_uri(uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
-        # pt2 (torch.export): loading it runs no pickle, so needs none of our classes. MLflow's
-        # default, except on Databricks: said explicitly. The signature comes from the example.
-        info = mlflow.pytorch.log_model(model, name="model", input_example=example, serialization_format="pt2",
-                                        conda_env=model_env(), registered_model_name=register,
-                                        extra_files=[str(out_dir / "model.arch.json")])
-    if register:
-        registry.register(client, register, str(info.registered_model_version), summary)
-    client.set_terminated(run_id, "FINISHED")
+    outbox = run_outbox(uri, out_dir, "driver")
+    outbox.put(_entry("metrics", uri, run_id, step=len(summary["history"]), metrics=final))
+    outbox.put(_entry("finish", uri, run_id, out_dir=str(Path(out_dir).resolve())))
+    outbox.put(_entry("end", uri, run_id, status="FINISHED"))
+    return _wait(outbox, timeout)
 
 
-def model_env() -> dict:
-    """The logged model's environment, declared: what loading a pt2 model needs (torch), so MLflow
-    infers nothing (its inference looks for pip and uv and warns where they are missing)."""
-    import platform
-    from importlib.metadata import version
-
-    # The installed distributions' versions (torch's own __version__ carries a local +cu tag pip
-    # does not match against).
-    return {"name": "distswitch-model", "channels": ["conda-forge"],
-            "dependencies": [f"python={platform.python_version()}", "pip",
-                             {"pip": [f"mlflow=={version('mlflow')}", f"torch=={version('torch')}"]}]}
-
-
-@contextmanager
-def global_tracking_uri(uri: str):
-    """MLflow's global tracking URI set to `uri` for the block (log_model logs to the active run of
-    the global URI). set_tracking_uri also exports MLFLOW_TRACKING_URI; both are put back exactly,
-    or the next run in this process (tune trials, tests) would resolve its store from the leftover."""
-    import mlflow
-
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
+def _wait(outbox: Outbox, timeout: float) -> bool:
     try:
-        yield
+        if outbox.flush(timeout):
+            return True
+        if outbox.error is not None:
+            raise outbox.error
     finally:
-        mlflow.set_tracking_uri(previous)  # None unsets both
+        outbox.close()
+    print(f"distswitch: warning: MLflow at {outbox.where} did not take all of this run within {timeout:.0f} s "
+          f"({outbox.last_error}); the rest waits in {outbox.journal.folder}: {sync_hint(outbox)}",
+          file=sys.stderr, flush=True)
+    return False
 
 
-def fail_run(uri: str, run_id: str, error: BaseException) -> None:
-    """Mark the run FAILED (KILLED on Ctrl-C or a stop signal, named in a tag) with the error; called while `error` propagates, so a
-    store that fails now only warns: the original error is the one to see."""
+def sync_hint(outbox: Outbox) -> str:
+    return f"`distswitch sync {outbox.journal.folder.parent}` sends it"
+
+
+def fail_run(uri: str, run_id: str, out_dir: Path, error: BaseException, timeout: float) -> None:
+    """Mark the run FAILED (KILLED on Ctrl-C or a stop signal, named in a tag) with the error, through
+    the outbox; called while `error` propagates, so a store that fails now only warns: the original
+    error is the one to see."""
+    tags = {"distswitch.error": f"{type(error).__name__}: {error}"[:5000]}
+    if isinstance(error, KeyboardInterrupt):  # Ctrl-C, or a stop signal the CLI turned into one
+        tags["distswitch.signal"] = stop_signal().name
+    status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+    outbox = None
     try:
-        _check_reachable(uri)  # seconds, where MLflow's client would retry for minutes
-        client = mlflow_client(uri)
-        client.set_tag(run_id, "distswitch.error", f"{type(error).__name__}: {error}"[:5000])
-        if isinstance(error, KeyboardInterrupt):  # Ctrl-C, or a stop signal the CLI turned into one
-            client.set_tag(run_id, "distswitch.signal", stop_signal().name)
-        client.set_terminated(run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        outbox = run_outbox(uri, out_dir, "driver")
+        outbox.put(_entry("end", uri, run_id, status=status, tags=tags))
+        _check_reachable(uri)  # seconds: a Ctrl-C does not wait out a server that is gone
+        _wait(outbox, timeout)
     except Exception as exc:
-        print(f"distswitch: warning: could not mark MLflow run {run_id} failed at {uri} ({type(exc).__name__}: "
-              f"{str(exc)[:200]})", file=sys.stderr)
-
-
-def figures(summary: dict, folder: Path) -> list[Path]:
-    """Kept units per layer (bars), accuracy and kept fraction per epoch (curves), factor histograms."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on a cluster node
-    import matplotlib.pyplot as plt
-
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    layers = summary["kept_per_layer"]
-    fig, ax = plt.subplots(figsize=(max(4, len(layers) * 0.6), 3.5))
-    names = list(layers)
-    ax.bar(range(len(names)), [layers[n]["units"] for n in names], color="#cccccc", label="units")
-    ax.bar(range(len(names)), [layers[n]["kept"] for n in names], color="#1f77b4", label="kept")
-    ax.set_xticks(range(len(names)), [width_label(n, layers[n]) for n in names], rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("units")
-    ax.set_title(f"kept {summary['kept_fraction']:.1%} of gated units")
-    ax.legend()
-    fig.tight_layout()
-    paths.append(_save(fig, folder / "kept_per_layer.png"))
-
-    history = summary["history"]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    epochs = [h["epoch"] + 1 for h in history]
-    ax.plot(epochs, [h["val_acc"] for h in history], marker="o", label="val acc")
-    ax.plot(epochs, [h["kept_fraction"] for h in history], marker="s", label="kept fraction")
-    ax.set_xlabel("epoch")
-    ax.set_ylim(0, 1.02)
-    ax.legend()
-    fig.tight_layout()
-    paths.append(_save(fig, folder / "accuracy_and_kept.png"))
-
-    factors = summary.get("factor_histograms") or {}
-    if factors:
-        fig, axes = plt.subplots(1, len(factors), figsize=(3 * len(factors), 2.8), squeeze=False)
-        for ax, (layer, hist) in zip(axes[0], factors.items()):
-            ax.bar(hist["edges"][:-1], hist["counts"], width=[b - a for a, b in zip(hist["edges"], hist["edges"][1:])],
-                   align="edge", label="on (> 0)")
-            zeros = hist.get("zeros")  # summaries before the split have none
-            if zeros:
-                ax.bar([0], [zeros], width=(hist["edges"][-1] - hist["edges"][0]) / 40 or 0.02, color="#d62728",
-                       label=f"off (= 0): {zeros}")
-            ax.legend(fontsize=7)
-            row = layers.get(layer)
-            ax.set_title(width_label(layer, row) if row else layer, fontsize=8)
-            ax.set_xlabel("factor")
-        fig.tight_layout()
-        paths.append(_save(fig, folder / "factor_histograms.png"))
-    return paths
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    with atomic_path(path) as tmp:  # its suffix tells savefig the format
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return path
+        if outbox is not None:
+            outbox.close()
+        where = f"; it waits in {outbox.journal.folder}: {sync_hint(outbox)}" if outbox is not None else ""
+        print(f"distswitch: warning: could not mark MLflow run {run_id} {status} at {uri} ({type(exc).__name__}: "
+              f"{str(exc)[:200]}){where}", file=sys.stderr)
 
 
 def git_sha() -> str | None:

@@ -51,44 +51,66 @@ def session_store(tmp_path_factory):
         os.environ["MLFLOW_TRACKING_URI"] = before
 
 
-@pytest.fixture(scope="session")
-def tracking_server(tmp_path_factory) -> str:
-    """`make tracking-server` as a team runs it (`mlflow server`, PostgreSQL store, artifacts proxied by
-    the server), one for the whole test run, on a free port; its URI. The database outlives the test
-    run: tests name an experiment of their own (`server_experiment`)."""
-    import signal
-    import subprocess
-    import time
-    import urllib.request
+class TrackingServer:
+    """`make tracking-server` as a team runs it (`mlflow server`, PostgreSQL store, artifacts proxied
+    by the server) on `port`, in a process group of its own; `stop` and `start` again (an outage)
+    keep its store and artifacts."""
 
-    port = free_port()
-    log = tmp_path_factory.mktemp("tracking-server") / "server.log"
-    with log.open("w") as sink:
-        proc = subprocess.Popen(["make", "-s", "tracking-server", f"TRACKING_PORT={port}",
-                                 f"TRACKING_ARTIFACTS={log.parent / 'artifacts'}"], cwd=REPO_ROOT, stdout=sink,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
+    def __init__(self, port: int, folder: Path) -> None:
+        self.port, self.folder = port, folder
+        self.uri = f"http://127.0.0.1:{port}"
+        self.log = folder / "server.log"
+        self.proc = None
+
+    def start(self) -> None:
+        import subprocess
+        import time
+        import urllib.request
+
+        with self.log.open("a") as sink:
+            self.proc = subprocess.Popen(["make", "-s", "tracking-server", f"TRACKING_PORT={self.port}",
+                                          f"TRACKING_ARTIFACTS={self.folder / 'artifacts'}"], cwd=REPO_ROOT,
+                                         stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 180
         while True:
             try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as answer:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as answer:
                     if answer.status == 200:
-                        break
+                        return
             except OSError:
                 pass
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"`make tracking-server` did not come up: {log.read_text()[-3000:]}", pytrace=False)
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                pytest.fail(f"`make tracking-server` did not come up: {self.log.read_text()[-3000:]}", pytrace=False)
             time.sleep(0.5)
-        yield uri
-        assert proc.poll() is None, f"the tracking server died during the tests: {log.read_text()[-3000:]}"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                proc.wait(timeout=30)
+                self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def tracking_server(tmp_path_factory) -> str:
+    """One team tracking server for the whole test run, on a free port; its URI. The database outlives
+    the test run: tests name an experiment of their own (`server_experiment`)."""
+    server = TrackingServer(free_port(), tmp_path_factory.mktemp("tracking-server"))
+    server.start()
+    try:
+        yield server.uri
+        assert server.alive(), f"the tracking server died during the tests: {server.log.read_text()[-3000:]}"
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -35,7 +35,9 @@ def _tracked_run(out: Path, overrides: list[str]) -> str:
     artifacts and the model), in this process: the same code without a cluster's start-up."""
     cfg = load_config(DEFAULT_CONFIG, [*SHORT, *overrides, f"out_dir={out}"])
     handle = RunHandle.open(cfg, str(out / "ray"), out.name)
-    summary = train(cfg, tracker=EpochLogger(handle.uri, handle.run_id))
+    tracker = EpochLogger(*handle.tracking)
+    summary = train(cfg, tracker=tracker)
+    tracker.close(timeout=60)
     handle.finish(Summary.from_dict(summary))
     return handle.run_id
 

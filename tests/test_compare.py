@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from conftest import make_config
 from distswitch.cli import main
 from distswitch.compare import COMPARE_TAG
-from distswitch.tracking import BEST, EpochLogger, open_run
+from distswitch.tracking import BEST, log_metrics, open_run
 
 DENSE = {"dense/macs": 2_000_000, "dense/params": 400_000}
 
@@ -19,7 +19,7 @@ def _run(tmp_path, name: str, acc: float, macs: float, finished: bool = True, **
     sections.setdefault("schedule", {"finetune_epochs": 1})  # a budget's cut needs one
     cfg = make_config(out_dir=str(tmp_path / name), tracking={"experiment": "lenet"}, **sections)
     uri, run_id = open_run(cfg, name)
-    EpochLogger(uri, run_id).log({BEST["test_acc"]: acc, BEST["macs"]: macs, BEST["params"]: macs / 5, **DENSE}, step=3)
+    log_metrics(uri, run_id, {BEST["test_acc"]: acc, BEST["macs"]: macs, BEST["params"]: macs / 5, **DENSE}, step=3)
     if finished:
         MlflowClient(uri).set_terminated(run_id, "FINISHED")
     return uri

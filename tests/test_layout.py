@@ -13,13 +13,13 @@ import distswitch
 # Upstream first; a module may import its own level or any level before it.
 LEVELS = [
     {"config", "registry", "io", "signals", "process"},
-    {"manifest"},
+    {"manifest", "outbox"},
     {"data", "models", "optim", "fold", "coupling"},
     {"gates"},
     {"switcher", "schedule", "cost", "counting"},
     {"methods", "parallel"},
     {"engine", "export", "model_registry"},
-    {"build", "checkpoint", "summary", "tracking"},  # what the worker and the driver both need
+    {"build", "checkpoint", "summary", "run_results", "tracking"},  # what the worker and the driver both need
     {"artifacts", "compare"},
     {"worker", "driver"},  # siblings: neither imports the other (below)
     {"cli"},  # wires the worker's entry into the driver

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from conftest import REPO_ROOT, make_config
 from distswitch.cli import main
 from distswitch.config import ConfigError, load_config
-from distswitch.tracking import RUN_KEY_TAG, EpochLogger, fail_run, flatten, open_run
+from distswitch.tracking import RUN_KEY_TAG, EpochLogger, fail_run, flatten, log_metrics, open_run
 
 
 def _cfg(tmp_path, **sections):
@@ -69,8 +69,8 @@ def test_a_submitted_ray_job_keeps_its_store_beside_its_out_dir(tmp_path, monkey
 def test_an_unfinished_run_is_continued_not_duplicated(tmp_path):
     cfg = _cfg(tmp_path)
     uri, first = open_run(cfg, "store/run")
-    EpochLogger(uri, first).log({"val/acc": 0.5}, step=0)
-    fail_run(uri, first, RuntimeError("worker lost"))
+    log_metrics(uri, first, {"val/acc": 0.5}, step=0)
+    fail_run(uri, first, tmp_path, RuntimeError("worker lost"), timeout=30)
     _, second = open_run(cfg, "store/run")
     assert second == first
     client = MlflowClient(uri)
@@ -89,16 +89,17 @@ def test_a_finished_run_is_never_reopened(tmp_path):
 @pytest.mark.parametrize("error, status", [(ValueError("loss is NaN"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
 def test_a_failed_run_is_marked_with_its_error(tmp_path, error, status):
     uri, run_id = open_run(_cfg(tmp_path), "store/run")
-    fail_run(uri, run_id, error)
+    fail_run(uri, run_id, tmp_path, error, timeout=30)
     run = MlflowClient(uri).get_run(run_id)
     assert run.info.status == status and type(error).__name__ in run.data.tags["distswitch.error"]
 
 
 def test_metrics_are_logged_per_epoch_step(tmp_path):
     uri, run_id = open_run(_cfg(tmp_path), "store/run")
-    logger = EpochLogger(uri, run_id)
+    logger = EpochLogger(uri, run_id, tmp_path)
     for epoch in range(3):
         logger.log({"val/acc": 0.1 * epoch, "tnn/loss": 1.0, "note": "not a number"}, step=epoch)
+    logger.close(timeout=30)
     history = MlflowClient(uri).get_metric_history(run_id, "val/acc")
     assert [m.step for m in history] == [0, 1, 2]
     assert "note" not in MlflowClient(uri).get_run(run_id).data.metrics
@@ -121,8 +122,8 @@ def test_open_run_refuses_an_unusable_store(tmp_path):
 def test_runs_lists_each_run_with_its_settings_and_results(tmp_path, capsys):
     cfg = _cfg(tmp_path, switcher={"width": 24}, schedule={"update_ratio": 2})
     uri, run_id = open_run(cfg, "store/run")
-    EpochLogger(uri, run_id).log({"best/test_acc": 0.8765, "best/val_acc": 0.88, "best/kept_fraction": 0.5,
-                                  "best/compact_params": 12345, "best/compact_macs": 67890}, step=3)
+    log_metrics(uri, run_id, {"best/test_acc": 0.8765, "best/val_acc": 0.88, "best/kept_fraction": 0.5,
+                              "best/compact_params": 12345, "best/compact_macs": 67890}, step=3)
     MlflowClient(uri).set_terminated(run_id, "FINISHED")
     assert main(["runs"]) == 0  # the store MLFLOW_TRACKING_URI names
     header, row = capsys.readouterr().out.strip().splitlines()
@@ -135,7 +136,7 @@ def test_runs_lists_each_run_with_its_settings_and_results(tmp_path, capsys):
 def test_runs_lists_every_experiment_and_sorts_by_a_metric(tmp_path, capsys):
     for name, experiment, acc in (("a", "one", 0.7), ("b", "two", 0.9), ("c", "one", 0.8)):
         uri, run_id = open_run(make_config(out_dir=str(tmp_path / name), tracking={"experiment": experiment}), name)
-        EpochLogger(uri, run_id).log({"best/test_acc": acc}, step=0)
+        log_metrics(uri, run_id, {"best/test_acc": acc}, step=0)
     assert main(["runs", "--sort", "test_acc"]) == 0
     rows = [line.split()[:2] for line in capsys.readouterr().out.strip().splitlines()[1:]]
     assert rows == [["two", "b"], ["one", "c"], ["one", "a"]]
@@ -188,7 +189,7 @@ def test_make_ui_serves_the_store_on_loopback_only(tmp_path):
 def test_logging_the_model_leaves_the_processs_tracking_uri_as_it_was(before, monkeypatch, tmp_path):
     import mlflow
 
-    from distswitch.tracking import global_tracking_uri
+    from distswitch.run_results import global_tracking_uri
 
     if before is None:
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -208,8 +209,11 @@ def test_logging_the_model_leaves_the_processs_tracking_uri_as_it_was(before, mo
 def test_marking_a_run_failed_in_a_store_that_is_gone_only_warns(tmp_path, capsys):
     from distswitch.tracking import fail_run
 
-    fail_run("http://127.0.0.1:9", "abc", RuntimeError("the real error"))  # port 9: nothing listens
-    assert "could not mark MLflow run abc failed" in capsys.readouterr().err
+    start = time.time()
+    fail_run("http://127.0.0.1:9", "abc", tmp_path, RuntimeError("the real error"), timeout=30)  # port 9: nothing listens
+    err = capsys.readouterr().err
+    assert "could not mark MLflow run abc FAILED" in err and f"distswitch sync {tmp_path.resolve()}" in err
+    assert time.time() - start < 15  # not MLflow's minutes of retries
 
 
 @pytest.mark.parametrize("name", ["fashion-lenet5", "a b", "", " ", "a/b", "a:b", "..", ".", "a//b", "./a", "../a", "a/"])
@@ -248,7 +252,7 @@ def test_registered_versions_carry_their_tags_and_best_loads_in_a_fresh_process_
             "tracking.register=fashion-mlp-macs50", f"out_dir={tmp_path / f'run{seed}'}"])
         summary = train(cfg)
         uri, run_id = open_run(cfg, f"registry/{seed}")
-        finish_run(uri, run_id, tmp_path / f"run{seed}", summary)
+        assert finish_run(uri, run_id, tmp_path / f"run{seed}", summary, timeout=120)
         summaries[seed] = summary
     client = MlflowClient(mlflow_store)
     versions = {str(v.version): v for v in client.search_model_versions("name = 'fashion-mlp-macs50'")}
@@ -263,7 +267,7 @@ def test_registered_versions_carry_their_tags_and_best_loads_in_a_fresh_process_
     assert str(client.get_model_version_by_alias("fashion-mlp-macs50", "best").version) == str(best_seed + 1)
     import mlflow
 
-    from distswitch.tracking import global_tracking_uri
+    from distswitch.run_results import global_tracking_uri
 
     with global_tracking_uri(mlflow_store):
         info = mlflow.models.get_model_info("models:/fashion-mlp-macs50@best")
@@ -298,7 +302,7 @@ def test_the_team_s_tracking_server_keeps_runs_in_postgresql_and_serves_their_ar
     cfg = make_config(out_dir=str(tmp_path / "run"), tracking={"uri": tracking_server, "experiment": server_experiment})
     uri, run_id = open_run(cfg, "server/run")
     assert uri == tracking_server
-    EpochLogger(uri, run_id).log({"best/test_acc": 0.8765, "best/val_acc": 0.88}, step=3)
+    log_metrics(uri, run_id, {"best/test_acc": 0.8765, "best/val_acc": 0.88}, step=3)
     client = MlflowClient(uri)
     run = client.get_run(run_id)
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # uploaded through the server: no shared disk

@@ -17,7 +17,7 @@ from distswitch.config import load_config
 from distswitch.counting import count
 from distswitch.data import BatchLoader, load_splits, make_loaders
 from distswitch.export import load_compact
-from distswitch.tracking import global_tracking_uri
+from distswitch.run_results import global_tracking_uri
 from distswitch.worker import train
 
 pytestmark = pytest.mark.slow

@@ -56,6 +56,8 @@ def check_values(cfg) -> None:
             "null or a name MLflow's registry accepts (not empty, no '/' or ':', not a path such as '..')")
     interval = cfg.tracking.system_metrics_interval
     require(math.isfinite(interval) and interval > 0, "tracking.system_metrics_interval", interval, "a number of seconds > 0")
+    wait = cfg.tracking.send_timeout
+    require(math.isfinite(wait) and wait >= 0, "tracking.send_timeout", wait, "a number of seconds >= 0")
     ratio = cfg.schedule.update_ratio
     require(ratio == "epoch" or ratio >= 1, "schedule.update_ratio", ratio, "an integer >= 1 or 'epoch'")
     require(cfg.schedule.warmup_epochs >= 0, "schedule.warmup_epochs", cfg.schedule.warmup_epochs, ">= 0")

@@ -235,6 +235,10 @@ class TrackingConfig:
     # system/<node IP>/<metric>. On everywhere: sampling every 10 s takes 0.12% of one core (docs/results.md).
     system_metrics: bool = True
     system_metrics_interval: float = 10.0  # seconds between samples
+    # What a run logs goes to out_dir/mlflow-outbox first and is shipped in the background (a server
+    # that is away blocks no epoch); the end of a run waits this long for it to take the rest (what
+    # is left waits for `distswitch sync OUT_DIR`).
+    send_timeout: float = 60.0
 
 
 @dataclass(frozen=True)

@@ -41,16 +41,18 @@ class RunHandle:
         return cls(cfg, Path(cfg.out_dir), storage, name, uri, run_id)
 
     @property
-    def tracking(self) -> tuple[str, str] | None:
-        """(uri, run_id) as plain data for the workers (rank 0 logs its epochs there), or None."""
-        return (self.uri, self.run_id) if self.run_id is not None else None
+    def tracking(self) -> tuple[str, str, str] | None:
+        """(uri, run_id, out_dir) as plain data for the workers (rank 0 logs its epochs there, through
+        an outbox in out_dir), or None."""
+        return (self.uri, self.run_id, str(self.out.resolve())) if self.run_id is not None else None
 
     def fail(self, error: BaseException) -> None:
         """The MLflow run ends FAILED with the error (no-op without tracking)."""
         if self.run_id is not None:
             from distswitch.tracking import fail_run
 
-            fail_run(self.uri, self.run_id, error)
+            # Seconds at most: the run is ending on an error or a signal (the rest waits in the outbox).
+            fail_run(self.uri, self.run_id, self.out, error, timeout=min(self.cfg.tracking.send_timeout, 10.0))
 
     def collect(self, result) -> Summary:
         """A finished Ray Train result's final checkpoint into out_dir (model, best.pt); returns
@@ -78,7 +80,8 @@ class RunHandle:
 
     def finish(self, summary: Summary) -> dict:
         """out_dir/summary.json written (once), then the MLflow run gets the results and ends
-        FINISHED (FAILED if logging them fails: a run never stays RUNNING)."""
+        FINISHED (FAILED if MLflow refuses them: a run never stays RUNNING; a server that is away
+        gets them later, out of its outbox)."""
         if self.run_id is not None:
             from distswitch.tracking import experiment_name
 
@@ -89,7 +92,7 @@ class RunHandle:
             from distswitch.tracking import finish_run
 
             try:
-                finish_run(self.uri, self.run_id, self.out, data)
+                finish_run(self.uri, self.run_id, self.out, data, timeout=self.cfg.tracking.send_timeout)
             except BaseException as exc:  # the results are on disk; the run must not stay RUNNING
                 self.fail(exc)
                 raise

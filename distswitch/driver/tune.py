@@ -241,12 +241,12 @@ def _close(uri: str, trial_id: str) -> None:
 
 
 def _log_search(search: RunHandle, out: Path, summary: dict) -> None:
-    from distswitch.tracking import EpochLogger, mlflow_client
+    from distswitch.tracking import log_metrics, mlflow_client
 
     client = mlflow_client(search.uri)
     best = summary["best"]["metrics"]
     metrics = {f"best/{k}": v for k, v in best.items() if isinstance(v, (int, float)) and not math.isnan(v)}
-    EpochLogger(search.uri, search.run_id).log({**metrics, "num_trials": summary["num_trials"]}, step=0)
+    log_metrics(search.uri, search.run_id, {**metrics, "num_trials": summary["num_trials"]}, step=0)
     client.log_dict(search.run_id, summary["trials"], "trials.json")
     client.log_text(search.run_id, _table(summary["trials"]), "trials.md")
     client.log_artifact(search.run_id, str(out / "best_config.yaml"))

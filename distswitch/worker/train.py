@@ -234,7 +234,8 @@ def ray_main(loop_config: dict) -> None:
 
         from distswitch.tracking import system_metrics, system_metrics_interval
 
-        monitor = system_metrics(*loop_config["tracking"], node=get_node_ip_address(),
+        uri, run_id, _ = loop_config["tracking"]
+        monitor = system_metrics(uri, run_id, node=get_node_ip_address(),
                                  interval=system_metrics_interval(cfg))
     try:
         train(cfg, session, ray.train.torch.get_device(), launched_at=loop_config.get("launched_at"),
@@ -244,5 +245,7 @@ def ray_main(loop_config: dict) -> None:
         # `train` reported it as the latest checkpoint; the driver raises it.
         return
     finally:
+        if tracker is not None:  # what the server has not taken yet stays in the outbox for the driver
+            tracker.close(cfg.tracking.send_timeout)
         if monitor is not None:
             monitor.finish()
