@@ -194,7 +194,7 @@ def _cmd_sync(args) -> int:
     except Exception as exc:
         left = unsent(folder)
         print(f"distswitch: error: MLflow did not take all of it ({type(exc).__name__}: {str(exc)[:200]}); "
-              f"{left} entries wait in {folder}: run this again once the server is reachable", file=sys.stderr)
+              f"{left} unsent, kept in {folder}: run this again once the server is reachable", file=sys.stderr)
         return 1
     print(f"sent {sent} entries from {folder}" + (f" ({', '.join(busy)}: a live run is sending those)" if busy else ""))
     return 0

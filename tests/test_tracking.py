@@ -313,3 +313,27 @@ def test_the_team_s_tracking_server_keeps_runs_in_postgresql_and_serves_their_ar
     printed = capsys.readouterr().out
     header, row = printed.strip().splitlines()
     assert row.split()[:3] == [server_experiment, "run", "FINISHED"] and "0.8765" in row.split(), printed
+
+
+def test_sync_sends_what_a_run_left_in_its_outbox_once_and_says_so(tmp_path, capsys, monkeypatch):
+    from distswitch.outbox import Journal
+    from distswitch.tracking import OUTBOX, _entry
+
+    uri, run_id = open_run(_cfg(tmp_path), "store/run")
+    out = tmp_path / "run"
+    journal = Journal(out / OUTBOX, "driver")  # what a run left when its server was away at the end
+    journal.append(_entry("metrics", uri, run_id, step=0, metrics={"val/acc": 0.5}, epoch=True))
+    journal.append(_entry("end", uri, run_id, status="FINISHED"))
+    assert main(["sync", str(out)]) == 0
+    assert "sent 2 entries" in capsys.readouterr().out
+    client = MlflowClient(uri)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [m.value for m in client.get_metric_history(run_id, "val/acc")] == [0.5]
+    assert main(["sync", str(out)]) == 0
+    assert "nothing to send" in capsys.readouterr().out
+    # A server still away: one line, exit 1, the entries kept.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    journal.append(_entry("metrics", "http://127.0.0.1:9", run_id, step=1, metrics={"val/acc": 0.6}, epoch=True))
+    assert main(["sync", str(out)]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "1 unsent, kept in" in err[0]
