@@ -1,4 +1,4 @@
-"""`distswitch` command line: train | tune | export | data prepare | runs | compare | sync.
+"""`distswitch` command line: train | tune | sweep | export | data prepare | runs | compare | sync.
 
 User errors (bad config, missing data, unknown names, every checkpoint damaged) print one line and exit with status 2;
 training that stopped for good (it diverged, a layer lost its last units) or that Ray gave up on
@@ -39,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="Ray Tune over the config's tune.space (ASHA), one MLflow child run per trial")
     tune.add_argument("config", help="YAML config with a `tune` section, e.g. configs/tune_fashion_lenet5.yaml")
     tune.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tune.num_samples=4 train.epochs=2")
+
+    sweep = sub.add_parser("sweep", help="methods x budgets x seeds (the config's `sweep` section) as one Ray Tune "
+                                          "experiment, compared at the end")
+    sweep.add_argument("config", help="YAML config, e.g. configs/sweep_fashion_lenet5.yaml")
+    sweep.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sweep.seeds=[0,1] sweep.budgets=[0.3,0.15]")
 
     data = sub.add_parser("data", help="dataset files: `data prepare` writes .beton files for FFCV")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -124,6 +129,20 @@ def _cmd_tune(args) -> int:
           + ", ".join(f"{k}={v}" for k, v in best["config"].items()))
     print(f"best config: {summary['best_config_path']} (run it with `distswitch train {summary['best_config_path']}`)")
     return 0
+
+
+def _cmd_sweep(args) -> int:
+    cfg = _console(args)
+    from distswitch.driver.tune import tune
+    from distswitch.worker import ray_main
+
+    summary = tune(cfg, ray_main, launched_at=args.started, sweep=True)
+    failed = [t["trial"] for t in summary["trials"] if t["error"]]
+    if summary.get("comparison"):
+        print(summary["comparison"]["table"])
+        print(f"figure: {summary['comparison']['figure']}")
+    print(f"{summary['num_trials']} trials" + (f", {len(failed)} failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
 
 
 def _cmd_export(args) -> int:
@@ -213,13 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()  # origin of the start-up figure (launch to first step)
     args = _parser().parse_args(argv)
     args.started = started
-    if args.command in ("train", "tune"):  # the driver's cluster start keeps this handler (cluster.connect)
+    if args.command in ("train", "tune", "sweep"):  # the driver's cluster start keeps this handler (cluster.connect)
         signals.install()
     from distswitch.data.datasets import DataError  # imported late: `--help` stays fast
 
     try:
         commands = {"train": _cmd_train, "tune": _cmd_tune, "export": _cmd_export, "data": _cmd_data, "runs": _cmd_runs,
-                    "compare": _cmd_compare, "sync": _cmd_sync}
+                    "compare": _cmd_compare, "sync": _cmd_sync, "sweep": _cmd_sweep}
         return commands[args.command](args)
     except (ConfigError, UnknownNameError, DataError, CheckpointDamaged) as exc:
         if args.debug:

@@ -23,7 +23,7 @@ from distswitch.tracking import BEST, mlflow_client
 
 # Params that do not make a setting: where and how a run ran, and the seed its repeats differ in.
 NOT_SETTING = ("train.seed", "out_dir", "tracking.", "distributed.", "data.root", "data.beton_dir", "data.num_workers",
-               "data.loader", "train.progress", "train.device", "train.compile", "tune.")
+               "data.loader", "train.progress", "train.device", "train.compile", "tune.", "sweep.")
 COMPARE_TAG = "distswitch.compare"  # the run holding a comparison's figure and table (never compared)
 METRICS = {"test_acc": BEST["test_acc"], "macs": BEST["macs"], "params": BEST["params"], "dense_macs": "dense/macs",
            "dense_params": "dense/params"}

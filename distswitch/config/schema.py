@@ -260,6 +260,29 @@ class TuneConfig:
     name: Union[str, None] = None  # null = out_dir's name; the same name resumes the search
 
 
+# `distswitch sweep`'s named variants: a name -> dotted overrides (a registered method's name needs none).
+SWEEP_VARIANTS = {
+    "magnitude-gradual": {"method": "magnitude", "prune.schedule": "gradual"},
+    "magnitude-gradual-group": {"method": "magnitude", "prune.schedule": "gradual", "prune.importance": "group"},
+}
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """`distswitch sweep`: every method (or named variant) x budget x seed, each a full training run
+    (a Ray Tune trial with its own workers), compared at the end as `distswitch compare` does."""
+
+    methods: tuple[str, ...] = ("switch", "magnitude-gradual-group")
+    budgets: tuple[Union[float, None], ...] = (0.5,)  # budget.fraction values (null: no budget)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    # Named variants beyond the built-in ones (SWEEP_VARIANTS): name -> {dotted key: value}.
+    variants: dict = field(default_factory=dict)
+    # null = the cluster's CPUs (or GPUs) / what one trial's workers take.
+    max_concurrent_trials: Union[int, None] = None
+    name: Union[str, None] = None  # null = out_dir's name; the same name resumes the sweep
+    variant: Union[str, None] = None  # set in each trial's config: which of `methods` it runs
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -273,6 +296,7 @@ class Config:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     out_dir: str = "outputs/run"
 

@@ -24,6 +24,7 @@ import yaml
 from distswitch.build import preflight, validate_names
 from distswitch.config import Config, ConfigError, set_dotted
 from distswitch.driver import cluster
+from distswitch.driver import sweep as sweeping
 from distswitch.driver.claim import claim
 from distswitch.driver.run import RunHandle
 from distswitch.driver.train import Worker, fit, local_paths, make_trainer, storage_path
@@ -42,8 +43,12 @@ def search_space(cfg: Config) -> dict:
 
 
 def trial_config(base: dict, values: dict, out_dir: Path, name: str, uri: str | None) -> Config:
-    """The search's config with one trial's values (dotted keys), its own out_dir and run name."""
+    """The search's config with one trial's values (dotted keys; a sweep's variant first), its own
+    out_dir and run name."""
     data = json.loads(json.dumps(base))
+    values = dict(values)
+    if sweeping.VARIANT_KEY in values:
+        sweeping.apply_variant(data, values.pop(sweeping.VARIANT_KEY))
     for key, value in values.items():
         set_dotted(data, key.split("."), value, f"tune.space.{key}")
     data["out_dir"] = str(out_dir)
@@ -54,10 +59,9 @@ def trial_config(base: dict, values: dict, out_dir: Path, name: str, uri: str | 
     return Config.from_dict(data)
 
 
-def max_concurrent(ray, cfg: Config) -> int:
-    """How many trials' worker groups fit in the cluster at once (at least 1)."""
-    if cfg.tune.max_concurrent_trials:
-        return cfg.tune.max_concurrent_trials
+def max_concurrent(ray, cfg: Config, sweep: bool = False) -> int:
+    """How many trials' worker groups fit in the cluster at once; a trial that fits nowhere is a
+    ConfigError (it would wait for ever)."""
     d = cfg.distributed
     need = dict(d.resources_per_worker) or {"CPU": 1, **({"GPU": 1} if d.use_gpu else {})}
     have = ray.cluster_resources()
@@ -66,15 +70,22 @@ def max_concurrent(ray, cfg: Config) -> int:
         if amount > 0:
             per_trial = amount * d.num_workers + (TRIAL_DRIVER_CPU if name == "CPU" else 0)
             fits.append(int(have.get(name, 0) // per_trial))
-    return max(1, min(fits) if fits else 1)
+            if fits[-1] == 0:
+                raise ConfigError(f"distributed: one trial needs {per_trial:g} {name} ({d.num_workers} workers), the "
+                                  f"cluster has {have.get(name, 0):g}; lower distributed.num_workers or "
+                                  "distributed.resources_per_worker")
+    chosen = cfg.sweep.max_concurrent_trials if sweep else cfg.tune.max_concurrent_trials
+    return chosen or max(1, min(fits) if fits else 1)
 
 
-def tune(cfg: Config, worker: Worker, launched_at: float | None = None) -> dict:
-    """Run the search, `worker` on every trial's workers; returns its summary (also
-    out_dir/tune_summary.json)."""
+def tune(cfg: Config, worker: Worker, launched_at: float | None = None, sweep: bool = False) -> dict:
+    """Run the search (or, `sweep`, the config's sweep grid), `worker` on every trial's workers;
+    returns its summary (also out_dir/tune_summary.json)."""
     launched_at = launched_at if launched_at is not None else time.time()
     validate_names(cfg)
-    if not cfg.tune.space:
+    if sweep:
+        sweeping.check(cfg)
+    elif not cfg.tune.space:
         raise ConfigError("tune.space: empty; give at least one key, e.g. switcher.width: {choice: [16, 32, 64]}")
     if not os.environ.get("RAY_ADDRESS"):
         cfg = local_paths(cfg)
@@ -84,25 +95,28 @@ def tune(cfg: Config, worker: Worker, launched_at: float | None = None) -> dict:
         raise ConfigError(f"out_dir: {str(out)!r} already holds a finished search (tune_summary.json); "
                           "pass another out_dir=... or remove it")
     with claim(out, "search"):  # one driver per search (its trials are under it), before Ray starts
-        return _tune(cfg, worker, out, launched_at)
+        return _tune(cfg, worker, out, launched_at, sweep)
 
 
-def _tune(cfg: Config, worker: Worker, out: Path, launched_at: float) -> dict:
+def _tune(cfg: Config, worker: Worker, out: Path, launched_at: float, sweep: bool) -> dict:
     write_text(out / "config.yaml", cfg.to_yaml())
-    name = cfg.tune.name or out.resolve().name
+    name = (cfg.sweep.name if sweep else cfg.tune.name) or out.resolve().name
     storage = storage_path(cfg)
-    search_cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, run_name=f"{name} (search)"))
+    kind = "sweep" if sweep else "search"
+    search_cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, run_name=f"{name} ({kind})"))
     search = RunHandle.open(search_cfg, storage, name, run_key=f"{storage}/{name}/search")
     try:
         ray, started = cluster.connect(cfg)
         try:
             cluster.check_storage(ray, storage)
-            summary = _search(ray, cfg, worker, out, name, storage, search, launched_at)
+            summary = _search(ray, cfg, worker, out, name, storage, search, launched_at, sweep)
         finally:
             cluster.disconnect(ray, started)
     except BaseException as exc:
         search.fail(exc)
         raise
+    if sweep:
+        summary["comparison"] = sweeping.comparison(out / "trials", out, title=name)
     write_json(out / "tune_summary.json", summary)
     if search.run_id is not None:
         _log_search(search, out, summary)
@@ -110,7 +124,7 @@ def _tune(cfg: Config, worker: Worker, out: Path, launched_at: float) -> dict:
 
 
 def _search(ray, cfg: Config, worker: Worker, out: Path, name: str, storage: str, search: RunHandle,
-            launched_at: float) -> dict:
+            launched_at: float, sweep: bool) -> dict:
     from ray import tune as rtune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -121,21 +135,24 @@ def _search(ray, cfg: Config, worker: Worker, out: Path, name: str, storage: str
     trainable = rtune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPU})
     path = f"{storage}/{name}"
     callbacks = [close_runs_callback(search.uri)] if search.run_id is not None else []
+    space = sweeping.grid(cfg) if sweep else search_space(cfg)
     if rtune.Tuner.can_restore(path):
-        print(f"resuming the search in {path}", flush=True)
-        tuner = rtune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=search_space(cfg))
+        print(f"resuming the {'sweep' if sweep else 'search'} in {path}", flush=True)
+        tuner = rtune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=space)
     else:
         # Iterations are reports: one per epoch, then the final one (test accuracy). ASHA stops a
         # trial that reaches max_t, so max_t lies beyond the last report: a trial that survives
         # the rungs ends by itself and closes its MLflow run with the model logged.
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs + 2,
-                                  grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
+        # A sweep runs every trial to the end: the comparison needs them all.
+        scheduler = None if sweep else ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs + 2,
+                                                     grace_period=cfg.tune.grace_period,
+                                                     reduction_factor=cfg.tune.reduction_factor)
         tuner = rtune.Tuner(
             trainable,
-            param_space=search_space(cfg),
+            param_space=space,
             tune_config=rtune.TuneConfig(metric=cfg.tune.metric, mode="max", scheduler=scheduler,
-                                         num_samples=cfg.tune.num_samples,
-                                         max_concurrent_trials=max_concurrent(ray, cfg)),
+                                         num_samples=1 if sweep else cfg.tune.num_samples,
+                                         max_concurrent_trials=max_concurrent(ray, cfg, sweep)),
             run_config=rtune.RunConfig(name=name, storage_path=storage, callbacks=callbacks),
         )
     grid = tuner.fit()
@@ -251,6 +268,9 @@ def _log_search(search: RunHandle, out: Path, summary: dict) -> None:
     client.log_text(search.run_id, _table(summary["trials"]), "trials.md")
     client.log_artifact(search.run_id, str(out / "best_config.yaml"))
     client.log_text(search.run_id, yaml.safe_dump(summary["best"]["config"]), "best_values.yaml")
+    if summary.get("comparison"):  # a sweep's accuracy-vs-MACs table and figure
+        client.log_text(search.run_id, summary["comparison"]["table"], "compare/table.md")
+        client.log_artifact(search.run_id, summary["comparison"]["figure"], "compare")
     client.set_terminated(search.run_id, "FINISHED")
 
 
