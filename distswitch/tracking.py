@@ -299,6 +299,13 @@ def finish_run(uri: str, run_id: str, out_dir: Path, summary: dict, timeout: flo
     return _wait(outbox, timeout)
 
 
+def end_run(uri: str, run_id: str, out_dir: Path, timeout: float) -> bool:
+    """The run marked FINISHED through the outbox (a search's, whose results went in directly)."""
+    outbox = run_outbox(uri, out_dir, "driver")
+    outbox.put(_entry("end", uri, run_id, status="FINISHED"))
+    return _wait(outbox, timeout)
+
+
 def _wait(outbox: Outbox, timeout: float) -> bool:
     try:
         if outbox.flush(timeout):

@@ -49,14 +49,21 @@ class _Cluster:
 
 
 @pytest.mark.parametrize("cpus, gpus, overrides, expected", [
-    (2, 0, [], 1),  # 1 worker x 1 CPU + the trial driver's sliver: only one fits in 2 CPUs
+    (2, 0, ["distributed.num_workers=1"], 1),  # 1 worker x 1 CPU + the trial driver's sliver: one fits in 2 CPUs
     (16, 0, ["distributed.num_workers=2"], 7),
     (64, 8, ["distributed.use_gpu=true", "distributed.num_workers=2"], 4),  # GPUs bound it
-    (2, 0, ["tune.max_concurrent_trials=3"], 3),
+    (2, 0, ["distributed.num_workers=1", "tune.max_concurrent_trials=3"], 3),
 ])
 def test_concurrent_trials_follow_the_cluster_and_the_workers_per_trial(cpus, gpus, overrides, expected):
     cfg = load_config(DEFAULT_CONFIG, ["train.batch_size=128", *overrides])
     assert max_concurrent(_Cluster(cpus, gpus), cfg) == expected
+
+
+def test_a_trial_that_fits_nowhere_in_the_cluster_is_refused_in_one_line():
+    # 2 workers x 1 CPU + the trial driver's sliver > 2 CPUs: it would wait for ever.
+    cfg = load_config(DEFAULT_CONFIG, ["distributed.num_workers=2"])
+    with pytest.raises(ConfigError, match="one trial needs 2.01 CPU"):
+        max_concurrent(_Cluster(2), cfg)
 
 
 def _ray_processes() -> list[psutil.Process]:

@@ -54,6 +54,13 @@ class RunHandle:
             # Seconds at most: the run is ending on an error or a signal (the rest waits in the outbox).
             fail_run(self.uri, self.run_id, self.out, error, timeout=min(self.cfg.tracking.send_timeout, 10.0))
 
+    def end(self) -> None:
+        """The MLflow run ends FINISHED (a search's: its results are logged; no-op without tracking)."""
+        if self.run_id is not None:
+            from distswitch.tracking import end_run
+
+            end_run(self.uri, self.run_id, self.out, timeout=self.cfg.tracking.send_timeout)
+
     def collect(self, result) -> Summary:
         """A finished Ray Train result's final checkpoint into out_dir (model, best.pt); returns
         its summary, completed with what only the driver knows, not yet written. A stop for good

@@ -14,21 +14,16 @@ the latest epoch checkpoint.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import io
-import os
 import threading
 import time
 from pathlib import Path
 from typing import Callable
 
 from distswitch import checkpoint
-from distswitch.build import preflight, validate_names
 from distswitch.checkpoint import INCURABLE, RESUME_KEYS
 from distswitch.config import Config, ConfigError
-from distswitch.driver import cluster
 from distswitch.driver.claim import claim
+from distswitch.driver.launch import on_cluster, prepare
 from distswitch.driver.run import RunHandle
 from distswitch.io import write_json, write_text
 
@@ -48,17 +43,6 @@ def storage_path(cfg: Config) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
-def local_paths(cfg: Config) -> Config:
-    """Data paths made absolute: a local cluster's workers need not share the launcher's directory.
-    (On a remote cluster relative paths are left to the workers: `ray job submit --working-dir`.)"""
-    from distswitch.data.beton import default_dir
-
-    data = cfg.data
-    beton_dir = str(Path(data.beton_dir or default_dir(data.dataset)).expanduser().resolve())
-    root = str(Path(data.root).expanduser().resolve()) if data.root else None
-    return dataclasses.replace(cfg, data=dataclasses.replace(data, beton_dir=beton_dir, root=root))
-
-
 def run_name(cfg: Config) -> str:
     return cfg.distributed.name or Path(cfg.out_dir).resolve().name
 
@@ -70,19 +54,7 @@ def launch(cfg: Config, worker: Worker, summary_json: str | Path | None = None, 
     `launched_at`: the wall-clock origin of the start-up figures (the CLI passes the moment its
     `main` began; default: this call)."""
     launched_at = launched_at if launched_at is not None else time.time()
-    validate_names(cfg)
-    if os.environ.get("RAY_ADDRESS"):
-        cluster.check_ray_address(os.environ["RAY_ADDRESS"])
-    else:  # the data and the cluster are this machine's: fail before Ray starts
-        cfg = local_paths(cfg)
-        preflight(cfg)
-        cluster.check_cuda(cfg)
-        cluster.check_fits(cfg, cluster.local_resources(cfg), remote=False)
-    out = Path(cfg.out_dir)
-    if (out / "summary.json").is_file():
-        raise ConfigError(f"out_dir: {str(out)!r} already holds a finished run (summary.json); "
-                          f"pass another out_dir=... or remove it")
-    cluster.writable(out, "out_dir")
+    cfg, out = prepare(cfg, "summary.json", "run")
     with claim(out):  # one driver per run, before Ray starts; held until the run has ended
         return _launch(cfg, worker, out, summary_json, launched_at)
 
@@ -94,24 +66,10 @@ def _launch(cfg: Config, worker: Worker, out: Path, summary_json: str | Path | N
     run = RunHandle.open(cfg, storage, run_name(cfg))  # before Ray starts: an unreachable server fails in seconds
     marks = {"driver_ready": time.time()}
     try:
-        ray, started = cluster.connect(cfg)
-        marks["ray_connected"] = time.time()
-        try:
-            cluster.check_resources(ray, cfg)
-            cluster.check_storage(ray, storage)
-            cluster.check_tracking(ray, run.uri)
+        with on_cluster(cfg, storage, run.uri, marks):
             trainer = make_trainer(cfg, worker, storage, marks, launched_at, run.tracking)
             marks["fit_called"] = time.time()  # the dict is pickled with the trainer: set before fit
             summary = run.collect(fit(trainer, cfg, storage))
-        except KeyboardInterrupt:  # a stop signal (a joined cluster ends our job's actors once we have gone)
-            if started:  # Ray's notices of the actors killed would blame "an unexpected system error"
-                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                    cluster.halt_local_training()
-                    cluster.disconnect(ray, started)
-            raise
-        finally:
-            if started and ray.is_initialized():  # our connection, and our local cluster: closed with us
-                cluster.disconnect(ray, started)  # (a joined cluster runs on); also ends Ray's log stream
     except BaseException as exc:
         run.fail(exc)
         raise

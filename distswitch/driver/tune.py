@@ -15,19 +15,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import yaml
 
-from distswitch.build import preflight, validate_names
+from distswitch.build import validate_names
 from distswitch.config import Config, ConfigError, set_dotted
-from distswitch.driver import cluster
 from distswitch.driver import sweep as sweeping
 from distswitch.driver.claim import claim
+from distswitch.driver.launch import on_cluster, prepare
 from distswitch.driver.run import RunHandle
-from distswitch.driver.train import Worker, fit, local_paths, make_trainer, storage_path
+from distswitch.driver.train import Worker, fit, make_trainer, storage_path
 from distswitch.io import write_json, write_text
 
 TRIAL_DRIVER_CPU = 0.01
@@ -87,13 +86,7 @@ def tune(cfg: Config, worker: Worker, launched_at: float | None = None, sweep: b
         sweeping.check(cfg)
     elif not cfg.tune.space:
         raise ConfigError("tune.space: empty; give at least one key, e.g. switcher.width: {choice: [16, 32, 64]}")
-    if not os.environ.get("RAY_ADDRESS"):
-        cfg = local_paths(cfg)
-        preflight(cfg)
-    out = Path(cfg.out_dir)
-    if (out / "tune_summary.json").is_file():
-        raise ConfigError(f"out_dir: {str(out)!r} already holds a finished search (tune_summary.json); "
-                          "pass another out_dir=... or remove it")
+    cfg, out = prepare(cfg, "tune_summary.json", "sweep" if sweep else "search")
     with claim(out, "search"):  # one driver per search (its trials are under it), before Ray starts
         return _tune(cfg, worker, out, launched_at, sweep)
 
@@ -106,20 +99,17 @@ def _tune(cfg: Config, worker: Worker, out: Path, launched_at: float, sweep: boo
     search_cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, run_name=f"{name} ({kind})"))
     search = RunHandle.open(search_cfg, storage, name, run_key=f"{storage}/{name}/search")
     try:
-        ray, started = cluster.connect(cfg)
-        try:
-            cluster.check_storage(ray, storage)
+        with on_cluster(cfg, storage, search.uri) as ray:
             summary = _search(ray, cfg, worker, out, name, storage, search, launched_at, sweep)
-        finally:
-            cluster.disconnect(ray, started)
-    except BaseException as exc:
+        if sweep:
+            summary["comparison"] = sweeping.comparison(out / "trials", out, title=name)
+        write_json(out / "tune_summary.json", summary)
+        if search.run_id is not None:
+            _log_search(search, out, summary)
+    except BaseException as exc:  # the search's run never stays RUNNING
         search.fail(exc)
         raise
-    if sweep:
-        summary["comparison"] = sweeping.comparison(out / "trials", out, title=name)
-    write_json(out / "tune_summary.json", summary)
-    if search.run_id is not None:
-        _log_search(search, out, summary)
+    search.end()
     return summary
 
 
@@ -271,7 +261,6 @@ def _log_search(search: RunHandle, out: Path, summary: dict) -> None:
     if summary.get("comparison"):  # a sweep's accuracy-vs-MACs table and figure
         client.log_text(search.run_id, summary["comparison"]["table"], "compare/table.md")
         client.log_artifact(search.run_id, summary["comparison"]["figure"], "compare")
-    client.set_terminated(search.run_id, "FINISHED")
 
 
 def _table(rows: list[dict]) -> str:
