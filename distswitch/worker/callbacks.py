@@ -1,16 +1,9 @@
-"""The epoch's jobs around the engine, one small class each. The engine calls
-`on_epoch_end(stats)` on each, in order, after every epoch; they share the run's `RunState`:
+"""What happens after every epoch, read top-down in `EpochEnd.on_epoch_end` (the engine calls it):
+the epoch joins the history, the best epoch so far is selected, the replicas are checked and rank 0
+saves the checkpoint (at checkpoint epochs), the observers see the epoch (rank 0: its line, its
+MLflow metrics), the session gets the report, and rank 0 drops the previous local checkpoint.
 
-    Record          the epoch joins the history; this epoch's decisions start blank
-    SelectBest      the best validation epoch so far (every rank decides alike: val_acc is all-reduced)
-    CheckReplicas   at checkpoint epochs: every worker's generators, and identical replicas or a stop
-    PrintEpoch      rank 0: one line per epoch
-    SaveCheckpoint  rank 0: best.pt when this epoch is the best, the epoch's folder at checkpoint epochs
-    Report          every rank: metrics (and rank 0's folder) to the session (Ray, under Ray)
-    LogMetrics      rank 0 with tracking: the epoch's metrics to MLflow
-    KeepLatest      rank 0: local copies of older epoch folders dropped (the latest serves a stop)
-
-Rank-0 jobs are chosen once, in `epoch_callbacks`, not tested inside each epoch.
+Observers only watch: a callable `observer(stats, checkpointed)` changes nothing the run depends on.
 """
 
 from __future__ import annotations
@@ -33,144 +26,103 @@ from distswitch.io import save_torch
 from distswitch.manifest import seal, unused_name
 from distswitch.parallel import Replicas, state_digest
 from distswitch.summary import widths_line
+from distswitch.worker.session import Run
 
 
 @dataclass
 class RunState:
-    """What the epochs build up (restored on resume), and the current epoch's decisions."""
+    """What the epochs build up (restored on resume)."""
 
     history: list[EpochStats] = field(default_factory=list)
     best: dict = field(default_factory=lambda: {"val_acc": -1.0, "epoch": None})
-    is_best: bool = False
-    checkpoint: bool = False  # this epoch is checkpointed
-    rng: list[dict] | None = None  # every worker's generators, at checkpoint epochs
-    folder: Path | None = None  # rank 0: this epoch's checkpoint folder
     latest: Path | None = None  # rank 0: the latest checkpoint folder (kept for a stop)
     taken: set[str] = field(default_factory=set)  # checkpoint names already in the run's storage
 
 
-class Record:
-    def __init__(self, state: RunState) -> None:
-        self.state = state
+class EpochEnd:
+    def __init__(self, cfg: Config, info: DatasetInfo, engine: Engine, replicas: Replicas, session, state: RunState,
+                 steps_per_epoch: int, scratch: Path, observers: list) -> None:
+        self.cfg, self.info, self.engine, self.replicas, self.session = cfg, info, engine, replicas, session
+        self.state, self.steps, self.scratch, self.observers = state, steps_per_epoch, scratch, observers
+        self.lead = session.rank == 0
 
     def on_epoch_end(self, stats: EpochStats) -> None:
-        s = self.state
+        s, last = self.state, self.cfg.train.epochs - 1
         s.history.append(stats)
-        s.is_best, s.checkpoint, s.rng, s.folder = False, False, None, None
-
-
-class SelectBest:
-    def __init__(self, state: RunState) -> None:
-        self.state = state
-
-    def on_epoch_end(self, stats: EpochStats) -> None:
-        s = self.state
-        s.is_best = stats.selectable and stats.val_acc > s.best["val_acc"]
-        if s.is_best:  # val_acc is summed over workers: every rank takes the same decision
+        # The best validation epoch so far: val_acc is all-reduced, so every rank decides alike.
+        is_best = stats.selectable and stats.val_acc > s.best["val_acc"]
+        if is_best:
             s.best.update(val_acc=stats.val_acc, epoch=stats.epoch)
+        checkpointed = (stats.epoch + 1) % self.cfg.distributed.checkpoint_every == 0 or stats.epoch == last
+        rng = self.check_replicas(stats) if checkpointed else None
+        folder = self.save(stats, is_best, rng) if self.lead and (is_best or checkpointed) else None
+        # Before the report: a run stopped in between resumes from the epoch before and logs this one
+        # once (the tracker skips logged steps); the other order lost its metrics for good.
+        for observe in self.observers:
+            observe(stats, checkpointed)
+        self.report(stats, folder)
+        if folder is not None:  # the previous local copy goes; the latest serves a stop
+            if s.latest is not None:
+                shutil.rmtree(s.latest, ignore_errors=True)
+            s.latest = folder
 
-
-class CheckReplicas:
-    def __init__(self, cfg: Config, state: RunState, engine: Engine, replicas: Replicas) -> None:
-        self.cfg, self.state, self.engine, self.replicas = cfg, state, engine, replicas
-
-    def on_epoch_end(self, stats: EpochStats) -> None:
-        s, every = self.state, self.cfg.distributed.checkpoint_every
-        s.checkpoint = (stats.epoch + 1) % every == 0 or stats.epoch == self.cfg.train.epochs - 1
-        if not s.checkpoint:
-            return
-        s.rng = self.replicas.gather(checkpoint.rng_state())
-        # Replicas must be identical; a checkpoint of diverged workers is worthless.
+    def check_replicas(self, stats: EpochStats) -> list[dict]:
+        """Every worker's generators; identical replicas, or a stop (a checkpoint of diverged workers
+        is worthless)."""
+        rng = self.replicas.gather(checkpoint.rng_state())
         stats.replica_digests = self.replicas.gather(state_digest(self.engine.tnn, self.engine.method.source))
         if len(set(stats.replica_digests)) > 1:
             raise RuntimeError(f"worker replicas diverged by the end of epoch {stats.epoch + 1} "
                                f"(parameter digests {stats.replica_digests}); please report this")
+        return rng
 
-
-class PrintEpoch:
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-
-    def on_epoch_end(self, stats: EpochStats) -> None:
-        print(epoch_line(self.cfg, stats), file=sys.stderr, flush=True)
-
-
-class SaveCheckpoint:
-    def __init__(self, cfg: Config, info: DatasetInfo, engine: Engine, steps_per_epoch: int, state: RunState,
-                 scratch: Path) -> None:
-        self.cfg, self.info, self.engine, self.steps = cfg, info, engine, steps_per_epoch
-        self.state, self.scratch = state, scratch
-
-    def on_epoch_end(self, stats: EpochStats) -> None:
+    def save(self, stats: EpochStats, is_best: bool, rng: list[dict] | None) -> Path | None:
+        """Rank 0: best.pt when the epoch is the best, the epoch's sealed folder at checkpoint epochs."""
         s = self.state
-        if not (s.is_best or s.checkpoint):
-            return
-        saved = checkpoint.bundle(self.cfg, self.info, self.engine, stats.epoch, self.steps, s.history, s.best, s.rng)
-        if s.is_best:
+        saved = checkpoint.bundle(self.cfg, self.info, self.engine, stats.epoch, self.steps, s.history, s.best, rng)
+        if is_best:
             save_torch(saved, self.scratch / "best.pt")
-        if s.checkpoint:
-            s.folder = self.scratch / unused_name(stats.epoch, s.taken)
-            s.taken.add(s.folder.name)
-            s.folder.mkdir()
-            save_torch(saved, s.folder / "state.pt")
-            if (self.scratch / "best.pt").is_file():
-                shutil.copyfile(self.scratch / "best.pt", s.folder / "best.pt")
-            seal(s.folder, stats.epoch)  # last: a folder whose files match it is complete
+        if rng is None:
+            return None
+        folder = self.scratch / unused_name(stats.epoch, s.taken)
+        s.taken.add(folder.name)
+        folder.mkdir()
+        save_torch(saved, folder / "state.pt")
+        if (self.scratch / "best.pt").is_file():
+            shutil.copyfile(self.scratch / "best.pt", folder / "best.pt")
+        seal(folder, stats.epoch)  # last: a folder whose files match it is complete
+        return folder
 
-
-class Report:
-    def __init__(self, cfg: Config, session, state: RunState) -> None:
-        self.cfg, self.session, self.state = cfg, session, state
-
-    def on_epoch_end(self, stats: EpochStats) -> None:
+    def report(self, stats: EpochStats, folder: Path | None) -> None:
         metrics = epoch_metrics(stats)
         metrics["tune/score"] = stats.val_acc - self.cfg.tune.kept_weight * stats.kept_fraction  # `distswitch tune`'s trade-off
-        folder = self.state.folder
         self.session.report(metrics, folder, folder.name if folder is not None else f"epoch_{stats.epoch:04d}")
 
 
-class LogMetrics:
-    def __init__(self, cfg: Config, info: DatasetInfo, engine: Engine, state: RunState, tracker) -> None:
-        self.cfg, self.info, self.engine, self.state, self.tracker = cfg, info, engine, state, tracker
-        example = torch.zeros(1, info.channels, info.image_size, info.image_size)
-        self.dense = count(dense_tnn(cfg, info), example)
-
-    def on_epoch_end(self, stats: EpochStats) -> None:
-        # The compact size is a CPU pass over the whole TNN: at checkpoint epochs only (a GPU epoch
-        # can be shorter than the pass).
-        size = compact_size(self.cfg, self.info, self.engine, stats.epoch) if self.state.checkpoint else None
-        self.tracker.log(tracking_metrics(stats, size, self.dense), stats.epoch)
+def print_epoch(cfg: Config):
+    return lambda stats, checkpointed: print(epoch_line(cfg, stats), file=sys.stderr, flush=True)
 
 
-class KeepLatest:
-    def __init__(self, state: RunState) -> None:
-        self.state = state
+def log_epoch(cfg: Config, info: DatasetInfo, engine: Engine, tracker):
+    """Rank 0 with tracking: the epoch's metrics to MLflow (the compact size at checkpoint epochs: it
+    is a CPU pass over the whole TNN, and a GPU epoch can be shorter than the pass)."""
+    dense = count(dense_tnn(cfg, info), torch.zeros(1, info.channels, info.image_size, info.image_size))
 
-    def on_epoch_end(self, stats: EpochStats) -> None:
-        s = self.state
-        if s.folder is None:
-            return
-        if s.latest is not None:
-            shutil.rmtree(s.latest, ignore_errors=True)
-        s.latest = s.folder
+    def observe(stats: EpochStats, checkpointed: bool) -> None:
+        size = compact_size(cfg, info, engine, stats.epoch) if checkpointed else None
+        tracker.log(tracking_metrics(stats, size, dense), stats.epoch)
+
+    return observe
 
 
-def epoch_callbacks(cfg: Config, info: DatasetInfo, engine: Engine, replicas: Replicas, session, state: RunState,
-                    steps_per_epoch: int, scratch: Path, tracker=None) -> list:
-    """The epoch's jobs for this rank, in order (rank 0's chosen here, once)."""
-    lead = session.rank == 0
-    return [
-        Record(state),
-        SelectBest(state),
-        CheckReplicas(cfg, state, engine, replicas),
-        *([PrintEpoch(cfg), SaveCheckpoint(cfg, info, engine, steps_per_epoch, state, scratch)] if lead else []),
-        # MLflow before the checkpoint is reported: a run stopped in between then resumes from the
-        # epoch before and logs nothing twice (EpochLogger skips logged steps), where the other
-        # order lost the epoch's metrics for good (the checkpoint registered, the log never sent).
-        *([LogMetrics(cfg, info, engine, state, tracker)] if lead and tracker is not None else []),
-        Report(cfg, session, state),
-        *([KeepLatest(state)] if lead else []),
-    ]
+def epoch_end(run: Run, info: DatasetInfo, engine: Engine, replicas: Replicas, state: RunState,
+              steps_per_epoch: int) -> EpochEnd:
+    """The epoch's end for this rank, its observers chosen once."""
+    lead = run.session.rank == 0
+    observers = [print_epoch(run.cfg)] if lead else []
+    if lead and run.tracker is not None:
+        observers.append(log_epoch(run.cfg, info, engine, run.tracker))
+    return EpochEnd(run.cfg, info, engine, replicas, run.session, state, steps_per_epoch, run.scratch, observers)
 
 
 def epoch_metrics(s: EpochStats) -> dict:

@@ -13,9 +13,13 @@ import logging
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from distswitch.checkpoint import Stored, collect_final, stored_in
+from distswitch.config import Config
 from distswitch.io import copy_tree
 from distswitch.manifest import order
 
@@ -102,3 +106,18 @@ class RaySession(Session):
         from ray.experimental.tqdm_ray import tqdm
 
         return tqdm(total=total, desc=desc)
+
+
+@dataclass
+class Run:
+    """One worker's run, as it travels through `train`: the config, the session, the device, this
+    worker's scratch folder, the start-up timeline (`launched_at`, the launcher's and this worker's
+    wall-clock `marks`) and rank 0's MLflow tracker."""
+
+    cfg: Config
+    session: Session
+    device: torch.device
+    scratch: Path
+    launched_at: float | None = None
+    marks: dict[str, float] = field(default_factory=dict)
+    tracker: object | None = None

@@ -32,8 +32,8 @@ from distswitch.parallel import Replicas, gather_object
 from distswitch.process import configure_process
 from distswitch.summary import Summary
 from distswitch.tracking import git_sha
-from distswitch.worker.callbacks import RunState, epoch_callbacks
-from distswitch.worker.session import RaySession, Session
+from distswitch.worker.callbacks import RunState, epoch_end
+from distswitch.worker.session import RaySession, Run, Session
 
 
 def train(cfg: Config, session: Session | None = None, device: torch.device | None = None,
@@ -48,7 +48,7 @@ def train(cfg: Config, session: Session | None = None, device: torch.device | No
     session = session or Session(cfg.out_dir)
     scratch = Path(tempfile.mkdtemp(prefix="distswitch-"))  # this worker's local files (rank 0's best.pt)
     try:
-        return _train(cfg, session, device, launched_at, marks, tracker, scratch)
+        return _train(Run(cfg, session, device or resolve_device(cfg), scratch, launched_at, marks, tracker))
     except Incurable as exc:  # no restart cures it: a stop for good, raised again by the driver
         report_stop(session, exc.error, scratch, exc.source, gather_object)
         raise exc.error from None
@@ -60,10 +60,9 @@ def train(cfg: Config, session: Session | None = None, device: torch.device | No
         session.close()
 
 
-def _train(cfg: Config, session: Session, device: torch.device | None, launched_at: float | None,
-           marks: dict[str, float], tracker, scratch: Path) -> dict:
+def _train(run: Run) -> dict:
+    cfg, session, device, marks = run.cfg, run.session, run.device, run.marks
     validate_names(cfg)
-    device = device or resolve_device(cfg)
     seed_everything(cfg.train.seed)
     configure_process(device)  # cuDNN autotuning, a heap that keeps a step's freed memory
     loaders = agreed(session, lambda: make_loaders(cfg, session.rank, session.world_size, device))
@@ -74,24 +73,25 @@ def _train(cfg: Config, session: Session, device: torch.device | None, launched_
     replicas = make_replicas(tnn, method, device)
     marks["replicas_ready"] = time.time()  # DDP wrappers built, rank 0's parameters broadcast
     engine = Engine(cfg, tnn, gates, method, device, replicas)
-    state, start_epoch, restored = resume(cfg, session, engine, scratch, replicas)
-    callbacks = epoch_callbacks(cfg, loaders.info, engine, replicas, session, state, len(loaders.train), scratch, tracker)
+    state, start_epoch, restored = resume(run, engine, replicas)
+    end = epoch_end(run, loaders.info, engine, replicas, state, len(loaders.train))
     progress = None
     if cfg.train.progress and session.rank == 0:
         progress = lambda loader, epoch: session.progress(len(loader), f"epoch {epoch + 1}/{cfg.train.epochs}")  # noqa: E731
     try:
-        engine.fit(loaders.train, loaders.val, start_epoch=start_epoch, callbacks=callbacks, progress=progress)
+        engine.fit(loaders.train, loaders.val, start_epoch=start_epoch, callbacks=[end], progress=progress)
     except TrainingStopped as exc:
-        report_stop(session, exc, scratch, state.latest or restored, replicas.gather)
+        report_stop(session, exc, run.scratch, state.latest or restored, replicas.gather)
         raise
-    return finish(cfg, session, engine, loaders, state, start_epoch, scratch, device, launched_at, marks)
+    return finish(run, engine, loaders, state, start_epoch)
 
 
-def resume(cfg: Config, session: Session, engine: Engine, scratch: Path, replicas: Replicas) -> tuple[RunState, int, Path | None]:
+def resume(run: Run, engine: Engine, replicas: Replicas) -> tuple[RunState, int, Path | None]:
     """The run so far from the newest intact checkpoint in the session's storage (a fresh one
     without): the engine's state, the history and selection, this rank's generators, rank 0's
     best.pt into `scratch`. Rank 0 chooses (naming each damaged folder it passes over) and every
     worker resumes its choice. Returns (state, first epoch to train, the folder restored or None)."""
+    cfg, session, scratch = run.cfg, run.session, run.scratch
     stored = session.stored()
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if session.rank == 0 else (lambda line: None)
     chosen = None
@@ -128,10 +128,10 @@ def resume(cfg: Config, session: Session, engine: Engine, scratch: Path, replica
     return state, start_epoch, latest
 
 
-def finish(cfg: Config, session: Session, engine: Engine, loaders, state: RunState, start_epoch: int, scratch: Path,
-           device: torch.device, launched_at: float | None, marks: dict[str, float]) -> dict:
+def finish(run: Run, engine: Engine, loaders, state: RunState, start_epoch: int) -> dict:
     """The selected model (rank 0 holds it, every worker gets it: the test split is sharded), tested
     once; rank 0 exports it and writes the summary; the final report on every rank."""
+    cfg, session, scratch, launched_at, marks = run.cfg, run.session, run.scratch, run.launched_at, run.marks
     epoch, history = state.best["epoch"], state.history
     if session.rank == 0:
         engine.load_state_dict(checkpoint.read(scratch / "best.pt")["engine"])
@@ -145,7 +145,7 @@ def finish(cfg: Config, session: Session, engine: Engine, loaders, state: RunSta
         export["model_path"] = str(Path(cfg.out_dir) / "model.pt")  # where the launcher puts it
         first_step = engine.first_step_at
         record = Summary(
-            model=cfg.model.name, method=cfg.method, dataset=cfg.data.dataset, device=str(device),
+            model=cfg.model.name, method=cfg.method, dataset=cfg.data.dataset, device=str(run.device),
             workers=session.world_size, selected_epoch=epoch, resumed_at_epoch=start_epoch,
             val_acc=state.best["val_acc"], test_acc=test_acc, test_loss=test_loss, **export,
             startup_seconds=first_step - launched_at if launched_at is not None and first_step is not None else None,
