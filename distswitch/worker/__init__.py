@@ -1,5 +1,5 @@
 """The worker: one process of a run, on a Ray Train worker or in-process. It builds the parts,
-resumes from the session's latest checkpoint, trains with the epoch callbacks observing the engine,
+resumes from the session's latest checkpoint, trains (the epoch's end in `callbacks.EpochEnd`),
 then selects, tests and exports. It never imports the driver: they meet in the checkpoint format
 and the loop config (plain data)."""
 
