@@ -100,7 +100,7 @@ def preflight(cfg: Config) -> None:
     """What only fails once data is loaded (missing data, a batch larger than the split, gates that
     select nothing), checked in this process on CPU: seconds instead of a cluster start-up."""
     validate_names(cfg)
-    info, steps = check_data(cfg, cfg.distributed.num_workers)
+    info, steps = check_data(cfg, cfg.distributed.max_workers)
     build(cfg, info, steps, torch.device("cpu"))
 
 

@@ -101,6 +101,7 @@ class Engine:
         self.scalers = {ph: torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
                         for ph in self.optimizers}
         self.memory_format = torch.channels_last if channels_last_on(cfg.train) else torch.contiguous_format
+        self.loss_weight = 1.0  # set by the worker: its share of the global batch x workers / batch size
         if cfg.train.compile != "none" and self.source is not None:
             self.source.compile()  # in place: DDP wrappers and state_dict keys are unchanged
         if cfg.train.compile == "all":
@@ -140,9 +141,11 @@ class Engine:
         with self._autocast():  # the factors above stay fp32: the switcher is small
             logits = self.replicas.tnn_for(phase)(x)
         loss = F.cross_entropy(logits.float(), y)
-        total = loss
+        # A worker's share of an unevenly split global batch (`data.datasets.batch_share`): weighted
+        # by its size, DDP's average over workers is the global batch's mean. 1.0 when shares are equal.
+        total = loss * self.loss_weight if self.loss_weight != 1.0 else loss
         if factors is not None and phase == self.method.source_phase:
-            total = loss + self.method.penalty(factors, epoch)
+            total = total + self.method.penalty(factors, epoch)
         if phase == Phase.TNN and self.method.shrink is not None:  # sparse learning
             total = total + self.method.weight_penalty(self.gates.unit_sq_norms())
         opt = self.optimizers.get(phase)

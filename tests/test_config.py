@@ -295,3 +295,23 @@ def test_any_yaml_document_and_overrides_give_a_config_or_one_line_config_error(
         load_config(path, overrides)
     except ConfigError as exc:
         assert "\n" not in str(exc) and str(exc), repr(str(exc))
+
+
+@pytest.mark.parametrize("workers", ["[3,1]", "[0,2]", "[1,2,3]"])
+def test_an_elastic_worker_range_that_cannot_be_is_one_line_and_exit_2(workers, tmp_path, capsys):
+    from distswitch.cli import main
+
+    assert main(["train", str(REPO_ROOT / "configs/fashion_lenet5.yaml"), f"out_dir={tmp_path}",
+                 f"distributed.num_workers={workers}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "distributed.num_workers" in err[0] and "[min, max]" in err[0]
+
+
+def test_an_elastic_range_maps_to_ray_train_s_elastic_scaling_and_fits_by_its_minimum():
+    from distswitch.driver.cluster import check_fits
+    from distswitch.driver.train import make_trainer
+
+    cfg = load_config(REPO_ROOT / "configs/fashion_lenet5.yaml", ["distributed.num_workers=[1,4]"])
+    check_fits(cfg, {"CPU": 2.0}, remote=False)  # starts with 1; grows to 4 when the nodes are there
+    trainer = make_trainer(cfg, lambda config: None, "/tmp/storage", {}, 0.0, None)
+    assert trainer.scaling_config.num_workers == (1, 4)

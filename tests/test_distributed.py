@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO_ROOT
 from distswitch.config import load_config
+from distswitch.driver.launch import local_paths
 from distswitch.worker import Session, train
 
 pytestmark = pytest.mark.slow
@@ -376,3 +378,20 @@ def test_a_diverging_run_stops_once_in_one_line_keeps_its_last_good_checkpoint_a
     assert summary["resumed_at_epoch"] == 1 and summary["mlflow"]["run_id"] == run.info.run_id
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == [0, 1]
+
+
+def test_a_checkpoint_of_two_workers_resumes_on_one_and_says_how_it_was_resharded(two_workers, config, tmp_path,
+                                                                                   capsys):
+    # An elastic group that shrank, or a relaunch with fewer resources: the same global batches in the
+    # same order, each worker's generators re-seeded (its saved ones belong to another split).
+    newest = sorted((two_workers / "ray" / two_workers.name).glob("epoch_*"))[-1]
+    out = tmp_path / "one"
+    shutil.copytree(newest, out / "checkpoints" / newest.name)
+    epoch = int(newest.name.split("_")[1])
+    # One epoch more than the two workers ran: the resumed worker trains it.
+    cfg = load_config(config, [f"out_dir={out}", "distributed.num_workers=1", "tracking.enabled=false", "train.epochs=4"])
+    summary = train(local_paths(cfg), Session(out))  # the data paths as the launcher made them
+    err = capsys.readouterr().err
+    assert ("resuming on 1 worker a checkpoint of 2: the same global batches of 64 in the same order, now split 64; "
+            "each worker's random generators re-seeded") in err
+    assert summary["resumed_at_epoch"] == epoch + 1 and len(summary["history"]) == 4 and summary["workers"] == 1

@@ -15,6 +15,7 @@ from distswitch.build import build, make_replicas
 from distswitch.engine import Engine, TrainingStopped
 from distswitch.gates import kept_report
 from distswitch.parallel import DDPReplicas
+from distswitch.schedule import Phase
 
 CPU = torch.device("cpu")
 
@@ -65,3 +66,48 @@ def test_one_worker_trains_its_modules_without_a_ddp_wrapper(tmp_path):
         assert engine.replicas.world_size == 1 and engine.replicas.gather("x") == ["x"]
     finally:
         dist.destroy_process_group()
+
+
+def _uneven_steps(rank: int, world: int, tmp: str) -> None:
+    """Two TNN steps on this rank's share of two fixed global batches of 64 (3 ranks: 22+21+21)."""
+    from distswitch.data.datasets import batch_share
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
+    try:
+        engine = _lenet5(batch_size=64)
+        part = batch_share(64, rank, world)
+        engine.loss_weight = (part.stop - part.start) * world / 64
+        for x, y in _global_batches():
+            engine.step(0, Phase.TNN, x[part], y[part])
+        if rank == 0:
+            torch.save(engine.tnn.state_dict(), Path(tmp) / "uneven.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _lenet5(batch_size: int) -> Engine:
+    # LeNet5 has no BatchNorm: workers' shares give exactly the whole batch's mean gradient.
+    cfg = make_config(model={"name": "lenet5"}, method="dense", train={"batch_size": batch_size})
+    torch.manual_seed(0)
+    tnn, gates, method = build(cfg, FASHION_INFO, 10, CPU)
+    return Engine(cfg, tnn, gates, method, CPU, make_replicas(tnn, method, CPU))
+
+
+def _global_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(64, 1, 28, 28, generator=gen), torch.randint(0, 10, (64,), generator=gen)) for _ in range(2)]
+
+
+@pytest.mark.timeout(300)
+def test_three_workers_with_uneven_shares_of_the_global_batch_update_like_one_worker_with_all_of_it(tmp_path):
+    # 64 examples over 3 workers (an elastic group can have any size): 22 + 21 + 21, each loss
+    # weighted by its share, so DDP's average is the global batch's mean.
+    mp.start_processes(_uneven_steps, args=(3, str(tmp_path)), nprocs=3, start_method="spawn")
+    whole = _lenet5(batch_size=64)
+    for x, y in _global_batches():
+        whole.step(0, Phase.TNN, x, y)
+    uneven = torch.load(tmp_path / "uneven.pt", weights_only=True)
+    for key, value in whole.tnn.state_dict().items():
+        assert torch.allclose(uneven[key], value, atol=1e-6, rtol=1e-5), key

@@ -142,7 +142,11 @@ def _check_budget(cfg, require) -> None:
 
 def _check_distributed(cfg, require) -> None:
     d = cfg.distributed
-    require(d.num_workers >= 1, "distributed.num_workers", d.num_workers, ">= 1")
+    elastic = not isinstance(d.num_workers, int)
+    require(not elastic or (len(d.num_workers) == 2 and 1 <= d.num_workers[0] <= d.num_workers[1]),
+            "distributed.num_workers", list(d.num_workers) if elastic else d.num_workers,
+            "a number >= 1, or [min, max] with 1 <= min <= max")
+    require(d.min_workers >= 1, "distributed.num_workers", d.num_workers, ">= 1")
     require(d.max_failures >= -1, "distributed.max_failures", d.max_failures, ">= -1 (-1 = unlimited)")
     require(d.checkpoint_every >= 1, "distributed.checkpoint_every", d.checkpoint_every, ">= 1 (epochs)")
     require(d.checkpoints_to_keep >= 1, "distributed.checkpoints_to_keep", d.checkpoints_to_keep, ">= 1")
@@ -158,9 +162,10 @@ def _check_distributed(cfg, require) -> None:
             "false with train.compile: all (or set train.compile: switcher)")
     require(d.use_gpu or cfg.train.device != "cuda", "train.device", cfg.train.device,
             "'auto' or 'cpu' unless distributed.use_gpu is true (workers get no GPU otherwise)")
-    # A global batch split evenly across workers: the same optimisation for any number of workers.
-    require(cfg.train.batch_size % d.num_workers == 0, "train.batch_size", cfg.train.batch_size,
-            f"a multiple of distributed.num_workers ({d.num_workers}): each worker takes an equal share of the global batch")
+    # Every worker takes a share of each global batch (shares differ by at most one example).
+    require(cfg.train.batch_size >= 2 * d.max_workers, "train.batch_size", cfg.train.batch_size,
+            f">= 2 x distributed.num_workers ({d.max_workers}): each worker's share of a batch needs 2 examples "
+            "(BatchNorm)")
 
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")

@@ -80,7 +80,8 @@ class ScheduleConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
-    # Global batch: each of distributed.num_workers workers takes batch_size / num_workers.
+    # Global batch, whatever the number of workers: worker r of w takes examples [B*r//w, B*(r+1)//w)
+    # of each global batch, its loss weighted by its share (the same update as one worker x B).
     batch_size: int = 128
     eval_batch_size: int = 1024  # per worker
     seed: int = 0
@@ -195,7 +196,9 @@ class PruneConfig:
 class DistributedConfig:
     """Ray Train launch: every run goes through a TorchTrainer, one worker included."""
 
-    num_workers: int = 1
+    # A number, or [min, max]: elastic (Ray Train starts with what is free, at least min, and grows
+    # back to max as nodes return; each resize resumes the latest checkpoint on the new group).
+    num_workers: Union[int, tuple[int, ...]] = 1
     use_gpu: bool = False
     # Per worker, e.g. {CPU: 4, GPU: 1}; empty = Ray's default (1 CPU, plus 1 GPU with use_gpu).
     resources_per_worker: dict = field(default_factory=dict)
@@ -215,6 +218,14 @@ class DistributedConfig:
     checkpoints_to_keep: int = 2
     # Local cluster only (no RAY_ADDRESS): CPUs Ray may use; null = all of this machine's.
     local_cpus: Union[int, None] = None
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[-1]
 
 
 @dataclass(frozen=True)

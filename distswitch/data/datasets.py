@@ -101,8 +101,15 @@ def check_batch(batch_size: int, n_train: int, world_size: int) -> None:
     if batch_size > n_train:
         raise ConfigError(f"train.batch_size: {batch_size} is larger than the training split ({n_train} examples); "
                           "lower it or raise data.train_limit")
-    if batch_size % world_size:
-        raise ConfigError(f"train.batch_size: {batch_size} is not a multiple of {world_size} workers")
+    if batch_size < 2 * world_size:
+        raise ConfigError(f"train.batch_size: {batch_size} gives {world_size} workers fewer than 2 examples each; "
+                          "raise it or use fewer workers")
+
+
+def batch_share(batch_size: int, rank: int, world_size: int) -> slice:
+    """Worker `rank`'s part of every global batch: [B*r//w, B*(r+1)//w), sizes differing by at most
+    one example (the engine weights each worker's loss by its size)."""
+    return slice(batch_size * rank // world_size, batch_size * (rank + 1) // world_size)
 
 
 def _read_idx(path: Path) -> np.ndarray:

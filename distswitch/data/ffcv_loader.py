@@ -23,6 +23,7 @@ import torch
 from numba import njit
 
 from distswitch.data.beton import BetonSet, import_ffcv
+from distswitch.data.datasets import batch_share
 from distswitch.data.transform import InputTransform
 
 import_ffcv()  # before any ffcv module: see there
@@ -104,8 +105,8 @@ class _Order(TraversalOrder):
             return self.base[n * r // w : n * (r + 1) // w]
         # torch.randperm with this seed: the permutation the torch path's RandomSampler draws.
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 10_007 + epoch)).numpy()
-        steps, share = n // self.global_batch, self.global_batch // w
-        mine = perm[: steps * self.global_batch].reshape(steps, self.global_batch)[:, r * share : (r + 1) * share]
+        steps = n // self.global_batch
+        mine = perm[: steps * self.global_batch].reshape(steps, self.global_batch)[:, batch_share(self.global_batch, r, w)]
         return self.base[mine.reshape(-1)]
 
 
@@ -124,7 +125,8 @@ class FfcvLoader:
         self.augment, self.seed, self.threads, self.epoch = augment, seed, threads, 0
         count = betons.count(split) if limit is None else min(limit, betons.count(split))
         self.order = _Order(np.arange(count, dtype=np.uint64), train, seed, batch_size, rank, world_size)
-        self.local_batch = batch_size // world_size if train else batch_size
+        part = batch_share(batch_size, rank, world_size)
+        self.local_batch = part.stop - part.start if train else batch_size
         n = len(self.order.sample_order(0))  # the same length every epoch: computed once
         self._len = n // self.local_batch if train else -(-n // self.local_batch)
         self._loader: Loader | None = None

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
-from distswitch.data.datasets import ArrayDataset, DatasetInfo, check_batch
+from distswitch.data.datasets import ArrayDataset, DatasetInfo, batch_share, check_batch
 from distswitch.data.transform import InputTransform
 
 
@@ -49,9 +49,9 @@ class BatchLoader:
 
     Training: `batch_size` is the global batch. Every worker draws the same per-epoch permutation
     (`set_epoch`, seeded from `seed`, so a resumed run sees the same order), cuts it into global
-    batches and takes its equal slice of each, so `world_size` workers x B/world_size examples make
-    the same steps as one worker x B. The last partial global batch is dropped (BatchNorm needs > 1
-    example and workers must take equal steps). Evaluation: each worker reads a contiguous
+    batches and takes its slice of each (`batch_share`; the engine weights its loss by the slice's
+    size), so `world_size` workers make the same steps as one worker x B. The last partial global
+    batch is dropped (BatchNorm needs > 1 example and workers must take equal steps). Evaluation: each worker reads a contiguous
     1/world_size of the split in batches of `batch_size`; sum the metrics across workers.
     """
 
@@ -83,8 +83,7 @@ class BatchLoader:
         seed = self.seed * 10_007 + self.epoch
         if self.train:
             sampler = RandomSampler(range(len(self.data)), generator=torch.Generator().manual_seed(seed))
-            share = self.batch_size // self.world_size
-            part = slice(self.rank * share, (self.rank + 1) * share)
+            part = batch_share(self.batch_size, self.rank, self.world_size)
         else:
             sampler = self._eval_range()  # this worker's contiguous share, in order
             part = slice(None)

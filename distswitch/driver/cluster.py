@@ -233,12 +233,12 @@ def check_fits(cfg: Config, total: dict, remote: bool) -> None:
     if d.use_gpu:
         per_worker.setdefault("GPU", 1.0)
     for name, amount in per_worker.items():
-        need, have = amount * d.num_workers, total.get(name, 0.0)
+        need, have = amount * d.min_workers, total.get(name, 0.0)  # elastic: the run starts with min
         if need > have:
             where = "this cluster" if remote else "the local cluster"
             hint = ("lower distributed.num_workers or resources_per_worker" if name != "GPU"
                     else "set distributed.use_gpu: false or run on a cluster with GPUs")
-            msg = f"distributed: {d.num_workers} workers need {need:g} {name}, {where} has {have:g}; {hint}"
+            msg = f"distributed: {d.min_workers} workers need {need:g} {name}, {where} has {have:g}; {hint}"
             if remote:  # an autoscaler may add nodes: warn only
                 print(f"distswitch: warning: {msg} (waiting for the autoscaler)", file=sys.stderr)
             else:

@@ -67,10 +67,11 @@ def max_concurrent(ray, cfg: Config, sweep: bool = False) -> int:
     fits = []
     for name, amount in need.items():
         if amount > 0:
-            per_trial = amount * d.num_workers + (TRIAL_DRIVER_CPU if name == "CPU" else 0)
-            fits.append(int(have.get(name, 0) // per_trial))
-            if fits[-1] == 0:
-                raise ConfigError(f"distributed: one trial needs {per_trial:g} {name} ({d.num_workers} workers), the "
+            per_trial = amount * d.min_workers + (TRIAL_DRIVER_CPU if name == "CPU" else 0)
+            # Elastic trials are counted at their largest, so that they can grow.
+            fits.append(int(have.get(name, 0) // (amount * d.max_workers + (TRIAL_DRIVER_CPU if name == "CPU" else 0))))
+            if per_trial > have.get(name, 0):
+                raise ConfigError(f"distributed: one trial needs {per_trial:g} {name} ({d.min_workers} workers), the "
                                   f"cluster has {have.get(name, 0):g}; lower distributed.num_workers or "
                                   "distributed.resources_per_worker")
     chosen = cfg.sweep.max_concurrent_trials if sweep else cfg.tune.max_concurrent_trials

@@ -25,6 +25,7 @@ from distswitch.artifacts import export_compact, factor_histograms
 from distswitch.build import build, make_replicas, resolve_device, seed_everything, validate_names
 from distswitch.config import Config
 from distswitch.data import make_loaders
+from distswitch.data.datasets import batch_share
 from distswitch.engine import Engine, EpochStats, TrainingStopped
 from distswitch.io import write_json
 from distswitch.manifest import MANIFEST_FILE, seal
@@ -73,6 +74,8 @@ def _train(run: Run) -> dict:
     replicas = make_replicas(tnn, method, device)
     marks["replicas_ready"] = time.time()  # DDP wrappers built, rank 0's parameters broadcast
     engine = Engine(cfg, tnn, gates, method, device, replicas)
+    share = batch_share(cfg.train.batch_size, session.rank, session.world_size)
+    engine.loss_weight = (share.stop - share.start) * session.world_size / cfg.train.batch_size
     state, start_epoch, restored = resume(run, engine, replicas)
     end = epoch_end(run, loaders.info, engine, replicas, state, len(loaders.train))
     progress = None
@@ -121,11 +124,27 @@ def resume(run: Run, engine: Engine, replicas: Replicas) -> tuple[RunState, int,
     engine.retune(saved["config"]["optim"])
     state.history, state.best = [EpochStats(**h) for h in saved["history"]], dict(saved["best"])
     start_epoch = saved["epoch"] + 1
-    checkpoint.set_rng(saved["rng"], session.rank)
     if session.rank == 0 and (latest / "best.pt").is_file():
         shutil.copyfile(latest / "best.pt", scratch / "best.pt")
     say(f"resuming from {candidate.where} after epoch {start_epoch}/{cfg.train.epochs}")
+    restore_rng(cfg, saved["rng"] or [], session, start_epoch, say)
     return state, start_epoch, latest
+
+
+def restore_rng(cfg: Config, saved: list[dict], session: Session, epoch: int, say) -> None:
+    """Each worker's generators as saved; on another number of workers (an elastic resize, a
+    relaunch with other resources) each worker's re-seeded from train.seed, the epoch and its rank,
+    said in one line. The data order needs neither: it is drawn from train.seed and the epoch."""
+    w = session.world_size
+    if len(saved) == w:
+        checkpoint.set_rng(saved, session.rank)
+        return
+    seed_everything((cfg.train.seed * 1_000_003 + epoch) * 1_009 + session.rank)
+    B = cfg.train.batch_size
+    sizes = "+".join(str(batch_share(B, r, w).stop - batch_share(B, r, w).start) for r in range(w))
+    say(f"resuming on {w} worker{'s' if w > 1 else ''} a checkpoint of {len(saved)}: the same global batches of "
+        f"{B} in the same order, now split {sizes}; each worker's random generators re-seeded from train.seed, "
+        f"the epoch and its rank")
 
 
 def finish(run: Run, engine: Engine, loaders, state: RunState, start_epoch: int) -> dict:
