@@ -199,6 +199,8 @@ class DistributedConfig:
     # A number, or [min, max]: elastic (Ray Train starts with what is free, at least min, and grows
     # back to max as nodes return; each resize resumes the latest checkpoint on the new group).
     num_workers: Union[int, tuple[int, ...]] = 1
+    # Elastic only: seconds between Ray Train's looks for room to grow (each growth is a restart).
+    resize_interval: float = 60.0
     use_gpu: bool = False
     # Per worker, e.g. {CPU: 4, GPU: 1}; empty = Ray's default (1 CPU, plus 1 GPU with use_gpu).
     resources_per_worker: dict = field(default_factory=dict)

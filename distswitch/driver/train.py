@@ -93,7 +93,7 @@ def make_trainer(cfg: Config, worker: Worker, storage: str, marks: dict, launche
         torch_config=TorchConfig(backend=backend),
         # [min, max]: Ray Train's elastic worker group (a tuple), which resizes between them.
         scaling_config=ScalingConfig(num_workers=d.num_workers if isinstance(d.num_workers, int) else tuple(d.num_workers),
-                                     use_gpu=d.use_gpu,
+                                     elastic_resize_monitor_interval_s=d.resize_interval, use_gpu=d.use_gpu,
                                      resources_per_worker=dict(d.resources_per_worker) or None),
         run_config=RunConfig(
             name=run_name(cfg),
