@@ -15,6 +15,7 @@ import pytest
 from distswitch.build import validate_names
 from distswitch.cli import _parser
 from distswitch.config import load_config
+from distswitch.driver.sweep import check as check_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["README.md", "docs/usage.md", "docs/architecture.md", "cluster/README.md"]
@@ -61,10 +62,13 @@ def _make_targets() -> set[str]:
 
 def _check_distswitch(argv: list[str]) -> None:
     args = _parser().parse_args(argv)  # SystemExit(2) on a flag or argument the CLI does not take
-    if args.command in ("train", "tune"):
+    if args.command in ("train", "tune", "sweep"):
         if args.config.startswith("outputs/"):
             return  # written by the command before it (tune's best_config.yaml)
-        validate_names(load_config(ROOT / args.config, args.overrides))
+        cfg = load_config(ROOT / args.config, args.overrides)
+        validate_names(cfg)
+        if args.command == "sweep":
+            check_sweep(cfg)  # every trial's config
 
 
 def _check(command: str) -> None:
