@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine: `make train` and `make test`.
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
-DEB_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev dataset-fashion-mnist iproute2 chromium chromium-driver tmux postgresql
+DEB_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev dataset-fashion-mnist iproute2 chromium chromium-driver tmux postgresql curl
 # Expanded at each use: after `setup` installs uv with pip (--user: ~/.local/bin, often off PATH), the
 # binary is found there; `python3 -m uv` is the last resort, and fails under `uv run` (as in `make test`'s
 # tests), where python3 is the project's venv, which has no uv.
