@@ -36,7 +36,7 @@ def _inline_commands(text: str) -> list[str]:
     """Code spans in prose that are whole commands (placeholders such as DIR or `...` are not)."""
     prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
     spans = [" ".join(s.split()) for s in re.findall(r"`([^`]+)`", prose)]
-    names = {"distswitch train", "distswitch tune"}  # the commands named, not run
+    names = {"distswitch train", "distswitch tune", "distswitch sweep"}  # the commands named, not run
     return [s for s in spans if s.startswith(STARTS) and s not in names and "..." not in s
             and not re.search(r"\b[A-Z]{3,}\b(?!=)", s)]
 
@@ -73,6 +73,8 @@ def _check_distswitch(argv: list[str]) -> None:
 
 def _check(command: str) -> None:
     argv = shlex.split(command, comments=True)
+    if argv[-1] == "&":  # started in the background
+        argv = argv[:-1]
     if argv[:2] == ["uv", "run"]:
         argv = argv[2:]
     if argv[0] == "distswitch":
