@@ -329,7 +329,8 @@ def test_ctrl_c_ends_the_run_as_sigterm_does_and_the_workers_stop_at_once(config
 
 
 def test_more_workers_than_local_cpus_is_refused_before_training(config, tmp_path):
-    proc = subprocess.run(_command(config, tmp_path / "big", "distributed.num_workers=64"), cwd=REPO_ROOT,
+    proc = subprocess.run(_command(config, tmp_path / "big", "distributed.num_workers=64", "train.batch_size=128"),
+                          cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
