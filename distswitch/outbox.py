@@ -169,15 +169,19 @@ class Outbox:
         return self._last_error
 
     def _run(self) -> None:
-        delay, failing = 1.0, False
+        # What a killed peer left is in the folder before this sender starts: one sweep, then only
+        # its own journal (no idle polling of the folder during training).
+        delay, failing, peers = 1.0, False, True
         while not self._closed.is_set():
             with self._changed:
-                if self._sent >= self._queued and not failing:
-                    self._changed.wait(5.0)  # woken by `put`; else a look for a killed peer's leftovers
+                if self._sent >= self._queued and not failing and not peers:
+                    self._changed.wait()  # woken by `put` or `close`
             try:
-                for other in journals(self.journal.folder):
-                    if other.name != self.journal.name:
-                        deliver_pending(other, self.deliver, wait=False)
+                if peers:
+                    for other in journals(self.journal.folder):
+                        if other.name != self.journal.name:
+                            deliver_pending(other, self.deliver, wait=False)
+                    peers = False
                 deliver_pending(self.journal, self.deliver)
             except Exception as exc:
                 if not self.transient(exc):  # a bug or a refusal: retrying would only hide it
