@@ -56,9 +56,9 @@ class TrackingServer:
     by the server) on `port`, in a process group of its own; `stop` and `start` again (an outage)
     keep its store and artifacts."""
 
-    def __init__(self, port: int, folder: Path) -> None:
-        self.port, self.folder = port, folder
-        self.uri = f"http://127.0.0.1:{port}"
+    def __init__(self, port: int, folder: Path, host: str = "127.0.0.1") -> None:
+        self.port, self.folder, self.host = port, folder, host
+        self.uri = f"http://{host}:{port}"
         self.log = folder / "server.log"
         self.proc = None
 
@@ -69,7 +69,9 @@ class TrackingServer:
 
         with self.log.open("a") as sink:
             self.proc = subprocess.Popen(["make", "-s", "tracking-server", f"TRACKING_PORT={self.port}",
-                                          f"TRACKING_ARTIFACTS={self.folder / 'artifacts'}"], cwd=REPO_ROOT,
+                                          f"TRACKING_ARTIFACTS={self.folder / 'artifacts'}", f"TRACKING_HOST={self.host}",
+                                          *([f"TRACKING_ALLOWED_HOSTS={self.host}:{self.port}"] if self.host != "127.0.0.1" else [])],
+                                         cwd=REPO_ROOT,
                                          stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 180
         while True:
@@ -219,3 +221,15 @@ def indexed_mnist(root: Path, n_train: int, n_test: int) -> Path:
         write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
         write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
     return root
+
+
+def ray_processes() -> list:
+    """Ray's workers and actors (ray::...), GCS servers and raylets on this machine."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if cmdline.startswith("ray::") or "gcs_server" in cmdline or "/raylet" in cmdline:
+            found.append(proc)
+    return found

@@ -307,6 +307,15 @@ def test_an_elastic_worker_range_that_cannot_be_is_one_line_and_exit_2(workers, 
     assert len(err) == 1 and "distributed.num_workers" in err[0] and "[min, max]" in err[0]
 
 
+@pytest.mark.parametrize("setting", ["distributed.start_timeout=0", "distributed.resize_interval=-1"])
+def test_a_start_timeout_or_resize_interval_that_is_not_positive_is_one_line_and_exit_2(setting, tmp_path, capsys):
+    from distswitch.cli import main
+
+    assert main(["train", str(REPO_ROOT / "configs/fashion_lenet5.yaml"), f"out_dir={tmp_path}", setting]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and setting.split("=")[0] in err[0] and "> 0 (seconds)" in err[0], err
+
+
 def test_an_elastic_range_maps_to_ray_train_s_elastic_scaling_and_fits_by_its_minimum():
     from distswitch.driver.cluster import check_fits
     from distswitch.driver.train import make_trainer

@@ -1,13 +1,16 @@
-"""A two-node Ray cluster on one machine: each node in its own network namespace, joined by a veth
-pair with private addresses that exist only inside the test's namespaces. A 2-worker run spans
-both nodes (one CPU each); the worker node is killed (all its processes) mid-run, twice. One folder is the
-head's alone (an empty tmpfs over it on the worker node): a local disk the other node lacks.
+"""A two-node Ray cluster on one machine: each node in its own network namespace, both on a bridge
+with private addresses that exist only for the test, where the team's tracking server (`make
+tracking-server`, PostgreSQL store, proxied artifacts) listens too. 2-worker runs span both nodes
+(one CPU each) and log to that server; the worker node is lost (all its processes killed) mid-run.
+One folder is the head's alone (an empty tmpfs over it on the worker node): a local disk the other
+node lacks.
 
 Needs root and iproute2 (`make setup` installs it); the namespaces are removed afterwards.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -24,13 +27,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import DEFAULT_CONFIG, REPO_ROOT
+from conftest import DEFAULT_CONFIG, REPO_ROOT, TrackingServer, free_port
 
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 SUBNET = "10.213.7"  # private; only the test's own namespaces have these addresses
-HEAD_IP, WORKER_IP, GCS_PORT = f"{SUBNET}.1", f"{SUBNET}.2", 6379
+HEAD_IP, WORKER_IP, BRIDGE_IP, GCS_PORT = f"{SUBNET}.1", f"{SUBNET}.2", f"{SUBNET}.254", 6379
 
 
 def _ip(*args: str) -> str:
@@ -59,8 +62,17 @@ class Cluster:
         self.env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
         _ip("netns", "add", self.head)
         _ip("netns", "add", self.worker)
-        _ip("link", "add", f"vh{tag}", "type", "veth", "peer", "name", f"vw{tag}")
-        for ns, dev, addr in ((self.head, f"vh{tag}", HEAD_IP), (self.worker, f"vw{tag}", WORKER_IP)):
+        # Both nodes on one bridge in the machine's own namespace, which has an address on it too:
+        # the team's tracking server listens there, as on a head's private network.
+        self.bridge = f"dsb{tag}"
+        _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("addr", "add", f"{BRIDGE_IP}/24", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
+        for ns, addr in ((self.head, HEAD_IP), (self.worker, WORKER_IP)):
+            dev = self.devices[ns]
+            _ip("link", "add", dev, "type", "veth", "peer", "name", f"{dev}b")
+            _ip("link", "set", f"{dev}b", "master", self.bridge)
+            _ip("link", "set", f"{dev}b", "up")
             _ip("link", "set", dev, "netns", ns)
             _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
             _ip("-n", ns, "link", "set", dev, "up")
@@ -115,7 +127,8 @@ class Cluster:
     def destroy(self) -> None:
         for ns in (self.worker, self.head):
             self.kill_all(ns)
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=60)  # takes the veth with it
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=60)  # takes its veth pair with it
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -136,13 +149,26 @@ def cluster(tmp_path_factory):
         assert c.head not in leftovers and c.worker not in leftovers
 
 
-def _train(cluster: Cluster, out: Path, betons: Path, *overrides: str) -> subprocess.Popen:
-    """`distswitch train` in the head's namespace; its output goes to out's sibling <name>.log."""
+@pytest.fixture(scope="module")
+def team_server(cluster, tmp_path_factory) -> str:
+    """The team's tracking server on the nodes' network (not loopback: the worker node, where rank 0
+    may run, reaches it over the bridge); its URI."""
+    server = TrackingServer(free_port(), tmp_path_factory.mktemp("team-server"), host=BRIDGE_IP)
+    server.start()
+    try:
+        yield server.uri
+    finally:
+        server.stop()
+
+
+def _train(cluster: Cluster, out: Path, betons: Path, *overrides: str, tracking: str | None = None) -> subprocess.Popen:
+    """`distswitch train` in the head's namespace, logging to `tracking` (default: the test's own
+    store); its output goes to out's sibling <name>.log."""
     args = [sys.executable, "-m", "distswitch.cli", "train", str(DEFAULT_CONFIG), f"out_dir={out}",
             "distributed.num_workers=2", "schedule.warmup_epochs=0", "schedule.finetune_epochs=0", "budget.fraction=null",
             "data.train_limit=6000", "train.progress=false", f"data.beton_dir={betons}", *overrides]
     # The cluster's env is the module's; the store is this test's (conftest's mlflow_store).
-    env = {**cluster.env, "RAY_ADDRESS": f"{HEAD_IP}:{GCS_PORT}", "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]}
+    env = {**cluster.env, "RAY_ADDRESS": f"{HEAD_IP}:{GCS_PORT}", "MLFLOW_TRACKING_URI": tracking or os.environ["MLFLOW_TRACKING_URI"]}
     out.parent.mkdir(parents=True, exist_ok=True)
     with (out.parent / f"{out.name}.log").open("w") as log:
         return subprocess.Popen(["ip", "netns", "exec", cluster.head, *args], env=env, cwd=REPO_ROOT,
@@ -176,15 +202,16 @@ def _kill_worker_node_during_epoch(cluster: Cluster, proc: subprocess.Popen, out
     cluster.kill_all(cluster.worker)
 
 
-def test_a_lost_worker_node_is_survived_then_reported_in_one_line_with_the_checkpoint_intact(cluster, tmp_path,
-                                                                                          fashion_betons):
+def test_a_lost_worker_node_is_survived_then_reported_in_one_line_with_the_checkpoint_intact(cluster, team_server, tmp_path,
+                                                                                          fashion_betons, server_experiment):
     """max_failures=1, 4 epochs, 2 workers spanning the two nodes. The worker node's processes all killed
     in epoch 2: the node comes back (as a replaced node would) and the run resumes from epoch 1's
     checkpoint on both nodes. Killed again in epoch 3, with no restart left: one clear line naming
     the intact checkpoint, exit status 1, the MLflow run FAILED with the error."""
     out = tmp_path / "span"
     run_dir = out / "ray" / out.name
-    proc = _train(cluster, out, fashion_betons, "distributed.max_failures=1", "train.epochs=4")
+    proc = _train(cluster, out, fashion_betons, "distributed.max_failures=1", "train.epochs=4",
+                  f"tracking.experiment={server_experiment}", tracking=team_server)
     try:
         _kill_worker_node_during_epoch(cluster, proc, out, 2)
         time.sleep(5)  # the node is declared dead (health checks every 1 s, 3 misses)
@@ -207,8 +234,8 @@ def test_a_lost_worker_node_is_survived_then_reported_in_one_line_with_the_check
     assert f"the last checkpoint, {run_dir / 'epoch_0001'}, is intact: the same command resumes from it" in last, last
     state = torch.load(run_dir / "epoch_0001" / "state.pt", map_location="cpu", weights_only=True)
     assert state["epoch"] == 1 and len(state["history"]) == 2
-    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    client = MlflowClient(team_server)
+    [run] = client.search_runs([client.get_experiment_by_name(server_experiment).experiment_id])
     assert run.info.status == "FAILED" and "max_failures" in run.data.tags["distswitch.error"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == [0, 1]
 
@@ -229,3 +256,50 @@ def test_sqlite_tracking_on_a_folder_another_node_cannot_see_is_refused_in_one_l
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FAILED"
+
+
+def _wait_for_line(proc: subprocess.Popen, out: Path, text: str, seconds: float) -> float:
+    start, deadline = time.time(), time.time() + seconds
+    while text not in _output(out):
+        assert proc.poll() is None, f"the run ended before {text!r}: {_output(out)[-4000:]}"
+        assert time.time() < deadline, f"no {text!r} within {seconds} s: {_output(out)[-4000:]}"
+        time.sleep(0.2)
+    return time.time() - start
+
+
+def test_an_elastic_run_goes_on_with_the_node_left_and_grows_back_when_it_returns(cluster, team_server, tmp_path,
+                                                                                 fashion_betons, server_experiment):
+    """num_workers [1, 2] across the two nodes: the worker node lost in epoch 2, the run goes on with
+    the head's worker alone within a minute; the node back, it grows to 2 again; it finishes with
+    one MLflow run holding every epoch once. start_timeout 20: Ray's first try after the loss is a
+    group of 2 (its view of free resources lags), which fails after that long."""
+    out = tmp_path / "elastic"
+    epochs = 30
+    proc = _train(cluster, out, fashion_betons, "distributed.num_workers=[1,2]", "distributed.max_failures=-1",
+                  "distributed.resize_interval=5", "distributed.start_timeout=20", f"train.epochs={epochs}",
+                  f"tracking.experiment={server_experiment}", tracking=team_server)
+    try:
+        _kill_worker_node_during_epoch(cluster, proc, out, 2)
+        shrunk = _wait_for_line(proc, out, "resuming on 1 worker a checkpoint of 2", 60)
+        time.sleep(5)  # the node is declared dead (health checks every 1 s, 3 misses)
+        cluster.start_worker()
+        _wait_for_line(proc, out, "resuming on 2 workers a checkpoint of 1", 180)
+        proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if not cluster.processes(cluster.worker, "raylet"):  # the next test needs both nodes
+            cluster.kill_all(cluster.worker)
+            cluster.start_worker()
+    output = _output(out)
+    assert proc.returncode == 0, output[-4000:]
+    assert shrunk < 60
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["workers"] == 2 and len(summary["history"]) == epochs
+    client = MlflowClient(team_server)
+    [run] = client.search_runs([client.get_experiment_by_name(server_experiment).experiment_id])
+    assert run.info.status == "FINISHED"
+    # The artifacts and the model reached the server from the driver over the nodes' network.
+    assert "summary.json" in {f.path for f in client.list_artifacts(run.info.run_id)}
+    assert client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/acc")) == list(range(epochs))

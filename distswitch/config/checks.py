@@ -148,6 +148,8 @@ def _check_distributed(cfg, require) -> None:
             "a number >= 1, or [min, max] with 1 <= min <= max")
     require(d.min_workers >= 1, "distributed.num_workers", d.num_workers, ">= 1")
     require(d.resize_interval > 0, "distributed.resize_interval", d.resize_interval, "> 0 (seconds)")
+    require(d.start_timeout is None or d.start_timeout > 0, "distributed.start_timeout", d.start_timeout,
+            "null or > 0 (seconds)")
     require(d.max_failures >= -1, "distributed.max_failures", d.max_failures, ">= -1 (-1 = unlimited)")
     require(d.checkpoint_every >= 1, "distributed.checkpoint_every", d.checkpoint_every, ">= 1 (epochs)")
     require(d.checkpoints_to_keep >= 1, "distributed.checkpoints_to_keep", d.checkpoints_to_keep, ">= 1")

@@ -201,6 +201,10 @@ class DistributedConfig:
     num_workers: Union[int, tuple[int, ...]] = 1
     # Elastic only: seconds between Ray Train's looks for room to grow (each growth is a restart).
     resize_interval: float = 60.0
+    # Seconds Ray Train waits for a worker group to start before it gives up on that attempt; null =
+    # Ray's (60, or RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S). After a node's loss an elastic run may
+    # first try the old size (Ray's view of free resources lags up to 20 s) and waits this out.
+    start_timeout: Union[float, None] = None
     use_gpu: bool = False
     # Per worker, e.g. {CPU: 4, GPU: 1}; empty = Ray's default (1 CPU, plus 1 GPU with use_gpu).
     resources_per_worker: dict = field(default_factory=dict)

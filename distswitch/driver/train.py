@@ -14,6 +14,7 @@ the latest epoch checkpoint.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -110,11 +111,18 @@ def make_trainer(cfg: Config, worker: Worker, storage: str, marks: dict, launche
     )
 
 
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
 def fit(trainer, cfg: Config, storage: str):
     """trainer.fit(), with a worker's user error (bad data root, ...) as that one error, and a run
     Ray gave up on as one RunFailed line instead of Ray's traceback."""
     from ray.train.v2.api.exceptions import WorkerGroupError
 
+    if cfg.distributed.start_timeout is not None:
+        # Ray Train reads it from the environment only; fit() hands the launching process's
+        # setting on to its controller (ray.train.v2 constants, ENV_VARS_TO_PROPAGATE).
+        os.environ[START_TIMEOUT_ENV] = str(cfg.distributed.start_timeout)
     try:
         return _in_thread(trainer.fit)
     except WorkerGroupError as exc:
