@@ -1,14 +1,16 @@
-"""Accuracy against MACs at equal budgets: every method under one protocol, over seeds.
+"""Accuracy against MACs at equal budgets: every method under one protocol, over seeds, with the
+paired statistics a research claim needs.
 
-Each run is the package's own training (`distswitch.worker.train`, in this process: the same engine as
-`distswitch train`, without Ray's start-up), with the torch loader and tracking off. Every method
+The runs are `distswitch sweep`'s (one sweep: each run a Ray Tune trial with its own Train worker,
+as many at once as the machine holds), with the variants below as `sweep.variants`. Every method
 gets the same total epochs, the same learning-rate schedule, the same fine-tuning epochs after its
 last cut, the same warm-up (the switcher's dense epochs; gradual baselines start cutting there too),
 and the same selection: the best validation epoch among those at the budget, tested once.
 
-A run whose summary.json exists is not run again, so a killed sweep continues where it stopped.
-The table compares each method with magnitude pruning per seed (paired: the same seed's data order
-and initialisation) and with McNemar's exact test on the pooled test predictions.
+A run whose record (--record) or trial summary exists is not run again, so a killed benchmark
+continues where it stopped (a sweep killed mid-grid is resumed by Tune itself). The table compares
+each method with a reference per seed (paired: the same seed's data order and initialisation) and
+with McNemar's exact test on the pooled test predictions.
 
     uv run python benchmarks/pareto.py --out outputs/pareto                       # the full sweep
     uv run python benchmarks/pareto.py --out outputs/p --models mlp --budgets 0.3 0.15   # reduced
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from distswitch.compare import figure  # the figure `distswitch compare` draws from an MLflow store
 
@@ -89,49 +92,87 @@ def protocol(args) -> list[str]:
     return common + list(args.set)
 
 
-def run_one(model: str, variant: str, budget: float | None, seed: int, args, out: Path) -> dict:
-    from distswitch.config import load_config
-    from distswitch.worker import train
+def _name(model: str, variant: str, budget: float | None, seed: int) -> str:
+    return f"{model}-{variant}" + (f"-b{budget:g}" if budget is not None else "") + f"-s{seed}"
 
-    name = f"{model}-{variant}" + (f"-b{budget:g}" if budget is not None else "") + f"-s{seed}"
-    folder = out / "runs" / name
-    summary = folder / "summary.json"
-    record = Path(args.record) / f"{name}.json" if args.record else None
-    for done in (record, summary):
-        if done is not None and done.exists():
-            return json.loads(done.read_text())
-    if args.report_only:
-        return None
-    overrides = [*MODEL_SET.get(model, []), *protocol(args), *VARIANTS[variant], f"train.seed={seed}", f"out_dir={folder}",
-                 f"budget.fraction={'null' if budget is None else budget}"]
-    print(f"[pareto] {name}: {' '.join(overrides)}", flush=True)
+
+def finished(model: str, args, out: Path) -> dict:
+    """Every finished run of `model`, keyed (variant, budget, seed): its record, else its trial's summary."""
+    done = {}
+    for path in sorted(out.glob(f"sweeps/{model}-*/trials/*/summary.json")):
+        s = json.loads(path.read_text())
+        done[(s["config"]["sweep"]["variant"], s["config"]["budget"]["fraction"], s["config"]["train"]["seed"])] = s
+    if args.record:
+        for path in sorted(Path(args.record).glob(f"{model}-*.json")):
+            s = json.loads(path.read_text())
+            budget, seed = s["config"]["budget"]["fraction"], s["config"]["train"]["seed"]
+            # Records of the in-process runs before the sweep name their variant in the file name only.
+            suffix = len(_name("", "", budget, seed)) - 1
+            variant = (s["config"].get("sweep") or {}).get("variant") or path.stem[len(model) + 1:-suffix]
+            if _name(model, variant, budget, seed) == path.stem:
+                done[(variant, budget, seed)] = s
+    return done
+
+
+def sweep(model: str, variants: dict[str, list[str]], budgets: list, seeds: list[int], args, out: Path) -> None:
+    """`distswitch sweep` of variants x budgets x seeds (in its own folder: a rerun resumes it)."""
+    from distswitch.cli import main as distswitch
+
+    defined = {name: {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides)}
+               for name, overrides in variants.items()}
+    folder = out / "sweeps" / (f"{model}-" + "+".join(sorted(variants)) + "-b" + "+".join(f"{b}" for b in budgets))
+    argv = ["sweep", str(CONFIGS[model]), *MODEL_SET.get(model, []), *protocol(args), f"out_dir={folder}",
+            f"sweep.methods={json.dumps(sorted(variants))}", f"sweep.budgets={json.dumps(budgets)}",
+            f"sweep.seeds={json.dumps(seeds)}", f"sweep.variants={json.dumps(defined)}"]
+    print(f"[pareto] sweep {folder.name}: seeds {seeds}: {' '.join(argv[2:])}", flush=True)
     start = time.perf_counter()
-    train(load_config(CONFIGS[model], overrides))
-    result = json.loads(summary.read_text())
-    if record is not None:  # results as data: committed, a sweep resumes from them on any machine
-        record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(summary.read_text())
-    print(f"[pareto] {name}: val {result['val_acc']:.4f} macs {result['compact']['macs'] / result['dense']['macs']:.4f} "
-          f"({time.perf_counter() - start:.0f} s)", flush=True)
-    return result
+    if distswitch(argv) != 0:
+        raise SystemExit(f"pareto: the sweep in {folder} failed (its log above); rerun to resume it")
+    print(f"[pareto] sweep {folder.name}: {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def run_grid(model: str, cells: dict[str, list], seeds: list[int], args, out: Path) -> dict:
+    """Each variant at its budgets x `seeds`, the missing runs only: one sweep for the variants
+    missing every run, one per (variant, budget) for the rest. Returns every finished run."""
+    done = finished(model, args, out)
+    if args.report_only:
+        return done
+    missing = {(v, b): [s for s in seeds if (v, b, s) not in done] for v, budgets in cells.items() for b in budgets}
+    fresh = [v for v, budgets in cells.items() if all(missing[(v, b)] == seeds for b in budgets)]
+    for budgets in {tuple(cells[v]) for v in fresh}:  # variants with the same budgets share a sweep
+        group = [v for v in fresh if tuple(cells[v]) == budgets]
+        sweep(model, {v: VARIANTS[v] for v in group}, list(budgets), seeds, args, out)
+    for (variant, budget), todo in missing.items():
+        if variant not in fresh and todo:
+            sweep(model, {variant: VARIANTS[variant]}, [budget], todo, args, out)
+    done = finished(model, args, out)
+    if args.record:  # results as data: committed, a benchmark resumes from them on any machine
+        Path(args.record).mkdir(parents=True, exist_ok=True)
+        for key, summary in done.items():
+            record = Path(args.record) / f"{_name(model, *key)}.json"
+            if not record.exists():
+                record.write_text(json.dumps(summary, indent=1))
+    return done
 
 
 def widths_of(summary: dict) -> str:
     return "{" + ", ".join(f'"{layer}": {row["kept"]}' for layer, row in summary["kept_per_layer"].items()) + "}"
 
 
-def diagnose(model: str, budget: float, seed: int, results: dict, args, out: Path) -> None:
+def diagnose(model: str, budgets: list[float], seeds: list[int], done: dict, args, out: Path) -> dict:
     """Split a gap into allocation and selection: each method's ranking with the other's per-layer
-    widths (`budget.widths`), run under the same protocol."""
-    switch, magnitude = results.get((model, "switch", budget), {}).get(seed), results.get((model, "magnitude", budget), {}).get(seed)
-    if switch is None or magnitude is None:
-        return
-    for variant, other, label in (("magnitude", switch, "magnitude@switch-widths"),
-                                  ("switch", magnitude, "switch@magnitude-widths")):
-        VARIANTS[label] = [*VARIANTS[variant], f"budget.widths={widths_of(other)}"]
-        r = run_one(model, label, budget, seed, args, out)
-        if r is not None:
-            results.setdefault((model, label, budget), {})[seed] = r
+    widths (`budget.widths`, from the same seed and budget), run under the same protocol."""
+    for budget in budgets:
+        for seed in seeds:
+            switch, magnitude = done.get(("switch", budget, seed)), done.get(("magnitude", budget, seed))
+            if switch is None or magnitude is None:
+                continue
+            for variant, other, label in (("magnitude", switch, "magnitude@switch-widths"),
+                                          ("switch", magnitude, "switch@magnitude-widths")):
+                VARIANTS[label] = [*VARIANTS[variant], f"budget.widths={widths_of(other)}"]
+                if (label, budget, seed) not in done and not args.report_only:
+                    sweep(model, {label: VARIANTS[label]}, [budget], [seed], args, out)
+    return finished(model, args, out)
 
 
 def test_predictions(summary: dict) -> torch.Tensor:
@@ -278,19 +319,17 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.seeds, args.budgets, args.epochs, args.warmup, args.finetune = args.seeds[:1], args.budgets[:2], 3, 1, 1
         args.train_limit = args.train_limit or 2000
-    torch.set_num_threads(1)  # one run per core: side-by-side sweeps stay comparable
     out = Path(args.out)
     results: dict = {}
     for model in args.models:
-        for seed in args.seeds:
-            for variant in args.methods:
-                for budget in ([None] if variant == "dense" else args.budgets):
-                    r = run_one(model, variant, budget, seed, args, out)
-                    if r is not None:
-                        results.setdefault((model, variant, budget), {})[seed] = r
-            if args.diagnose and {"switch", "magnitude"} <= set(args.methods):
-                for budget in args.budgets:
-                    diagnose(model, budget, seed, results, args, out)
+        cells = {v: [None] if v == "dense" else list(args.budgets) for v in args.methods}
+        done = run_grid(model, cells, list(args.seeds), args, out)
+        if args.diagnose and {"switch", "magnitude"} <= set(args.methods):
+            done = diagnose(model, list(args.budgets), list(args.seeds), done, args, out)
+        for (variant, budget, seed), summary in done.items():
+            if variant in args.methods or "@" in variant:
+                if seed in args.seeds and (budget is None or budget in args.budgets):
+                    results.setdefault((model, variant, budget), {})[seed] = summary
     rows = aggregate(results, args)
     report = {"protocol": protocol(args), "args": vars(args), "rows": rows}
     out.mkdir(parents=True, exist_ok=True)

@@ -152,23 +152,26 @@ def test_gpu_check_exits_non_zero_when_a_case_fails(tmp_path):
     assert "PASS" in rows[0] and "FAIL UnknownNameError" in rows[1], proc.stdout
 
 
-def test_pareto_benchmark_meets_each_budget_and_resumes_without_rerunning(tmp_path):
+def test_pareto_benchmark_runs_its_grid_as_sweeps_meets_each_budget_and_resumes_without_rerunning(tmp_path):
     out = tmp_path / "pareto"
     args = [sys.executable, "benchmarks/pareto.py", "--out", str(out), "--quick", "--models", "mlp",
-            "--budgets", "0.5", "0.15", "--methods", "dense", "switch", "magnitude", "slimming"]
+            "--budgets", "0.5", "0.15", "--methods", "dense", "switch", "magnitude"]
     proc = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((out / "pareto.json").read_text())
     rows = {(r["method"], r["budget"]): r for r in report["rows"]}
-    assert set(rows) == {("dense", None)} | {(m, b) for m in ("switch", "magnitude", "slimming") for b in (0.5, 0.15)}
+    assert set(rows) == {("dense", None)} | {(m, b) for m in ("switch", "magnitude") for b in (0.5, 0.15)}
     for (method, budget), row in rows.items():
         if budget is not None:
             assert row["budget_error"] <= 0.01, (method, budget, row["macs"])
             assert ("mcnemar" in row) == (method != "magnitude")  # each method against the reference
     assert (out / "pareto.png").stat().st_size > 10_000
     assert "| mlp | 15% | switch |" in (out / "pareto.md").read_text()
+    # One sweep for the dense run, one for the rest (the same budgets); every run a trial of it.
+    assert proc.stdout.count("[pareto] sweep ") == 4 and len(list(out.glob("sweeps/*/trials/*/summary.json"))) == 5
     again = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "[pareto] mlp-switch-b0.5-s0: train" not in again.stdout  # resumed, not rerun
+    assert again.returncode == 0 and "[pareto] sweep " not in again.stdout  # nothing run again
+    assert json.loads((out / "pareto.json").read_text())["rows"] == json.loads(json.dumps(report["rows"]))
 
 
 def _pareto():

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, ray_processes
 from distswitch.cli import main
 
 CONFIG = REPO_ROOT / "configs" / "sweep_fashion_lenet5.yaml"
@@ -17,18 +22,46 @@ SHORT = ["train.epochs=3", "data.train_limit=1280", "data.val_size=500", "data.l
          "train.device=cpu", "tracking.system_metrics=false"]
 
 
+def _command(out, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "distswitch.cli", "sweep", str(CONFIG), f"out_dir={out}", *SHORT, *overrides]
+
+
 def _sweep(out, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "distswitch.cli", "sweep", str(CONFIG), f"out_dir={out}", *SHORT,
-                           *overrides], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    return subprocess.run(_command(out, *overrides), cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.slow
-def test_a_sweep_runs_every_method_budget_and_seed_to_the_end_and_logs_the_comparison_to_its_parent(tmp_path,
-                                                                                                   mlflow_store):
+def test_a_sweep_killed_mid_trial_is_resumed_by_the_same_command_and_logs_the_comparison_to_its_parent(
+        tmp_path, mlflow_store):
+    """Four trials (2 methods x 2 seeds at 50%), two at a time. The driver SIGKILLed (its local
+    cluster with it, as when the machine dies) inside the third trial; the same command finishes
+    the grid, each trial once (one MLflow child each), and compares them."""
     out = tmp_path / "sweep"
-    proc = _sweep(out, "sweep.methods=[switch,magnitude-gradual-group]", "sweep.budgets=[0.5]", "sweep.seeds=[0,1]",
-                  "tracking.experiment=sweep")
+    command = _command(out, "sweep.methods=[switch,magnitude-gradual-group]", "sweep.budgets=[0.5]", "sweep.seeds=[0,1]",
+                       "tracking.experiment=sweep")
+    log = tmp_path / "killed.log"  # a file, not a pipe: nobody reads it while the sweep runs
+    with log.open("w") as sink:
+        proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 600
+        while not list((out / "ray").glob("_trial_*_00002/epoch_0000")):  # inside the third trial
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, "the third trial never finished its first epoch"
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for leftover in ray_processes():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            leftover.kill()
+    psutil.wait_procs(ray_processes(), timeout=30)
+    assert not (out / "tune_summary.json").exists()
+
+    proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming the sweep in" in proc.stdout + proc.stderr
     summary = json.loads((out / "tune_summary.json").read_text())
     assert summary["num_trials"] == 4 and not any(t["error"] for t in summary["trials"])
     rows = {row["method"]: row for row in summary["comparison"]["rows"]}

@@ -15,7 +15,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import DEFAULT_CONFIG, REPO_ROOT
+from conftest import DEFAULT_CONFIG, REPO_ROOT, ray_processes
 from distswitch.config import ConfigError, load_config
 from distswitch.driver.tune import TRIAL_TAG, max_concurrent, trial_config
 
@@ -66,16 +66,6 @@ def test_a_trial_that_fits_nowhere_in_the_cluster_is_refused_in_one_line():
         max_concurrent(_Cluster(2), cfg)
 
 
-def _ray_processes() -> list[psutil.Process]:
-    """Ray's workers and actors (ray::...), GCS servers and raylets on this machine."""
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if cmdline.startswith("ray::") or "gcs_server" in cmdline or "/raylet" in cmdline:
-            found.append(proc)
-    return found
-
-
 @pytest.mark.slow
 def test_asha_stops_a_weak_trial_mid_run_and_a_killed_search_resumes_with_no_duplicate_run(tmp_path):
     # Four trials in grid order, one at a time (2 CPUs): a learning one, two that cannot learn (tnn
@@ -106,10 +96,10 @@ def test_asha_stops_a_weak_trial_mid_run_and_a_killed_search_resumes_with_no_dup
     # Its local cluster goes down with it, as when the machine or pod dies (on its own, the cluster
     # would notice the driver's death about a minute later; docs/results.md). No old trial may
     # still write into the checkpoints that the rerun resumes from.
-    for leftover in _ray_processes():
+    for leftover in ray_processes():
         with contextlib.suppress(psutil.NoSuchProcess):
             leftover.kill()
-    psutil.wait_procs(_ray_processes(), timeout=30)
+    psutil.wait_procs(ray_processes(), timeout=30)
     killed_at = time.time()
     assert not (out / "tune_summary.json").exists()
 
@@ -142,7 +132,7 @@ def test_asha_stops_a_weak_trial_mid_run_and_a_killed_search_resumes_with_no_dup
     assert by_lr[2].data.tags["distswitch.stopped_by"].startswith("tune")
     assert {"trials.json", "best_config.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert len(client.search_runs([experiment])) == 5  # the parent and its 4 children, nothing else
-    while left := _ray_processes():  # the rerun closed its own cluster
+    while left := ray_processes():  # the rerun closed its own cluster
         names = sorted({" ".join(p.info["cmdline"] or [])[:60] for p in left})
         assert time.time() < killed_at + 600, f"Ray processes left after the rerun: {names}"
         time.sleep(1)
