@@ -22,7 +22,8 @@ def cpu_seconds(uri: str, monitored: bool, interval: float, seconds: float) -> t
     client = mlflow_client(uri)
     run = client.create_run(client.get_experiment_by_name("cost").experiment_id)
     start = time.process_time()
-    monitor = system_metrics(uri, run.info.run_id, node="node", interval=interval) if monitored else None
+    outbox = tempfile.mkdtemp()  # the samples' journal, as a run's out_dir holds it
+    monitor = system_metrics(uri, run.info.run_id, outbox, node="node", interval=interval) if monitored else None
     time.sleep(seconds)
     if monitor is not None:
         monitor.finish()

@@ -222,8 +222,8 @@ class Delivery:
             raise ValueError(f"unknown outbox entry {entry['kind']!r} (written by a newer distswitch?)")
 
 
-def run_outbox(uri: str, out_dir: str | Path, name: str) -> Outbox:
-    return Outbox(outbox_dir(out_dir), name, Delivery(), uri, transient=transient)
+def run_outbox(uri: str, out_dir: str | Path, name: str, log=None) -> Outbox:
+    return Outbox(outbox_dir(out_dir), name, Delivery(), uri, transient=transient, log=log)
 
 
 def _entry(kind: str, uri: str, run_id: str, **fields) -> dict:
@@ -268,19 +268,55 @@ def system_metrics_interval(cfg: Config) -> float | None:
     return cfg.tracking.system_metrics_interval if cfg.tracking.system_metrics else None
 
 
-def system_metrics(uri: str, run_id: str, node: str, interval: float):
+def system_metrics(uri: str, run_id: str, out_dir: str | Path, node: str, interval: float):
     """MLflow's system-metrics monitor for one node of the run, as system/<node>/<metric>, every
     `interval` seconds (a daemon thread; `finish()` ends it), its steps continuing an earlier attempt's.
-    Not `mlflow.start_run(log_system_metrics=True)`: its run would be the process's active run, which
-    `end_run` marks FINISHED, and the driver owns the run's status."""
+    Its samples go through the run's outbox (a journal per node): one taken while the server is away
+    arrives when it is back. Not `mlflow.start_run(log_system_metrics=True)`: its run would be the
+    process's active run, which `end_run` marks FINISHED, and the driver owns the run's status."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    class NodeMonitor(SystemMetricsMonitor):
+        def monitor(self) -> None:
+            # MLflow's loop asks the server for the run's status after every sample and stops for
+            # good when that fails (an outage); this one stops only at finish().
+            while not self._shutdown_event.is_set():
+                for _ in range(self.samples_before_logging):
+                    self.collect_metrics()
+                    if self._shutdown_event.wait(self.sampling_interval):
+                        return
+                self.publish_metrics(self.aggregate_metrics())
 
     # Its INFO lines (started, stopped, no GPU found) would reach the console from every node.
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=True, node_id=node,
-                                   tracking_uri=uri)
+    monitor = NodeMonitor(run_id, sampling_interval=interval, resume_logging=True, node_id=node, tracking_uri=uri)
+    # Quiet: rank 0's outbox already says when the server is away.
+    monitor.mlflow_logger = _OutboxSamples(run_outbox(uri, out_dir, f"system-{node}", log=lambda line: None), uri, run_id)
+    # Steps after those an earlier attempt on this node left unsent, too.
+    monitor._logging_step = max(monitor._logging_step, monitor.mlflow_logger.next_step())
     monitor.start()
     return monitor
+
+
+class _OutboxSamples:
+    """Where the monitor records a sample (in place of MLflow's direct batch logger): the outbox."""
+
+    data = ()  # what the monitor's debug lines read off MLflow's logger
+    total_training_time = total_log_batch_time = 0.0
+
+    def __init__(self, outbox: Outbox, uri: str, run_id: str) -> None:
+        self.outbox, self.uri, self.run_id = outbox, uri, run_id
+
+    def next_step(self) -> int:
+        return max((e["step"] + 1 for e in self.outbox.journal.entries() if e.get("run_id") == self.run_id), default=0)
+
+    def record_metrics(self, metrics: dict, step: int) -> None:
+        self.outbox.put(_entry("metrics", self.uri, self.run_id, step=step, metrics=metrics))
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """At the monitor's finish: a short wait; what the server did not take stays for the driver."""
+        self.outbox.flush(timeout)
+        self.outbox.close()
 
 
 def finish_run(uri: str, run_id: str, out_dir: Path, summary: dict, timeout: float) -> bool:

@@ -48,15 +48,17 @@ def test_a_run_whose_server_is_away_for_two_epochs_ends_finished_with_every_metr
     proc = subprocess.Popen(
         [sys.executable, "-m", "distswitch.cli", "train", str(config), f"out_dir={out}", f"train.epochs={EPOCHS}",
          "schedule.warmup_epochs=1", "data.train_limit=12800", "data.loader=torch", "distributed.num_workers=1",
-         f"tracking.uri={server.uri}", f"tracking.experiment={experiment}", "tracking.system_metrics=false",
+         f"tracking.uri={server.uri}", f"tracking.experiment={experiment}", "tracking.system_metrics_interval=1",
          "tracking.send_timeout=180"],
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: 0 in _journal_steps(out), proc, 300, "epoch 1's metrics")
         server.stop()
+        away = time.time() * 1000
         down_at = max(_journal_steps(out))
         _wait_for(lambda: max(_journal_steps(out)) >= down_at + 2, proc, 300, "two more epochs")
         during = [s for s in _journal_steps(out) if s > down_at]
+        back = time.time() * 1000
         server.start()
         _, stderr = proc.communicate(timeout=600)
     finally:
@@ -79,6 +81,11 @@ def test_a_run_whose_server_is_away_for_two_epochs_ends_finished_with_every_metr
         files = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"summary.json", "model.arch.json", "figures", "config.yaml"} <= files
         assert client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+        # The node's system metrics every second, those sampled while the server was away included.
+        [cpu] = [k for k in run.data.metrics if k.startswith("system/") and k.endswith("/cpu_utilization_percentage")]
+        samples = client.get_metric_history(run.info.run_id, cpu)
+        assert sorted(m.step for m in samples) == list(range(len(samples)))
+        assert sum(away < m.timestamp < back for m in samples) >= 3, (away, back, [m.timestamp for m in samples])
         # No epoch waited for the server: those that ended during the outage took no longer than the rest.
         seconds = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "seconds")}
         calm = [v for step, v in seconds.items() if step not in during and step > 0]

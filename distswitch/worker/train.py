@@ -253,9 +253,8 @@ def ray_main(loop_config: dict) -> None:
 
         from distswitch.tracking import system_metrics, system_metrics_interval
 
-        uri, run_id, _ = loop_config["tracking"]
-        monitor = system_metrics(uri, run_id, node=get_node_ip_address(),
-                                 interval=system_metrics_interval(cfg))
+        uri, run_id, out_dir = loop_config["tracking"]
+        monitor = system_metrics(uri, run_id, out_dir, node=get_node_ip_address(), interval=system_metrics_interval(cfg))
     try:
         train(cfg, session, ray.train.torch.get_device(), launched_at=loop_config.get("launched_at"),
               marks=loop_config.get("marks"), tracker=tracker)
