@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from distswitch.config import Config, ConfigError
-from distswitch.outbox import Outbox
+from distswitch.outbox import Outbox, send_all
 from distswitch.run_results import log_results
 from distswitch.signals import stop_signal
 
@@ -113,6 +113,13 @@ def open_run(cfg: Config, run_key: str, parent_run_id: str | None = None) -> tup
                                order_by=["attributes.start_time DESC"], max_results=1)
     if found and found[0].info.status != "FINISHED":
         run_id = found[0].info.run_id
+        # What the last attempt left unsent (its FAILED or KILLED end among it) goes first: sent later,
+        # by this attempt's sender, it would mark the run failed while it runs again.
+        try:
+            send_all(outbox_dir(cfg.out_dir), Delivery())
+        except Exception as exc:  # it stays for this attempt's sender, which says what the server answers
+            print(f"distswitch: warning: the last attempt's unsent MLflow entries were not taken now ({exc!r:.200})",
+                  file=sys.stderr, flush=True)
         client.update_run(run_id, status="RUNNING")
         client.set_tag(run_id, "distswitch.relaunches", str(int(found[0].data.tags.get("distswitch.relaunches", "0")) + 1))
         return uri, run_id

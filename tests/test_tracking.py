@@ -17,7 +17,8 @@ from mlflow.tracking import MlflowClient
 from conftest import REPO_ROOT, make_config
 from distswitch.cli import main
 from distswitch.config import ConfigError, load_config
-from distswitch.tracking import RUN_KEY_TAG, EpochLogger, fail_run, flatten, log_metrics, open_run
+from distswitch.outbox import Journal, unsent
+from distswitch.tracking import RUN_KEY_TAG, EpochLogger, fail_run, flatten, log_metrics, open_run, outbox_dir
 
 
 def _cfg(tmp_path, **sections):
@@ -76,6 +77,21 @@ def test_an_unfinished_run_is_continued_not_duplicated(tmp_path):
     client = MlflowClient(uri)
     assert client.get_run(first).info.status == "RUNNING"
     assert len(client.search_runs([client.get_run(first).info.experiment_id])) == 1
+
+
+def test_a_relaunch_first_sends_the_last_attempt_s_unsent_end_then_runs(tmp_path):
+    """A FAILED end that waited in the outbox (the server was away when the driver failed) is sent
+    when the same run is opened again, before it is marked RUNNING: not later, mid-relaunch."""
+    cfg = _cfg(tmp_path)
+    uri, first = open_run(cfg, "store/run")
+    journal = Journal(outbox_dir(cfg.out_dir), "driver")
+    journal.append({"kind": "end", "uri": uri, "run_id": first, "timestamp": 1, "status": "FAILED",
+                    "tags": {"distswitch.error": "RuntimeError: worker lost"}})
+    assert unsent(outbox_dir(cfg.out_dir)) == 1
+    _, second = open_run(cfg, "store/run")
+    run = MlflowClient(uri).get_run(first)
+    assert second == first and run.info.status == "RUNNING" and "worker lost" in run.data.tags["distswitch.error"]
+    assert unsent(outbox_dir(cfg.out_dir)) == 0
 
 
 def test_a_finished_run_is_never_reopened(tmp_path):
