@@ -22,24 +22,16 @@ import torch
 
 from distswitch.config import Config, ConfigError
 from distswitch.data import DatasetInfo
-from distswitch.data.datasets import DataError
 from distswitch.io import copy_file
 from distswitch.manifest import CheckpointDamaged, damage, order
-from distswitch.registry import UnknownNameError
 
 CHECKPOINT_FORMAT = "distswitch.ckpt/2"  # 2: layers by name, every folder sealed
-# In a checkpoint folder: training stopped for good (TrainingStopped) after that folder's state.
-STOPPED_FILE, STOPPED_METRIC = "stopped.json", "stopped"
 # The final report's folder -> where its files land in out_dir.
 FINAL_FILES = {"summary.json": "summary.json", "model.pt": "model.pt", "model.arch.json": "model.arch.json",
                "best.pt": "checkpoints/best.pt"}
 # Sections of the config a resumed run must share with its checkpoint (the rest may change, e.g. a
 # lower learning rate after a stop).
 RESUME_KEYS = ("model", "method", "switcher", "data")
-# Failures no restart can cure: the worker reports them as a stop for good (stopped.json names the
-# class) rather than raising, so Ray Train's failure policy keeps its retries for lost workers and
-# nodes; the driver raises them again, as the same one-line error.
-INCURABLE = (ConfigError, UnknownNameError, DataError, CheckpointDamaged)
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,6 @@ import time
 
 from distswitch import signals
 from distswitch.config import ConfigError, load_config
-from distswitch.manifest import CheckpointDamaged
-from distswitch.registry import UnknownNameError
 
 # `distswitch runs --sort`: columns where higher is better first, sizes smallest first.
 SORTABLE = ("test_acc", "val_acc", "kept", "params", "macs")
@@ -234,30 +232,19 @@ def main(argv: list[str] | None = None) -> int:
     args.started = started
     if args.command in ("train", "tune", "sweep"):  # the driver's cluster start keeps this handler (cluster.connect)
         signals.install()
-    from distswitch.data.datasets import DataError  # imported late: `--help` stays fast
-
     try:
         commands = {"train": _cmd_train, "tune": _cmd_tune, "export": _cmd_export, "data": _cmd_data, "runs": _cmd_runs,
                     "compare": _cmd_compare, "sync": _cmd_sync, "sweep": _cmd_sweep}
         return commands[args.command](args)
-    except (ConfigError, UnknownNameError, DataError, CheckpointDamaged) as exc:
-        if args.debug:
-            raise
-        print(f"distswitch: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        from distswitch.driver.train import RunFailed
-        from distswitch.engine import TrainingStopped  # here: torch is not needed before an error
+    except (Exception, KeyboardInterrupt) as exc:
+        from distswitch.stop import for_user  # imported late: `--help` stays fast
 
-        if not isinstance(exc, (TrainingStopped, RunFailed)) or args.debug:
+        ended = for_user(exc)
+        if ended is None or (args.debug and not isinstance(exc, KeyboardInterrupt)):
             raise
-        print(f"distswitch: {'stopped' if isinstance(exc, TrainingStopped) else 'failed'}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        signum = signals.stop_signal()
-        print(f"distswitch: stopped by {signum.name}; run the same command again to continue "
-              "from the last epoch checkpoint", file=sys.stderr)
-        return 128 + signum
+        code, line = ended
+        print(line, file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -40,13 +40,9 @@ from distswitch.methods import Method
 from distswitch.optim import build_optimizer, build_scheduler
 from distswitch.parallel import Replicas
 from distswitch.schedule import Phase
+from distswitch.stop import TrainingStopped
 
 LOSS_FAULT, FACTOR_FAULT = 1, 2  # a step's fault code: its loss, or its factors, not finite
-
-
-class TrainingStopped(RuntimeError):
-    """Training cannot usefully go on (it diverged, or a layer lost its last units). Resuming from
-    the last checkpoint would repeat it: launchers must not retry it."""
 
 
 @dataclass

@@ -153,7 +153,7 @@ def test_two_workers_update_like_one_worker_with_the_whole_batch(config, tmp_pat
 def test_a_worker_leaves_no_scratch_files_whether_it_finishes_or_stops(config, tmp_path, monkeypatch):
     import tempfile
 
-    from distswitch.engine import TrainingStopped
+    from distswitch.stop import TrainingStopped
 
     scratch = tmp_path / "tmp"
     scratch.mkdir()

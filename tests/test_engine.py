@@ -10,9 +10,10 @@ import torch
 from conftest import FASHION_INFO, fake_batch, make_config
 from distswitch.build import build
 from distswitch.config import ConfigError
-from distswitch.engine import Engine, TrainingStopped
+from distswitch.engine import Engine
 from distswitch.gates import kept_report
 from distswitch.schedule import Phase
+from distswitch.stop import TrainingStopped
 
 CPU = torch.device("cpu")
 

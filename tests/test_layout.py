@@ -15,7 +15,7 @@ LEVELS = [
     {"config", "registry", "io", "signals", "process"},
     {"manifest", "outbox"},
     {"data", "models", "optim", "fold", "coupling"},
-    {"gates"},
+    {"gates", "stop"},  # stop: why a run ends for good (the errors of config, data, checkpoints)
     {"switcher", "schedule", "cost", "counting"},
     {"methods", "parallel"},
     {"engine", "export", "model_registry"},

@@ -12,10 +12,11 @@ import torch.multiprocessing as mp
 
 from conftest import FASHION_INFO, make_config
 from distswitch.build import build, make_replicas
-from distswitch.engine import Engine, TrainingStopped
+from distswitch.engine import Engine
 from distswitch.gates import kept_report
 from distswitch.parallel import DDPReplicas
 from distswitch.schedule import Phase
+from distswitch.stop import TrainingStopped
 
 CPU = torch.device("cpu")
 

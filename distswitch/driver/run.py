@@ -8,11 +8,10 @@ the driver knows (where Ray stored that checkpoint, the MLflow run), then MLflow
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from distswitch.checkpoint import INCURABLE, STOPPED_FILE, collect_final
+from distswitch.checkpoint import collect_final
 from distswitch.config import Config
 from distswitch.io import write_json
 from distswitch.summary import Summary
@@ -68,14 +67,10 @@ class RunHandle:
         if result.checkpoint is None:
             raise RuntimeError(f"Ray Train finished without a final checkpoint; see {self.storage}/{self.name}")
         with result.checkpoint.as_directory() as folder:
-            if (Path(folder) / STOPPED_FILE).is_file():
-                from distswitch.engine import TrainingStopped
+            from distswitch.stop import Stop
 
-                stop = json.loads((Path(folder) / STOPPED_FILE).read_text())
-                incurable = {cls.__name__: cls for cls in INCURABLE}
-                if stop.get("error") in incurable:  # a worker's error no restart cures, as that error
-                    raise incurable[stop["error"]](stop["message"])
-                raise TrainingStopped(f"{stop['message']} (kept in {result.checkpoint.path}; the same command resumes from it)")
+            if (stopped := Stop.read(Path(folder))) is not None:  # the worker's stop for good, raised here
+                raise stopped.exception(kept=result.checkpoint.path)
             collect_final(Path(folder), self.out, skip=("summary.json",))
             summary = Summary.read(Path(folder) / "summary.json")
         summary.checkpoint_path = str(result.checkpoint.path)  # known here only: where Ray stored it

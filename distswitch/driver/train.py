@@ -21,21 +21,16 @@ from pathlib import Path
 from typing import Callable
 
 from distswitch import checkpoint
-from distswitch.checkpoint import INCURABLE, RESUME_KEYS
+from distswitch.checkpoint import RESUME_KEYS
 from distswitch.config import Config, ConfigError
 from distswitch.driver.claim import claim
 from distswitch.driver.launch import on_cluster, prepare
 from distswitch.driver.run import RunHandle
 from distswitch.io import write_json, write_text
+from distswitch.stop import INCURABLE, RunFailed
 
-USER_ERRORS = INCURABLE
 # The worker's entry: called on every Ray Train worker with the loop config (plain data).
 Worker = Callable[[dict], None]
-
-
-class RunFailed(RuntimeError):
-    """Ray Train gave up on the workers (failures beyond distributed.max_failures); the message says
-    which worker failed and which checkpoint a rerun would resume."""
 
 
 def storage_path(cfg: Config) -> str:
@@ -128,7 +123,7 @@ def fit(trainer, cfg: Config, storage: str):
     except WorkerGroupError as exc:
         for failure in exc.worker_failures.values():
             cause = getattr(failure, "cause", failure)
-            if isinstance(cause, USER_ERRORS):  # the worker's own message, not a Ray traceback
+            if isinstance(cause, INCURABLE):  # the worker's own message, not a Ray traceback
                 raise cause from None
         rank, failure = min(exc.worker_failures.items(), key=lambda item: item[0])
         cause = getattr(failure, "cause", failure)

@@ -9,7 +9,6 @@ model, and reported as measured. Ray appears only through the session (`RaySessi
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import tempfile
@@ -20,14 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distswitch import checkpoint
+from distswitch import checkpoint, stop
 from distswitch.artifacts import export_compact, factor_histograms
 from distswitch.build import build, make_replicas, resolve_device, seed_everything, validate_names
 from distswitch.config import Config
 from distswitch.data import make_loaders
 from distswitch.data.datasets import batch_share
-from distswitch.engine import Engine, EpochStats, TrainingStopped
-from distswitch.io import write_json
+from distswitch.engine import Engine, EpochStats
 from distswitch.manifest import MANIFEST_FILE, seal
 from distswitch.parallel import Replicas, gather_object
 from distswitch.process import configure_process
@@ -50,12 +48,10 @@ def train(cfg: Config, session: Session | None = None, device: torch.device | No
     scratch = Path(tempfile.mkdtemp(prefix="distswitch-"))  # this worker's local files (rank 0's best.pt)
     try:
         return _train(Run(cfg, session, device or resolve_device(cfg), scratch, launched_at, marks, tracker))
-    except Incurable as exc:  # no restart cures it: a stop for good, raised again by the driver
-        report_stop(session, exc.error, scratch, exc.source, gather_object)
-        raise exc.error from None
-    except checkpoint.INCURABLE as exc:
-        report_stop(session, exc, scratch, None, gather_object)
-        raise
+    except (StoppedAt, *stop.STOPS) as exc:  # the one place a stop for good is caught on a worker
+        error, kept = (exc.error, exc.kept) if isinstance(exc, StoppedAt) else (exc, None)
+        report_stop(session, error, scratch, kept, gather_object)
+        raise error from None
     finally:  # a stop or an error too: only a killed worker leaves its scratch behind
         shutil.rmtree(scratch, ignore_errors=True)
         session.close()
@@ -83,9 +79,8 @@ def _train(run: Run) -> dict:
         progress = lambda loader, epoch: session.progress(len(loader), f"epoch {epoch + 1}/{cfg.train.epochs}")  # noqa: E731
     try:
         engine.fit(loaders.train, loaders.val, start_epoch=start_epoch, callbacks=[end], progress=progress)
-    except TrainingStopped as exc:
-        report_stop(session, exc, run.scratch, state.latest or restored, replicas.gather)
-        raise
+    except stop.TrainingStopped as exc:
+        raise StoppedAt(exc, state.latest or restored) from exc
     return finish(run, engine, loaders, state, start_epoch)
 
 
@@ -100,8 +95,8 @@ def resume(run: Run, engine: Engine, replicas: Replicas) -> tuple[RunState, int,
     chosen = None
     if session.rank == 0:
         newest = checkpoint.resume_order(stored)[:1]  # Ray Train's latest: did the last attempt stop?
-        if newest and (stop := newest[0].fetch() / checkpoint.STOPPED_FILE).is_file():
-            say(f"the last attempt stopped: {json.loads(stop.read_text())['message']}")
+        if newest and (last := stop.Stop.read(newest[0].fetch())):
+            say(f"the last attempt stopped: {last.message}")
         try:
             found = checkpoint.choose(stored, say)
             chosen = found[0].name if found else None
@@ -118,8 +113,8 @@ def resume(run: Run, engine: Engine, replicas: Replicas) -> tuple[RunState, int,
     saved = checkpoint.read(latest / "state.pt")
     try:
         checkpoint.check_resumable(cfg, saved, candidate.where)
-    except checkpoint.INCURABLE as exc:
-        raise Incurable(exc, latest) from exc
+    except stop.INCURABLE as exc:
+        raise StoppedAt(exc, latest) from exc
     engine.load_state_dict(saved["engine"])
     engine.retune(saved["config"]["optim"])
     state.history, state.best = [EpochStats(**h) for h in saved["history"]], dict(saved["best"])
@@ -192,12 +187,13 @@ def finish(run: Run, engine: Engine, loaders, state: RunState, start_epoch: int)
     return summary
 
 
-class Incurable(Exception):
-    """An incurable `error` met while resuming `source`: the stop for good keeps that state."""
+class StoppedAt(Exception):
+    """A stop for good (`error`) with the checkpoint folder of the last good epoch, which the stop's
+    own checkpoint keeps (`kept`)."""
 
-    def __init__(self, error: Exception, source: Path) -> None:
+    def __init__(self, error: Exception, kept: Path | None) -> None:
         super().__init__(str(error))
-        self.error, self.source = error, source
+        self.error, self.kept = error, kept
 
 
 def agreed(session: Session, make):
@@ -205,7 +201,7 @@ def agreed(session: Session, make):
     own data: one node may lack it), so that all of them report the stop for good together."""
     try:
         made, error = make(), None
-    except checkpoint.INCURABLE as exc:
+    except stop.INCURABLE as exc:
         made, error = None, exc
     failed = [e for e in gather_object(error) if e is not None]
     if failed:
@@ -225,12 +221,11 @@ def report_stop(session: Session, exc: Exception, scratch: Path, source: Path | 
     if session.rank == 0:
         folder = scratch / name
         if saved is not None:
-            shutil.copytree(source, folder, ignore=shutil.ignore_patterns(checkpoint.STOPPED_FILE, MANIFEST_FILE))
+            shutil.copytree(source, folder, ignore=shutil.ignore_patterns(stop.FILE, MANIFEST_FILE))
         folder.mkdir(exist_ok=True)
-        error = type(exc).__name__ if isinstance(exc, checkpoint.INCURABLE) else None
-        write_json(folder / checkpoint.STOPPED_FILE, {"message": str(exc), "error": error})
+        stop.Stop.of(exc).write(folder)
         seal(folder, saved["epoch"] if saved is not None else None)
-    session.report({checkpoint.STOPPED_METRIC: str(exc)}, folder, name)
+    session.report({stop.METRIC: str(exc)}, folder, name)
 
 
 def ray_main(loop_config: dict) -> None:
@@ -258,9 +253,9 @@ def ray_main(loop_config: dict) -> None:
     try:
         train(cfg, session, ray.train.torch.get_device(), launched_at=loop_config.get("launched_at"),
               marks=loop_config.get("marks"), tracker=tracker)
-    except (TrainingStopped, *checkpoint.INCURABLE):
-        # Raising would make Ray Train retry from the last checkpoint, into the same stop or error.
-        # `train` reported it as the latest checkpoint; the driver raises it.
+    except stop.STOPS:
+        # The Ray boundary: raising would make Ray Train retry from the last checkpoint, into the
+        # same stop. `train` reported it as the latest checkpoint; the driver raises it.
         return
     finally:
         if tracker is not None:  # what the server has not taken yet stays in the outbox for the driver
