@@ -65,6 +65,7 @@ results: setup
 	$(RECORDS) --out outputs/results/mlp-selection --models mlp --budgets 0.3 0.15 --metric val_acc --reference magnitude-gradual --methods $(SELECTION)
 	$(RECORDS) --out outputs/results/lenet5-selection --models lenet5 --budgets 0.3 0.15 --metric val_acc --reference magnitude-gradual-group --methods $(SELECTION)
 	$(RECORDS) --out outputs/results/confirmation --models mlp lenet5 --budgets 0.3 0.15 --seeds 10 11 12 13 14 15 16 17 --reference magnitude-gradual-group --methods $(CONFIRMATION)
+	$(BENCH)/pareto.py --record benchmarks/results/shipped --report-only --no-mcnemar --out outputs/results/shipped --models lenet5 mlp --budgets 0.5 --seeds 20 21 22 23 --methods switch magnitude-gradual-group --reference magnitude-gradual-group
 	$(RECORDS) --out outputs/results/resnet20 --models resnet20 --budgets 0.5 0.25 --seeds 10 11 12 --epochs 8 --finetune 2 --train-limit 20000 --reference magnitude-gradual --methods switch-fair-rank magnitude-gradual
 
 ## bench-gpu: on a GPU host, ResNet18 32x32 bf16 images/s and MFU, dense and switch, compiled
