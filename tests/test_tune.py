@@ -49,8 +49,9 @@ class _Cluster:
 
 
 @pytest.mark.parametrize("cpus, gpus, overrides, expected", [
-    (2, 0, ["distributed.num_workers=1"], 1),  # 1 worker x 1 CPU + the trial driver's sliver: one fits in 2 CPUs
-    (16, 0, ["distributed.num_workers=2"], 7),
+    (2, 0, ["distributed.num_workers=1"], 2),  # the trial's driver takes no CPU: two 1-worker trials in 2 CPUs
+    (16, 0, ["distributed.num_workers=2"], 8),
+    (16, 0, ["distributed.num_workers=[2,4]"], 4),  # elastic: counted at its largest
     (64, 8, ["distributed.use_gpu=true", "distributed.num_workers=2"], 4),  # GPUs bound it
     (2, 0, ["distributed.num_workers=1", "tune.max_concurrent_trials=3"], 3),
 ])
@@ -60,15 +61,15 @@ def test_concurrent_trials_follow_the_cluster_and_the_workers_per_trial(cpus, gp
 
 
 def test_a_trial_that_fits_nowhere_in_the_cluster_is_refused_in_one_line():
-    # 2 workers x 1 CPU + the trial driver's sliver > 2 CPUs: it would wait for ever.
-    cfg = load_config(DEFAULT_CONFIG, ["distributed.num_workers=2"])
-    with pytest.raises(ConfigError, match="one trial needs 2.01 CPU"):
+    # 3 workers x 1 CPU > 2 CPUs: it would wait for ever.
+    cfg = load_config(DEFAULT_CONFIG, ["distributed.num_workers=3"])
+    with pytest.raises(ConfigError, match="one trial needs 3 CPU"):
         max_concurrent(_Cluster(2), cfg)
 
 
 @pytest.mark.slow
 def test_asha_stops_a_weak_trial_mid_run_and_a_killed_search_resumes_with_no_duplicate_run(tmp_path):
-    # Four trials in grid order, one at a time (2 CPUs): a learning one, two that cannot learn (tnn
+    # Four trials in grid order, one at a time (tune.max_concurrent_trials=1): a learning one, two that cannot learn (tnn
     # lr 1e-6), a learning one. ASHA's first rung (1 epoch of 3) stops trial 2 below trial 1. The
     # driver is SIGKILLed inside trial 3's second epoch (with its local cluster), long enough after
     # trial 2's stop for Tune to have saved its experiment state (every >= 10 s); the same command
@@ -79,7 +80,7 @@ def test_asha_stops_a_weak_trial_mid_run_and_a_killed_search_resumes_with_no_dup
     command = [sys.executable, "-m", "distswitch.cli", "tune", str(DEFAULT_CONFIG), f"out_dir={out}",
                "tune.num_samples=1", "train.epochs=3", "schedule.warmup_epochs=0", "schedule.finetune_epochs=0", "budget.fraction=null",
                "data.train_limit=1024", "distributed.num_workers=1", "train.progress=false",
-               "tune.grace_period=1", "tune.reduction_factor=2", "tune.space={optim.tnn.lr: {grid: [0.05, 1.0e-6, 1.0e-6, 0.05]}}"]
+               "tune.grace_period=1", "tune.reduction_factor=2", "tune.max_concurrent_trials=1", "tune.space={optim.tnn.lr: {grid: [0.05, 1.0e-6, 1.0e-6, 0.05]}}"]
     proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 400

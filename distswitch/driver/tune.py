@@ -29,7 +29,10 @@ from distswitch.driver.run import RunHandle
 from distswitch.driver.train import Worker, fit, make_trainer, storage_path
 from distswitch.io import write_json, write_text
 
-TRIAL_DRIVER_CPU = 0.01
+# The trial function only drives its TorchTrainer, whose workers hold the real resources. Tune
+# refuses an empty request: a little memory, not a sliver of a CPU (which kept a second 1-worker
+# trial off a 2-CPU machine, and the last CPU of any cluster idle).
+TRIAL_DRIVER_RESOURCES = {"memory": 64 * 2**20}
 TRIAL_TAG = "distswitch.tune_trial_id"
 
 
@@ -67,9 +70,9 @@ def max_concurrent(ray, cfg: Config, sweep: bool = False) -> int:
     fits = []
     for name, amount in need.items():
         if amount > 0:
-            per_trial = amount * d.min_workers + (TRIAL_DRIVER_CPU if name == "CPU" else 0)
+            per_trial = amount * d.min_workers
             # Elastic trials are counted at their largest, so that they can grow.
-            fits.append(int(have.get(name, 0) // (amount * d.max_workers + (TRIAL_DRIVER_CPU if name == "CPU" else 0))))
+            fits.append(int(have.get(name, 0) // (amount * d.max_workers)))
             if per_trial > have.get(name, 0):
                 raise ConfigError(f"distributed: one trial needs {per_trial:g} {name} ({d.min_workers} workers), the "
                                   f"cluster has {have.get(name, 0):g}; lower distributed.num_workers or "
@@ -121,9 +124,7 @@ def _search(ray, cfg: Config, worker: Worker, out: Path, name: str, storage: str
 
     trainable = rtune.with_parameters(_trial, base=cfg.to_dict(), worker=worker, trials_dir=str(out.resolve() / "trials"),
                                       storage=storage, search=search, launched_at=launched_at)
-    # The trial function only drives its TorchTrainer, whose workers hold the real resources
-    # (Tune refuses an empty request, hence a sliver of a CPU).
-    trainable = rtune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPU})
+    trainable = rtune.with_resources(trainable, TRIAL_DRIVER_RESOURCES)
     path = f"{storage}/{name}"
     callbacks = [close_runs_callback(search.uri)] if search.run_id is not None else []
     space = sweeping.grid(cfg) if sweep else search_space(cfg)
