@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from distswitch.compare import figure  # the figure `distswitch compare` draws from an MLflow store
 
@@ -117,8 +116,10 @@ def finished(model: str, args, out: Path) -> dict:
 def sweep(model: str, variants: dict[str, list[str]], budgets: list, seeds: list[int], args, out: Path) -> None:
     """`distswitch sweep` of variants x budgets x seeds (in its own folder: a rerun resumes it)."""
     from distswitch.cli import main as distswitch
+    from distswitch.config import parse_override
 
-    defined = {name: {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides)}
+    # Parsed as the command line parses them (2e-3 a number, as yaml.safe_load would not).
+    defined = {name: {".".join(key): value for key, value in map(parse_override, overrides)}
                for name, overrides in variants.items()}
     folder = out / "sweeps" / (f"{model}-" + "+".join(sorted(variants)) + "-b" + "+".join(f"{b}" for b in budgets))
     argv = ["sweep", str(CONFIGS[model]), *MODEL_SET.get(model, []), *protocol(args), f"out_dir={folder}",

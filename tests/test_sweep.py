@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -10,11 +9,10 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO_ROOT, ray_processes
+from conftest import REPO_ROOT, kill_ray_processes
 from distswitch.cli import main
 
 CONFIG = REPO_ROOT / "configs" / "sweep_fashion_lenet5.yaml"
@@ -53,10 +51,7 @@ def test_a_sweep_killed_mid_trial_is_resumed_by_the_same_command_and_logs_the_co
     finally:
         if proc.poll() is None:
             proc.kill()
-    for leftover in ray_processes():
-        with contextlib.suppress(psutil.NoSuchProcess):
-            leftover.kill()
-    psutil.wait_procs(ray_processes(), timeout=30)
+    kill_ray_processes()
     assert not (out / "tune_summary.json").exists()
 
     proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)

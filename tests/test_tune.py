@@ -3,7 +3,6 @@ code, one MLflow parent run with a nested child run per trial, and the best conf
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -11,11 +10,10 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import DEFAULT_CONFIG, REPO_ROOT, ray_processes
+from conftest import DEFAULT_CONFIG, REPO_ROOT, kill_ray_processes, ray_processes
 from distswitch.config import ConfigError, load_config
 from distswitch.driver.tune import TRIAL_TAG, max_concurrent, trial_config
 
@@ -94,13 +92,7 @@ def test_asha_stops_a_weak_trial_mid_run_and_a_killed_search_resumes_with_no_dup
     finally:
         if proc.poll() is None:
             proc.kill()
-    # Its local cluster goes down with it, as when the machine or pod dies (on its own, the cluster
-    # would notice the driver's death about a minute later; docs/results.md). No old trial may
-    # still write into the checkpoints that the rerun resumes from.
-    for leftover in ray_processes():
-        with contextlib.suppress(psutil.NoSuchProcess):
-            leftover.kill()
-    psutil.wait_procs(ray_processes(), timeout=30)
+    kill_ray_processes()  # its local cluster with it, as when the machine or pod dies
     killed_at = time.time()
     assert not (out / "tune_summary.json").exists()
 

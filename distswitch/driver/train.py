@@ -31,6 +31,8 @@ from distswitch.stop import INCURABLE, RunFailed
 
 # The worker's entry: called on every Ray Train worker with the loop config (plain data).
 Worker = Callable[[dict], None]
+# Ray Train's worker-group start timeout (distributed.start_timeout), read from the environment only.
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 def storage_path(cfg: Config) -> str:
@@ -104,9 +106,6 @@ def make_trainer(cfg: Config, worker: Worker, storage: str, marks: dict, launche
             callbacks=callbacks,
         ),
     )
-
-
-START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 def fit(trainer, cfg: Config, storage: str):
