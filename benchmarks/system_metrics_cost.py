@@ -1,5 +1,5 @@
 """What MLflow's system-metrics monitor costs a worker: the CPU time of a process that only runs the
-monitor (`distswitch.tracking.system_metrics`, against a SQLite store as the embedded default has)
+monitor (`distswitch.delivery.system_metrics`, against a SQLite store as the embedded default has)
 for a while, against the same process without it, interleaved.
 
     uv run python benchmarks/system_metrics_cost.py [--interval 10] [--seconds 60] [--rounds 2] [--out F]
@@ -14,7 +14,7 @@ import tempfile
 import time
 
 from common import environment, write_report
-from distswitch.tracking import mlflow_client, system_metrics
+from distswitch.delivery import mlflow_client, system_metrics
 
 
 def cpu_seconds(uri: str, monitored: bool, interval: float, seconds: float) -> tuple[float, int]:

@@ -43,19 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("config", help="YAML config, e.g. configs/sweep_fashion_lenet5.yaml")
     sweep.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sweep.seeds=[0,1] sweep.budgets=[0.3,0.15]")
 
-    data = sub.add_parser("data", help="dataset files: `data prepare` writes .beton files for FFCV")
-    data_sub = data.add_subparsers(dest="data_command", required=True)
-    prep = data_sub.add_parser("prepare", help="write train/val/test .beton files and metadata.json")
-    prep.add_argument("dataset", help="a registered dataset, e.g. fashion-mnist or imagefolder (an unknown name lists them)")
-    prep.add_argument("--out", required=True, help="folder for the files (data.beton_dir), e.g. data/ffcv/fashion-mnist")
-    prep.add_argument("--root", help="where the source is (default: the dataset's usual place; imagefolder: required)")
-    prep.add_argument("--download", action="store_true", help="fetch the source with torchvision (MNIST, CIFAR)")
-    prep.add_argument("--val-size", type=int, default=5000, help="validation examples carved from train (default 5000)")
-    prep.add_argument("--split-seed", type=int, default=0, help="seed of the validation split (default 0)")
-    prep.add_argument("--workers", type=int, default=0, help="writer processes (default: all cores)")
-    prep.add_argument("--max-resolution", type=int, help="imagefolder: longer side stored, in pixels (default: as is)")
-    prep.add_argument("--jpeg-quality", type=int, default=90, help="imagefolder: JPEG quality (default 90)")
-    prep.add_argument("--force", action="store_true", help="rewrite even when the folder is up to date")
+    _data_parser(sub)
 
     runs = sub.add_parser("runs", help="a table of the runs of an MLflow store (every experiment, or one)")
     runs.add_argument("--experiment", help="only this MLflow experiment (default: all of them)")
@@ -80,6 +68,22 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="e.g. outputs/run/checkpoints/best.pt")
     export.add_argument("--out", required=True, help="where to write the compact model (.pt)")
     return parser
+
+
+def _data_parser(sub) -> None:
+    data = sub.add_parser("data", help="dataset files: `data prepare` writes .beton files for FFCV")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prep = data_sub.add_parser("prepare", help="write train/val/test .beton files and metadata.json")
+    prep.add_argument("dataset", help="a registered dataset, e.g. fashion-mnist or imagefolder (an unknown name lists them)")
+    prep.add_argument("--out", required=True, help="folder for the files (data.beton_dir), e.g. data/ffcv/fashion-mnist")
+    prep.add_argument("--root", help="where the source is (default: the dataset's usual place; imagefolder: required)")
+    prep.add_argument("--download", action="store_true", help="fetch the source with torchvision (MNIST, CIFAR)")
+    prep.add_argument("--val-size", type=int, default=5000, help="validation examples carved from train (default 5000)")
+    prep.add_argument("--split-seed", type=int, default=0, help="seed of the validation split (default 0)")
+    prep.add_argument("--workers", type=int, default=0, help="writer processes (default: all cores)")
+    prep.add_argument("--max-resolution", type=int, help="imagefolder: longer side stored, in pixels (default: as is)")
+    prep.add_argument("--jpeg-quality", type=int, default=90, help="imagefolder: JPEG quality (default 90)")
+    prep.add_argument("--force", action="store_true", help="rewrite even when the folder is up to date")
 
 
 def _console(args):
@@ -197,8 +201,8 @@ def _cmd_runs(args) -> int:
 def _cmd_sync(args) -> int:
     from pathlib import Path
 
+    from distswitch.delivery import Delivery, outbox_dir
     from distswitch.outbox import send_all, unsent
-    from distswitch.tracking import Delivery, outbox_dir
 
     folder = outbox_dir(args.out_dir)
     if not Path(args.out_dir).is_dir():

@@ -18,8 +18,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from distswitch.config import ConfigError
+from distswitch.delivery import mlflow_client
 from distswitch.io import atomic_path
-from distswitch.tracking import BEST, mlflow_client
+from distswitch.tracking import BEST
 
 # Params that do not make a setting: where and how a run ran, and the seed its repeats differ in.
 NOT_SETTING = ("train.seed", "out_dir", "tracking.", "distributed.", "data.root", "data.beton_dir", "data.num_workers",

@@ -6,7 +6,7 @@ continues the same run instead of starting another (the trap in Ray issue #48664
 the final artifacts and marks the run FINISHED, FAILED (with the error) or KILLED.
 
 What rank 0 and the driver log goes through the run's outbox (out_dir/mlflow-outbox,
-`distswitch.outbox`): on disk first, then sent by a background thread that retries, so a server
+`distswitch.delivery`): on disk first, then sent by a background thread that retries, so a server
 that is away blocks no epoch and loses nothing; what it has not taken when the run ends waits there
 for `distswitch sync OUT_DIR`.
 
@@ -19,16 +19,14 @@ the URI travels to the workers in the trainer's config.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from distswitch.config import Config, ConfigError
+from distswitch.delivery import Delivery, mlflow_client, outbox_dir, outbox_entry, run_outbox
 from distswitch.outbox import Outbox, send_all
-from distswitch.run_results import log_results
 from distswitch.signals import stop_signal
 
 RUN_KEY_TAG = "distswitch.run_key"  # storage path + run name: what identifies a resumable run
@@ -70,12 +68,6 @@ def tracking_uri(cfg: Config) -> str:
     return default_uri(store_dir(cfg))
 
 
-def mlflow_client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     out = {}
     for key, value in d.items():
@@ -90,39 +82,52 @@ def open_run(cfg: Config, run_key: str, parent_run_id: str | None = None) -> tup
     """(uri, run id): the unfinished run with this key (a resume), or a new one with the config
     logged as params and config.yaml; `parent_run_id` nests it (a tune trial under its search).
     A store that cannot be reached is a ConfigError."""
-    from mlflow.entities import Param, RunTag
-
     uri = tracking_uri(cfg)
     _check_reachable(uri)
     client = mlflow_client(uri)
+    experiment_id = _experiment_id(client, cfg, uri)
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    if found and found[0].info.status != "FINISHED":
+        _reopen(client, cfg, found[0])
+        return uri, found[0].info.run_id
+    return uri, _new_run(client, cfg, experiment_id, run_key, parent_run_id)
+
+
+def _experiment_id(client, cfg: Config, uri: str) -> str:
+    """The experiment's id, created on first use."""
     try:
         experiment = client.get_experiment_by_name(experiment_name(cfg))
     except Exception as exc:  # connection refused, bad scheme, ...: say which setting to fix
         raise ConfigError(f"tracking.uri: cannot reach MLflow at {uri!r} ({type(exc).__name__}: {str(exc)[:200]}); "
                           "start the server or set tracking.uri / MLFLOW_TRACKING_URI") from None
-    if experiment is None:
-        local = uri.startswith("sqlite:///")
-        # Artifacts beside a local store (MLflow's ./mlruns, made absolute: workers and later
-        # launches run elsewhere); a server keeps its own artifact root.
-        location = (Path(uri[len("sqlite:///"):]).parent / "mlruns" / experiment_name(cfg)).as_uri() if local else None
-        experiment_id = client.create_experiment(experiment_name(cfg), artifact_location=location,
-                                                 tags=dict([EXPERIMENT_KIND]))
-    else:
-        experiment_id = experiment.experiment_id
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
-                               order_by=["attributes.start_time DESC"], max_results=1)
-    if found and found[0].info.status != "FINISHED":
-        run_id = found[0].info.run_id
-        # What the last attempt left unsent (its FAILED or KILLED end among it) goes first: sent later,
-        # by this attempt's sender, it would mark the run failed while it runs again.
-        try:
-            send_all(outbox_dir(cfg.out_dir), Delivery())
-        except Exception as exc:  # it stays for this attempt's sender, which says what the server answers
-            print(f"distswitch: warning: the last attempt's unsent MLflow entries were not taken now ({exc!r:.200})",
-                  file=sys.stderr, flush=True)
-        client.update_run(run_id, status="RUNNING")
-        client.set_tag(run_id, "distswitch.relaunches", str(int(found[0].data.tags.get("distswitch.relaunches", "0")) + 1))
-        return uri, run_id
+    if experiment is not None:
+        return experiment.experiment_id
+    local = uri.startswith("sqlite:///")
+    # Artifacts beside a local store (MLflow's ./mlruns, made absolute: workers and later
+    # launches run elsewhere); a server keeps its own artifact root.
+    location = (Path(uri[len("sqlite:///"):]).parent / "mlruns" / experiment_name(cfg)).as_uri() if local else None
+    return client.create_experiment(experiment_name(cfg), artifact_location=location, tags=dict([EXPERIMENT_KIND]))
+
+
+def _reopen(client, cfg: Config, run) -> None:
+    """An unfinished run relaunched: RUNNING again, its relaunches counted."""
+    run_id = run.info.run_id
+    # What the last attempt left unsent (its FAILED or KILLED end among it) goes first: sent later,
+    # by this attempt's sender, it would mark the run failed while it runs again.
+    try:
+        send_all(outbox_dir(cfg.out_dir), Delivery())
+    except Exception as exc:  # it stays for this attempt's sender, which says what the server answers
+        print(f"distswitch: warning: the last attempt's unsent MLflow entries were not taken now ({exc!r:.200})",
+              file=sys.stderr, flush=True)
+    client.update_run(run_id, status="RUNNING")
+    client.set_tag(run_id, "distswitch.relaunches", str(int(run.data.tags.get("distswitch.relaunches", "0")) + 1))
+
+
+def _new_run(client, cfg: Config, experiment_id: str, run_key: str, parent_run_id: str | None) -> str:
+    """A new run with its source tags, the config as params and config.yaml; its id."""
+    from mlflow.entities import Param, RunTag
+
     # MLflow's own Source column: the command that started the run (its git commit beside it).
     tags = {RUN_KEY_TAG: run_key, "distswitch.method": cfg.method, "distswitch.model": cfg.model.name,
             "distswitch.dataset": cfg.data.dataset, "distswitch.command": command_line(),
@@ -139,7 +144,7 @@ def open_run(cfg: Config, run_key: str, parent_run_id: str | None = None) -> tup
         client.log_batch(run_id, params=params[i : i + 100])
     client.log_text(run_id, cfg.to_yaml(), "config.yaml")
     client.log_batch(run_id, tags=[RunTag("distswitch.out_dir", str(Path(cfg.out_dir).resolve()))])
-    return uri, run_id
+    return run_id
 
 
 def command_line(short: bool = False) -> str:
@@ -171,161 +176,6 @@ def _check_reachable(uri: str, timeout: float = 5.0) -> None:
                           "or set tracking.uri / MLFLOW_TRACKING_URI to a reachable one") from None
 
 
-OUTBOX = "mlflow-outbox"  # in out_dir: what the run logs, until its tracking server has it
-
-
-def outbox_dir(out_dir: str | Path) -> Path:
-    return Path(out_dir).resolve() / OUTBOX
-
-
-def transient(exc: BaseException) -> bool:
-    """A delivery worth retrying: the server unreachable, timed out or overloaded (MLflow's client
-    wraps the connection error it gave up on); not a refusal or a bug of ours."""
-    import re
-
-    seen = exc
-    while seen is not None:
-        if isinstance(seen, (OSError, TimeoutError)):  # requests' errors are OSErrors
-            return True
-        if getattr(seen, "error_code", None) in ("TEMPORARILY_UNAVAILABLE", "RESOURCE_EXHAUSTED"):
-            return True
-        if re.search(r"error code 5\d\d|Max retries exceeded|Connection refused", str(seen)):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-class Delivery:
-    """An outbox entry into MLflow (each entry names its store and run, so any sender, or `distswitch
-    sync`, delivers it): per-epoch metrics an earlier attempt already logged are skipped; the rest
-    MLflow takes twice without harm (identical metrics are kept once, uploads overwrite; the model
-    is logged unless the run has one)."""
-
-    def __init__(self) -> None:
-        self.clients: dict[str, object] = {}
-        self.logged: dict[str, set[int]] = {}  # run id -> epochs MLflow had when this process first looked
-
-    def __call__(self, entry: dict) -> None:
-        from mlflow.entities import Metric
-
-        uri, run_id = entry["uri"], entry["run_id"]
-        client = self.clients.get(uri) or self.clients.setdefault(uri, mlflow_client(uri))
-        if entry["kind"] == "metrics":
-            if entry.get("epoch"):
-                if run_id not in self.logged:
-                    self.logged[run_id] = {m.step for m in client.get_metric_history(run_id, "val/acc")}
-                if entry["step"] in self.logged[run_id]:
-                    return
-            batch = [Metric(k, float(v), entry["timestamp"], entry["step"]) for k, v in entry["metrics"].items()]
-            for i in range(0, len(batch), 1000):
-                client.log_batch(run_id, metrics=batch[i : i + 1000])
-        elif entry["kind"] == "finish":
-            log_results(client, uri, run_id, Path(entry["out_dir"]))
-        elif entry["kind"] == "end":
-            for key, value in entry.get("tags", {}).items():
-                client.set_tag(run_id, key, value)
-            client.set_terminated(run_id, entry["status"], end_time=entry["timestamp"])
-        else:
-            raise ValueError(f"unknown outbox entry {entry['kind']!r} (written by a newer distswitch?)")
-
-
-def run_outbox(uri: str, out_dir: str | Path, name: str, log=None) -> Outbox:
-    return Outbox(outbox_dir(out_dir), name, Delivery(), uri, transient=transient, log=log)
-
-
-def _entry(kind: str, uri: str, run_id: str, **fields) -> dict:
-    return {"kind": kind, "uri": uri, "run_id": run_id, "timestamp": int(time.time() * 1000), **fields}
-
-
-class EpochLogger:
-    """Rank 0's per-epoch metrics, by run id, through the run's outbox (out_dir/mlflow-outbox):
-    an epoch blocks on nothing, whatever the server does."""
-
-    def __init__(self, uri: str, run_id: str, out_dir: str | Path) -> None:
-        self.uri, self.run_id = uri, run_id
-        self.outbox = run_outbox(uri, out_dir, "rank0")
-        # Epochs an earlier attempt put here (a relaunch on this node); MLflow's own are checked on delivery.
-        self.logged = {e["step"] for e in self.outbox.journal.entries()
-                       if e.get("epoch") and e["run_id"] == run_id}
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        """`metrics` at `step`, unless an earlier attempt logged that step: an epoch trained again
-        after a damaged checkpoint was skipped gives the same values, and a run keeps one per epoch."""
-        if step in self.logged:
-            return
-        self.logged.add(step)
-        values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        self.outbox.put(_entry("metrics", self.uri, self.run_id, step=step, metrics=values, epoch=True))
-
-    def close(self, timeout: float) -> None:
-        """Up to `timeout` seconds for the server to take what waits (the rest stays in the outbox:
-        the driver, or `distswitch sync`, sends it)."""
-        self.outbox.flush(timeout)
-        self.outbox.close()
-
-
-def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
-    """`metrics` at `step` now, synchronously (the driver's own figures, e.g. a search's summary)."""
-    Delivery()(_entry("metrics", uri, run_id, step=step,
-                      metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}))
-
-
-def system_metrics_interval(cfg: Config) -> float | None:
-    """Seconds between system-metrics samples on every node, None when off (tracking.system_metrics)."""
-    return cfg.tracking.system_metrics_interval if cfg.tracking.system_metrics else None
-
-
-def system_metrics(uri: str, run_id: str, out_dir: str | Path, node: str, interval: float):
-    """MLflow's system-metrics monitor for one node of the run, as system/<node>/<metric>, every
-    `interval` seconds (a daemon thread; `finish()` ends it), its steps continuing an earlier attempt's.
-    Its samples go through the run's outbox (a journal per node): one taken while the server is away
-    arrives when it is back. Not `mlflow.start_run(log_system_metrics=True)`: its run would be the
-    process's active run, which `end_run` marks FINISHED, and the driver owns the run's status."""
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-    class NodeMonitor(SystemMetricsMonitor):
-        def monitor(self) -> None:
-            # MLflow's loop asks the server for the run's status after every sample and stops for
-            # good when that fails (an outage); this one stops only at finish().
-            while not self._shutdown_event.is_set():
-                for _ in range(self.samples_before_logging):
-                    self.collect_metrics()
-                    if self._shutdown_event.wait(self.sampling_interval):
-                        return
-                self.publish_metrics(self.aggregate_metrics())
-
-    # Its INFO lines (started, stopped, no GPU found) would reach the console from every node.
-    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-    monitor = NodeMonitor(run_id, sampling_interval=interval, resume_logging=True, node_id=node, tracking_uri=uri)
-    # Quiet: rank 0's outbox already says when the server is away.
-    monitor.mlflow_logger = _OutboxSamples(run_outbox(uri, out_dir, f"system-{node}", log=lambda line: None), uri, run_id)
-    # Steps after those an earlier attempt on this node left unsent, too.
-    monitor._logging_step = max(monitor._logging_step, monitor.mlflow_logger.next_step())
-    monitor.start()
-    return monitor
-
-
-class _OutboxSamples:
-    """Where the monitor records a sample (in place of MLflow's direct batch logger): the outbox."""
-
-    data = ()  # what the monitor's debug lines read off MLflow's logger
-    total_training_time = total_log_batch_time = 0.0
-
-    def __init__(self, outbox: Outbox, uri: str, run_id: str) -> None:
-        self.outbox, self.uri, self.run_id = outbox, uri, run_id
-
-    def next_step(self) -> int:
-        return max((e["step"] + 1 for e in self.outbox.journal.entries() if e.get("run_id") == self.run_id), default=0)
-
-    def record_metrics(self, metrics: dict, step: int) -> None:
-        self.outbox.put(_entry("metrics", self.uri, self.run_id, step=step, metrics=metrics))
-
-    def flush(self, timeout: float = 5.0) -> None:
-        """At the monitor's finish: a short wait; what the server did not take stays for the driver."""
-        self.outbox.flush(timeout)
-        self.outbox.close()
-
-
 def finish_run(uri: str, run_id: str, out_dir: Path, summary: dict, timeout: float) -> bool:
     """Final metrics, the architecture, the compact model and the figures; then FINISHED; all through
     the outbox, waiting up to `timeout` seconds for the server. Whether it took everything (if not, one
@@ -336,16 +186,16 @@ def finish_run(uri: str, run_id: str, out_dir: Path, summary: dict, timeout: flo
              "test/acc": summary["test_acc"], "test/loss": summary["test_loss"],
              "dense/params": summary["dense"]["params"], "dense/macs": summary["dense"]["macs"]}
     outbox = run_outbox(uri, out_dir, "driver")
-    outbox.put(_entry("metrics", uri, run_id, step=len(summary["history"]), metrics=final))
-    outbox.put(_entry("finish", uri, run_id, out_dir=str(Path(out_dir).resolve())))
-    outbox.put(_entry("end", uri, run_id, status="FINISHED"))
+    outbox.put(outbox_entry("metrics", uri, run_id, step=len(summary["history"]), metrics=final))
+    outbox.put(outbox_entry("finish", uri, run_id, out_dir=str(Path(out_dir).resolve())))
+    outbox.put(outbox_entry("end", uri, run_id, status="FINISHED"))
     return _wait(outbox, timeout)
 
 
 def end_run(uri: str, run_id: str, out_dir: Path, timeout: float) -> bool:
     """The run marked FINISHED through the outbox (a search's, whose results went in directly)."""
     outbox = run_outbox(uri, out_dir, "driver")
-    outbox.put(_entry("end", uri, run_id, status="FINISHED"))
+    outbox.put(outbox_entry("end", uri, run_id, status="FINISHED"))
     return _wait(outbox, timeout)
 
 
@@ -378,7 +228,7 @@ def fail_run(uri: str, run_id: str, out_dir: Path, error: BaseException, timeout
     outbox = None
     try:
         outbox = run_outbox(uri, out_dir, "driver")
-        outbox.put(_entry("end", uri, run_id, status=status, tags=tags))
+        outbox.put(outbox_entry("end", uri, run_id, status=status, tags=tags))
         _check_reachable(uri)  # seconds: a Ctrl-C does not wait out a server that is gone
         _wait(outbox, timeout)
     except Exception as exc:

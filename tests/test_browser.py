@@ -16,9 +16,9 @@ from mlflow.tracking import MlflowClient
 from conftest import DEFAULT_CONFIG, REPO_ROOT
 from distswitch.cli import main
 from distswitch.config import load_config
+from distswitch.delivery import EpochLogger
 from distswitch.driver.run import RunHandle
 from distswitch.summary import Summary
-from distswitch.tracking import EpochLogger
 from distswitch.worker import train
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))

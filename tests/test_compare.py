@@ -10,7 +10,8 @@ from mlflow.tracking import MlflowClient
 from conftest import make_config
 from distswitch.cli import main
 from distswitch.compare import COMPARE_TAG
-from distswitch.tracking import BEST, log_metrics, open_run
+from distswitch.delivery import log_metrics
+from distswitch.tracking import BEST, open_run
 
 DENSE = {"dense/macs": 2_000_000, "dense/params": 400_000}
 

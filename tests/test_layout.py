@@ -14,12 +14,12 @@ import distswitch
 LEVELS = [
     {"config", "registry", "io", "signals", "process"},
     {"manifest", "outbox"},
-    {"data", "models", "optim", "fold", "coupling"},
+    {"data", "models", "optim", "fold", "coupling", "unit_weights"},
     {"gates", "stop"},  # stop: why a run ends for good (the errors of config, data, checkpoints)
-    {"switcher", "schedule", "cost", "counting"},
+    {"describe", "switcher", "schedule", "cost", "counting"},
     {"methods", "parallel"},
     {"engine", "export", "model_registry"},
-    {"build", "checkpoint", "summary", "run_results", "tracking"},  # what the worker and the driver both need
+    {"build", "checkpoint", "summary", "run_results", "delivery", "tracking"},  # what the worker and the driver both need
     {"artifacts", "compare"},
     {"worker", "driver"},  # siblings: neither imports the other (below)
     {"cli"},  # wires the worker's entry into the driver

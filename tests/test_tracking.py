@@ -17,8 +17,9 @@ from mlflow.tracking import MlflowClient
 from conftest import REPO_ROOT, make_config
 from distswitch.cli import main
 from distswitch.config import ConfigError, load_config
+from distswitch.delivery import EpochLogger, log_metrics, outbox_dir
 from distswitch.outbox import Journal, unsent
-from distswitch.tracking import RUN_KEY_TAG, EpochLogger, fail_run, flatten, log_metrics, open_run, outbox_dir
+from distswitch.tracking import RUN_KEY_TAG, fail_run, flatten, open_run
 
 
 def _cfg(tmp_path, **sections):
@@ -306,7 +307,7 @@ def test_registered_versions_carry_their_tags_and_best_loads_in_a_fresh_process_
 
 
 def test_system_metrics_are_sampled_every_10_s_by_default_and_can_be_switched_off():
-    from distswitch.tracking import system_metrics_interval
+    from distswitch.delivery import system_metrics_interval
 
     assert system_metrics_interval(make_config()) == 10.0
     assert system_metrics_interval(make_config(tracking={"system_metrics": False})) is None
@@ -332,14 +333,14 @@ def test_the_team_s_tracking_server_keeps_runs_in_postgresql_and_serves_their_ar
 
 
 def test_sync_sends_what_a_run_left_in_its_outbox_once_and_says_so(tmp_path, capsys, monkeypatch):
+    from distswitch.delivery import OUTBOX, outbox_entry
     from distswitch.outbox import Journal
-    from distswitch.tracking import OUTBOX, _entry
 
     uri, run_id = open_run(_cfg(tmp_path), "store/run")
     out = tmp_path / "run"
     journal = Journal(out / OUTBOX, "driver")  # what a run left when its server was away at the end
-    journal.append(_entry("metrics", uri, run_id, step=0, metrics={"val/acc": 0.5}, epoch=True))
-    journal.append(_entry("end", uri, run_id, status="FINISHED"))
+    journal.append(outbox_entry("metrics", uri, run_id, step=0, metrics={"val/acc": 0.5}, epoch=True))
+    journal.append(outbox_entry("end", uri, run_id, status="FINISHED"))
     assert main(["sync", str(out)]) == 0
     assert "sent 2 entries" in capsys.readouterr().out
     client = MlflowClient(uri)
@@ -349,7 +350,7 @@ def test_sync_sends_what_a_run_left_in_its_outbox_once_and_says_so(tmp_path, cap
     assert "nothing to send" in capsys.readouterr().out
     # A server still away: one line, exit 1, the entries kept.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    journal.append(_entry("metrics", "http://127.0.0.1:9", run_id, step=1, metrics={"val/acc": 0.6}, epoch=True))
+    journal.append(outbox_entry("metrics", "http://127.0.0.1:9", run_id, step=1, metrics={"val/acc": 0.6}, epoch=True))
     assert main(["sync", str(out)]) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "1 unsent, kept in" in err[0]

@@ -133,8 +133,9 @@ def test_asha_stops_a_weak_trial_mid_run_and_a_killed_search_resumes_with_no_dup
 
 def test_a_trial_that_ends_without_closing_its_run_is_closed_killed(tmp_path):
     from distswitch.config import Config
+    from distswitch.delivery import mlflow_client
     from distswitch.driver.tune import TRIAL_TAG, close_runs_callback
-    from distswitch.tracking import mlflow_client, open_run
+    from distswitch.tracking import open_run
 
     cfg = Config.from_dict({"out_dir": str(tmp_path / "search")})
     uri, parent = open_run(cfg, "store/search")

@@ -51,13 +51,7 @@ def check_values(cfg) -> None:
             raise ConfigError(f"{key}: got {value!r}; must be {allowed}")
 
     _check_switcher(cfg, require)
-    name = cfg.tracking.register
-    require(name is None or registered_name_ok(name), "tracking.register", name,
-            "null or a name MLflow's registry accepts (not empty, no '/' or ':', not a path such as '..')")
-    interval = cfg.tracking.system_metrics_interval
-    require(math.isfinite(interval) and interval > 0, "tracking.system_metrics_interval", interval, "a number of seconds > 0")
-    wait = cfg.tracking.send_timeout
-    require(math.isfinite(wait) and wait >= 0, "tracking.send_timeout", wait, "a number of seconds >= 0")
+    _check_tracking(cfg, require)
     ratio = cfg.schedule.update_ratio
     require(ratio == "epoch" or ratio >= 1, "schedule.update_ratio", ratio, "an integer >= 1 or 'epoch'")
     require(cfg.schedule.warmup_epochs >= 0, "schedule.warmup_epochs", cfg.schedule.warmup_epochs, ">= 0")
@@ -67,14 +61,7 @@ def check_values(cfg) -> None:
     require(cfg.train.epochs >= 1, "train.epochs", cfg.train.epochs, ">= 1")
     require(cfg.train.batch_size >= 1, "train.batch_size", cfg.train.batch_size, ">= 1")
     require(cfg.train.eval_batch_size >= 1, "train.eval_batch_size", cfg.train.eval_batch_size, ">= 1")
-    for phase in ("tnn", "snn"):
-        opt = getattr(cfg.optim, phase)
-        key = f"optim.{phase}"
-        require(math.isfinite(opt.lr) and opt.lr > 0, f"{key}.lr", opt.lr, "a finite number > 0")
-        require(0 <= opt.momentum < 1, f"{key}.momentum", opt.momentum, "in [0, 1)")
-        require(opt.weight_decay >= 0, f"{key}.weight_decay", opt.weight_decay, ">= 0")
-        require(0 < opt.gamma <= 1, f"{key}.gamma", opt.gamma, "in (0, 1]")
-        require(not opt.nesterov or opt.momentum > 0, f"{key}.nesterov", opt.nesterov, "false when momentum is 0")
+    _check_optim(cfg, require)
     require(cfg.schedule.finetune_epochs >= 0, "schedule.finetune_epochs", cfg.schedule.finetune_epochs, ">= 0")
     if cfg.method == "switch":
         busy = cfg.schedule.warmup_epochs + cfg.schedule.finetune_epochs
@@ -103,6 +90,27 @@ def check_values(cfg) -> None:
             cfg.prune.finetune_epochs,
             f"in [1, train.epochs) = [1, {cfg.train.epochs}), or a share of train.epochs such as 0.2",
         )
+
+
+def _check_tracking(cfg, require) -> None:
+    name = cfg.tracking.register
+    require(name is None or registered_name_ok(name), "tracking.register", name,
+            "null or a name MLflow's registry accepts (not empty, no '/' or ':', not a path such as '..')")
+    interval = cfg.tracking.system_metrics_interval
+    require(math.isfinite(interval) and interval > 0, "tracking.system_metrics_interval", interval, "a number of seconds > 0")
+    wait = cfg.tracking.send_timeout
+    require(math.isfinite(wait) and wait >= 0, "tracking.send_timeout", wait, "a number of seconds >= 0")
+
+
+def _check_optim(cfg, require) -> None:
+    for phase in ("tnn", "snn"):
+        opt = getattr(cfg.optim, phase)
+        key = f"optim.{phase}"
+        require(math.isfinite(opt.lr) and opt.lr > 0, f"{key}.lr", opt.lr, "a finite number > 0")
+        require(0 <= opt.momentum < 1, f"{key}.momentum", opt.momentum, "in [0, 1)")
+        require(opt.weight_decay >= 0, f"{key}.weight_decay", opt.weight_decay, ">= 0")
+        require(0 < opt.gamma <= 1, f"{key}.gamma", opt.gamma, "in (0, 1]")
+        require(not opt.nesterov or opt.momentum > 0, f"{key}.nesterov", opt.nesterov, "false when momentum is 0")
 
 
 def _check_switcher(cfg, require) -> None:

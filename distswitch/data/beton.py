@@ -175,19 +175,8 @@ def prepare(dataset: str, out: str | Path, root: str | None = None, download: bo
         stale.unlink()
     import_ffcv()
     import ffcv
-    from ffcv.writer import DatasetWriter
 
-    files, counts = {}, {}
-    for split in SPLITS:
-        items = source.split(split)
-        name = f"{split}.beton"
-        log(f"writing {out / name}: {len(items)} images")
-        with atomic_path(out / name) as partial:
-            writer = DatasetWriter(str(partial), source.fields(max_resolution, jpeg_quality), page_size=source.page_size,
-                                   num_workers=workers or len(os.sched_getaffinity(0)))
-            writer.from_indexed_dataset(items, chunksize=256)
-        files[split] = {"name": name, "bytes": (out / name).stat().st_size}
-        counts[split] = len(items)
+    files, counts = _write_splits(source, out, (max_resolution, jpeg_quality), workers, log)
     meta = {**wanted, "info": asdict(source.info), "counts": counts, "files": files,
             "image_shape": [source.info.channels, source.info.image_size, source.info.image_size],
             "storage": source.storage, "ffcv": getattr(ffcv, "__version__", "1.0.2")}
@@ -196,6 +185,24 @@ def prepare(dataset: str, out: str | Path, root: str | None = None, download: bo
     write_json(meta_path, meta, indent=1)
     log(f"{meta_path}: {counts['train']} train / {counts['val']} val / {counts['test']} test, {source.info.num_classes} classes")
     return meta, True
+
+
+def _write_splits(source, out: Path, options: tuple, workers: int, log) -> tuple[dict, dict]:
+    """Each split as `out`/<split>.beton, whole or not at all: ({split: file}, {split: examples})."""
+    from ffcv.writer import DatasetWriter
+
+    files, counts = {}, {}
+    for split in SPLITS:
+        items = source.split(split)
+        name = f"{split}.beton"
+        log(f"writing {out / name}: {len(items)} images")
+        with atomic_path(out / name) as partial:
+            writer = DatasetWriter(str(partial), source.fields(*options), page_size=source.page_size,
+                                   num_workers=workers or len(os.sched_getaffinity(0)))
+            writer.from_indexed_dataset(items, chunksize=256)
+        files[split] = {"name": name, "bytes": (out / name).stat().st_size}
+        counts[split] = len(items)
+    return files, counts
 
 
 def _up_to_date(out: Path, meta_path: Path, wanted: dict) -> bool:

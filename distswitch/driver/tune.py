@@ -120,45 +120,13 @@ def _tune(cfg: Config, worker: Worker, out: Path, launched_at: float, sweep: boo
 def _search(ray, cfg: Config, worker: Worker, out: Path, name: str, storage: str, search: RunHandle,
             launched_at: float, sweep: bool) -> dict:
     from ray import tune as rtune
-    from ray.tune.schedulers import ASHAScheduler
 
     trainable = rtune.with_parameters(_trial, base=cfg.to_dict(), worker=worker, trials_dir=str(out.resolve() / "trials"),
                                       storage=storage, search=search, launched_at=launched_at)
     trainable = rtune.with_resources(trainable, TRIAL_DRIVER_RESOURCES)
     path = f"{storage}/{name}"
-    callbacks = [close_runs_callback(search.uri)] if search.run_id is not None else []
-    space = sweeping.grid(cfg) if sweep else search_space(cfg)
-    if rtune.Tuner.can_restore(path):
-        print(f"resuming the {'sweep' if sweep else 'search'} in {path}", flush=True)
-        tuner = rtune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=space)
-    else:
-        # Iterations are reports: one per epoch, then the final one (test accuracy). ASHA stops a
-        # trial that reaches max_t, so max_t lies beyond the last report: a trial that survives
-        # the rungs ends by itself and closes its MLflow run with the model logged.
-        # A sweep runs every trial to the end: the comparison needs them all.
-        scheduler = None if sweep else ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs + 2,
-                                                     grace_period=cfg.tune.grace_period,
-                                                     reduction_factor=cfg.tune.reduction_factor)
-        tuner = rtune.Tuner(
-            trainable,
-            param_space=space,
-            tune_config=rtune.TuneConfig(metric=cfg.tune.metric, mode="max", scheduler=scheduler,
-                                         num_samples=1 if sweep else cfg.tune.num_samples,
-                                         max_concurrent_trials=max_concurrent(ray, cfg, sweep)),
-            run_config=rtune.RunConfig(name=name, storage_path=storage, callbacks=callbacks),
-        )
-    grid = tuner.fit()
-    rows = []
-    for result in grid:
-        metrics = result.metrics or {}
-        rows.append({
-            "trial": result.path.rsplit("/", 1)[-1] if result.path else None,
-            **{f"config.{k}": v for k, v in (result.config or {}).items()},
-            "val/acc": metrics.get("val/acc"), "test/acc": metrics.get("test/acc"),
-            "kept_fraction": metrics.get("kept_fraction"), "tune/score": metrics.get("tune/score"),
-            "epochs_reported": metrics.get("training_iteration"),
-            "error": str(result.error)[:300] if result.error else None,
-        })
+    grid = _tuner(ray, cfg, trainable, name, storage, search, sweep).fit()
+    rows = [_row(result) for result in grid]
     ok = [r for r in grid if not r.error and (r.metrics or {}).get(cfg.tune.metric) is not None]
     if not ok:
         raise RuntimeError(f"no trial of the search reported {cfg.tune.metric}; see {path}")
@@ -173,6 +141,47 @@ def _search(ray, cfg: Config, worker: Worker, out: Path, name: str, storage: str
         "best_config_path": str(out / "best_config.yaml"), "path": path,
         "mlflow": {"tracking_uri": search.uri, "run_id": search.run_id} if search.run_id is not None else None,
     }
+
+
+def _row(result) -> dict:
+    """One trial of the search's table."""
+    metrics = result.metrics or {}
+    return {
+        "trial": result.path.rsplit("/", 1)[-1] if result.path else None,
+        **{f"config.{k}": v for k, v in (result.config or {}).items()},
+        "val/acc": metrics.get("val/acc"), "test/acc": metrics.get("test/acc"),
+        "kept_fraction": metrics.get("kept_fraction"), "tune/score": metrics.get("tune/score"),
+        "epochs_reported": metrics.get("training_iteration"),
+        "error": str(result.error)[:300] if result.error else None,
+    }
+
+
+def _tuner(ray, cfg: Config, trainable, name: str, storage: str, search: RunHandle, sweep: bool):
+    """The search's Tuner: restored from `storage/name` when an earlier driver left it there."""
+    from ray import tune as rtune
+    from ray.tune.schedulers import ASHAScheduler
+
+    path = f"{storage}/{name}"
+    space = sweeping.grid(cfg) if sweep else search_space(cfg)
+    if rtune.Tuner.can_restore(path):
+        print(f"resuming the {'sweep' if sweep else 'search'} in {path}", flush=True)
+        return rtune.Tuner.restore(path, trainable=trainable, resume_errored=True, param_space=space)
+    # Iterations are reports: one per epoch, then the final one (test accuracy). ASHA stops a
+    # trial that reaches max_t, so max_t lies beyond the last report: a trial that survives
+    # the rungs ends by itself and closes its MLflow run with the model logged.
+    # A sweep runs every trial to the end: the comparison needs them all.
+    scheduler = None if sweep else ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs + 2,
+                                                 grace_period=cfg.tune.grace_period,
+                                                 reduction_factor=cfg.tune.reduction_factor)
+    callbacks = [close_runs_callback(search.uri)] if search.run_id is not None else []
+    return rtune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=rtune.TuneConfig(metric=cfg.tune.metric, mode="max", scheduler=scheduler,
+                                     num_samples=1 if sweep else cfg.tune.num_samples,
+                                     max_concurrent_trials=max_concurrent(ray, cfg, sweep)),
+        run_config=rtune.RunConfig(name=name, storage_path=storage, callbacks=callbacks),
+    )
 
 
 def _trial(values: dict, base: dict, worker: Worker, trials_dir: str, storage: str, search: RunHandle,
@@ -190,7 +199,7 @@ def _trial(values: dict, base: dict, worker: Worker, trials_dir: str, storage: s
     write_text(out / "config.yaml", cfg.to_yaml())
     run = RunHandle.open(cfg, storage, name, parent=search if search.run_id is not None else None)
     if run.run_id is not None:
-        from distswitch.tracking import mlflow_client
+        from distswitch.delivery import mlflow_client
 
         mlflow_client(run.uri).set_tag(run.run_id, TRIAL_TAG, trial_id)
     try:
@@ -239,7 +248,7 @@ def close_runs_callback(uri: str):
 
 
 def _close(uri: str, trial_id: str) -> None:
-    from distswitch.tracking import mlflow_client
+    from distswitch.delivery import mlflow_client
 
     client = mlflow_client(uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -250,7 +259,7 @@ def _close(uri: str, trial_id: str) -> None:
 
 
 def _log_search(search: RunHandle, out: Path, summary: dict) -> None:
-    from distswitch.tracking import log_metrics, mlflow_client
+    from distswitch.delivery import log_metrics, mlflow_client
 
     client = mlflow_client(search.uri)
     best = summary["best"]["metrics"]

@@ -15,9 +15,10 @@ from torch import nn
 
 from distswitch.config import Config
 from distswitch.cost import CostModel, cut_to_budget, cut_to_widths
-from distswitch.gates import GateSpec, UnitWeights
+from distswitch.gates import GateSpec
 from distswitch.registry import Registry
 from distswitch.schedule import Phase
+from distswitch.unit_weights import UnitWeights
 
 MethodBuilder = Callable[[Config, list[GateSpec], int, "CostModel | None"], "Method"]
 METHODS: Registry[MethodBuilder] = Registry("method", "method")

@@ -16,8 +16,9 @@ from torch import nn
 
 from distswitch.config import Config, ConfigError
 from distswitch.cost import CostModel, scheduled_fraction
-from distswitch.gates import GateSpec, UnitWeights
+from distswitch.gates import GateSpec
 from distswitch.methods.base import METHODS, FixedFactors, Method, budget_cost, keep_top, rank_fraction
+from distswitch.unit_weights import UnitWeights
 
 
 @METHODS.register("dense")

@@ -22,10 +22,11 @@ from torch import nn
 
 from distswitch.config import Config
 from distswitch.cost import CostModel, kept_counts, scheduled_fraction
-from distswitch.gates import GateSpec, UnitWeights
+from distswitch.gates import GateSpec
 from distswitch.methods.base import METHODS, Method, budget_cost, rank_fraction
 from distswitch.schedule import Alternation, Phase
 from distswitch.switcher import build_switcher
+from distswitch.unit_weights import UnitWeights
 
 
 class BudgetedSwitcher(nn.Module):

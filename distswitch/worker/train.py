@@ -42,7 +42,7 @@ def train(cfg: Config, session: Session | None = None, device: torch.device | No
     summary.json, model.pt (the compact model) and best.pt. `launched_at` (wall clock of the
     launching process's start) gives the summary's start-up overhead, launch to first step, and
     its timeline (`marks`: the launcher's own wall-clock marks, then this worker's). `tracker`
-    (rank 0 only, `tracking.EpochLogger`) gets each epoch's metrics before its checkpoint is reported."""
+    (rank 0 only, `delivery.EpochLogger`) gets each epoch's metrics before its checkpoint is reported."""
     marks = {**(marks or {}), "worker_started": time.time()}
     session = session or Session(cfg.out_dir)
     scratch = Path(tempfile.mkdtemp(prefix="distswitch-"))  # this worker's local files (rank 0's best.pt)
@@ -145,7 +145,7 @@ def restore_rng(cfg: Config, saved: list[dict], session: Session, epoch: int, sa
 def finish(run: Run, engine: Engine, loaders, state: RunState, start_epoch: int) -> dict:
     """The selected model (rank 0 holds it, every worker gets it: the test split is sharded), tested
     once; rank 0 exports it and writes the summary; the final report on every rank."""
-    cfg, session, scratch, launched_at, marks = run.cfg, run.session, run.scratch, run.launched_at, run.marks
+    cfg, session, scratch, launched_at = run.cfg, run.session, run.scratch, run.launched_at
     epoch, history = state.best["epoch"], state.history
     if session.rank == 0:
         engine.load_state_dict(checkpoint.read(scratch / "best.pt")["engine"])
@@ -162,11 +162,7 @@ def finish(run: Run, engine: Engine, loaders, state: RunState, start_epoch: int)
             model=cfg.model.name, method=cfg.method, dataset=cfg.data.dataset, device=str(run.device),
             workers=session.world_size, selected_epoch=epoch, resumed_at_epoch=start_epoch,
             val_acc=state.best["val_acc"], test_acc=test_acc, test_loss=test_loss, **export,
-            startup_seconds=first_step - launched_at if launched_at is not None and first_step is not None else None,
-            startup_origin=launched_at,  # wall clock (time.time) of the timeline's 0
-            startup_timeline=({k: round(v - launched_at, 2) for k, v in
-                               {**marks, "first_step": first_step or float("nan")}.items()}
-                              if launched_at is not None else {}),
+            **_startup(run, first_step),
             seconds_per_epoch=float(np.mean([h.seconds for h in history])),
             images_per_s=float(np.mean([h.images_per_s for h in history])),
             comm_bytes_per_step=history[-1].comm_bytes_per_step if history else {},
@@ -185,6 +181,17 @@ def finish(run: Run, engine: Engine, loaders, state: RunState, start_epoch: int)
                      "tune/score": state.best["val_acc"] - cfg.tune.kept_weight * selected.kept_fraction}
     session.report(final_metrics, final if session.rank == 0 else None, "final")
     return summary
+
+
+def _startup(run: Run, first_step: float | None) -> dict:
+    """The summary's start-up fields: seconds from launch to the first step, and the timeline's marks."""
+    launched_at = run.launched_at
+    if launched_at is None:
+        return {"startup_seconds": None, "startup_origin": None, "startup_timeline": {}}
+    marks = {**run.marks, "first_step": first_step or float("nan")}
+    return {"startup_seconds": first_step - launched_at if first_step is not None else None,
+            "startup_origin": launched_at,  # wall clock (time.time) of the timeline's 0
+            "startup_timeline": {k: round(v - launched_at, 2) for k, v in marks.items()}}
 
 
 class StoppedAt(Exception):
@@ -239,14 +246,14 @@ def ray_main(loop_config: dict) -> None:
     session = RaySession(context.get_world_rank(), context.get_world_size(), verbose=cfg.train.verbose)
     tracker = None
     if loop_config.get("tracking") and session.rank == 0:  # only rank 0 talks to MLflow
-        from distswitch.tracking import EpochLogger
+        from distswitch.delivery import EpochLogger
 
         tracker = EpochLogger(*loop_config["tracking"])
     monitor = None
     if loop_config.get("tracking") and cfg.tracking.system_metrics and context.get_local_rank() == 0:  # per node
         from ray.util import get_node_ip_address
 
-        from distswitch.tracking import system_metrics, system_metrics_interval
+        from distswitch.delivery import system_metrics, system_metrics_interval
 
         uri, run_id, out_dir = loop_config["tracking"]
         monitor = system_metrics(uri, run_id, out_dir, node=get_node_ip_address(), interval=system_metrics_interval(cfg))
