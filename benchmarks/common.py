@@ -40,8 +40,13 @@ def engine_for(config: str, overrides: list[str], loaders: bool = True, steady: 
 
 
 def environment(cfg: Config | None = None) -> dict:
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-           "python": platform.python_version(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    env = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env

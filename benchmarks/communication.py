@@ -37,18 +37,35 @@ SETTINGS = [("all", "rowwise"), ("classifier", "rowwise"), ("classifier", "unet"
 
 def _measure(model: str, gated: str, arch: str, x: torch.Tensor, y: torch.Tensor) -> dict:
     cpu = torch.device("cpu")
-    cfg = load_config(None, [f"model.name={model}", f"model.gated={gated}", "method=switch",
-                             f"switcher.arch={arch}", "train.device=cpu", "schedule.warmup_epochs=0",
-                             f"out_dir={tempfile.gettempdir()}/distswitch-comm"])
+    cfg = load_config(
+        None,
+        [
+            f"model.name={model}",
+            f"model.gated={gated}",
+            "method=switch",
+            f"switcher.arch={arch}",
+            "train.device=cpu",
+            "schedule.warmup_epochs=0",
+            f"out_dir={tempfile.gettempdir()}/distswitch-comm",
+        ],
+    )
     tnn, gates, method = build(cfg, CIFAR_SHAPE, 10, cpu)
     engine = Engine(cfg, tnn, gates, method, cpu, make_replicas(tnn, method, cpu))
     for phase in (Phase.TNN, Phase.SNN):
         engine.step(0, phase, x, y)
-    params = {"tnn": sum(p.numel() for p in tnn.parameters()),
-              "snn": sum(p.numel() for p in method.source.parameters())}
+    params = {
+        "tnn": sum(p.numel() for p in tnn.parameters()),
+        "snn": sum(p.numel() for p in method.source.parameters()),
+    }
     sent = {ph.value: engine.replicas.comm_bytes[ph] for ph in Phase}
-    return {"gated": gated, "switcher": arch, "gated_layers": len(gates.specs), "parameters": params,
-            "bytes_per_step": sent, "snn_over_tnn": sent["snn"] / sent["tnn"]}
+    return {
+        "gated": gated,
+        "switcher": arch,
+        "gated_layers": len(gates.specs),
+        "parameters": params,
+        "bytes_per_step": sent,
+        "snn_over_tnn": sent["snn"] / sent["tnn"],
+    }
 
 
 def _worker(rank: int, world: int, tmp: str, model: str) -> None:
@@ -79,9 +96,19 @@ def main(argv: list[str] | None = None) -> dict:
         mp.start_processes(_worker, args=(2, tmp, args.model), nprocs=2, start_method="spawn")
         rows = json.loads(Path(tmp, "rows.json").read_text())
     for r in rows:
-        print(f"{r['gated']:10s} {r['switcher']:8s} TNN {r['bytes_per_step']['tnn']:>12,d} B  "
-              f"SNN {r['bytes_per_step']['snn']:>10,d} B  SNN/TNN {r['snn_over_tnn']:.2%}", flush=True)
-    result = {"model": args.model, "input": [3, 32, 32], "workers": 2, "backend": "gloo", "settings": rows, **environment()}
+        print(
+            f"{r['gated']:10s} {r['switcher']:8s} TNN {r['bytes_per_step']['tnn']:>12,d} B  "
+            f"SNN {r['bytes_per_step']['snn']:>10,d} B  SNN/TNN {r['snn_over_tnn']:.2%}",
+            flush=True,
+        )
+    result = {
+        "model": args.model,
+        "input": [3, 32, 32],
+        "workers": 2,
+        "backend": "gloo",
+        "settings": rows,
+        **environment(),
+    }
     write_report(result, args.out)
     return result
 

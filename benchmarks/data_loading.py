@@ -56,8 +56,12 @@ def write_beton(data: ArrayDataset, folder: Path) -> BetonSet:
     hwc = data.images.permute(0, 2, 3, 1).contiguous().numpy()
     labels = data.labels.numpy()
     path = folder / "train.beton"
-    DatasetWriter(str(path), {"image": NDArrayField(np.dtype("uint8"), (32, 32, 3)), "label": IntField()},
-                  page_size=1 << 21, num_workers=2).from_indexed_dataset([(hwc[i], int(labels[i])) for i in range(len(labels))])
+    DatasetWriter(
+        str(path),
+        {"image": NDArrayField(np.dtype("uint8"), (32, 32, 3)), "label": IntField()},
+        page_size=1 << 21,
+        num_workers=2,
+    ).from_indexed_dataset([(hwc[i], int(labels[i])) for i in range(len(labels))])
     meta = {"files": {"train": {"name": "train.beton"}}, "counts": {"train": len(labels)}}
     return BetonSet(folder, meta, INFO)
 
@@ -69,10 +73,14 @@ class PerSample(torch.utils.data.Dataset):
         from torchvision.transforms import v2
 
         self.data = data
-        self.transform = v2.Compose([
-            v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(INFO.mean, INFO.std),
-        ])
+        self.transform = v2.Compose(
+            [
+                v2.RandomCrop(32, padding=4),
+                v2.RandomHorizontalFlip(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(INFO.mean, INFO.std),
+            ]
+        )
 
     def __len__(self) -> int:
         return len(self.data)
@@ -85,8 +93,9 @@ def loaders(data: ArrayDataset, betons: BetonSet, batch: int, cores: int) -> dic
     transform = InputTransform(INFO, INFO)
     return {
         "ffcv": FfcvLoader(betons, "train", batch, True, transform, threads=cores),
-        "dataloader": torch.utils.data.DataLoader(PerSample(data), batch_size=batch, shuffle=True, drop_last=True,
-                                                  num_workers=cores, persistent_workers=False),
+        "dataloader": torch.utils.data.DataLoader(
+            PerSample(data), batch_size=batch, shuffle=True, drop_last=True, num_workers=cores, persistent_workers=False
+        ),
         "distswitch-torch": BatchLoader(data, INFO, batch, True, num_workers=cores),
     }
 
@@ -123,24 +132,38 @@ def main() -> None:
             images, seconds = measure(loader, args.epochs)
             rates = [n / t for n, t in zip(images, seconds)]
             later = slice(1, None) if args.epochs > 1 else slice(None)
-            results[name] = {"images_per_s": rates, "seconds": seconds,
-                             "steady": sum(images[later]) / sum(seconds[later]),
-                             "with_first_epoch": sum(images) / sum(seconds)}
-            print(f"{name:17s} " + " ".join(f"{r:9.0f}" for r in rates) + f"   steady {results[name]['steady']:9.0f} img/s",
-                  flush=True)
+            results[name] = {
+                "images_per_s": rates,
+                "seconds": seconds,
+                "steady": sum(images[later]) / sum(seconds[later]),
+                "with_first_epoch": sum(images) / sum(seconds),
+            }
+            print(
+                f"{name:17s} "
+                + " ".join(f"{r:9.0f}" for r in rates)
+                + f"   steady {results[name]['steady']:9.0f} img/s",
+                flush=True,
+            )
     base = results["dataloader"]
     report = {
-        "images": len(data), "batch": args.batch, "epochs": args.epochs, "cores": args.cores,
+        "images": len(data),
+        "batch": args.batch,
+        "epochs": args.epochs,
+        "cores": args.cores,
         "results": results,
         "ratio_ffcv_vs_dataloader": results["ffcv"]["steady"] / base["steady"],
         "ratio_ffcv_vs_dataloader_with_first_epoch": results["ffcv"]["with_first_epoch"] / base["with_first_epoch"],
         "ratio_ffcv_vs_distswitch_torch": results["ffcv"]["steady"] / results["distswitch-torch"]["steady"],
-        "python": sys.version.split()[0], "torch": torch.__version__, "machine": platform.machine(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "machine": platform.machine(),
         "cpus": os.cpu_count(),
     }
-    print(f"FFCV / DataLoader: {report['ratio_ffcv_vs_dataloader']:.1f}x (epochs 2+), "
-          f"{report['ratio_ffcv_vs_dataloader_with_first_epoch']:.1f}x (all epochs); "
-          f"FFCV / distswitch torch path: {report['ratio_ffcv_vs_distswitch_torch']:.1f}x")
+    print(
+        f"FFCV / DataLoader: {report['ratio_ffcv_vs_dataloader']:.1f}x (epochs 2+), "
+        f"{report['ratio_ffcv_vs_dataloader_with_first_epoch']:.1f}x (all epochs); "
+        f"FFCV / distswitch torch path: {report['ratio_ffcv_vs_distswitch_torch']:.1f}x"
+    )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

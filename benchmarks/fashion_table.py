@@ -46,7 +46,9 @@ def rows_for(model: str, common: list[str], out: Path) -> list[dict]:
     switched = run(f"{model}-switch-neuron-l1", config, common, out)  # the config's l1 and target
     rows.append(switched)
     if model == "mlp":
-        rows.append(run(f"{model}-switch-connection", config, [*common, *no_l1, "switcher.granularity=connection"], out))
+        rows.append(
+            run(f"{model}-switch-connection", config, [*common, *no_l1, "switcher.granularity=connection"], out)
+        )
         rows.append(run(f"{model}-switch-connection-l1", config, [*common, "switcher.granularity=connection"], out))
     # Same kept fraction and as many fine-tuning epochs as the switch's frozen-switcher epochs.
     finetune = max(1, switched["config"]["schedule"]["finetune_epochs"])
@@ -57,13 +59,16 @@ def rows_for(model: str, common: list[str], out: Path) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| run | test acc | val acc | kept units | kept connections | params (compact / dense) | "
-            "MACs (compact / dense) | s/epoch | img/s |\n|---|---|---|---|---|---|---|---|---|")
+    head = (
+        "| run | test acc | val acc | kept units | kept connections | params (compact / dense) | "
+        "MACs (compact / dense) | s/epoch | img/s |\n|---|---|---|---|---|---|---|---|---|"
+    )
     lines = [head]
     for r in rows:
         conn = [v for v in r["kept_per_layer"].values() if "connections" in v]
-        kept_conn = (f"{sum(v['kept_connections'] for v in conn) / sum(v['connections'] for v in conn):.1%}"
-                     if conn else "")
+        kept_conn = (
+            f"{sum(v['kept_connections'] for v in conn) / sum(v['connections'] for v in conn):.1%}" if conn else ""
+        )
         nz = r["compact"]["nonzero_params"]
         params = f"{r['compact']['params']:,}" + (f" ({nz:,} nonzero)" if nz != r["compact"]["params"] else "")
         lines.append(
@@ -83,8 +88,13 @@ def main() -> None:
     args = parser.parse_args()
     common = list(args.overrides)
     if args.quick:
-        common += ["train.epochs=3", "data.train_limit=3000", "schedule.warmup_epochs=1",
-                   "schedule.finetune_epochs=0", "prune.finetune_epochs=1"]
+        common += [
+            "train.epochs=3",
+            "data.train_limit=3000",
+            "schedule.warmup_epochs=1",
+            "schedule.finetune_epochs=0",
+            "prune.finetune_epochs=1",
+        ]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = [r for model in args.models for r in rows_for(model, common, args.out)]
     text = table(rows) + "\n\nCommands:\n\n" + "\n".join(f"- `{r['command']}`" for r in rows) + "\n"

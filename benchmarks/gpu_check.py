@@ -73,19 +73,29 @@ def case_config(model: str, precision: str, compile_mode: str, batch: int, devic
     """The GPU job's settings (switch, rowwise, L1 with a target), made safe for a short check:
     no warm-up, no stop on a dark layer (min_kept 0), a constant learning rate."""
     constant = {"scheduler": "constant"}
-    return Config.from_dict({
-        "model": {"name": model, "gated": "all"},
-        "method": "switch",
-        "switcher": {"arch": "rowwise", "width": 32, "l1": 0.5, "target_kept": 0.6, "min_kept": 0},
-        "schedule": {"update_ratio": 4, "warmup_epochs": 0, "finetune_epochs": 0},
-        "train": {"epochs": 3, "batch_size": batch, "device": device.type, "precision": precision,
-                  "compile": compile_mode, "progress": False},
-        "optim": {"tnn": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, **constant},
-                  "snn": {"name": "adam", "lr": 1e-3, "momentum": 0.0, "weight_decay": 0.0, **constant}},
-        "data": {"channels": 3, "image_size": 32},
-        "distributed": {"use_gpu": device.type == "cuda"},
-        "tracking": {"enabled": False},
-    })
+    return Config.from_dict(
+        {
+            "model": {"name": model, "gated": "all"},
+            "method": "switch",
+            "switcher": {"arch": "rowwise", "width": 32, "l1": 0.5, "target_kept": 0.6, "min_kept": 0},
+            "schedule": {"update_ratio": 4, "warmup_epochs": 0, "finetune_epochs": 0},
+            "train": {
+                "epochs": 3,
+                "batch_size": batch,
+                "device": device.type,
+                "precision": precision,
+                "compile": compile_mode,
+                "progress": False,
+            },
+            "optim": {
+                "tnn": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, **constant},
+                "snn": {"name": "adam", "lr": 1e-3, "momentum": 0.0, "weight_decay": 0.0, **constant},
+            },
+            "data": {"channels": 3, "image_size": 32},
+            "distributed": {"use_gpu": device.type == "cuda"},
+            "tracking": {"enabled": False},
+        }
+    )
 
 
 def make_engine(cfg: Config, device: torch.device) -> Engine:
@@ -112,8 +122,9 @@ def synthetic_batches(cfg: Config, device: torch.device, n: int) -> list[tuple[t
 def step_flops(cfg: Config, device: torch.device, x: torch.Tensor, y: torch.Tensor) -> int:
     """Model FLOPs: one TNN step of the dense network on an eager engine (the counter does not see
     inside compiled code; the switcher's FLOPs are overhead, not model FLOPs)."""
-    dense = Config.from_dict({**cfg.to_dict(), "method": "dense",
-                              "train": {**cfg.to_dict()["train"], "compile": "none"}})
+    dense = Config.from_dict(
+        {**cfg.to_dict(), "method": "dense", "train": {**cfg.to_dict()["train"], "compile": "none"}}
+    )
     eager = make_engine(dense, device)
     with FlopCounterMode(display=False) as counter:
         eager.step(0, Phase.TNN, x, y)
@@ -137,8 +148,12 @@ def check_resume(cfg: Config, engine: Engine, device: torch.device, batch, folde
     same = state_digest(engine.tnn, engine.source) == state_digest(resumed.tnn, resumed.source)
     a = float(engine.step(2, Phase.TNN, *batch)[0])
     b = float(resumed.step(2, Phase.TNN, *batch)[0])
-    return {"same_digest": same, "rng_restored": rng_ok, "next_loss": [a, b],
-            "ok": same and rng_ok and abs(a - b) <= NEXT_LOSS_RTOL * abs(a)}
+    return {
+        "same_digest": same,
+        "rng_restored": rng_ok,
+        "next_loss": [a, b],
+        "ok": same and rng_ok and abs(a - b) <= NEXT_LOSS_RTOL * abs(a),
+    }
 
 
 def run_case(model: str, precision: str, compile_mode: str, args, device: torch.device) -> dict:
@@ -151,15 +166,23 @@ def run_case(model: str, precision: str, compile_mode: str, args, device: torch.
         warm = engine.train_epoch(0, [batches[i % BATCHES] for i in range(args.warmup)], val)
         timed = engine.train_epoch(1, [batches[i % BATCHES] for i in range(args.steps)], val)
         flops = step_flops(cfg, device, *batches[0])
-        row.update(steps=timed.steps, images_per_s=timed.images_per_s, seconds=timed.seconds,
-                   mfu=flops * args.steps / timed.seconds / (args.peak_tflops * 1e12), flops_per_step=flops,
-                   tnn_loss=[warm.train_loss.get("tnn"), timed.train_loss.get("tnn")], val_acc=timed.val_acc,
-                   kept_fraction=timed.kept_fraction)
+        row.update(
+            steps=timed.steps,
+            images_per_s=timed.images_per_s,
+            seconds=timed.seconds,
+            mfu=flops * args.steps / timed.seconds / (args.peak_tflops * 1e12),
+            flops_per_step=flops,
+            tnn_loss=[warm.train_loss.get("tnn"), timed.train_loss.get("tnn")],
+            val_acc=timed.val_acc,
+            kept_fraction=timed.kept_fraction,
+        )
         with tempfile.TemporaryDirectory() as tmp:
             example = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
             export = export_compact(cfg, INFO, engine, 1, example, Path(tmp) / "model.pt")  # raises ExportError
-            row.update(export_max_abs_diff=export["export_max_abs_diff"],
-                       params_kept=export["compact"]["params"] / export["dense"]["params"])
+            row.update(
+                export_max_abs_diff=export["export_max_abs_diff"],
+                params_kept=export["compact"]["params"] / export["dense"]["params"],
+            )
             row["resume"] = check_resume(cfg, engine, device, batches[0], Path(tmp))
         finite = all(v == v and abs(v) != float("inf") for v in timed.train_loss.values())
         row["ok"] = finite and row["resume"]["ok"]
@@ -175,8 +198,10 @@ def run_case(model: str, precision: str, compile_mode: str, args, device: torch.
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'model':9s} {'prec':4s} {'compile':7s} {'steps':>5s} {'img/s':>10s} {'MFU':>7s} " \
-           f"{'tnn loss':>13s} {'export diff':>11s} {'params':>6s} {'resume':>6s}  result"
+    head = (
+        f"{'model':9s} {'prec':4s} {'compile':7s} {'steps':>5s} {'img/s':>10s} {'MFU':>7s} "
+        f"{'tnn loss':>13s} {'export diff':>11s} {'params':>6s} {'resume':>6s}  result"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         loss = r.get("tnn_loss") or [None, None]
@@ -186,7 +211,8 @@ def table(rows: list[dict]) -> str:
             f"{r['model']:9s} {r['precision']:4s} {r['compile']:7s} {sum(r.get('steps', {}).values()):5d} "
             f"{r.get('images_per_s', 0):10.0f} {100 * r.get('mfu', 0):6.2f}% {loss_s:>13s} {diff:>11s} "
             f"{r.get('params_kept', 0):6.2f} {('ok' if r.get('resume', {}).get('ok') else '-'):>6s}  "
-            f"{'PASS' if r['ok'] else 'FAIL ' + r.get('error', '')}")
+            f"{'PASS' if r['ok'] else 'FAIL ' + r.get('error', '')}"
+        )
     return "\n".join(lines)
 
 
@@ -195,8 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (CI's tiny run)")
     parser.add_argument("--models", nargs="+", default=["lenet5", "resnet18"])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--compile", nargs="+", default=["none", "all"], choices=["none", "switcher", "all"],
-                        help="compile modes; compiled cases run in the last precision only (bf16 by default)")
+    parser.add_argument(
+        "--compile",
+        nargs="+",
+        default=["none", "all"],
+        choices=["none", "switcher", "all"],
+        help="compile modes; compiled cases run in the last precision only (bf16 by default)",
+    )
     parser.add_argument("--steps", type=int, default=300, help="timed steps per case")
     parser.add_argument("--warmup", type=int, default=30, help="untimed steps first (compilation, autotuning)")
     parser.add_argument("--batch", type=int, default=256)
@@ -205,8 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print(f"gpu_check: error: --device {args.device}, but torch {torch.__version__} sees no usable CUDA device "
-              "(a CUDA 13 build needs an NVIDIA driver >= 580); pass --device cpu", file=sys.stderr)
+        print(
+            f"gpu_check: error: --device {args.device}, but torch {torch.__version__} sees no usable CUDA device "
+            "(a CUDA 13 build needs an NVIDIA driver >= 580); pass --device cpu",
+            file=sys.stderr,
+        )
         return 2
     if args.steps < 1 or args.warmup < 1 or args.batch < 1:
         print("gpu_check: error: --steps, --warmup and --batch must be >= 1", file=sys.stderr)
@@ -218,11 +252,21 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for model, precision, compile_mode in cases:
         rows.append(run_case(model, precision, compile_mode, args, device))
-        print(f"gpu_check: {model} {precision} compile={compile_mode}: {'PASS' if rows[-1]['ok'] else 'FAIL'} "
-              f"({time.time() - started:.0f} s so far)", file=sys.stderr, flush=True)
-    env = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-           "cpus": os.cpu_count(), "seconds": round(time.time() - started, 1), "peak_tflops": args.peak_tflops}
+        print(
+            f"gpu_check: {model} {precision} compile={compile_mode}: {'PASS' if rows[-1]['ok'] else 'FAIL'} "
+            f"({time.time() - started:.0f} s so far)",
+            file=sys.stderr,
+            flush=True,
+        )
+    env = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpus": os.cpu_count(),
+        "seconds": round(time.time() - started, 1),
+        "peak_tflops": args.peak_tflops,
+    }
     print(table(rows))
     print(" ".join(f"{k}={v}" for k, v in env.items()))
     if args.out:

@@ -47,7 +47,9 @@ def _sync(device: torch.device) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/fashion_lenet5.yaml", help="schedule, optimisers and switcher from here")
+    parser.add_argument(
+        "--config", default="configs/fashion_lenet5.yaml", help="schedule, optimisers and switcher from here"
+    )
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--steps", type=int, default=100, help="timed steps per variant")
@@ -58,10 +60,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    common = [f"model.name={args.model}", "data.channels=3", "data.image_size=32", f"train.batch_size={args.batch}",
-              f"train.precision={args.precision}", *args.overrides]
-    runs = {m: engine_for(args.config, [f"method={m}", f"train.compile={args.compile}", *common], loaders=False)
-            for m in ("dense", "switch")}
+    common = [
+        f"model.name={args.model}",
+        "data.channels=3",
+        "data.image_size=32",
+        f"train.batch_size={args.batch}",
+        f"train.precision={args.precision}",
+        *args.overrides,
+    ]
+    runs = {
+        m: engine_for(args.config, [f"method={m}", f"train.compile={args.compile}", *common], loaders=False)
+        for m in ("dense", "switch")
+    }
     engine = runs["dense"][1]
     device = engine.device
     peak = peak_for(device, args.peak_tflops)
@@ -69,16 +79,28 @@ def main(argv: list[str] | None = None) -> dict:
     # loaders hand them (the precision's dtype, channels_last on CUDA).
     gen = torch.Generator().manual_seed(0)
     dtype = AUTOCAST_DTYPES[args.precision] or torch.float32
-    x = torch.randn(args.batch, 3, 32, 32, generator=gen).to(device, dtype).contiguous(memory_format=engine.memory_format)
+    x = (
+        torch.randn(args.batch, 3, 32, 32, generator=gen)
+        .to(device, dtype)
+        .contiguous(memory_format=engine.memory_format)
+    )
     y = torch.randint(0, 10, (args.batch,), generator=gen).to(device)
     # FLOPs of one TNN step, counted on an eager twin (the counter does not see inside compiled code).
     _, counted, _ = engine_for(args.config, ["method=dense", "train.compile=none", *common], loaders=False)
     with FlopCounterMode(display=False) as flops:
         counted.step(0, Phase.TNN, x, y)
     step_flops = flops.get_total_flops()
-    result = {"model": args.model, "batch": args.batch, "precision": args.precision, "compile": args.compile,
-              "channels_last": engine.memory_format == torch.channels_last, "device": str(device),
-              "model_flops_per_step": step_flops, "peak_tflops": peak, "variants": {}}
+    result = {
+        "model": args.model,
+        "batch": args.batch,
+        "precision": args.precision,
+        "compile": args.compile,
+        "channels_last": engine.memory_format == torch.channels_last,
+        "device": str(device),
+        "model_flops_per_step": step_flops,
+        "peak_tflops": peak,
+        "variants": {},
+    }
     for method, (_, eng, _) in runs.items():
         for step in range(args.warmup):
             eng.step(0, eng.method.phase_at(0, step), x, y)

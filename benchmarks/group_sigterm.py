@@ -21,17 +21,27 @@ from common import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 # The default job, shortened to the DDP test's size: 2 workers, 3 epochs of 6,400 images.
-SHORT = ["train.epochs=3", "data.train_limit=6400", "distributed.num_workers=2", "distributed.max_failures=1",
-         "train.progress=false", "train.device=cpu"]
+SHORT = [
+    "train.epochs=3",
+    "data.train_limit=6400",
+    "distributed.num_workers=2",
+    "distributed.max_failures=1",
+    "train.progress=false",
+    "train.device=cpu",
+]
 
 
 def one(folder: Path, index: int) -> int:
     out = folder / f"run{index}"
     snapshot = out / "ray" / out.name / "checkpoint_manager_snapshot.json"
     with (folder / f"run{index}.log").open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "distswitch.cli", "train", "configs/fashion_lenet5.yaml", *SHORT,
-                                 f"out_dir={out}"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "distswitch.cli", "train", "configs/fashion_lenet5.yaml", *SHORT, f"out_dir={out}"],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         while not (snapshot.is_file() and '"epoch_0000"' in snapshot.read_text()) and proc.poll() is None:
             time.sleep(0.1)
         time.sleep(random.uniform(0, 1.5))

@@ -14,8 +14,14 @@ from pathlib import Path
 from distswitch.config import load_config
 from distswitch.worker import train
 
-SHORT = ["train.progress=false", "train.device=cpu", "train.epochs=4", "schedule.warmup_epochs=1",
-         "schedule.finetune_epochs=1", "tracking.enabled=false"]
+SHORT = [
+    "train.progress=false",
+    "train.device=cpu",
+    "train.epochs=4",
+    "schedule.warmup_epochs=1",
+    "schedule.finetune_epochs=1",
+    "tracking.enabled=false",
+]
 
 
 def main() -> None:
@@ -26,9 +32,13 @@ def main() -> None:
     report = {}
     for loader in ("ffcv", "torch"):
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = load_config("configs/fashion_lenet5.yaml", [*SHORT, *args.overrides, f"data.loader={loader}", f"out_dir={tmp}/run"])
+            cfg = load_config(
+                "configs/fashion_lenet5.yaml", [*SHORT, *args.overrides, f"data.loader={loader}", f"out_dir={tmp}/run"]
+            )
             s = train(cfg)
-        report[loader] = {k: s[k] for k in ("val_acc", "test_acc", "kept_fraction", "seconds_per_epoch", "images_per_s")}
+        report[loader] = {
+            k: s[k] for k in ("val_acc", "test_acc", "kept_fraction", "seconds_per_epoch", "images_per_s")
+        }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))

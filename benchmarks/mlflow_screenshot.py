@@ -31,8 +31,13 @@ def serve(store: Path, timeout: float = 180):
         port = s.getsockname()[1]
     log = Path(store) / "ui.log"
     with log.open("w") as sink:
-        proc = subprocess.Popen(["make", "--no-print-directory", "ui", f"STORE={Path(store).resolve()}", f"PORT={port}"],
-                                cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            ["make", "--no-print-directory", "ui", f"STORE={Path(store).resolve()}", f"PORT={port}"],
+            cwd=ROOT,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.time() + timeout
         while True:
@@ -61,8 +66,13 @@ def chromium(width: int = 1600, height: int = 1000):
     if not driver_path:
         raise RuntimeError("chromedriver is missing: `make setup` installs Debian's chromium and chromium-driver")
     options = Options()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                f"--window-size={width},{height}"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        f"--window-size={width},{height}",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
@@ -108,8 +118,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     client = MlflowClient(f"sqlite:///{Path(args.store).resolve() / 'mlflow.db'}")
     experiments = [e for e in client.search_experiments() if args.experiment in (None, e.name)]
-    runs = {e.experiment_id: [r.info.run_id for r in client.search_runs([e.experiment_id], "attributes.status = 'FINISHED'")
-                              if not r.data.tags.get(COMPARE_TAG)] for e in experiments}
+    runs = {
+        e.experiment_id: [
+            r.info.run_id
+            for r in client.search_runs([e.experiment_id], "attributes.status = 'FINISHED'")
+            if not r.data.tags.get(COMPARE_TAG)
+        ]
+        for e in experiments
+    }
     experiment = max(runs, key=lambda e: len(runs[e]))
     with serve(Path(args.store)) as ui, chromium() as browser:
         browser.get(compare_view(ui, experiment, runs[experiment]))

@@ -32,8 +32,14 @@ def main() -> None:
             image = [NDArrayDecoder(), RandomHorizontalFlip(), RandomTranslate(padding=4)]
             image += [NormalizeImage(mean, std, np.float32)] if in_ffcv else []
             image += [ToTensor(), ToTorchImage(channels_last=False)]
-            loader = Loader(str(path), batch_size=512, num_workers=2, order=OrderOption.RANDOM, seed=0,
-                            pipelines={"image": image, "label": [IntDecoder(), ToTensor()]})
+            loader = Loader(
+                str(path),
+                batch_size=512,
+                num_workers=2,
+                order=OrderOption.RANDOM,
+                seed=0,
+                pipelines={"image": image, "label": [IntDecoder(), ToTensor()]},
+            )
             rates = []
             for _ in range(3):
                 start, n = time.perf_counter(), 0

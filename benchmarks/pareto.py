@@ -31,16 +31,24 @@ import torch
 from distswitch.compare import figure  # the figure `distswitch compare` draws from an MLflow store
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {"mlp": ROOT / "configs/fashion_mlp.yaml", "lenet5": ROOT / "configs/fashion_lenet5.yaml",
-           "resnet20": ROOT / "configs/fashion_lenet5.yaml"}
+CONFIGS = {
+    "mlp": ROOT / "configs/fashion_mlp.yaml",
+    "lenet5": ROOT / "configs/fashion_lenet5.yaml",
+    "resnet20": ROOT / "configs/fashion_lenet5.yaml",
+}
 # A model's own overrides on its config: ResNet-20 on Fashion-MNIST at CIFAR's shape (3x32x32).
 MODEL_SET = {"resnet20": ["model.name=resnet20", "data.channels=3", "data.image_size=32"]}
 SPARSE_LEARNING = 3e-3  # MLP at 15%, seed 0: switch 0.8788 / 0.8859 / 0.8673 at 3e-4 / 3e-3 / 1e-2; gradual magnitude 0.8851 at 3e-3, 0.8858 at 1e-2
 # The switcher as first built (the schema's defaults), whatever the configs ship: every "switch" variant
 # starts from it, so a variant's name means the same run in every record (the configs ship issue 36's
 # choice, "switch-fair-rank").
-SWITCH = ["method=switch", "switcher.gate=factor", "switcher.ties=index", "schedule.snn_steps=replace",
-          "switcher.allocation=global"]
+SWITCH = [
+    "method=switch",
+    "switcher.gate=factor",
+    "switcher.ties=index",
+    "schedule.snn_steps=replace",
+    "switcher.allocation=global",
+]
 # Method variants: name -> overrides.
 VARIANTS = {
     "dense": ["method=dense"],
@@ -57,12 +65,22 @@ VARIANTS = {
     "switch-ties": [*SWITCH, "switcher.ties=score"],
     "switch-extra": [*SWITCH, "schedule.snn_steps=extra"],
     "switch-fair": [*SWITCH, "switcher.gate=hard", "switcher.ties=score", "schedule.snn_steps=extra"],
-    "switch-fair-rank": [*SWITCH, "switcher.gate=hard", "switcher.ties=score", "schedule.snn_steps=extra",
-                         "switcher.allocation=rank"],
+    "switch-fair-rank": [
+        *SWITCH,
+        "switcher.gate=hard",
+        "switcher.ties=score",
+        "schedule.snn_steps=extra",
+        "switcher.allocation=rank",
+    ],
     # Issue 36's relational switcher (messages along the weights between units), alone and with the fair dynamics.
     "switch-graph": [*SWITCH, "switcher.arch=graph"],
-    "switch-fair-graph": [*SWITCH, "switcher.arch=graph", "switcher.gate=hard", "switcher.ties=score",
-                          "schedule.snn_steps=extra"],
+    "switch-fair-graph": [
+        *SWITCH,
+        "switcher.arch=graph",
+        "switcher.gate=hard",
+        "switcher.ties=score",
+        "schedule.snn_steps=extra",
+    ],
     "magnitude": ["method=magnitude"],
     "magnitude-group": ["method=magnitude", "prune.importance=group"],
     "magnitude-gradual-group": ["method=magnitude", "prune.schedule=gradual", "prune.importance=group"],
@@ -81,11 +99,20 @@ REFERENCE = "magnitude"  # the paired comparisons' reference (--reference)
 
 def protocol(args) -> list[str]:
     """Overrides every run shares (the config supplies optimiser, schedule and data)."""
-    common = [f"train.epochs={args.epochs}", f"schedule.warmup_epochs={args.warmup}",
-              f"schedule.finetune_epochs={args.finetune}", f"prune.finetune_epochs={args.finetune}",
-              f"switcher.l1={args.l1}", "switcher.target_kept=null", "data.loader=torch", "tracking.enabled=false",
-              "train.progress=false", "distributed.num_workers=1", f"budget.kind={args.kind}",
-              "train.channels_last=true"]  # NHWC convolutions: LeNet5 trains ~1.5x faster on a CPU core
+    common = [
+        f"train.epochs={args.epochs}",
+        f"schedule.warmup_epochs={args.warmup}",
+        f"schedule.finetune_epochs={args.finetune}",
+        f"prune.finetune_epochs={args.finetune}",
+        f"switcher.l1={args.l1}",
+        "switcher.target_kept=null",
+        "data.loader=torch",
+        "tracking.enabled=false",
+        "train.progress=false",
+        "distributed.num_workers=1",
+        f"budget.kind={args.kind}",
+        "train.channels_last=true",
+    ]  # NHWC convolutions: LeNet5 trains ~1.5x faster on a CPU core
     if args.train_limit:
         common += [f"data.train_limit={args.train_limit}", "data.val_size=500"]
     return common + list(args.set)
@@ -107,7 +134,7 @@ def finished(model: str, args, out: Path) -> dict:
             budget, seed = s["config"]["budget"]["fraction"], s["config"]["train"]["seed"]
             # Records of the in-process runs before the sweep name their variant in the file name only.
             suffix = len(_name("", "", budget, seed)) - 1
-            variant = (s["config"].get("sweep") or {}).get("variant") or path.stem[len(model) + 1:-suffix]
+            variant = (s["config"].get("sweep") or {}).get("variant") or path.stem[len(model) + 1 : -suffix]
             if _name(model, variant, budget, seed) == path.stem:
                 done[(variant, budget, seed)] = s
     return done
@@ -119,12 +146,22 @@ def sweep(model: str, variants: dict[str, list[str]], budgets: list, seeds: list
     from distswitch.config import parse_override
 
     # Parsed as the command line parses them (2e-3 a number, as yaml.safe_load would not).
-    defined = {name: {".".join(key): value for key, value in map(parse_override, overrides)}
-               for name, overrides in variants.items()}
+    defined = {
+        name: {".".join(key): value for key, value in map(parse_override, overrides)}
+        for name, overrides in variants.items()
+    }
     folder = out / "sweeps" / (f"{model}-" + "+".join(sorted(variants)) + "-b" + "+".join(f"{b}" for b in budgets))
-    argv = ["sweep", str(CONFIGS[model]), *MODEL_SET.get(model, []), *protocol(args), f"out_dir={folder}",
-            f"sweep.methods={json.dumps(sorted(variants))}", f"sweep.budgets={json.dumps(budgets)}",
-            f"sweep.seeds={json.dumps(seeds)}", f"sweep.variants={json.dumps(defined)}"]
+    argv = [
+        "sweep",
+        str(CONFIGS[model]),
+        *MODEL_SET.get(model, []),
+        *protocol(args),
+        f"out_dir={folder}",
+        f"sweep.methods={json.dumps(sorted(variants))}",
+        f"sweep.budgets={json.dumps(budgets)}",
+        f"sweep.seeds={json.dumps(seeds)}",
+        f"sweep.variants={json.dumps(defined)}",
+    ]
     print(f"[pareto] sweep {folder.name}: seeds {seeds}: {' '.join(argv[2:])}", flush=True)
     start = time.perf_counter()
     if distswitch(argv) != 0:
@@ -168,8 +205,10 @@ def diagnose(model: str, budgets: list[float], seeds: list[int], done: dict, arg
             switch, magnitude = done.get(("switch", budget, seed)), done.get(("magnitude", budget, seed))
             if switch is None or magnitude is None:
                 continue
-            for variant, other, label in (("magnitude", switch, "magnitude@switch-widths"),
-                                          ("switch", magnitude, "switch@magnitude-widths")):
+            for variant, other, label in (
+                ("magnitude", switch, "magnitude@switch-widths"),
+                ("switch", magnitude, "switch@magnitude-widths"),
+            ):
                 VARIANTS[label] = [*VARIANTS[variant], f"budget.widths={widths_of(other)}"]
                 if (label, budget, seed) not in done and not args.report_only:
                     sweep(model, {label: VARIANTS[label]}, [budget], [seed], args, out)
@@ -211,11 +250,21 @@ def aggregate(results: dict, args) -> list[dict]:
         test = [r["test_acc"] for r in runs.values()]
         macs = [r["compact"]["macs"] / r["dense"]["macs"] for r in runs.values()]
         params = [r["compact"]["params"] / r["dense"]["params"] for r in runs.values()]
-        row = {"model": model, "method": variant, "budget": budget, "seeds": sorted(runs), "acc": _mean_std(acc), "test_acc": _mean_std(test),
-               "macs": _mean_std(macs), "params": _mean_std(params), "macs_abs": statistics.fmean(r["compact"]["macs"] for r in runs.values()),
-               "params_abs": statistics.fmean(r["compact"]["params"] for r in runs.values()),
-               "budget_error": max((abs(m - budget) for m in (macs if args.kind == "macs" else params)), default=0.0)
-               if budget is not None else 0.0}
+        row = {
+            "model": model,
+            "method": variant,
+            "budget": budget,
+            "seeds": sorted(runs),
+            "acc": _mean_std(acc),
+            "test_acc": _mean_std(test),
+            "macs": _mean_std(macs),
+            "params": _mean_std(params),
+            "macs_abs": statistics.fmean(r["compact"]["macs"] for r in runs.values()),
+            "params_abs": statistics.fmean(r["compact"]["params"] for r in runs.values()),
+            "budget_error": max((abs(m - budget) for m in (macs if args.kind == "macs" else params)), default=0.0)
+            if budget is not None
+            else 0.0,
+        }
         ref = results.get((model, args.reference, budget))
         if ref and variant != args.reference and budget is not None:
             shared = sorted(set(runs) & set(ref))
@@ -266,10 +315,12 @@ def table(rows: list[dict], reference: str = REFERENCE, metric: str = "test_acc"
     label = {"test_acc": "test acc", "val_acc": "validation acc (selected epoch)"}[metric]
     mcnemar = any("mcnemar" in r for r in rows)
     head = f" McNemar vs {reference} (only this right / only {reference} right, p) |" if mcnemar else ""
-    lines = [f"| model | budget (MACs) | method | {label} (mean ± std) | compact MACs | compact params | "
-             f"Δ vs {reference} (paired by seed, mean ± std) |{head} paired t: one-sided p better / worse "
-             "(Holm over cells) | seeds |",
-             "|---" * (9 + mcnemar) + "|"]
+    lines = [
+        f"| model | budget (MACs) | method | {label} (mean ± std) | compact MACs | compact params | "
+        f"Δ vs {reference} (paired by seed, mean ± std) |{head} paired t: one-sided p better / worse "
+        "(Holm over cells) | seeds |",
+        "|---" * (9 + mcnemar) + "|",
+    ]
     for r in sorted(rows, key=lambda r: (r["model"], -(r["budget"] or 2), r["method"])):
         acc, macs, params = r["acc"], r["macs"], r["params"]
         budget = "dense" if r["budget"] is None else f"{r['budget']:.0%}"
@@ -280,15 +331,18 @@ def table(rows: list[dict], reference: str = REFERENCE, metric: str = "test_acc"
             f"{r['method']} | {acc[0]:.4f} ± {acc[1]:.4f} | {r['macs_abs']:,.0f} ({macs[0]:.3f}) | "
             f"{r['params_abs']:,.0f} ({params[0]:.3f}) | {'' if not vs else f'{vs[0]:+.4f} ± {vs[1]:.4f}'} | "
             + (f"{'' if not mc else f'{mc[0]} / {mc[1]}, p={mc[2]:.3g}'} | " if mcnemar else "")
-            + f"{_t_cell(r.get('paired_t'))} | {len(r['seeds'])} |")
+            + f"{_t_cell(r.get('paired_t'))} | {len(r['seeds'])} |"
+        )
     return "\n".join(lines)
 
 
 def _t_cell(t: dict | None) -> str:
     if not t:
         return ""
-    return (f"t={t['t']:+.2f}: {t['better']:.3g} / {t['worse']:.3g} "
-            f"({t.get('better_holm', t['better']):.3g} / {t.get('worse_holm', t['worse']):.3g})")
+    return (
+        f"t={t['t']:+.2f}: {t['better']:.3g} / {t['worse']:.3g} "
+        f"({t.get('better_holm', t['better']):.3g} / {t.get('worse_holm', t['worse']):.3g})"
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -296,24 +350,38 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", required=True)
     parser.add_argument("--models", nargs="+", default=["mlp", "lenet5"], choices=sorted(CONFIGS))
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.7, 0.5, 0.3, 0.15])
-    parser.add_argument("--methods", nargs="+", default=["dense", "switch", "magnitude", "slimming"], choices=sorted(VARIANTS))
+    parser.add_argument(
+        "--methods", nargs="+", default=["dense", "switch", "magnitude", "slimming"], choices=sorted(VARIANTS)
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--kind", default="macs", choices=["macs", "params", "units"])
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--finetune", type=int, default=3)
-    parser.add_argument("--l1", type=float, default=0.05, help="switcher.l1 (the cost-weighted penalty) for switch runs")
+    parser.add_argument(
+        "--l1", type=float, default=0.05, help="switcher.l1 (the cost-weighted penalty) for switch runs"
+    )
     parser.add_argument("--train-limit", type=int, default=None)
     parser.add_argument("--set", nargs="*", default=[], help="more overrides for every run, KEY=VALUE")
     parser.add_argument("--no-mcnemar", dest="mcnemar", action="store_false")
     parser.add_argument("--reference", default=REFERENCE, help="method the paired comparisons are made against")
-    parser.add_argument("--record", default=None,
-                        help="folder that gets each finished run's summary as NAME.json (to commit); runs found there are not run again")
-    parser.add_argument("--metric", default="test_acc", choices=["test_acc", "val_acc"],
-                        help="what the table compares: val_acc to choose settings, test_acc to report them")
+    parser.add_argument(
+        "--record",
+        default=None,
+        help="folder that gets each finished run's summary as NAME.json (to commit); runs found there are not run again",
+    )
+    parser.add_argument(
+        "--metric",
+        default="test_acc",
+        choices=["test_acc", "val_acc"],
+        help="what the table compares: val_acc to choose settings, test_acc to report them",
+    )
     parser.add_argument("--report-only", action="store_true", help="run nothing: tabulate the runs already in OUT")
-    parser.add_argument("--diagnose", action="store_true",
-                        help="also magnitude with the switch's per-layer widths and the switch with magnitude's")
+    parser.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="also magnitude with the switch's per-layer widths and the switch with magnitude's",
+    )
     parser.add_argument("--figure", default=None, help="PNG path (default: OUT/pareto.png)")
     parser.add_argument("--quick", action="store_true", help="smoke form: 1 seed, 2 budgets, 2 epochs, 2,000 images")
     args = parser.parse_args(argv)

@@ -49,13 +49,21 @@ def main(argv: list[str] | None = None) -> dict:
         size = args.image_size or (224 if name == "resnet50" else 32)
         runs = []
         for _ in range(args.rounds):
-            out = subprocess.run([sys.executable, "-c", _ONE, name, str(size), args.kind], capture_output=True,
-                                 text=True, check=True).stdout
+            out = subprocess.run(
+                [sys.executable, "-c", _ONE, name, str(size), args.kind], capture_output=True, text=True, check=True
+            ).stdout
             runs.append(json.loads(out.splitlines()[-1]))
-        rows[name] = {**{k: v for k, v in runs[0].items() if k != "seconds"}, "image_size": size,
-                      "seconds": [r["seconds"] for r in runs], "median_seconds": statistics.median(r["seconds"] for r in runs)}
-        print(f"{name:14s} {size:4d}px  {rows[name]['groups']:4d} groups ({rows[name]['coupled_groups']} coupled)  "
-              f"build {rows[name]['median_seconds']:.2f} s", file=sys.stderr)
+        rows[name] = {
+            **{k: v for k, v in runs[0].items() if k != "seconds"},
+            "image_size": size,
+            "seconds": [r["seconds"] for r in runs],
+            "median_seconds": statistics.median(r["seconds"] for r in runs),
+        }
+        print(
+            f"{name:14s} {size:4d}px  {rows[name]['groups']:4d} groups ({rows[name]['coupled_groups']} coupled)  "
+            f"build {rows[name]['median_seconds']:.2f} s",
+            file=sys.stderr,
+        )
     result = {"kind": args.kind, "models": rows, **environment()}
     write_report(result, args.out)
     return result

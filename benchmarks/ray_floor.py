@@ -47,8 +47,16 @@ def train_fn(config: dict) -> None:
     torch.nn.functional.mse_loss(model(torch.randn(8, 10)), torch.randn(8, 1)).backward()
     opt.step()
     rank = ray.train.get_context().get_world_rank()
-    Path(config["marks"], f"rank{rank}.json").write_text(json.dumps(
-        {"worker_process": started, "first_line": first_line, "after_prepare_model": prepared, "first_step": time.time()}))
+    Path(config["marks"], f"rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "worker_process": started,
+                "first_line": first_line,
+                "after_prepare_model": prepared,
+                "first_step": time.time(),
+            }
+        )
+    )
     ray.train.report({"done": 1})
 
 
@@ -58,8 +66,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--init", default="{}", help="ray.init keyword arguments, JSON")
     parser.add_argument("--package-env", action="store_true", help="distswitch's local-cluster environment too")
-    parser.add_argument("--warm-coordinator", action="store_true",
-                        help="create Train's AutoscalingCoordinator right after ray.init (private API)")
+    parser.add_argument(
+        "--warm-coordinator",
+        action="store_true",
+        help="create Train's AutoscalingCoordinator right after ray.init (private API)",
+    )
     parser.add_argument("--local-mode", action="store_true", help="under torchrun: no Ray cluster (num_workers=0)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -85,9 +96,12 @@ def main() -> None:
         get_or_create_autoscaling_coordinator()
     t["ray_init"] = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = TorchTrainer(train_fn, train_loop_config={"marks": tmp},
-                               scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=False),
-                               run_config=RunConfig(storage_path=f"{tmp}/ray", name="floor"))
+        trainer = TorchTrainer(
+            train_fn,
+            train_loop_config={"marks": tmp},
+            scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=False),
+            run_config=RunConfig(storage_path=f"{tmp}/ray", name="floor"),
+        )
         t["fit_called"] = time.time()
         trainer.fit()
         t["fit_returned"] = time.time()
@@ -95,15 +109,32 @@ def main() -> None:
     ray.shutdown()
     t["shutdown"] = time.time()
     rel = lambda v: round(v - origin, 2)  # noqa: E731
-    report = {"init": json.loads(args.init), "env": {k: v for k, v in os.environ.items() if k.startswith("RAY_")},
-              **{k: rel(v) for k, v in t.items()},
-              "workers": [{k: rel(v) for k, v in w.items()} for w in workers],
-              "first_step": max(rel(w["first_step"]) for w in workers),
-              "train_fn_reached": max(rel(w["first_line"]) for w in workers)}
+    report = {
+        "init": json.loads(args.init),
+        "env": {k: v for k, v in os.environ.items() if k.startswith("RAY_")},
+        **{k: rel(v) for k, v in t.items()},
+        "workers": [{k: rel(v) for k, v in w.items()} for w in workers],
+        "first_step": max(rel(w["first_step"]) for w in workers),
+        "train_fn_reached": max(rel(w["first_line"]) for w in workers),
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps({k: report[k] for k in ("imported", "ray_init", "fit_called", "train_fn_reached", "first_step",
-                                             "fit_returned", "shutdown")}))
+    print(
+        json.dumps(
+            {
+                k: report[k]
+                for k in (
+                    "imported",
+                    "ray_init",
+                    "fit_called",
+                    "train_fn_reached",
+                    "first_step",
+                    "fit_returned",
+                    "shutdown",
+                )
+            }
+        )
+    )
 
 
 def local_mode(args, origin: float) -> None:
@@ -113,11 +144,19 @@ def local_mode(args, origin: float) -> None:
     imported = time.time()
     rank = int(os.environ.get("RANK", 0))
     with tempfile.TemporaryDirectory() as tmp:
-        TorchTrainer(train_fn, train_loop_config={"marks": tmp}, scaling_config=ScalingConfig(num_workers=0),
-                     run_config=RunConfig(storage_path=f"{tmp}/ray", name="floor")).fit()
+        TorchTrainer(
+            train_fn,
+            train_loop_config={"marks": tmp},
+            scaling_config=ScalingConfig(num_workers=0),
+            run_config=RunConfig(storage_path=f"{tmp}/ray", name="floor"),
+        ).fit()
         marks = json.loads(Path(tmp, f"rank{rank}.json").read_text())
-    report = {"rank": rank, "imported": round(imported - origin, 2), "fit_returned": round(time.time() - origin, 2),
-              **{k: round(v - origin, 2) for k, v in marks.items()}}
+    report = {
+        "rank": rank,
+        "imported": round(imported - origin, 2),
+        "fit_returned": round(time.time() - origin, 2),
+        **{k: round(v - origin, 2) for k, v in marks.items()},
+    }
     out = Path(f"{args.out}.rank{rank}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")

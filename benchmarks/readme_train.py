@@ -28,21 +28,24 @@ def block(lines: list[str], summary: dict, minutes: float, when: str, out_dir: s
     kept = summary["kept_per_layer"]
     widths = ", ".join(f"{row['kept']} of {row['units']} ({layer})" for layer, row in kept.items())
     cfg = summary["config"]
-    return "\n".join([
-        START,
-        f"The end of a real `make train` ({when}, `configs/fashion_lenet5.yaml`: LeNet5, {cfg['train']['epochs']} "
-        f"epochs, {summary['workers']} Ray workers, asking for {cfg['budget']['fraction']:.0%} of the dense MACs; "
-        f"{minutes:.0f} minutes on this machine, start-up included):",
-        "",
-        "```",
-        *epochs[-2:], *tail,
-        "```",
-        "",
-        f"The budget is met on the exported model: {summary['compact']['macs']:,} / {summary['dense']['macs']:,} = "
-        f"{summary['compact']['macs'] / summary['dense']['macs']:.5f} of the MACs (weight products of the "
-        f"convolutions and linear layers), by keeping {widths}.",
-        END,
-    ])
+    return "\n".join(
+        [
+            START,
+            f"The end of a real `make train` ({when}, `configs/fashion_lenet5.yaml`: LeNet5, {cfg['train']['epochs']} "
+            f"epochs, {summary['workers']} Ray workers, asking for {cfg['budget']['fraction']:.0%} of the dense MACs; "
+            f"{minutes:.0f} minutes on this machine, start-up included):",
+            "",
+            "```",
+            *epochs[-2:],
+            *tail,
+            "```",
+            "",
+            f"The budget is met on the exported model: {summary['compact']['macs']:,} / {summary['dense']['macs']:,} = "
+            f"{summary['compact']['macs'] / summary['dense']['macs']:.5f} of the MACs (weight products of the "
+            f"convolutions and linear layers), by keeping {widths}.",
+            END,
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,15 +56,21 @@ def main(argv: list[str] | None = None) -> int:
     out = ROOT / args.out_dir
     shutil.rmtree(out, ignore_errors=True)
     started = time.time()
-    proc = subprocess.run(["make", "-s", "train", f"ARGS=out_dir={args.out_dir}"], cwd=ROOT, capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        ["make", "-s", "train", f"ARGS=out_dir={args.out_dir}"], cwd=ROOT, capture_output=True, text=True
+    )
     if proc.returncode != 0:
         print(proc.stdout[-3000:] + proc.stderr[-3000:], file=sys.stderr)
         return proc.returncode
     # Ray colours the worker prefix; a README shows the text.
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).rstrip() for line in (proc.stdout + proc.stderr).splitlines()]
-    text = block(lines, json.loads((out / "summary.json").read_text()), (time.time() - started) / 60,
-                 time.strftime("%Y-%m-%d"), args.out_dir)
+    text = block(
+        lines,
+        json.loads((out / "summary.json").read_text()),
+        (time.time() - started) / 60,
+        time.strftime("%Y-%m-%d"),
+        args.out_dir,
+    )
     if args.keep_readme:
         print(text)
         return 0

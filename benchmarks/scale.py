@@ -30,7 +30,8 @@ CONFIG = "configs/fashion_lenet5.yaml"
 # Peak memory of one variant's steps in a process of its own: the resident set's high-water mark
 # reset after the engine is built (Linux: /proc/self/clear_refs), so building it (the dependency
 # graph's trace) does not hide what the steps need.
-_PEAK = """
+_PEAK = (
+    """
 import json, sys
 sys.path.insert(0, "benchmarks")
 import torch
@@ -47,7 +48,9 @@ for phase in (Phase.TNN, Phase.SNN, Phase.TNN) if method == "switch" else (Phase
     engine.step(0, phase, x, y)
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"peak_mb": int(hwm.split()[1]) / 1024}))
-""" % CONFIG
+"""
+    % CONFIG
+)
 
 
 def _bytes(params) -> int:
@@ -58,15 +61,24 @@ def peaks(model: str, batch: int, switch_set: tuple[str, ...] = ()) -> dict:
     out = {}
     for method in ("dense", "switch"):
         extra = list(switch_set) if method == "switch" else []
-        proc = subprocess.run([sys.executable, "-c", _PEAK, model, method, str(batch), str(torch.get_num_threads()), *extra],
-                              capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", _PEAK, model, method, str(batch), str(torch.get_num_threads()), *extra],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         out[method] = json.loads(proc.stdout.splitlines()[-1])["peak_mb"]
     return out
 
 
 def measure(model: str, batch: int, rounds: int, steps: int, switch_set: tuple[str, ...] = ()) -> dict:
-    shape = [f"model.name={model}", "data.channels=3", "data.image_size=32", "train.device=cpu",
-             "train.channels_last=false"]
+    shape = [
+        f"model.name={model}",
+        "data.channels=3",
+        "data.image_size=32",
+        "train.device=cpu",
+        "train.channels_last=false",
+    ]
     _, dense, _ = engine_for(CONFIG, [*shape, "method=dense"], loaders=False)
     cfg, switch, _ = engine_for(CONFIG, [*shape, "method=switch", *switch_set], loaders=False)
     gen = torch.Generator().manual_seed(0)
@@ -76,10 +88,12 @@ def measure(model: str, batch: int, rounds: int, steps: int, switch_set: tuple[s
         with torch.no_grad():
             switch.source(switch.gates.views())
 
-    blocks = {"dense step": lambda: dense.step(0, Phase.TNN, x, y),
-              "switch TNN step": lambda: switch.step(0, Phase.TNN, x, y),
-              "switch SNN step": lambda: switch.step(0, Phase.SNN, x, y),
-              "switcher forward (no grad)": forward}
+    blocks = {
+        "dense step": lambda: dense.step(0, Phase.TNN, x, y),
+        "switch TNN step": lambda: switch.step(0, Phase.TNN, x, y),
+        "switch SNN step": lambda: switch.step(0, Phase.SNN, x, y),
+        "switcher forward (no grad)": forward,
+    }
     for fn in blocks.values():
         for _ in range(3):  # warm-up: allocator, first-call paths
             fn()
@@ -96,11 +110,18 @@ def measure(model: str, batch: int, rounds: int, steps: int, switch_set: tuple[s
     per_step = (tnn_steps * median["switch TNN step"] + median["switch SNN step"]) / ((k + 1) * median["dense step"])
     specs = switch.gates.specs
     row = {
-        "batch": batch, "update_ratio": k, "switch_overrides": list(switch_set), "median_ms": median, "ms": ms,
+        "batch": batch,
+        "update_ratio": k,
+        "switch_overrides": list(switch_set),
+        "median_ms": median,
+        "ms": ms,
         "switch_over_dense_per_training_step": per_step,
-        "groups": len(specs), "units": sum(s.units for s in specs),
-        "weights_read": sum(v.incoming.numel() + (v.fan_out * v.incoming.shape[0] if v.has_outgoing else 0)
-                            for v in switch.gates.views()),
+        "groups": len(specs),
+        "units": sum(s.units for s in specs),
+        "weights_read": sum(
+            v.incoming.numel() + (v.fan_out * v.incoming.shape[0] if v.has_outgoing else 0)
+            for v in switch.gates.views()
+        ),
         "tnn_parameters": sum(p.numel() for p in switch.tnn.parameters()),
         "switcher_parameters": sum(p.numel() for p in switch.source.parameters()),
         "allreduce_bytes_per_step": {"tnn": _bytes(switch.tnn.parameters()), "snn": _bytes(switch.source.parameters())},
@@ -117,27 +138,43 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3, help="steps per timed block")
     parser.add_argument("--memory-only", action="store_true", help="only the peak memory of each variant's steps")
-    parser.add_argument("--switch-set", nargs="*", default=[],
-                        help="overrides for the switch variant, e.g. switcher.arch=graph budget.fraction=0.5 "
-                             "schedule.finetune_epochs=1 switcher.gate=hard (steps of epoch 0: before any cut)")
+    parser.add_argument(
+        "--switch-set",
+        nargs="*",
+        default=[],
+        help="overrides for the switch variant, e.g. switcher.arch=graph budget.fraction=0.5 "
+        "schedule.finetune_epochs=1 switcher.gate=hard (steps of epoch 0: before any cut)",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.memory_only:
-        result = {"batch": args.batch, "threads": args.threads, "peak_mb": {m: peaks(m, args.batch) for m in args.models},
-                  **environment()}
+        result = {
+            "batch": args.batch,
+            "threads": args.threads,
+            "peak_mb": {m: peaks(m, args.batch) for m in args.models},
+            **environment(),
+        }
         write_report(result, args.out)
         return result
     rows = {}
     for model in args.models:
         rows[model] = r = measure(model, args.batch, args.rounds, args.steps, tuple(args.switch_set))
         m = r["median_ms"]
-        print(f"{model:10s} {r['groups']:3d} groups {r['units']:6d} units  dense {m['dense step']:8.1f} ms  "
-              f"TNN {m['switch TNN step']:8.1f}  SNN {m['switch SNN step']:8.1f}  switcher {m['switcher forward (no grad)']:6.1f}  "
-              f"per step {r['switch_over_dense_per_training_step']:.3f}x  peak {r['peak_mb']['dense']:.0f}/{r['peak_mb']['switch']:.0f} MB",
-              file=sys.stderr)
-    result = {"config": CONFIG, "rounds": args.rounds, "steps": args.steps, "threads": args.threads,
-              "models": rows, **environment()}
+        print(
+            f"{model:10s} {r['groups']:3d} groups {r['units']:6d} units  dense {m['dense step']:8.1f} ms  "
+            f"TNN {m['switch TNN step']:8.1f}  SNN {m['switch SNN step']:8.1f}  switcher {m['switcher forward (no grad)']:6.1f}  "
+            f"per step {r['switch_over_dense_per_training_step']:.3f}x  peak {r['peak_mb']['dense']:.0f}/{r['peak_mb']['switch']:.0f} MB",
+            file=sys.stderr,
+        )
+    result = {
+        "config": CONFIG,
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "threads": args.threads,
+        "models": rows,
+        **environment(),
+    }
     write_report(result, args.out)
     return result
 

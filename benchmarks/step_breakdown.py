@@ -35,11 +35,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    variants = (["method=dense"], ["method=switch"], ["method=switch"], ["method=switch", "train.compile=switcher"],
-                ["method=dense", "train.channels_last=false"], ["method=switch", "train.channels_last=false"])
+    variants = (
+        ["method=dense"],
+        ["method=switch"],
+        ["method=switch"],
+        ["method=switch", "train.compile=switcher"],
+        ["method=dense", "train.channels_last=false"],
+        ["method=switch", "train.channels_last=false"],
+    )
     dense, switch, cached, compiled, dense_nchw, switch_nchw = (
-        engine_for(args.config, ["train.device=cpu", *v, *args.overrides], loaders=False,
-                   heap=not args.default_heap)[1] for v in variants)
+        engine_for(args.config, ["train.device=cpu", *v, *args.overrides], loaders=False, heap=not args.default_heap)[1]
+        for v in variants
+    )
     info, _ = check_data(dense.cfg, 1)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(dense.cfg.train.batch_size, info.channels, info.image_size, info.image_size, generator=gen)
@@ -78,12 +85,22 @@ def main(argv: list[str] | None = None) -> dict:
             faults[name].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faulted) / args.steps)
     median = {k: statistics.median(v) for k, v in ms.items()}
     median_faults = {k: statistics.median(v) for k, v in faults.items()}
-    result = {"config": args.config, "overrides": args.overrides, "batch_size": len(x), "threads": args.threads,
-              "gates": [(s.layer, s.side, s.units, s.fan) for s in switch.gates.specs],
-              "heap": "glibc default" if args.default_heap else "kept", "median_ms": median, "ms": ms,
-              "median_page_faults_per_step": median_faults, **environment()}
+    result = {
+        "config": args.config,
+        "overrides": args.overrides,
+        "batch_size": len(x),
+        "threads": args.threads,
+        "gates": [(s.layer, s.side, s.units, s.fan) for s in switch.gates.specs],
+        "heap": "glibc default" if args.default_heap else "kept",
+        "median_ms": median,
+        "ms": ms,
+        "median_page_faults_per_step": median_faults,
+        **environment(),
+    }
     for name, value in median.items():
-        print(f"{name:38s} {value:7.2f} ms  ({value / median['dense step']:.2f} x dense)  {median_faults[name]:6.0f} page faults")
+        print(
+            f"{name:38s} {value:7.2f} ms  ({value / median['dense step']:.2f} x dense)  {median_faults[name]:6.0f} page faults"
+        )
     write_report(result, args.out)
     return result
 

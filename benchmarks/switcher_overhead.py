@@ -20,8 +20,11 @@ import sys
 
 from common import engine_for, environment, write_report
 
-VARIANTS = {"dense": ["method=dense"], "switch": ["method=switch"],
-            "switch_compiled": ["method=switch", "train.compile=switcher"]}
+VARIANTS = {
+    "dense": ["method=dense"],
+    "switch": ["method=switch"],
+    "switch_compiled": ["method=switch", "train.compile=switcher"],
+}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -53,15 +56,26 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = runs["switch"][0]
     median = {m: statistics.median(v) for m, v in seconds.items()}
     result = {
-        "model": cfg.model.name, "dataset": cfg.data.dataset, "loader": cfg.data.loader,
-        "batch_size": cfg.train.batch_size, "update_ratio": cfg.schedule.update_ratio,
+        "model": cfg.model.name,
+        "dataset": cfg.data.dataset,
+        "loader": cfg.data.loader,
+        "batch_size": cfg.train.batch_size,
+        "update_ratio": cfg.schedule.update_ratio,
         "switcher": {"arch": cfg.switcher.arch, "width": cfg.switcher.width, "granularity": cfg.switcher.granularity},
-        "train_examples": runs["switch"][2].train_examples, "steps_per_epoch": steps,
-        "seconds_per_epoch": seconds, "median_seconds_per_epoch": median, "warmup_epoch_seconds": warmup,
+        "train_examples": runs["switch"][2].train_examples,
+        "steps_per_epoch": steps,
+        "seconds_per_epoch": seconds,
+        "median_seconds_per_epoch": median,
+        "warmup_epoch_seconds": warmup,
         "switch_over_dense": median["switch"] / median["dense"],
-        **({"switch_compiled_over_dense": median["switch_compiled"] / median["dense"]} if "switch_compiled" in median else {}),
+        **(
+            {"switch_compiled_over_dense": median["switch_compiled"] / median["dense"]}
+            if "switch_compiled" in median
+            else {}
+        ),
         "heap": "glibc default" if args.default_heap else "kept",
-        "device": str(runs["switch"][1].device), **environment(),
+        "device": str(runs["switch"][1].device),
+        **environment(),
     }
     write_report(result, args.out)
     return result

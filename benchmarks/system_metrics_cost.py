@@ -50,8 +50,14 @@ def main(argv: list[str] | None = None) -> dict:
             if variant == "on":
                 samples.append(logged)
     extra = statistics.mean(rounds["on"]) - statistics.mean(rounds["off"])
-    result = {"interval_s": args.interval, "seconds": args.seconds, "cpu_s": rounds, "samples_logged": samples,
-              "extra_cpu_share_of_one_core": extra / args.seconds, "environment": environment()}
+    result = {
+        "interval_s": args.interval,
+        "seconds": args.seconds,
+        "cpu_s": rounds,
+        "samples_logged": samples,
+        "extra_cpu_share_of_one_core": extra / args.seconds,
+        "environment": environment(),
+    }
     write_report(result, args.out)
     return result
 

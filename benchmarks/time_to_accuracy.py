@@ -42,18 +42,35 @@ def main(argv: list[str] | None = None) -> dict:
             _, test_acc = engine.evaluate(loaders.test, epoch)
             wall_s[method] += time.perf_counter() - start
             train_s[method] += stats.seconds
-            row = {"epoch": epoch + 1, "train_s": round(train_s[method], 2), "wall_s": round(wall_s[method], 2),
-                   "test_acc": round(test_acc, 4), "val_acc": round(stats.val_acc, 4),
-                   "kept_fraction": round(stats.kept_fraction, 4), "gated": stats.gated}
+            row = {
+                "epoch": epoch + 1,
+                "train_s": round(train_s[method], 2),
+                "wall_s": round(wall_s[method], 2),
+                "test_acc": round(test_acc, 4),
+                "val_acc": round(stats.val_acc, 4),
+                "kept_fraction": round(stats.kept_fraction, 4),
+                "gated": stats.gated,
+            }
             epochs[method].append(row)
             print(f"{method:6s} {row}", flush=True)
             if test_acc >= args.target:
                 reached[method] = row
     cfg = runs["switch"][0]
-    result = {"config": args.config, "overrides": args.overrides, "target_test_acc": args.target,
-              "model": cfg.model.name, "dataset": cfg.data.dataset, "loader": cfg.data.loader,
-              "batch_size": cfg.train.batch_size, "schedule": asdict(cfg.schedule), "epochs_max": cfg.train.epochs,
-              "reached": reached, "epochs": epochs, "device": str(runs["switch"][1].device), **environment()}
+    result = {
+        "config": args.config,
+        "overrides": args.overrides,
+        "target_test_acc": args.target,
+        "model": cfg.model.name,
+        "dataset": cfg.data.dataset,
+        "loader": cfg.data.loader,
+        "batch_size": cfg.train.batch_size,
+        "schedule": asdict(cfg.schedule),
+        "epochs_max": cfg.train.epochs,
+        "reached": reached,
+        "epochs": epochs,
+        "device": str(runs["switch"][1].device),
+        **environment(),
+    }
     write_report(result, args.out)
     return result
 

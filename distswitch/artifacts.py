@@ -38,8 +38,9 @@ def cpu_twin(cfg: Config, info: DatasetInfo, engine: Engine) -> torch.nn.Module:
     return twin.eval()
 
 
-def export_compact(cfg: Config, info: DatasetInfo, engine: Engine, epoch: int, example: torch.Tensor,
-                   path: Path) -> dict:
+def export_compact(
+    cfg: Config, info: DatasetInfo, engine: Engine, epoch: int, example: torch.Tensor, path: Path
+) -> dict:
     """Fold + remove, check equivalence with the gated model, save; returns the size figures.
 
     Both sides of the check run on CPU copies in fp32 with the same kernels: the gated reference is
@@ -60,7 +61,9 @@ def export_compact(cfg: Config, info: DatasetInfo, engine: Engine, epoch: int, e
     with torch.no_grad():
         diff = float((compact.eval()(example) - expected).abs().max())
     if diff > EXPORT_TOLERANCE:
-        raise ExportError(f"compact model differs from the gated model by {diff:.2e} (> {EXPORT_TOLERANCE}); please report this")
+        raise ExportError(
+            f"compact model differs from the gated model by {diff:.2e} (> {EXPORT_TOLERANCE}); please report this"
+        )
     dense = count(dense_tnn(cfg, info), example[:1])
     small = count(compact, example[:1])
     arch = architecture(cfg.model.name, info.channels, info.num_classes, info.image_size, plan, compact)
@@ -113,9 +116,13 @@ def export_checkpoint(path: str | Path, out: str | Path) -> dict:
     try:
         saved = checkpoint.read(path)
     except Exception as exc:  # a truncated or foreign file: say which, not a pickle traceback
-        raise ConfigError(f"checkpoint {str(path)!r} cannot be read ({type(exc).__name__}); pass a distswitch checkpoint") from None
+        raise ConfigError(
+            f"checkpoint {str(path)!r} cannot be read ({type(exc).__name__}); pass a distswitch checkpoint"
+        ) from None
     if not isinstance(saved, dict) or saved.get("format") != checkpoint.CHECKPOINT_FORMAT:
-        raise ConfigError(f"{str(path)!r} is not a distswitch training checkpoint (expected format {checkpoint.CHECKPOINT_FORMAT})")
+        raise ConfigError(
+            f"{str(path)!r} is not a distswitch training checkpoint (expected format {checkpoint.CHECKPOINT_FORMAT})"
+        )
     cfg = Config.from_dict(saved["config"])
     # One pass on CPU: compiling would cost more than it saves, and NHWC buys nothing there.
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile="none", channels_last=False))
@@ -126,8 +133,10 @@ def export_checkpoint(path: str | Path, out: str | Path) -> dict:
     engine.load_state_dict(saved["engine"])
     if engine.compute_factors(saved["epoch"]) is None:
         why = "a dense warm-up epoch" if method.source is not None else f"method {cfg.method!r} has none"
-        raise ConfigError(f"checkpoint {str(path)!r} has no switcher factors ({why}): nothing to compact; "
-                          "pass a checkpoint of a switched epoch, e.g. <out_dir>/checkpoints/best.pt")
+        raise ConfigError(
+            f"checkpoint {str(path)!r} has no switcher factors ({why}): nothing to compact; "
+            "pass a checkpoint of a switched epoch, e.g. <out_dir>/checkpoints/best.pt"
+        )
     torch.manual_seed(0)
     example = torch.randn(8, info.channels, info.image_size, info.image_size)
     return export_compact(cfg, info, engine, saved["epoch"], example, Path(out))

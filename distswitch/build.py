@@ -73,15 +73,18 @@ def build(cfg: Config, info: DatasetInfo, steps_per_epoch: int, device: torch.de
     method.bind(tnn, lambda: dense_tnn(cfg, info), example)
     smallest = min(specs, key=lambda spec: spec.units, default=None)
     if method.source is not None and smallest is not None and cfg.switcher.min_kept > smallest.units:
-        raise ConfigError(f"switcher.min_kept: got {cfg.switcher.min_kept}; layer {smallest.layer} has only "
-                          f"{smallest.units} units; use at most {smallest.units}")
+        raise ConfigError(
+            f"switcher.min_kept: got {cfg.switcher.min_kept}; layer {smallest.layer} has only "
+            f"{smallest.units} units; use at most {smallest.units}"
+        )
     if method.source is not None:
         method.source.to(device)
     return tnn, gates, method
 
 
-def budget_cost_model(cfg: Config, model: torch.nn.Module, specs: list[GateSpec], example: torch.Tensor,
-                      graph=None) -> CostModel | None:
+def budget_cost_model(
+    cfg: Config, model: torch.nn.Module, specs: list[GateSpec], example: torch.Tensor, graph=None
+) -> CostModel | None:
     """The cost model of `budget.kind` (None without a budget); a budget no cut can meet is refused."""
     b = cfg.budget
     if b.fraction is None or cfg.method == "dense":
@@ -89,10 +92,12 @@ def budget_cost_model(cfg: Config, model: torch.nn.Module, specs: list[GateSpec]
     cost = exact_cost_model(model, specs, example, b.kind, graph)
     floor = cost.floor(min_units(cfg, specs)) / cost.dense
     if floor > b.fraction + 0.01:
-        raise ConfigError(f"budget.fraction: {b.fraction} of the dense {b.kind} cannot be met by {cfg.model.name}: "
-                          f"keeping budget.min_width={b.min_width} of each unit group (at least switcher.min_kept="
-                          f"{max(1, cfg.switcher.min_kept)}) already costs {floor:.3f}; use budget.fraction >= "
-                          f"{math.ceil(floor * 1000) / 1000:.3f} or a smaller budget.min_width")
+        raise ConfigError(
+            f"budget.fraction: {b.fraction} of the dense {b.kind} cannot be met by {cfg.model.name}: "
+            f"keeping budget.min_width={b.min_width} of each unit group (at least switcher.min_kept="
+            f"{max(1, cfg.switcher.min_kept)}) already costs {floor:.3f}; use budget.fraction >= "
+            f"{math.ceil(floor * 1000) / 1000:.3f} or a smaller budget.min_width"
+        )
     return cost
 
 

@@ -27,8 +27,12 @@ from distswitch.manifest import CheckpointDamaged, damage, order
 
 CHECKPOINT_FORMAT = "distswitch.ckpt/2"  # 2: layers by name, every folder sealed
 # The final report's folder -> where its files land in out_dir.
-FINAL_FILES = {"summary.json": "summary.json", "model.pt": "model.pt", "model.arch.json": "model.arch.json",
-               "best.pt": "checkpoints/best.pt"}
+FINAL_FILES = {
+    "summary.json": "summary.json",
+    "model.pt": "model.pt",
+    "model.arch.json": "model.arch.json",
+    "best.pt": "checkpoints/best.pt",
+}
 # Sections of the config a resumed run must share with its checkpoint (the rest may change, e.g. a
 # lower learning rate after a stop).
 RESUME_KEYS = ("model", "method", "switcher", "data")
@@ -78,9 +82,11 @@ def choose(stored: list[Stored], say: Callable[[str], None]) -> tuple[Stored, Pa
             return candidate, folder
         # else: intact and stateless (a stop before the first epoch checkpoint): look further back
     if damaged:
-        raise CheckpointDamaged(f"no intact checkpoint to resume: {damaged[0]}" +
-                                (f" and {len(damaged) - 1} more are damaged" if len(damaged) > 1 else " is damaged") +
-                                "; remove them to start again, or pass another out_dir (or distributed.name)")
+        raise CheckpointDamaged(
+            f"no intact checkpoint to resume: {damaged[0]}"
+            + (f" and {len(damaged) - 1} more are damaged" if len(damaged) > 1 else " is damaged")
+            + "; remove them to start again, or pass another out_dir (or distributed.name)"
+        )
     return None
 
 
@@ -89,8 +95,16 @@ def verify(folder: str | Path) -> str | None:
     return damage(folder)
 
 
-def bundle(cfg: Config, info: DatasetInfo, engine, epoch: int, steps_per_epoch: int, history: list,
-           best: dict | None = None, rng: list[dict] | None = None) -> dict:
+def bundle(
+    cfg: Config,
+    info: DatasetInfo,
+    engine,
+    epoch: int,
+    steps_per_epoch: int,
+    history: list,
+    best: dict | None = None,
+    rng: list[dict] | None = None,
+) -> dict:
     """Everything a run needs to continue after `epoch` exactly as if it had not stopped: both
     networks, both optimisers and schedules (`engine.state_dict()`), the history (EpochStats), the
     selection so far and every worker's generators. The phase position follows from (epoch,
@@ -121,15 +135,22 @@ def check_resumable(cfg: Config, state: dict, where) -> None:
     """A run resumes only a distswitch checkpoint of the same model, method, switcher and data."""
     found = state.get("format")
     if found != CHECKPOINT_FORMAT:
-        what = ("was written by another version of distswitch" if str(found).startswith("distswitch.ckpt/")
-                else "is not a distswitch checkpoint")
-        raise ConfigError(f"{where} {what} (format {found!r}; this version reads {CHECKPOINT_FORMAT!r}); "
-                          "use another distributed.name or storage_path")
+        what = (
+            "was written by another version of distswitch"
+            if str(found).startswith("distswitch.ckpt/")
+            else "is not a distswitch checkpoint"
+        )
+        raise ConfigError(
+            f"{where} {what} (format {found!r}; this version reads {CHECKPOINT_FORMAT!r}); "
+            "use another distributed.name or storage_path"
+        )
     old = Config.from_dict(state["config"])
     for key in RESUME_KEYS:
         if getattr(old, key) != getattr(cfg, key):
-            raise ConfigError(f"{key}: differs from the checkpoint at {where} that this run would resume; "
-                              "use another distributed.name (or out_dir) for a new run")
+            raise ConfigError(
+                f"{key}: differs from the checkpoint at {where} that this run would resume; "
+                "use another distributed.name (or out_dir) for a new run"
+            )
 
 
 def rng_state() -> dict:

@@ -24,9 +24,12 @@ SORTABLE = ("test_acc", "val_acc", "kept", "params", "macs")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distswitch", description="Switcher networks: train, prune, export.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
-    parser.add_argument("--verbose", action="store_true",
-                        help="also Ray Train's reporting / checkpoint / controller lines and MLflow's INFO logs "
-                             "(the config key train.verbose)")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also Ray Train's reporting / checkpoint / controller lines and MLflow's INFO logs "
+        "(the config key train.verbose)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a TNN (+ switcher) and export the compact model")
@@ -38,8 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("config", help="YAML config with a `tune` section, e.g. configs/tune_fashion_lenet5.yaml")
     tune.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tune.num_samples=4 train.epochs=2")
 
-    sweep = sub.add_parser("sweep", help="methods x budgets x seeds (the config's `sweep` section) as one Ray Tune "
-                                          "experiment, compared at the end")
+    sweep = sub.add_parser(
+        "sweep",
+        help="methods x budgets x seeds (the config's `sweep` section) as one Ray Tune experiment, compared at the end",
+    )
     sweep.add_argument("config", help="YAML config, e.g. configs/sweep_fashion_lenet5.yaml")
     sweep.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sweep.seeds=[0,1] sweep.budgets=[0.3,0.15]")
 
@@ -52,12 +57,16 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
     where.add_argument("--out-dir", help="the store a run's out_dir logged to (its summary.json says which)")
 
-    sync = sub.add_parser("sync", help="send what a run logged while its MLflow server was away "
-                                         "(out_dir/mlflow-outbox) to the server")
+    sync = sub.add_parser(
+        "sync", help="send what a run logged while its MLflow server was away (out_dir/mlflow-outbox) to the server"
+    )
     sync.add_argument("out_dir", help="the run's out_dir")
 
-    compare = sub.add_parser("compare", help="test accuracy against compact MACs and params across a store's runs "
-                                               "(table and figure, seeds aggregated; also logged to MLflow)")
+    compare = sub.add_parser(
+        "compare",
+        help="test accuracy against compact MACs and params across a store's runs "
+        "(table and figure, seeds aggregated; also logged to MLflow)",
+    )
     compare.add_argument("--experiment", help="only this MLflow experiment (default: every run of the store)")
     compare.add_argument("--out", default="compare.png", help="where to write the figure (default: compare.png)")
     where = compare.add_mutually_exclusive_group()
@@ -74,8 +83,12 @@ def _data_parser(sub) -> None:
     data = sub.add_parser("data", help="dataset files: `data prepare` writes .beton files for FFCV")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     prep = data_sub.add_parser("prepare", help="write train/val/test .beton files and metadata.json")
-    prep.add_argument("dataset", help="a registered dataset, e.g. fashion-mnist or imagefolder (an unknown name lists them)")
-    prep.add_argument("--out", required=True, help="folder for the files (data.beton_dir), e.g. data/ffcv/fashion-mnist")
+    prep.add_argument(
+        "dataset", help="a registered dataset, e.g. fashion-mnist or imagefolder (an unknown name lists them)"
+    )
+    prep.add_argument(
+        "--out", required=True, help="folder for the files (data.beton_dir), e.g. data/ffcv/fashion-mnist"
+    )
     prep.add_argument("--root", help="where the source is (default: the dataset's usual place; imagefolder: required)")
     prep.add_argument("--download", action="store_true", help="fetch the source with torchvision (MNIST, CIFAR)")
     prep.add_argument("--val-size", type=int, default=5000, help="validation examples carved from train (default 5000)")
@@ -127,8 +140,10 @@ def _cmd_tune(args) -> int:
 
     summary = tune(cfg, ray_main, launched_at=args.started)
     best = summary["best"]
-    print(f"{summary['num_trials']} trials; best {summary['metric']} {best['metrics'][summary['metric']]:.4f} with "
-          + ", ".join(f"{k}={v}" for k, v in best["config"].items()))
+    print(
+        f"{summary['num_trials']} trials; best {summary['metric']} {best['metrics'][summary['metric']]:.4f} with "
+        + ", ".join(f"{k}={v}" for k, v in best["config"].items())
+    )
     print(f"best config: {summary['best_config_path']} (run it with `distswitch train {summary['best_config_path']}`)")
     return 0
 
@@ -160,9 +175,19 @@ def _cmd_data(args) -> int:
 
     if args.val_size < 1:
         raise ConfigError(f"--val-size: got {args.val_size}; must be >= 1")
-    prepare(args.dataset, args.out, root=args.root, download=args.download, val_size=args.val_size,
-            split_seed=args.split_seed, workers=args.workers, max_resolution=args.max_resolution,
-            jpeg_quality=args.jpeg_quality, force=args.force, log=lambda line: print(line, flush=True))
+    prepare(
+        args.dataset,
+        args.out,
+        root=args.root,
+        download=args.download,
+        val_size=args.val_size,
+        split_seed=args.split_seed,
+        workers=args.workers,
+        max_resolution=args.max_resolution,
+        jpeg_quality=args.jpeg_quality,
+        force=args.force,
+        log=lambda line: print(line, flush=True),
+    )
     return 0
 
 
@@ -179,13 +204,17 @@ def _store(args) -> str:
         summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
         if (summary.get("mlflow") or {}).get("tracking_uri"):
             return summary["mlflow"]["tracking_uri"]
-        raise ConfigError(f"--out-dir: {out} has no summary.json naming its MLflow store; "
-                          "pass the out_dir of a finished run, or --uri")
+        raise ConfigError(
+            f"--out-dir: {out} has no summary.json naming its MLflow store; "
+            "pass the out_dir of a finished run, or --uri"
+        )
     if args.uri or os.environ.get("MLFLOW_TRACKING_URI"):
         return args.uri or os.environ["MLFLOW_TRACKING_URI"]
     if not Path("mlflow.db").is_file():
-        raise ConfigError(f"no MLflow store here ({Path.cwd() / 'mlflow.db'}); run this where the runs were launched, "
-                          "or pass --uri URI / --out-dir OUT_DIR")
+        raise ConfigError(
+            f"no MLflow store here ({Path.cwd() / 'mlflow.db'}); run this where the runs were launched, "
+            "or pass --uri URI / --out-dir OUT_DIR"
+        )
     return default_uri(Path.cwd())
 
 
@@ -214,8 +243,11 @@ def _cmd_sync(args) -> int:
         sent, busy = send_all(folder, Delivery())
     except Exception as exc:
         left = unsent(folder)
-        print(f"distswitch: error: MLflow did not take all of it ({type(exc).__name__}: {str(exc)[:200]}); "
-              f"{left} unsent, kept in {folder}: run this again once the server is reachable", file=sys.stderr)
+        print(
+            f"distswitch: error: MLflow did not take all of it ({type(exc).__name__}: {str(exc)[:200]}); "
+            f"{left} unsent, kept in {folder}: run this again once the server is reachable",
+            file=sys.stderr,
+        )
         return 1
     print(f"sent {sent} entries from {folder}" + (f" ({', '.join(busy)}: a live run is sending those)" if busy else ""))
     return 0
@@ -237,8 +269,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("train", "tune", "sweep"):  # the driver's cluster start keeps this handler (cluster.connect)
         signals.install()
     try:
-        commands = {"train": _cmd_train, "tune": _cmd_tune, "export": _cmd_export, "data": _cmd_data, "runs": _cmd_runs,
-                    "compare": _cmd_compare, "sync": _cmd_sync, "sweep": _cmd_sweep}
+        commands = {
+            "train": _cmd_train,
+            "tune": _cmd_tune,
+            "export": _cmd_export,
+            "data": _cmd_data,
+            "runs": _cmd_runs,
+            "compare": _cmd_compare,
+            "sync": _cmd_sync,
+            "sweep": _cmd_sweep,
+        }
         return commands[args.command](args)
     except (Exception, KeyboardInterrupt) as exc:
         from distswitch.stop import for_user  # imported late: `--help` stays fast

@@ -23,15 +23,44 @@ from distswitch.io import atomic_path
 from distswitch.tracking import BEST
 
 # Params that do not make a setting: where and how a run ran, and the seed its repeats differ in.
-NOT_SETTING = ("train.seed", "out_dir", "tracking.", "distributed.", "data.root", "data.beton_dir", "data.num_workers",
-               "data.loader", "train.progress", "train.device", "train.compile", "tune.", "sweep.")
+NOT_SETTING = (
+    "train.seed",
+    "out_dir",
+    "tracking.",
+    "distributed.",
+    "data.root",
+    "data.beton_dir",
+    "data.num_workers",
+    "data.loader",
+    "train.progress",
+    "train.device",
+    "train.compile",
+    "tune.",
+    "sweep.",
+)
 COMPARE_TAG = "distswitch.compare"  # the run holding a comparison's figure and table (never compared)
-METRICS = {"test_acc": BEST["test_acc"], "macs": BEST["macs"], "params": BEST["params"], "dense_macs": "dense/macs",
-           "dense_params": "dense/params"}
+METRICS = {
+    "test_acc": BEST["test_acc"],
+    "macs": BEST["macs"],
+    "params": BEST["params"],
+    "dense_macs": "dense/macs",
+    "dense_params": "dense/params",
+}
 
 
-RUN_COLUMNS = ("experiment", "run", "status", "method", "model", "budget", "val_acc", "test_acc", "kept", "params",
-               "macs")
+RUN_COLUMNS = (
+    "experiment",
+    "run",
+    "status",
+    "method",
+    "model",
+    "budget",
+    "val_acc",
+    "test_acc",
+    "kept",
+    "params",
+    "macs",
+)
 # Sort keys of `distswitch runs --sort`: the metric behind each column, and whether larger is better.
 _LARGER_FIRST = {"test_acc": True, "val_acc": True, "kept": False, "params": False, "macs": False}
 
@@ -57,7 +86,9 @@ def runs_table(uri: str, experiment: str | None = None, sort: str | None = None)
     found = store_runs(uri, experiment)
     if sort is not None:
         metric, sign = BEST[sort], -1 if _LARGER_FIRST[sort] else 1
-        found.sort(key=lambda er: (er[1].data.metrics.get(metric) is None, sign * (er[1].data.metrics.get(metric) or 0)))
+        found.sort(
+            key=lambda er: (er[1].data.metrics.get(metric) is None, sign * (er[1].data.metrics.get(metric) or 0))
+        )
     rows = []
     for name, run in found:
         p, m = run.data.params, run.data.metrics
@@ -67,13 +98,23 @@ def runs_table(uri: str, experiment: str | None = None, sort: str | None = None)
             return "-" if value is None else format(value, fmt)
 
         budget = p.get("budget.fraction", "null")
-        rows.append({
-            "experiment": name, "run": run.info.run_name, "status": run.info.status, "method": p.get("method", "-"),
-            "model": p.get("model.name", "-"),
-            "budget": f"{float(budget):.0%} {p.get('budget.kind', '')}".strip() if budget not in ("null", "None") else "-",
-            "val_acc": num("val_acc", ".4f"), "test_acc": num("test_acc", ".4f"), "kept": num("kept", ".1%"),
-            "params": num("params", ",.0f"), "macs": num("macs", ",.0f"),
-        })
+        rows.append(
+            {
+                "experiment": name,
+                "run": run.info.run_name,
+                "status": run.info.status,
+                "method": p.get("method", "-"),
+                "model": p.get("model.name", "-"),
+                "budget": f"{float(budget):.0%} {p.get('budget.kind', '')}".strip()
+                if budget not in ("null", "None")
+                else "-",
+                "val_acc": num("val_acc", ".4f"),
+                "test_acc": num("test_acc", ".4f"),
+                "kept": num("kept", ".1%"),
+                "params": num("params", ",.0f"),
+                "macs": num("macs", ",.0f"),
+            }
+        )
     return rows
 
 
@@ -97,10 +138,18 @@ def finished_runs(uri: str, experiment: str | None = None) -> list[dict]:
             continue  # unfinished, a search's parent, or a comparison itself
         setting = tuple(sorted((k, v) for k, v in p.items() if not k.startswith(NOT_SETTING)))
         budget = p.get("budget.fraction", "null")
-        records.append({"experiment": name, "run": run.info.run_name, "model": p.get("model.name", "?"),
-                        "method": p.get("method", "?"), "budget": None if budget in ("null", "None") else float(budget),
-                        "seed": p.get("train.seed"), "setting": setting,
-                        **{k: float(v) for k, v in m.items()}})
+        records.append(
+            {
+                "experiment": name,
+                "run": run.info.run_name,
+                "model": p.get("model.name", "?"),
+                "method": p.get("method", "?"),
+                "budget": None if budget in ("null", "None") else float(budget),
+                "seed": p.get("train.seed"),
+                "setting": setting,
+                **{k: float(v) for k, v in m.items()},
+            }
+        )
     return records
 
 
@@ -121,24 +170,34 @@ def aggregate(records: list[dict]) -> list[dict]:
         for setting in settings:
             runs, values = groups[setting], dict(setting)
             label = method + (" (" + ", ".join(f"{k}={values.get(k)}" for k in differ) + ")" if differ else "")
-            rows.append({"model": model, "method": label, "budget": runs[0]["budget"],
-                         "seeds": sorted(str(r["seed"]) for r in runs),
-                         "test_acc": _mean_std([r["test_acc"] for r in runs]),
-                         "macs": _mean_std([r["macs"] / r["dense_macs"] for r in runs]),
-                         "params": _mean_std([r["params"] / r["dense_params"] for r in runs]),
-                         "macs_abs": statistics.fmean(r["macs"] for r in runs),
-                         "params_abs": statistics.fmean(r["params"] for r in runs)})
+            rows.append(
+                {
+                    "model": model,
+                    "method": label,
+                    "budget": runs[0]["budget"],
+                    "seeds": sorted(str(r["seed"]) for r in runs),
+                    "test_acc": _mean_std([r["test_acc"] for r in runs]),
+                    "macs": _mean_std([r["macs"] / r["dense_macs"] for r in runs]),
+                    "params": _mean_std([r["params"] / r["dense_params"] for r in runs]),
+                    "macs_abs": statistics.fmean(r["macs"] for r in runs),
+                    "params_abs": statistics.fmean(r["params"] for r in runs),
+                }
+            )
     return sorted(rows, key=lambda r: (r["model"], -(r["budget"] or 2), r["method"]))
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | budget | method | test acc (mean ± std) | compact MACs (of dense) | compact params (of dense) | seeds |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | budget | method | test acc (mean ± std) | compact MACs (of dense) | compact params (of dense) | seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         budget = "-" if r["budget"] is None else f"{r['budget']:.0%}"
-        lines.append(f"| {r['model']} | {budget} | {r['method']} | {r['test_acc'][0]:.4f} ± {r['test_acc'][1]:.4f} | "
-                     f"{r['macs_abs']:,.0f} ({r['macs'][0]:.3f}) | {r['params_abs']:,.0f} ({r['params'][0]:.3f}) | "
-                     f"{len(r['seeds'])} |")
+        lines.append(
+            f"| {r['model']} | {budget} | {r['method']} | {r['test_acc'][0]:.4f} ± {r['test_acc'][1]:.4f} | "
+            f"{r['macs_abs']:,.0f} ({r['macs'][0]:.3f}) | {r['params_abs']:,.0f} ({r['params'][0]:.3f}) | "
+            f"{len(r['seeds'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -158,11 +217,20 @@ def figure(rows: list[dict], path: Path, title: str = "") -> Path:
         for ax, size, name in zip(row_axes, ("macs", "params"), ("MACs", "parameters")):
             for method in sorted({r["method"] for r in mine}):
                 pts = sorted((r for r in mine if r["method"] == method), key=lambda r: r[size][0])
-                style = ({"marker": "*", "markersize": 12, "linestyle": "none"} if method == "dense"
-                         else {"marker": "o", "capsize": 3})
-                ax.errorbar([p[size][0] for p in pts], [p["test_acc"][0] for p in pts],
-                            xerr=[p[size][1] for p in pts], yerr=[p["test_acc"][1] for p in pts],
-                            label=method, color=colour[method], **style)
+                style = (
+                    {"marker": "*", "markersize": 12, "linestyle": "none"}
+                    if method == "dense"
+                    else {"marker": "o", "capsize": 3}
+                )
+                ax.errorbar(
+                    [p[size][0] for p in pts],
+                    [p["test_acc"][0] for p in pts],
+                    xerr=[p[size][1] for p in pts],
+                    yerr=[p["test_acc"][1] for p in pts],
+                    label=method,
+                    color=colour[method],
+                    **style,
+                )
             ax.set_xscale("log")
             ax.set_xlabel(f"compact {name} / dense {name} (log)")
             ax.set_ylabel("test accuracy (mean ± std over seeds)")
@@ -194,8 +262,13 @@ def compare(uri: str, experiment: str | None, out: Path) -> tuple[list[dict], Pa
     exp = client.get_experiment_by_name(name)
     exp_id = exp.experiment_id if exp is not None else client.create_experiment(name)
     found = client.search_runs([exp_id], filter_string=f"tags.`{COMPARE_TAG}` = '1'", max_results=1)
-    run_id = found[0].info.run_id if found else client.create_run(
-        exp_id, run_name=f"compare ({experiment or 'every experiment'})", tags={COMPARE_TAG: "1"}).info.run_id
+    run_id = (
+        found[0].info.run_id
+        if found
+        else client.create_run(
+            exp_id, run_name=f"compare ({experiment or 'every experiment'})", tags={COMPARE_TAG: "1"}
+        ).info.run_id
+    )
     client.log_artifact(run_id, str(path), "compare")
     client.log_text(run_id, text, "compare/table.md")
     if not found:

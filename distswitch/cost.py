@@ -47,9 +47,11 @@ class CostModel:
 
     def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(c0, a, b) as float64 tensors on `device`, for `evaluate` and `marginal`."""
-        return (torch.tensor(self.c0, dtype=torch.float64, device=device),
-                torch.tensor(self.a, dtype=torch.float64, device=device),
-                torch.tensor(self.b, dtype=torch.float64, device=device).reshape(len(self.a), len(self.a)))
+        return (
+            torch.tensor(self.c0, dtype=torch.float64, device=device),
+            torch.tensor(self.a, dtype=torch.float64, device=device),
+            torch.tensor(self.b, dtype=torch.float64, device=device).reshape(len(self.a), len(self.a)),
+        )
 
     @staticmethod
     def evaluate(coeffs, x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +77,9 @@ def units_cost_model(units: list[int]) -> CostModel:
 OVERSHOOT = 0.005
 
 
-def cut_to_budget(cost: CostModel, scores: list[torch.Tensor], fraction: float, min_units: list[int]) -> list[torch.Tensor]:
+def cut_to_budget(
+    cost: CostModel, scores: list[torch.Tensor], fraction: float, min_units: list[int]
+) -> list[torch.Tensor]:
     """0/1 masks (one per group, shaped like its scores) keeping the highest-scored units such that
     cost <= fraction * dense, as close to it as single units allow (or up to OVERSHOOT of the dense
     cost above it, where that is closer).
@@ -114,8 +118,10 @@ def cut_to_budget(cost: CostModel, scores: list[torch.Tensor], fraction: float, 
     # Then the removed units come back, highest-scored first, while they fit; and where a gap is left
     # that no unit fits into from below (every cheap unit already kept: a LeNet5 whose FC units all
     # survived was left 1.1% short of 50%), a unit that lands closer, at most OVERSHOOT over.
-    for fits in (lambda new: new <= target + 1e-9,
-                 lambda new: abs(new - target) < abs(current - target) and new <= target + OVERSHOOT * cost.dense):  # noqa: B023
+    for fits in (
+        lambda new: new <= target + 1e-9,
+        lambda new: abs(new - target) < abs(current - target) and new <= target + OVERSHOOT * cost.dense,  # noqa: B023
+    ):
         for s, i in reversed(removed):
             extra = grad[s] + half_diag[s]
             if not keep[s][i] and fits(current + extra):

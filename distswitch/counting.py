@@ -41,6 +41,7 @@ def _layer_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[in
     batch = example.shape[0]
     for name, module in model.named_modules():
         if isinstance(module, (*COUNTED, Attention)):
+
             def hook(mod, inputs, output, name=name):
                 if isinstance(mod, Attention):
                     positions = inputs[0].shape[1]
@@ -50,6 +51,7 @@ def _layer_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[in
                     positions = output.numel() // (batch * mod.out_features)
                 prev = seen.get(name, (positions, 0))
                 seen[name] = (positions, prev[1] + 1)
+
             handles.append(module.register_forward_hook(hook))
     training = model.training
     try:
@@ -95,10 +97,16 @@ class _Width:
 _OUT_HANDLERS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
 _IN_HANDLERS = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
 # One width for both sides: a depthwise conv's input and output, a norm's channels.
-_BOTH_HANDLERS = (tp.prune_depthwise_conv_out_channels, tp.prune_depthwise_conv_in_channels,
-                  tp.prune_batchnorm_out_channels, tp.prune_batchnorm_in_channels,
-                  tp.prune_layernorm_out_channels, tp.prune_layernorm_in_channels,
-                  tp.prune_groupnorm_out_channels, tp.prune_groupnorm_in_channels)
+_BOTH_HANDLERS = (
+    tp.prune_depthwise_conv_out_channels,
+    tp.prune_depthwise_conv_in_channels,
+    tp.prune_batchnorm_out_channels,
+    tp.prune_batchnorm_in_channels,
+    tp.prune_layernorm_out_channels,
+    tp.prune_layernorm_in_channels,
+    tp.prune_groupnorm_out_channels,
+    tp.prune_groupnorm_in_channels,
+)
 
 
 def _root_group(graph: tp.DependencyGraph, module: nn.Module, spec: GateSpec):
@@ -111,8 +119,9 @@ def _root_group(graph: tp.DependencyGraph, module: nn.Module, spec: GateSpec):
     return graph.get_pruning_group(module, handler, idxs=list(range(spec.units)))
 
 
-def widths(model: nn.Module, specs: list[GateSpec], example: torch.Tensor,
-           graph: tp.DependencyGraph | None = None) -> dict[tuple[str, str], _Width]:
+def widths(
+    model: nn.Module, specs: list[GateSpec], example: torch.Tensor, graph: tp.DependencyGraph | None = None
+) -> dict[tuple[str, str], _Width]:
     """(module path, "out" | "in") -> its width as a function of the groups' kept counts, for every
     module whose width some gated group sets; the others keep their dense widths."""
     modules = dict(model.named_modules())
@@ -134,11 +143,20 @@ def widths(model: nn.Module, specs: list[GateSpec], example: torch.Tensor,
             handler, module = item.dep.handler, item.dep.target.module
             if module not in names:
                 continue
-            dims = ["out"] if handler in _OUT_HANDLERS else ["in"] if handler in _IN_HANDLERS else \
-                ["out", "in"] if handler in _BOTH_HANDLERS else []
+            dims = (
+                ["out"]
+                if handler in _OUT_HANDLERS
+                else ["in"]
+                if handler in _IN_HANDLERS
+                else ["out", "in"]
+                if handler in _BOTH_HANDLERS
+                else []
+            )
             if not dims:
-                raise ConfigError(f"budget: a gated group reaches {names[module]} ({type(module).__name__}), whose "
-                                  "cost the cost model does not know; use model.gated=fc or classifier, or no budget")
+                raise ConfigError(
+                    f"budget: a gated group reaches {names[module]} ({type(module).__name__}), whose "
+                    "cost the cost model does not know; use model.gated=fc or classifier, or no budget"
+                )
             for dim in dims:
                 key = (names[module], dim)
                 dense = _dense_width(module, dim)
@@ -152,8 +170,11 @@ def widths(model: nn.Module, specs: list[GateSpec], example: torch.Tensor,
 
 def _in_removable(group, spec: GateSpec, names) -> bool:
     """As `export.removal_plan` decides for ``in`` gates: read by the gated layer alone and made by some layer."""
-    consumers = {names.get(d.target.module) for d, _ in group
-                 if d.handler in (*_IN_HANDLERS, tp.prune_depthwise_conv_in_channels)}
+    consumers = {
+        names.get(d.target.module)
+        for d, _ in group
+        if d.handler in (*_IN_HANDLERS, tp.prune_depthwise_conv_in_channels)
+    }
     has_producer = any(d.handler in (*_OUT_HANDLERS, tp.prune_depthwise_conv_out_channels) for d, _ in group)
     return consumers == {spec.layer} and has_producer
 
@@ -169,8 +190,10 @@ def _dense_width(module: nn.Module, dim: str) -> int:
         return module.normalized_shape[0]
     if isinstance(module, nn.GroupNorm):
         return module.num_channels
-    raise ConfigError(f"budget: a gated group sets the width of {type(module).__name__}, which the cost model "
-                      "does not know; use model.gated=fc or classifier, or no budget")
+    raise ConfigError(
+        f"budget: a gated group sets the width of {type(module).__name__}, which the cost model "
+        "does not know; use model.gated=fc or classifier, or no budget"
+    )
 
 
 class _Quadratic:
@@ -192,8 +215,9 @@ class _Quadratic:
         self.b += outer + outer.T  # x^T b x / 2 = scale * (u.x)(v.x)
 
 
-def exact_cost_model(model: nn.Module, specs: list[GateSpec], example: torch.Tensor, kind: str,
-                     graph: tp.DependencyGraph | None = None) -> CostModel:
+def exact_cost_model(
+    model: nn.Module, specs: list[GateSpec], example: torch.Tensor, kind: str, graph: tp.DependencyGraph | None = None
+) -> CostModel:
     """The exact polynomial (`distswitch.cost`) of `count(compact)[kind]` in the groups' kept counts."""
     units = [s.units for s in specs]
     if kind == "units":
@@ -206,7 +230,10 @@ def exact_cost_model(model: nn.Module, specs: list[GateSpec], example: torch.Ten
     for name, module in model.named_modules():
         if isinstance(module, Attention) and name in shapes:
             positions, calls = shapes[name]
-            poly.add(2.0 * positions * positions * calls, width_of.get((f"{name}.q", "out"), _Width(float(module.q.out_features))))
+            poly.add(
+                2.0 * positions * positions * calls,
+                width_of.get((f"{name}.q", "out"), _Width(float(module.q.out_features))),
+            )
             continue
         if not isinstance(module, (*COUNTED, *_NORMS)):
             continue
@@ -217,8 +244,10 @@ def exact_cost_model(model: nn.Module, specs: list[GateSpec], example: torch.Ten
             groups = getattr(module, "groups", 1)
             depthwise = groups > 1 and groups == module.in_channels == module.out_channels
             if groups > 1 and not depthwise and ((name, "out") in width_of or (name, "in") in width_of):
-                raise ConfigError(f"budget: {name} is a grouped convolution whose width a gated group sets; "
-                                  "the cost model knows depthwise ones only")
+                raise ConfigError(
+                    f"budget: {name} is a grouped convolution whose width a gated group sets; "
+                    "the cost model knows depthwise ones only"
+                )
             pair = (w_out, None) if depthwise else (w_out, w_in)
             per_position = kernel if depthwise else kernel / groups
             if kind == "params":

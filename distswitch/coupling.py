@@ -27,8 +27,9 @@ Readers = list[tuple[str, torch.Tensor]]
 _IN_CHANNELS = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
 
 
-def find_readers(model: nn.Module, specs: list, example: torch.Tensor,
-                 graph: tp.DependencyGraph | None = None) -> list[Readers]:
+def find_readers(
+    model: nn.Module, specs: list, example: torch.Tensor, graph: tp.DependencyGraph | None = None
+) -> list[Readers]:
     """For each ``out`` gate (a `distswitch.gates.GateSpec`), the layers that read its units and which of their input channels
     carry unit i (flattening maps one channel to several features); [] for other sides."""
     modules = dict(model.named_modules())
@@ -80,8 +81,12 @@ def coupled_writers(graph: tp.DependencyGraph, model: nn.Module, name: str) -> t
     group = graph.get_pruning_group(layer, handler, idxs=list(range(layer.weight.shape[0])))
     names = {m: n for n, m in modules.items()}
     found = {names[d.target.module] for d, _ in group if d.handler in _PRODUCERS and d.target.module in names}
-    in_attention = {f"{n}.{part}" for n, m in modules.items() if isinstance(m, Attention) for part in ("q", "k", "v", "proj")}
-    gateable = all(type(d.target.module).__module__ == tp.ops.__name__
-                   or (isinstance(d.target.module, _GATEABLE) and names.get(d.target.module) not in in_attention)
-                   for d, _ in group)
+    in_attention = {
+        f"{n}.{part}" for n, m in modules.items() if isinstance(m, Attention) for part in ("q", "k", "v", "proj")
+    }
+    gateable = all(
+        type(d.target.module).__module__ == tp.ops.__name__
+        or (isinstance(d.target.module, _GATEABLE) and names.get(d.target.module) not in in_attention)
+        for d, _ in group
+    )
     return [name, *sorted(found - {name}, key=order.get)], gateable

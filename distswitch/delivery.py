@@ -97,8 +97,7 @@ class EpochLogger:
         self.uri, self.run_id = uri, run_id
         self.outbox = run_outbox(uri, out_dir, "rank0")
         # Epochs an earlier attempt put here (a relaunch on this node); MLflow's own are checked on delivery.
-        self.logged = {e["step"] for e in self.outbox.journal.entries()
-                       if e.get("epoch") and e["run_id"] == run_id}
+        self.logged = {e["step"] for e in self.outbox.journal.entries() if e.get("epoch") and e["run_id"] == run_id}
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """`metrics` at `step`, unless an earlier attempt logged that step: an epoch trained again
@@ -118,8 +117,15 @@ class EpochLogger:
 
 def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
     """`metrics` at `step` now, synchronously (the driver's own figures, e.g. a search's summary)."""
-    Delivery()(outbox_entry("metrics", uri, run_id, step=step,
-                      metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}))
+    Delivery()(
+        outbox_entry(
+            "metrics",
+            uri,
+            run_id,
+            step=step,
+            metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+        )
+    )
 
 
 def system_metrics_interval(cfg: Config) -> float | None:
@@ -150,7 +156,9 @@ def system_metrics(uri: str, run_id: str, out_dir: str | Path, node: str, interv
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     monitor = NodeMonitor(run_id, sampling_interval=interval, resume_logging=True, node_id=node, tracking_uri=uri)
     # Quiet: rank 0's outbox already says when the server is away.
-    monitor.mlflow_logger = _OutboxSamples(run_outbox(uri, out_dir, f"system-{node}", log=lambda line: None), uri, run_id)
+    monitor.mlflow_logger = _OutboxSamples(
+        run_outbox(uri, out_dir, f"system-{node}", log=lambda line: None), uri, run_id
+    )
     # Steps after those an earlier attempt on this node left unsent, too.
     monitor._logging_step = max(monitor._logging_step, monitor.mlflow_logger.next_step())
     monitor.start()

@@ -37,7 +37,13 @@ def describe_rows(w: torch.Tensor) -> torch.Tensor:
     mean = z.mean(dim=1)
     std = (norms.square() - mean.square()).clamp_min(0).sqrt()
     feats = tails + [
-        _above(z, 0.0, buffer), mean, std, absz.mean(dim=1), absz.amax(dim=1), norms, rel_norm,
+        _above(z, 0.0, buffer),
+        mean,
+        std,
+        absz.mean(dim=1),
+        absz.amax(dim=1),
+        norms,
+        rel_norm,
         torch.full((units,), math.log(fan) / 10, device=w.device),
     ]
     return torch.stack(feats, dim=1)
@@ -79,8 +85,10 @@ def _shapes(samples: list[torch.Tensor], rms: torch.Tensor, plan: "_Plan", side:
     its op count, not its arithmetic): layers whose samples have the same length are stacked."""
     if len(plan.groups[side]) == 1:
         return _shape(torch.cat(samples), rms)
-    parts = [_shape(torch.cat([samples[k] for k in ks]), torch.cat([rms[plan.rows[k]] for k in ks]))
-             for ks in plan.groups[side]]
+    parts = [
+        _shape(torch.cat([samples[k] for k in ks]), torch.cat([rms[plan.rows[k]] for k in ks]))
+        for ks in plan.groups[side]
+    ]
     return torch.cat(parts)[plan.inverse[side]]
 
 
@@ -94,8 +102,10 @@ class _Plan:
         self.rows = [slice(a, a + n) for a, n in zip(starts, units)]
         self.layer = torch.arange(len(key), device=device).repeat_interleave(torch.tensor(units, device=device))
         self.n = torch.tensor(units, device=device, dtype=torch.float32)
-        self.const = torch.tensor([[math.log(fan) / 10, math.log(fan_out or 1) / 10, float(fan_out > 0)]
-                                   for _, fan, fan_out, _, _ in key], device=device)[self.layer]
+        self.const = torch.tensor(
+            [[math.log(fan) / 10, math.log(fan_out or 1) / 10, float(fan_out > 0)] for _, fan, fan_out, _, _ in key],
+            device=device,
+        )[self.layer]
         self.groups, self.inverse = [], []
         for side in (3, 4):  # the in- and out-sample lengths
             lengths = [k[side] for k in key]
@@ -127,16 +137,22 @@ def describe_layers(views: list[UnitWeights], plans: dict | None = None) -> list
     device = views[0].incoming.device
     w_ins = [v.incoming.detach().float() for v in views]
     fan_outs = [v.fan_out if v.has_outgoing else 0 for v in views]
-    key = tuple((w.shape[0], w.shape[1], f, min(w.shape[1], _SHAPE_SAMPLES), min(f, _SHAPE_SAMPLES) or 1)
-                for w, f in zip(w_ins, fan_outs)) + (str(device),)
+    key = tuple(
+        (w.shape[0], w.shape[1], f, min(w.shape[1], _SHAPE_SAMPLES), min(f, _SHAPE_SAMPLES) or 1)
+        for w, f in zip(w_ins, fan_outs)
+    ) + (str(device),)
     plans = {} if plans is None else plans
     if key not in plans:
         plans[key] = _Plan(key[:-1], device)
     plan = plans[key]
     rms_ins = [w.square().mean(dim=1).sqrt() for w in w_ins]
     in_feats = _shapes([_sampled(w) for w in w_ins], torch.cat(rms_ins), plan, 0)
-    log_in = torch.cat([torch.log(v.gain.detach().float().norm(dim=1) + 1e-12) if v.gain is not None else torch.log(r + 1e-12)
-                        for v, r in zip(views, rms_ins)])
+    log_in = torch.cat(
+        [
+            torch.log(v.gain.detach().float().norm(dim=1) + 1e-12) if v.gain is not None else torch.log(r + 1e-12)
+            for v, r in zip(views, rms_ins)
+        ]
+    )
     samples, rms_outs = [], []
     for v, w in zip(views, w_ins):
         if v.has_outgoing:
@@ -151,7 +167,9 @@ def describe_layers(views: list[UnitWeights], plans: dict | None = None) -> list
     # Per-layer mean and (unbiased) std of the units' sizes, as segment sums: no host sync, no loop.
     rel = size - (size.new_zeros(len(views)).index_add_(0, plan.layer, size) / plan.n)[plan.layer]
     var = size.new_zeros(len(views)).index_add_(0, plan.layer, rel.square()) / (plan.n - 1).clamp_min(1)
-    d = torch.cat([in_feats, out_feats, torch.stack([rel, rel.clamp(max=0), var.sqrt()[plan.layer]], dim=1), plan.const], dim=1)
+    d = torch.cat(
+        [in_feats, out_feats, torch.stack([rel, rel.clamp(max=0), var.sqrt()[plan.layer]], dim=1), plan.const], dim=1
+    )
     return list(d.split([w.shape[0] for w in w_ins]))
 
 

@@ -79,8 +79,15 @@ class Engine:
     """Trains one TNN (+ the method's factor source) on one device, as one of `replicas.world_size`
     workers (metrics are summed over all workers, so every worker returns the same figures)."""
 
-    def __init__(self, cfg: Config, tnn: nn.Module, gates: GateSet, method: Method, device: torch.device,
-                 replicas: Replicas | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        tnn: nn.Module,
+        gates: GateSet,
+        method: Method,
+        device: torch.device,
+        replicas: Replicas | None = None,
+    ) -> None:
         self.cfg, self.tnn, self.gates, self.method, self.device = cfg, tnn, gates, method, device
         self.source = method.source
         self.replicas = replicas if replicas is not None else Replicas(tnn, method.source)
@@ -94,8 +101,9 @@ class Engine:
         self.amp_dtype = AUTOCAST_DTYPES[cfg.train.precision]
         # One scaler per phase: the two sides' gradients have unrelated ranges. Disabled ones are
         # pass-throughs (scale() returns the loss, step() steps).
-        self.scalers = {ph: torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
-                        for ph in self.optimizers}
+        self.scalers = {
+            ph: torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16") for ph in self.optimizers
+        }
         self.memory_format = torch.channels_last if channels_last_on(cfg.train) else torch.contiguous_format
         self.loss_weight = 1.0  # set by the worker: its share of the global batch x workers / batch size
         if cfg.train.compile != "none" and self.source is not None:
@@ -200,16 +208,21 @@ class Engine:
         self.gates.set(factors)  # computed once for the kept report and the validation
         val_loss, val_acc = self._measure(val_loader)
         if not math.isfinite(val_loss):
-            raise TrainingStopped(f"training diverged: validation loss is {val_loss} after epoch {epoch + 1}, "
-                                  "with finite training losses; lower optim.tnn.lr / optim.snn.lr")
+            raise TrainingStopped(
+                f"training diverged: validation loss is {val_loss} after epoch {epoch + 1}, "
+                "with finite training losses; lower optim.tnn.lr / optim.snn.lr"
+            )
         # Steps are equal on all workers; losses, correct and examples add up.
         local_steps = {ph: int(s[0]) for ph, s in sums.items()}
         totals = self.replicas.sum_(torch.stack([sums[ph] for ph in Phase])).tolist()
         sums = {ph: [local_steps[ph], t[1], int(t[2]), int(t[3])] for ph, t in zip(Phase, totals)}
         # Images read (an extra SNN step reads its batch again, for the TNN step after it).
         images = sums[Phase.TNN][3] if self.cfg.schedule.snn_steps == "extra" else sum(s[3] for s in sums.values())
-        comm = {ph.value: (self.replicas.comm_bytes[ph] - comm_start[ph]) / local_steps[ph]
-                for ph in Phase if local_steps[ph]}
+        comm = {
+            ph.value: (self.replicas.comm_bytes[ph] - comm_start[ph]) / local_steps[ph]
+            for ph in Phase
+            if local_steps[ph]
+        }
         return EpochStats(
             epoch=epoch,
             gated=self.method.gated(epoch),
@@ -270,11 +283,15 @@ class Engine:
         phase = self.method.phase_at(epoch, step)
         where = f"at step {step + 1} of epoch {epoch + 1} ({phase.value.upper()} phase, worker {rank})"
         if fault == FACTOR_FAULT:
-            raise TrainingStopped(f"training diverged: the switcher's factors are not finite {where}; "
-                                  "lower optim.snn.lr; the last checkpoint is the previous epoch's")
+            raise TrainingStopped(
+                f"training diverged: the switcher's factors are not finite {where}; "
+                "lower optim.snn.lr; the last checkpoint is the previous epoch's"
+            )
         # Either side's last update may be the cause: name the phase, suggest both rates.
-        raise TrainingStopped(f"training diverged: the loss is not finite {where}; lower optim.tnn.lr or "
-                              "optim.snn.lr, or check the data; the last checkpoint is the previous epoch's")
+        raise TrainingStopped(
+            f"training diverged: the loss is not finite {where}; lower optim.tnn.lr or "
+            "optim.snn.lr, or check the data; the last checkpoint is the previous epoch's"
+        )
 
     def _check_kept(self, epoch: int, kept: dict) -> None:
         """switcher.min_kept: a layer switched (almost) off is stopped on, never trained on silently."""
@@ -291,10 +308,17 @@ class Engine:
             raise TrainingStopped(
                 f"the switcher kept fewer than switcher.min_kept={floor} units in {layers} after epoch {epoch + 1}; "
                 "lower switcher.l1 or optim.snn.lr, raise switcher.target_kept (or budget.fraction), or set switcher.min_kept=0 "
-                "to allow empty layers; the last checkpoint is the previous epoch's")
+                "to allow empty layers; the last checkpoint is the previous epoch's"
+            )
 
-    def fit(self, train_loader, val_loader, start_epoch: int = 0, callbacks: Sequence[EpochCallback] = (),
-            progress: Callable | None = None) -> list[EpochStats]:
+    def fit(
+        self,
+        train_loader,
+        val_loader,
+        start_epoch: int = 0,
+        callbacks: Sequence[EpochCallback] = (),
+        progress: Callable | None = None,
+    ) -> list[EpochStats]:
         """Epochs from `start_epoch` on; after each, every callback's `on_epoch_end(stats)`, in order."""
         history = []
         for epoch in range(start_epoch, self.cfg.train.epochs):

@@ -57,7 +57,9 @@ def _kind(module: nn.Module) -> str:
     return "conv" if isinstance(module, nn.Conv2d) else "linear"
 
 
-def removal_plan(model: nn.Module, specs: list[GateSpec], factors: list[torch.Tensor], example: torch.Tensor) -> list[dict]:
+def removal_plan(
+    model: nn.Module, specs: list[GateSpec], factors: list[torch.Tensor], example: torch.Tensor
+) -> list[dict]:
     """[{"layer", "dim": "out"|"in"|"heads", "idxs"}]: the exact removals, one entry per unit group."""
     modules = dict(model.named_modules())
     names = {m: n for n, m in modules.items()}
@@ -112,8 +114,9 @@ def apply_plan(model: nn.Module, plan: list[dict], example: torch.Tensor) -> Non
         group.prune()
 
 
-def compact_model(model: nn.Module, specs: list[GateSpec], factors: list[torch.Tensor] | None,
-                  example: torch.Tensor) -> list[dict]:
+def compact_model(
+    model: nn.Module, specs: list[GateSpec], factors: list[torch.Tensor] | None, example: torch.Tensor
+) -> list[dict]:
     """Turn a plain (hook-free) copy of the TNN into the compact network in place; returns the plan."""
     if factors is None:
         return []
@@ -124,8 +127,9 @@ def compact_model(model: nn.Module, specs: list[GateSpec], factors: list[torch.T
     return plan
 
 
-def architecture(model_name: str, in_channels: int, num_classes: int, image_size: int, plan: list[dict],
-                 compact: nn.Module) -> dict:
+def architecture(
+    model_name: str, in_channels: int, num_classes: int, image_size: int, plan: list[dict], compact: nn.Module
+) -> dict:
     widths = {n: int(m.weight.shape[0]) for n, m in compact.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     return {
         "format": FORMAT,
@@ -150,7 +154,9 @@ def load_compact(path: str | Path, map_location: str | torch.device = "cpu") -> 
     """Rebuild a compact model from the registry and its plan; needs no pickle (weights_only)."""
     bundle = torch.load(path, map_location=map_location, weights_only=True)
     if bundle.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a distswitch compact model (format {bundle.get('format')!r}, expected {FORMAT!r})")
+        raise ValueError(
+            f"{path}: not a distswitch compact model (format {bundle.get('format')!r}, expected {FORMAT!r})"
+        )
     arch = json.loads(bundle["arch"])
     model = create_tnn(arch["model"], arch["in_channels"], arch["num_classes"], arch["image_size"])
     example = torch.zeros(1, arch["in_channels"], arch["image_size"], arch["image_size"])

@@ -91,8 +91,9 @@ def _classifier_name(model: nn.Module) -> str:
     return linears[-1]
 
 
-def find_gates(model: nn.Module, gated: str, granularity: str, example: torch.Tensor,
-               graph: tp.DependencyGraph | None = None) -> list[GateSpec]:
+def find_gates(
+    model: nn.Module, gated: str, granularity: str, example: torch.Tensor, graph: tp.DependencyGraph | None = None
+) -> list[GateSpec]:
     """The gated unit groups of `model` (inputs shaped like `example`) for `model.gated` = all | fc | classifier.
 
     all: every prunable channel group and hidden FC neuron (granularity "connection": every Linear's
@@ -112,8 +113,17 @@ def find_gates(model: nn.Module, gated: str, granularity: str, example: torch.Te
         if isinstance(layer, Attention) and gated == "all" and granularity == "neuron":
             parts = ("q", "k", "v", "proj")
             covered.update(f"{name}.{p}" for p in parts)
-            specs.append(GateSpec(f"{name}.v", f"{name}.v", "out", layer.heads, 3 * layer.head_dim * layer.q.in_features,
-                                  heads_of=name, rows=layer.head_dim))
+            specs.append(
+                GateSpec(
+                    f"{name}.v",
+                    f"{name}.v",
+                    "out",
+                    layer.heads,
+                    3 * layer.head_dim * layer.q.in_features,
+                    heads_of=name,
+                    rows=layer.head_dim,
+                )
+            )
             continue
         if not isinstance(layer, _WEIGHT_LAYERS) or name in covered:
             continue
@@ -128,7 +138,11 @@ def find_gates(model: nn.Module, gated: str, granularity: str, example: torch.Te
             graph = graph or dependency_graph(model, example)
             writers, gateable = coupled_writers(graph, model, name)
             covered.update(writers)
-            if gateable and classifier not in writers and (gated != "fc" or all(isinstance(by_name[n], nn.Linear) for n in writers)):
+            if (
+                gateable
+                and classifier not in writers
+                and (gated != "fc" or all(isinstance(by_name[n], nn.Linear) for n in writers))
+            ):
                 specs.append(_group_spec(modules, writers))
     if not specs:
         raise ConfigError(
@@ -143,7 +157,9 @@ def _group_spec(modules: list[tuple[str, nn.Module]], writers: list[str]) -> Gat
     position = {name: i for i, (name, _) in enumerate(modules)}
     members = tuple((n, _affine_output(modules, position[n])) for n in writers)
     weights = [modules[position[n]][1].weight for n in writers]
-    return GateSpec(writers[0], members[0][1], "out", weights[0].shape[0], sum(w[0].numel() for w in weights), members[1:])
+    return GateSpec(
+        writers[0], members[0][1], "out", weights[0].shape[0], sum(w[0].numel() for w in weights), members[1:]
+    )
 
 
 def _affine_output(modules: list[tuple[str, nn.Module]], i: int) -> str:
@@ -171,11 +187,18 @@ class GateSet:
         modules = dict(model.named_modules())
         self._layers = [modules[s.layer] for s in self.specs]
         # Per group: every writer's layer and the norm after it (None where the layer is the point).
-        self._members = [[(modules[layer], modules[point] if s.side == "out" and point != layer else None)
-                          for layer, point in s.members] for s in self.specs]
+        self._members = [
+            [
+                (modules[layer], modules[point] if s.side == "out" and point != layer else None)
+                for layer, point in s.members
+            ]
+            for s in self.specs
+        ]
         # Per group: the layers whose rows describe a unit (a head's: q, k and v).
-        self._described = [[modules[f"{s.heads_of}.{p}"] for p in ("q", "k", "v")] if s.heads_of
-                           else [layer for layer, _ in m] for s, m in zip(self.specs, self._members)]
+        self._described = [
+            [modules[f"{s.heads_of}.{p}"] for p in ("q", "k", "v")] if s.heads_of else [layer for layer, _ in m]
+            for s, m in zip(self.specs, self._members)
+        ]
         # [reader layer, index]: the index moves to the weights' device once (in `views`), not every step.
         self._readers = [[[modules[name], idx] for name, idx in r] for r in readers] if readers else [[] for _ in specs]
         index = {id(layer): j for j, layers in enumerate(self._described) for layer in layers}
@@ -211,8 +234,9 @@ class GateSet:
         it, and its outgoing weights in every reader -- with gradients (a penalty on it trains the
         TNN). None for connection gates (a connection is no group)."""
         out = []
-        for spec, w, members, described, readers in zip(self.specs, self.weights(), self._members, self._described,
-                                                        self._readers):
+        for spec, w, members, described, readers in zip(
+            self.specs, self.weights(), self._members, self._described, self._readers
+        ):
             if spec.side == "weight":
                 out.append(None)
                 continue
@@ -237,17 +261,28 @@ class GateSet:
         the source's parameters, never through the weights they read. A group's gain is every
         writer's norm scale and shift side by side."""
         out = []
-        for w, readers, groups, members, cache in zip(self.weights(), self._readers, self._reader_groups, self._members,
-                                                      self._caches):
+        for w, readers, groups, members, cache in zip(
+            self.weights(), self._readers, self._reader_groups, self._members, self._caches
+        ):
             for reader in readers:
                 if reader[1].device != reader[0].weight.device:
                     reader[1] = reader[1].to(reader[0].weight.device)
                     cache.clear()
-            gains = [torch.stack([norm.weight.detach(), norm.bias.detach()], dim=1)
-                     for _, norm in members if norm is not None and norm.affine]
+            gains = [
+                torch.stack([norm.weight.detach(), norm.bias.detach()], dim=1)
+                for _, norm in members
+                if norm is not None and norm.affine
+            ]
             gain = (gains[0] if len(gains) == 1 else torch.cat(gains, dim=1)) if gains else None
-            out.append(UnitWeights(w.detach(), gain=gain, readers=[(layer.weight.detach(), idx) for layer, idx in readers],
-                                   reader_groups=groups, cache=cache))
+            out.append(
+                UnitWeights(
+                    w.detach(),
+                    gain=gain,
+                    readers=[(layer.weight.detach(), idx) for layer, idx in readers],
+                    reader_groups=groups,
+                    cache=cache,
+                )
+            )
         return out
 
     def set(self, factors: list[torch.Tensor] | None) -> None:
@@ -284,7 +319,9 @@ def check_factors(specs: list[GateSpec], factors: list[torch.Tensor]) -> None:
         raise ValueError(f"expected {len(specs)} factor tensors (one per gated layer), got {len(factors)}")
     for spec, f in zip(specs, factors):
         if tuple(f.shape) != spec.factor_shape:
-            raise ValueError(f"factors for {spec.layer} ({spec.side}): shape {tuple(f.shape)}, expected {spec.factor_shape}")
+            raise ValueError(
+                f"factors for {spec.layer} ({spec.side}): shape {tuple(f.shape)}, expected {spec.factor_shape}"
+            )
 
 
 def kept_units(spec: GateSpec, factor: torch.Tensor) -> int:

@@ -30,8 +30,11 @@ class CheckpointDamaged(ValueError):
 def seal(folder: str | Path, epoch: int | None) -> None:
     """Write `folder`'s manifest (its files' sizes and SHA-256; the epoch whose state it holds)."""
     folder = Path(folder)
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST_FILE}
+    files = {
+        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != MANIFEST_FILE
+    }
     write_json(folder / MANIFEST_FILE, {"format": MANIFEST_FORMAT, "epoch": epoch, "files": files})
 
 

@@ -36,8 +36,11 @@ def register(client, name: str, version: str, summary: dict) -> str:
     tags = version_tags(summary)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
-    peers = [v for v in client.search_model_versions(f"name = '{name}'")
-             if v.tags.get("budget") == tags["budget"] and v.tags.get("meets_budget") == "true"]
+    peers = [
+        v
+        for v in client.search_model_versions(f"name = '{name}'")
+        if v.tags.get("budget") == tags["budget"] and v.tags.get("meets_budget") == "true"
+    ]
     if not peers:
         return ""
     # Ties: the newer version (same accuracy, newer code).

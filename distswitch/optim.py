@@ -22,7 +22,9 @@ SCHEDULERS: Registry[SchedulerBuilder] = Registry("scheduler", "optim.<tnn|snn>.
 
 @OPTIMIZERS.register("sgd")
 def _sgd(params: list[nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    return torch.optim.SGD(
+        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
+    )
 
 
 @OPTIMIZERS.register("adam")

@@ -124,9 +124,15 @@ class Outbox:
     The sender also ships what other journals in the folder hold unsent when no live sender holds
     them (a killed worker's), before its own."""
 
-    def __init__(self, folder: Path, name: str, deliver: Deliver, where: str,
-                 transient: Callable[[BaseException], bool] = lambda exc: True,
-                 log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        name: str,
+        deliver: Deliver,
+        where: str,
+        transient: Callable[[BaseException], bool] = lambda exc: True,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
         self.journal, self.deliver, self.where, self.transient = Journal(folder, name), deliver, where, transient
         self.error: BaseException | None = None  # a delivery error no retry cures: the sender stopped on it
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -191,9 +197,11 @@ class Outbox:
                     return
                 self._last_error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
                 if not failing:
-                    self.log(f"distswitch: warning: MLflow at {self.where} is not taking what the run logs "
-                             f"({self._last_error}); training goes on, and what it logs waits in "
-                             f"{self.journal.folder} until the server is back")
+                    self.log(
+                        f"distswitch: warning: MLflow at {self.where} is not taking what the run logs "
+                        f"({self._last_error}); training goes on, and what it logs waits in "
+                        f"{self.journal.folder} until the server is back"
+                    )
                 failing = True
                 self._closed.wait(delay)
                 delay = min(delay * 2, 30.0)

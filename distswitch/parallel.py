@@ -73,8 +73,14 @@ def gather_object(obj) -> list:
 class DDPReplicas(Replicas):
     """TNN and source each in a DistributedDataParallel; phases select which one trains."""
 
-    def __init__(self, tnn: nn.Module, source: nn.Module | None, source_phase: Phase, device: torch.device,
-                 bucket_cap_mb: float = 25.0) -> None:
+    def __init__(
+        self,
+        tnn: nn.Module,
+        source: nn.Module | None,
+        source_phase: Phase,
+        device: torch.device,
+        bucket_cap_mb: float = 25.0,
+    ) -> None:
         super().__init__(tnn, source)
         if not dist.is_initialized():
             raise RuntimeError("DDPReplicas needs an initialised torch.distributed process group")
@@ -83,13 +89,19 @@ class DDPReplicas(Replicas):
         ids = [device.index] if device.type == "cuda" else None
         # DDP's constructor broadcasts rank 0's parameters and buffers: replicas start identical.
         self.tnn_ddp = nn.parallel.DistributedDataParallel(
-            tnn, device_ids=ids, forward_sync_buffers=True, bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=True)
+            tnn, device_ids=ids, forward_sync_buffers=True, bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=True
+        )
         self.tnn_ddp.register_comm_hook(_Counter(self.comm_bytes, Phase.TNN), _counting_allreduce)
         self.source_phase = source_phase
         self.source_ddp = None
         if source is not None and any(p.requires_grad for p in source.parameters()):
             self.source_ddp = nn.parallel.DistributedDataParallel(
-                source, device_ids=ids, forward_sync_buffers=True, bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=True)
+                source,
+                device_ids=ids,
+                forward_sync_buffers=True,
+                bucket_cap_mb=bucket_cap_mb,
+                gradient_as_bucket_view=True,
+            )
             self.source_ddp.register_comm_hook(_Counter(self.comm_bytes, source_phase), _counting_allreduce)
         elif source is not None:
             _broadcast_tensors(_state_tensors(source))  # fixed masks: equal from the start

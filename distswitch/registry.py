@@ -24,6 +24,7 @@ class Registry(Generic[T]):
     def register(self, name: str, **traits) -> Callable[[T], T]:
         """Register under `name`; `traits` are facts other modules read about the entry (e.g. how a
         dataset is stored) instead of branching on its name."""
+
         def add(obj: T) -> T:
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
@@ -41,7 +42,9 @@ class Registry(Generic[T]):
         """The builder registered as `name`; `key` names the config key in the error where the
         registry serves several (optim.tnn.name and optim.snn.name)."""
         if name not in self._items:
-            raise UnknownNameError(f"{key or self.key}: unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}")
+            raise UnknownNameError(
+                f"{key or self.key}: unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}"
+            )
         return self._items[name]
 
     def names(self) -> list[str]:

@@ -26,8 +26,9 @@ def log_results(client, uri: str, run_id: str, out_dir: Path) -> None:
     client.log_inputs(run_id, [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])])
     for name in ("summary.json", "model.arch.json"):
         client.log_artifact(run_id, str(out_dir / name))
-    client.log_dict(run_id, {"kept_per_layer": summary["kept_per_layer"], "widths": summary["widths"]},
-                    "architecture/kept.json")
+    client.log_dict(
+        run_id, {"kept_per_layer": summary["kept_per_layer"], "widths": summary["widths"]}, "architecture/kept.json"
+    )
     for path in figures(summary, out_dir / "figures"):
         client.log_artifact(run_id, str(path), "figures")
     experiment = client.get_run(run_id).info.experiment_id
@@ -40,9 +41,15 @@ def log_results(client, uri: str, run_id: str, out_dir: Path) -> None:
     with global_tracking_uri(uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
         # pt2 (torch.export): loading it runs no pickle, so needs none of our classes. MLflow's
         # default, except on Databricks: said explicitly. The signature comes from the example.
-        info = mlflow.pytorch.log_model(model, name="model", input_example=example, serialization_format="pt2",
-                                        conda_env=model_env(), registered_model_name=register,
-                                        extra_files=[str(out_dir / "model.arch.json")])
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            input_example=example,
+            serialization_format="pt2",
+            conda_env=model_env(),
+            registered_model_name=register,
+            extra_files=[str(out_dir / "model.arch.json")],
+        )
     if register:
         registry.register(client, register, str(info.registered_model_version), summary)
 
@@ -55,9 +62,15 @@ def model_env() -> dict:
 
     # The installed distributions' versions (torch's own __version__ carries a local +cu tag pip
     # does not match against).
-    return {"name": "distswitch-model", "channels": ["conda-forge"],
-            "dependencies": [f"python={platform.python_version()}", "pip",
-                             {"pip": [f"mlflow=={version('mlflow')}", f"torch=={version('torch')}"]}]}
+    return {
+        "name": "distswitch-model",
+        "channels": ["conda-forge"],
+        "dependencies": [
+            f"python={platform.python_version()}",
+            "pip",
+            {"pip": [f"mlflow=={version('mlflow')}", f"torch=={version('torch')}"]},
+        ],
+    }
 
 
 @contextmanager
@@ -148,12 +161,22 @@ def figures(summary: dict, folder: Path) -> list[Path]:
     if factors:
         fig, axes = plt.subplots(1, len(factors), figsize=(3 * len(factors), 2.8), squeeze=False)
         for ax, (layer, hist) in zip(axes[0], factors.items()):
-            ax.bar(hist["edges"][:-1], hist["counts"], width=[b - a for a, b in zip(hist["edges"], hist["edges"][1:])],
-                   align="edge", label="on (> 0)")
+            ax.bar(
+                hist["edges"][:-1],
+                hist["counts"],
+                width=[b - a for a, b in zip(hist["edges"], hist["edges"][1:])],
+                align="edge",
+                label="on (> 0)",
+            )
             zeros = hist.get("zeros")  # summaries before the split have none
             if zeros:
-                ax.bar([0], [zeros], width=(hist["edges"][-1] - hist["edges"][0]) / 40 or 0.02, color="#d62728",
-                       label=f"off (= 0): {zeros}")
+                ax.bar(
+                    [0],
+                    [zeros],
+                    width=(hist["edges"][-1] - hist["edges"][0]) / 40 or 0.02,
+                    color="#d62728",
+                    label=f"off (= 0): {zeros}",
+                )
             ax.legend(fontsize=7)
             row = layers.get(layer)
             ax.set_title(width_label(layer, row) if row else layer, fontsize=8)
@@ -170,5 +193,3 @@ def _save(fig, path: Path) -> Path:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return path
-
-

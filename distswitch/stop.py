@@ -81,6 +81,8 @@ def for_user(exc: BaseException) -> tuple[int, str] | None:
         from distswitch import signals
 
         signum = signals.stop_signal()
-        return 128 + signum, (f"distswitch: stopped by {signum.name}; run the same command again to continue "
-                              "from the last epoch checkpoint")
+        return 128 + signum, (
+            f"distswitch: stopped by {signum.name}; run the same command again to continue "
+            "from the last epoch checkpoint"
+        )
     return None

@@ -29,8 +29,10 @@ def widths_line(layers: dict, limit: int = 6) -> str:
     most cut first, at most `limit`, and a count of the rest: a console line a person can read."""
     if len(layers) <= limit:
         return ", ".join(width_label(layer, row) for layer, row in layers.items())
-    cut = sorted((layer for layer, row in layers.items() if row["kept"] < row["units"]),
-                 key=lambda layer: layers[layer]["kept"] / max(layers[layer]["units"], 1))
+    cut = sorted(
+        (layer for layer, row in layers.items() if row["kept"] < row["units"]),
+        key=lambda layer: layers[layer]["kept"] / max(layers[layer]["units"], 1),
+    )
     shown = [width_label(layer, layers[layer]) for layer in cut[:limit]]
     rest = len(cut) - len(shown)
     whole = len(layers) - len(cut)
@@ -91,11 +93,12 @@ class Summary:
     @classmethod
     def from_dict(cls, d: dict) -> "Summary":
         if d.get("format") != SUMMARY_FORMAT:
-            raise ConfigError(f"a summary of format {d.get('format')!r}: written by another version of distswitch "
-                              f"(this one reads {SUMMARY_FORMAT!r})")
+            raise ConfigError(
+                f"a summary of format {d.get('format')!r}: written by another version of distswitch "
+                f"(this one reads {SUMMARY_FORMAT!r})"
+            )
         names = {f.name for f in fields(cls)} - {"extra"}
-        return cls(**{k: v for k, v in d.items() if k in names},
-                   extra={k: v for k, v in d.items() if k not in names})
+        return cls(**{k: v for k, v in d.items() if k in names}, extra={k: v for k, v in d.items() if k not in names})
 
     @classmethod
     def read(cls, path: str | Path) -> "Summary":

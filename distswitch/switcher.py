@@ -28,6 +28,7 @@ from distswitch.unit_weights import UnitWeights
 SwitcherBuilder = Callable[[list[GateSpec], SwitcherConfig], nn.Module]
 SWITCHERS: Registry[SwitcherBuilder] = Registry("switcher", "switcher.arch")
 
+
 def build_switcher(specs: list[GateSpec], cfg: SwitcherConfig) -> nn.Module:
     return SWITCHERS.get(cfg.arch)(specs, cfg)
 
@@ -73,7 +74,10 @@ class RowwiseSwitcher(nn.Module):
         # Only output units have a second side; the other sides' rows already are the whole story.
         both = [k for k, side in enumerate(self.sides) if self.both and side == "out"]
         out = dict(zip(both, describe_layers([views[k] for k in both], self._plans))) if both else {}
-        return [out[k] if k in out else _pad(describe_rows(v.incoming), self.body[0].in_features) for k, v in enumerate(views)]
+        return [
+            out[k] if k in out else _pad(describe_rows(v.incoming), self.body[0].in_features)
+            for k, v in enumerate(views)
+        ]
 
     def forward(self, views: list[UnitWeights]) -> list[torch.Tensor]:
         return [self.relu(s) for s in self.scores(views)]
@@ -141,8 +145,9 @@ class GraphSwitcher(RowwiseSwitcher):
     def __init__(self, specs: list[GateSpec], cfg: SwitcherConfig) -> None:
         super().__init__(specs, cfg)
         w = cfg.width
-        self.rounds = nn.ModuleList(nn.Sequential(nn.Linear(4 * w, w), nn.ReLU(), nn.Linear(w, w))
-                                    for _ in range(cfg.rounds))
+        self.rounds = nn.ModuleList(
+            nn.Sequential(nn.Linear(4 * w, w), nn.ReLU(), nn.Linear(w, w)) for _ in range(cfg.rounds)
+        )
         for r in self.rounds:
             nn.init.zeros_(r[2].weight)
             nn.init.zeros_(r[2].bias)
@@ -166,10 +171,15 @@ class GraphSwitcher(RowwiseSwitcher):
                 msg_in[j] = msg_in[j] + a @ hs[p]
                 msg_out[p] = msg_out[p] + a.t() @ hs[j]
             h = torch.cat(hs)
-            context = torch.cat([
-                h, torch.cat([m * n[:, None] for m, n in zip(msg_in, norm_in)]),
-                torch.cat([m * n[:, None] for m, n in zip(msg_out, norm_out)]),
-                torch.cat([x.mean(dim=0, keepdim=True).expand_as(x) for x in hs])], dim=1)
+            context = torch.cat(
+                [
+                    h,
+                    torch.cat([m * n[:, None] for m, n in zip(msg_in, norm_in)]),
+                    torch.cat([m * n[:, None] for m, n in zip(msg_out, norm_out)]),
+                    torch.cat([x.mean(dim=0, keepdim=True).expand_as(x) for x in hs]),
+                ],
+                dim=1,
+            )
             hs = list((h + layer(context)).split(sizes))
         return hs
 

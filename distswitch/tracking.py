@@ -33,8 +33,13 @@ RUN_KEY_TAG = "distswitch.run_key"  # storage path + run name: what identifies a
 # The selected model's results, logged once at the end under `best/`: MLflow's chart view and a run
 # page's metrics sort by name, so what a run delivered comes first (and stays out of the per-epoch
 # series).
-BEST = {"test_acc": "best/test_acc", "val_acc": "best/val_acc", "kept": "best/kept_fraction",
-        "params": "best/compact_params", "macs": "best/compact_macs"}
+BEST = {
+    "test_acc": "best/test_acc",
+    "val_acc": "best/val_acc",
+    "kept": "best/kept_fraction",
+    "params": "best/compact_params",
+    "macs": "best/compact_macs",
+}
 # MLflow's experiment page opens on its training runs for this kind (not on the GenAI overview).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
@@ -86,8 +91,12 @@ def open_run(cfg: Config, run_key: str, parent_run_id: str | None = None) -> tup
     _check_reachable(uri)
     client = mlflow_client(uri)
     experiment_id = _experiment_id(client, cfg, uri)
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
-                               order_by=["attributes.start_time DESC"], max_results=1)
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     if found and found[0].info.status != "FINISHED":
         _reopen(client, cfg, found[0])
         return uri, found[0].info.run_id
@@ -99,14 +108,16 @@ def _experiment_id(client, cfg: Config, uri: str) -> str:
     try:
         experiment = client.get_experiment_by_name(experiment_name(cfg))
     except Exception as exc:  # connection refused, bad scheme, ...: say which setting to fix
-        raise ConfigError(f"tracking.uri: cannot reach MLflow at {uri!r} ({type(exc).__name__}: {str(exc)[:200]}); "
-                          "start the server or set tracking.uri / MLFLOW_TRACKING_URI") from None
+        raise ConfigError(
+            f"tracking.uri: cannot reach MLflow at {uri!r} ({type(exc).__name__}: {str(exc)[:200]}); "
+            "start the server or set tracking.uri / MLFLOW_TRACKING_URI"
+        ) from None
     if experiment is not None:
         return experiment.experiment_id
     local = uri.startswith("sqlite:///")
     # Artifacts beside a local store (MLflow's ./mlruns, made absolute: workers and later
     # launches run elsewhere); a server keeps its own artifact root.
-    location = (Path(uri[len("sqlite:///"):]).parent / "mlruns" / experiment_name(cfg)).as_uri() if local else None
+    location = (Path(uri[len("sqlite:///") :]).parent / "mlruns" / experiment_name(cfg)).as_uri() if local else None
     return client.create_experiment(experiment_name(cfg), artifact_location=location, tags=dict([EXPERIMENT_KIND]))
 
 
@@ -118,8 +129,11 @@ def _reopen(client, cfg: Config, run) -> None:
     try:
         send_all(outbox_dir(cfg.out_dir), Delivery())
     except Exception as exc:  # it stays for this attempt's sender, which says what the server answers
-        print(f"distswitch: warning: the last attempt's unsent MLflow entries were not taken now ({exc!r:.200})",
-              file=sys.stderr, flush=True)
+        print(
+            f"distswitch: warning: the last attempt's unsent MLflow entries were not taken now ({exc!r:.200})",
+            file=sys.stderr,
+            flush=True,
+        )
     client.update_run(run_id, status="RUNNING")
     client.set_tag(run_id, "distswitch.relaunches", str(int(run.data.tags.get("distswitch.relaunches", "0")) + 1))
 
@@ -129,15 +143,23 @@ def _new_run(client, cfg: Config, experiment_id: str, run_key: str, parent_run_i
     from mlflow.entities import Param, RunTag
 
     # MLflow's own Source column: the command that started the run (its git commit beside it).
-    tags = {RUN_KEY_TAG: run_key, "distswitch.method": cfg.method, "distswitch.model": cfg.model.name,
-            "distswitch.dataset": cfg.data.dataset, "distswitch.command": command_line(),
-            "mlflow.source.type": "LOCAL", "mlflow.source.name": command_line(short=True)}
+    tags = {
+        RUN_KEY_TAG: run_key,
+        "distswitch.method": cfg.method,
+        "distswitch.model": cfg.model.name,
+        "distswitch.dataset": cfg.data.dataset,
+        "distswitch.command": command_line(),
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.name": command_line(short=True),
+    }
     sha = git_sha()
     if sha:
         tags["mlflow.source.git.commit"] = sha
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id, run_name=cfg.tracking.run_name or Path(cfg.out_dir).resolve().name, tags=tags)
+    run = client.create_run(
+        experiment_id, run_name=cfg.tracking.run_name or Path(cfg.out_dir).resolve().name, tags=tags
+    )
     run_id = run.info.run_id
     params = [Param(k, v[:6000]) for k, v in flatten(cfg.to_dict()).items()]
     for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
@@ -154,8 +176,10 @@ def command_line(short: bool = False) -> str:
     if Path(argv[0]).name in ("distswitch", "cli.py"):
         argv[0] = "distswitch"
     if short:  # configs/x.yaml -> x.yaml, out_dir=/a/b -> out_dir=b
-        argv = [key + eq + value.rsplit("/", 1)[-1] if eq else key.rsplit("/", 1)[-1]
-                for key, eq, value in (a.partition("=") for a in argv)]
+        argv = [
+            key + eq + value.rsplit("/", 1)[-1] if eq else key.rsplit("/", 1)[-1]
+            for key, eq, value in (a.partition("=") for a in argv)
+        ]
     return " ".join(argv)[:500]
 
 
@@ -172,19 +196,31 @@ def _check_reachable(uri: str, timeout: float = 5.0) -> None:
     except urllib.error.HTTPError:
         return  # it answered (a proxy or an auth layer may refuse /health); the client decides
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"tracking.uri: cannot reach MLflow at {uri!r} ({exc}); start the server, "
-                          "or set tracking.uri / MLFLOW_TRACKING_URI to a reachable one") from None
+        raise ConfigError(
+            f"tracking.uri: cannot reach MLflow at {uri!r} ({exc}); start the server, "
+            "or set tracking.uri / MLFLOW_TRACKING_URI to a reachable one"
+        ) from None
 
 
 def finish_run(uri: str, run_id: str, out_dir: Path, summary: dict, timeout: float) -> bool:
     """Final metrics, the architecture, the compact model and the figures; then FINISHED; all through
     the outbox, waiting up to `timeout` seconds for the server. Whether it took everything (if not, one
     line says how to send the rest); an error no retry cures is raised."""
-    values = {"test_acc": summary["test_acc"], "val_acc": summary["val_acc"], "kept": summary["kept_fraction"],
-              "params": summary["compact"]["params"], "macs": summary["compact"]["macs"]}
-    final = {**{BEST[k]: v for k, v in values.items()}, "best/epoch": summary["selected_epoch"],
-             "test/acc": summary["test_acc"], "test/loss": summary["test_loss"],
-             "dense/params": summary["dense"]["params"], "dense/macs": summary["dense"]["macs"]}
+    values = {
+        "test_acc": summary["test_acc"],
+        "val_acc": summary["val_acc"],
+        "kept": summary["kept_fraction"],
+        "params": summary["compact"]["params"],
+        "macs": summary["compact"]["macs"],
+    }
+    final = {
+        **{BEST[k]: v for k, v in values.items()},
+        "best/epoch": summary["selected_epoch"],
+        "test/acc": summary["test_acc"],
+        "test/loss": summary["test_loss"],
+        "dense/params": summary["dense"]["params"],
+        "dense/macs": summary["dense"]["macs"],
+    }
     outbox = run_outbox(uri, out_dir, "driver")
     outbox.put(outbox_entry("metrics", uri, run_id, step=len(summary["history"]), metrics=final))
     outbox.put(outbox_entry("finish", uri, run_id, out_dir=str(Path(out_dir).resolve())))
@@ -207,9 +243,12 @@ def _wait(outbox: Outbox, timeout: float) -> bool:
             raise outbox.error
     finally:
         outbox.close()
-    print(f"distswitch: warning: MLflow at {outbox.where} did not take all of this run within {timeout:.0f} s "
-          f"({outbox.last_error}); the rest waits in {outbox.journal.folder}: {sync_hint(outbox)}",
-          file=sys.stderr, flush=True)
+    print(
+        f"distswitch: warning: MLflow at {outbox.where} did not take all of this run within {timeout:.0f} s "
+        f"({outbox.last_error}); the rest waits in {outbox.journal.folder}: {sync_hint(outbox)}",
+        file=sys.stderr,
+        flush=True,
+    )
     return False
 
 
@@ -235,14 +274,22 @@ def fail_run(uri: str, run_id: str, out_dir: Path, error: BaseException, timeout
         if outbox is not None:
             outbox.close()
         where = f"; it waits in {outbox.journal.folder}: {sync_hint(outbox)}" if outbox is not None else ""
-        print(f"distswitch: warning: could not mark MLflow run {run_id} {status} at {uri} ({type(exc).__name__}: "
-              f"{str(exc)[:200]}){where}", file=sys.stderr)
+        print(
+            f"distswitch: warning: could not mark MLflow run {run_id} {status} at {uri} ({type(exc).__name__}: "
+            f"{str(exc)[:200]}){where}",
+            file=sys.stderr,
+        )
 
 
 def git_sha() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=60,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=Path(__file__).resolve().parent,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None

@@ -71,13 +71,20 @@ class UnitWeights:
         fan_out = self.fan_out
         if self.outgoing_given is not None or fan_out <= n:
             out = self.outgoing
-            return out if fan_out <= n else torch.index_select(out, 1, torch.linspace(0, fan_out - 1, n, device=out.device).long())
+            return (
+                out
+                if fan_out <= n
+                else torch.index_select(out, 1, torch.linspace(0, fan_out - 1, n, device=out.device).long())
+            )
         readers = [(_dense(w), idx) for w, idx in self.readers]
         key = (n, *(w.stride() for w, _ in readers))
         if key not in self.cache:
             self.cache[key] = self._sample_offsets(n, readers)
-        parts = [torch.index_select(_flat(w), 0, offsets.flatten()).view(offsets.shape)
-                 for (w, _), offsets in zip(readers, self.cache[key]) if offsets.shape[1]]
+        parts = [
+            torch.index_select(_flat(w), 0, offsets.flatten()).view(offsets.shape)
+            for (w, _), offsets in zip(readers, self.cache[key])
+            if offsets.shape[1]
+        ]
         return torch.cat(parts, dim=1)
 
     def _sample_offsets(self, n: int, readers: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
@@ -99,7 +106,11 @@ class UnitWeights:
 
 def _dense(w: torch.Tensor) -> torch.Tensor:
     """`w` itself where its storage is one dense block (contiguous or channels_last), else a copy."""
-    return w if w.is_contiguous() or (w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last)) else w.contiguous()
+    return (
+        w
+        if w.is_contiguous() or (w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last))
+        else w.contiguous()
+    )
 
 
 def _flat(w: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,12 @@ FASHION_INFO = DatasetInfo("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), "no
 def fashion_mnist_root() -> Path:
     """The Debian Fashion-MNIST folder; its absence fails the test (it is part of `make setup`)."""
     root = Path(FASHION_MNIST_DEBIAN)
-    names = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+    names = (
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    )
     missing = [n for n in names if not (root / n).is_file()]
     if missing:
         pytest.fail(f"Fashion-MNIST is missing under {root} ({', '.join(missing)}); run `make setup`", pytrace=False)
@@ -68,11 +73,21 @@ class TrackingServer:
         import urllib.request
 
         with self.log.open("a") as sink:
-            self.proc = subprocess.Popen(["make", "-s", "tracking-server", f"TRACKING_PORT={self.port}",
-                                          f"TRACKING_ARTIFACTS={self.folder / 'artifacts'}", f"TRACKING_HOST={self.host}",
-                                          *([f"TRACKING_ALLOWED_HOSTS={self.host}:{self.port}"] if self.host != "127.0.0.1" else [])],
-                                         cwd=REPO_ROOT,
-                                         stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [
+                    "make",
+                    "-s",
+                    "tracking-server",
+                    f"TRACKING_PORT={self.port}",
+                    f"TRACKING_ARTIFACTS={self.folder / 'artifacts'}",
+                    f"TRACKING_HOST={self.host}",
+                    *([f"TRACKING_ALLOWED_HOSTS={self.host}:{self.port}"] if self.host != "127.0.0.1" else []),
+                ],
+                cwd=REPO_ROOT,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.time() + 180
         while True:
             try:

@@ -91,10 +91,16 @@ CASES = [
     ("wrong type", ["train.epochs=three"], "train.epochs"),
     ("out of range", ["switcher.l1=0.1", "switcher.target_kept=1.5"], "switcher.target_kept"),
     ("negative learning rate", ["optim.snn.lr=-1"], "optim.snn.lr"),
-    ("budget no cut can meet", ["schedule.finetune_epochs=1", "switcher.min_kept=20", "budget.fraction=0.05"],
-     "budget.fraction: 0.05 of the dense macs cannot be met"),
-    ("budget beside a per-layer fraction", ["method=magnitude", "budget.fraction=0.5", "prune.kept_fraction=0.5"],
-     "prune.kept_fraction"),
+    (
+        "budget no cut can meet",
+        ["schedule.finetune_epochs=1", "switcher.min_kept=20", "budget.fraction=0.05"],
+        "budget.fraction: 0.05 of the dense macs cannot be met",
+    ),
+    (
+        "budget beside a per-layer fraction",
+        ["method=magnitude", "budget.fraction=0.5", "prune.kept_fraction=0.5"],
+        "prune.kept_fraction",
+    ),
     ("budget without fine-tuning epochs", ["budget.fraction=0.5"], "schedule.finetune_epochs"),
     ("NaN learning rate", ["optim.tnn.lr=.nan"], "optim.tnn.lr"),
     ("update ratio 0", ["schedule.update_ratio=0"], "schedule.update_ratio"),
@@ -108,29 +114,50 @@ CASES = [
     ("no prepared betons", ["data.beton_dir={tmp}/nowhere"], "distswitch data prepare"),
     ("truncated beton", lambda tmp, b: [f"data.beton_dir={_betons(tmp, b, _truncate)}"], "truncated"),
     ("foreign beton", lambda tmp, b: [f"data.beton_dir={_betons(tmp, b, _foreign)}"], "not a readable .beton"),
-    ("betons of another dataset", lambda tmp, b: ["data.dataset=mnist", f"data.beton_dir={_betons(tmp, b)}"],
-     "holds fashion-mnist, but data.dataset is mnist"),
-    ("betons of another split", lambda tmp, b: ["data.val_size=1000", f"data.beton_dir={_betons(tmp, b)}"],
-     "data.val_size/split_seed"),
+    (
+        "betons of another dataset",
+        lambda tmp, b: ["data.dataset=mnist", f"data.beton_dir={_betons(tmp, b)}"],
+        "holds fashion-mnist, but data.dataset is mnist",
+    ),
+    (
+        "betons of another split",
+        lambda tmp, b: ["data.val_size=1000", f"data.beton_dir={_betons(tmp, b)}"],
+        "data.val_size/split_seed",
+    ),
     ("batch larger than the split", ["data.train_limit=100"], "train.batch_size"),
-    ("more workers than CPUs", lambda tmp, b: [f"distributed.num_workers={MORE_THAN_CPUS}",
-                                               f"train.batch_size={2 * MORE_THAN_CPUS}"],
-     f"{MORE_THAN_CPUS} workers need {MORE_THAN_CPUS} CPU"),
-    ("GPUs asked on a machine without", [NO_CUDA, "distributed.use_gpu=true"], "distributed.use_gpu: true, but CUDA is not usable"),
+    (
+        "more workers than CPUs",
+        lambda tmp, b: [f"distributed.num_workers={MORE_THAN_CPUS}", f"train.batch_size={2 * MORE_THAN_CPUS}"],
+        f"{MORE_THAN_CPUS} workers need {MORE_THAN_CPUS} CPU",
+    ),
+    (
+        "GPUs asked on a machine without",
+        [NO_CUDA, "distributed.use_gpu=true"],
+        "distributed.use_gpu: true, but CUDA is not usable",
+    ),
     ("unreachable RAY_ADDRESS", ["RAY_ADDRESS=127.0.0.1:{port}"], "RAY_ADDRESS"),
     ("unreachable MLflow server", ["tracking.uri=http://127.0.0.1:{port}"], "tracking.uri: cannot reach MLflow"),
     ("unwritable out_dir", lambda tmp, b: [f"out_dir={_file_in_the_way(tmp)}"], "out_dir: cannot write"),
     ("finished out_dir", lambda tmp, b: [f"out_dir={_finished(tmp)}"], "already holds a finished run"),
-    ("checkpoint from another model", lambda tmp, b: [f"out_dir={_previous_run_of_another_model(tmp)}",
-                                                      "model.name=mlp"], "model: differs from the checkpoint"),
+    (
+        "checkpoint from another model",
+        lambda tmp, b: [f"out_dir={_previous_run_of_another_model(tmp)}", "model.name=mlp"],
+        "model: differs from the checkpoint",
+    ),
     ("bad override syntax", ["train.epochs"], "train.epochs"),
     ("missing config file", ["train", "{tmp}/missing.yaml"], "missing.yaml"),
     ("invalid YAML", ["train", "{tmp}/broken.yaml"], "broken.yaml"),
-    ("export of a checkpoint with no factors", lambda tmp, b: ["export", str(_dense_checkpoint(tmp)), "--out",
-                                                               f"{tmp}/model.pt"], "no switcher factors"),
+    (
+        "export of a checkpoint with no factors",
+        lambda tmp, b: ["export", str(_dense_checkpoint(tmp)), "--out", f"{tmp}/model.pt"],
+        "no switcher factors",
+    ),
     ("export of a foreign file", ["export", "{tmp}/broken.yaml", "--out", "{tmp}/model.pt"], "cannot be read"),
-    ("tune space naming an unknown key", ["tune", "{config}", "tune.space={{switcher.widht: {{choice: [8]}}}}"],
-     "tune.space"),
+    (
+        "tune space naming an unknown key",
+        ["tune", "{config}", "tune.space={{switcher.widht: {{choice: [8]}}}}"],
+        "tune.space",
+    ),
     ("prepare of an unknown dataset", ["data", "prepare", "imagenet-22k", "--out", "{tmp}/b"], "imagenet-22k"),
 ]
 COMMANDS = ("train", "export", "tune", "data")
@@ -147,8 +174,9 @@ def _argv(spec, tmp: Path, config: Path, betons: Path) -> tuple[list[str], dict]
 
 
 @pytest.mark.parametrize("spec, needle", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_exit_2_and_leaves_nothing_half_done(spec, needle, tmp_path, capsys, monkeypatch,
-                                                                   fashion_betons):
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing_half_done(
+    spec, needle, tmp_path, capsys, monkeypatch, fashion_betons
+):
     assert len(CASES) >= 20
     config = tmp_path / "config.yaml"
     config.write_text(TEST_CONFIG_YAML)

@@ -17,8 +17,13 @@ pytestmark = pytest.mark.slow
 
 def _bench(script: str, out, *args: str) -> tuple[dict, str]:
     """Run benchmarks/<script> in a fresh interpreter; (its JSON report, its stdout)."""
-    proc = subprocess.run([sys.executable, f"benchmarks/{script}", *args, "--out", str(out)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", *args, "--out", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(out.read_text()), proc.stdout
 
@@ -44,8 +49,9 @@ def test_startup_benchmark_s_short_run_is_a_config_distswitch_accepts():
     sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
     import startup
 
-    cfg = load_config(REPO_ROOT / "configs/fashion_lenet5.yaml",
-                      [*startup.SHORT, "distributed.num_workers=2", "data.loader=ffcv"])
+    cfg = load_config(
+        REPO_ROOT / "configs/fashion_lenet5.yaml", [*startup.SHORT, "distributed.num_workers=2", "data.loader=ffcv"]
+    )
     assert cfg.train.epochs == 1 and cfg.budget.fraction is None
 
 
@@ -60,8 +66,15 @@ def test_reference_benchmark_alternates_whole_epochs_and_reports_per_step_agains
 
 
 def test_time_to_accuracy_stops_each_method_at_the_first_epoch_reaching_the_target(tmp_path):
-    report, _ = _bench("time_to_accuracy.py", tmp_path / "tta.json", "--target", "0.5",
-                       "train.epochs=3", "schedule.finetune_epochs=1", "data.train_limit=1024")
+    report, _ = _bench(
+        "time_to_accuracy.py",
+        tmp_path / "tta.json",
+        "--target",
+        "0.5",
+        "train.epochs=3",
+        "schedule.finetune_epochs=1",
+        "data.train_limit=1024",
+    )
     for method in ("dense", "switch"):
         rows, hit = report["epochs"][method], report["reached"][method]
         assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1))
@@ -81,12 +94,31 @@ def test_communication_benchmark_counts_each_phase_s_own_parameter_bytes(tmp_pat
 
 
 def test_scale_benchmark_times_the_three_steps_and_counts_the_switcher_s_inputs_and_bytes(tmp_path):
-    report, _ = _bench("scale.py", tmp_path / "scale.json", "--models", "lenet5", "resnet20", "--rounds", "1",
-                       "--steps", "1", "--batch", "4")
+    report, _ = _bench(
+        "scale.py",
+        tmp_path / "scale.json",
+        "--models",
+        "lenet5",
+        "resnet20",
+        "--rounds",
+        "1",
+        "--steps",
+        "1",
+        "--batch",
+        "4",
+    )
     for row in report["models"].values():
-        assert set(row["median_ms"]) == {"dense step", "switch TNN step", "switch SNN step", "switcher forward (no grad)"}
+        assert set(row["median_ms"]) == {
+            "dense step",
+            "switch TNN step",
+            "switch SNN step",
+            "switcher forward (no grad)",
+        }
         assert row["switch_over_dense_per_training_step"] > 0 and row["peak_mb"]["switch"] > 0
-        assert row["allreduce_bytes_per_step"] == {"tnn": 4 * row["tnn_parameters"], "snn": 4 * row["switcher_parameters"]}
+        assert row["allreduce_bytes_per_step"] == {
+            "tnn": 4 * row["tnn_parameters"],
+            "snn": 4 * row["switcher_parameters"],
+        }
     assert report["models"]["resnet20"]["groups"] == 12  # 9 blocks' inner channels and the 3 stages' streams
 
 
@@ -99,9 +131,24 @@ def test_preflight_benchmark_builds_each_model_in_a_fresh_process(tmp_path):
 def test_gpu_throughput_benchmark_counts_model_flops_and_times_both_methods(tmp_path):
     # Reduced (LeNet5, few steps) on whatever device this host has; a peak above any device's
     # (H200: 989 TFLOP/s bf16), so MFU < 1 holds on a GPU host too.
-    report, _ = _bench("gpu_throughput.py", tmp_path / "gpu.json", "--model", "lenet5", "--batch", "32",
-                       "--steps", "5", "--warmup", "2", "--precision", "fp32", "--compile", "none",
-                       "--peak-tflops", "10000")
+    report, _ = _bench(
+        "gpu_throughput.py",
+        tmp_path / "gpu.json",
+        "--model",
+        "lenet5",
+        "--batch",
+        "32",
+        "--steps",
+        "5",
+        "--warmup",
+        "2",
+        "--precision",
+        "fp32",
+        "--compile",
+        "none",
+        "--peak-tflops",
+        "10000",
+    )
     # LeNet5 at 3x32x32: 4.3 M multiply-adds forward (8.6 MFLOP) per image; a training step is 2-3x
     # the forward (no input gradient for the first conv), so 32 images make 5.5e8 to 8.3e8.
     assert 5e8 < report["model_flops_per_step"] < 9e8
@@ -127,13 +174,40 @@ runpy.run_path("benchmarks/gpu_check.py", run_name="__main__")
 def test_gpu_check_trains_exports_and_resumes_each_case_without_ray_ffcv_or_mlflow(tmp_path):
     # The device run's script on CPU, tiny: LeNet5 in fp32 and bf16, eager.
     out = tmp_path / "check.json"
-    proc = subprocess.run([sys.executable, "-c", _BLOCKED_RUN, "--device", "cpu", "--models", "lenet5",
-                           "--precisions", "fp32", "bf16", "--compile", "none", "--steps", "5", "--warmup", "2",
-                           "--batch", "8", "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _BLOCKED_RUN,
+            "--device",
+            "cpu",
+            "--models",
+            "lenet5",
+            "--precisions",
+            "fp32",
+            "bf16",
+            "--compile",
+            "none",
+            "--steps",
+            "5",
+            "--warmup",
+            "2",
+            "--batch",
+            "8",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert [(c["model"], c["precision"], c["compile"]) for c in report["cases"]] == [("lenet5", "fp32", "none"),
-                                                                                    ("lenet5", "bf16", "none")]
+    assert [(c["model"], c["precision"], c["compile"]) for c in report["cases"]] == [
+        ("lenet5", "fp32", "none"),
+        ("lenet5", "bf16", "none"),
+    ]
     for case in report["cases"]:
         assert case["ok"] and case["steps"]["tnn"] + case["steps"]["snn"] == 5 and case["steps"]["snn"] >= 1
         assert case["images_per_s"] > 0 and 0 < case["mfu"] < 1 and case["export_max_abs_diff"] <= 1e-4
@@ -144,9 +218,31 @@ def test_gpu_check_trains_exports_and_resumes_each_case_without_ray_ffcv_or_mlfl
 
 def test_gpu_check_exits_non_zero_when_a_case_fails(tmp_path):
     # A model name no registry knows fails its case; the table still prints and the exit status says so.
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--models", "lenet5", "nonet",
-                           "--precisions", "fp32", "--compile", "none", "--steps", "2", "--warmup", "1", "--batch", "4"],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/gpu_check.py",
+            "--device",
+            "cpu",
+            "--models",
+            "lenet5",
+            "nonet",
+            "--precisions",
+            "fp32",
+            "--compile",
+            "none",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--batch",
+            "4",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("lenet5", "nonet"))]
     assert "PASS" in rows[0] and "FAIL UnknownNameError" in rows[1], proc.stdout
@@ -154,8 +250,22 @@ def test_gpu_check_exits_non_zero_when_a_case_fails(tmp_path):
 
 def test_pareto_benchmark_runs_its_grid_as_sweeps_meets_each_budget_and_resumes_without_rerunning(tmp_path):
     out = tmp_path / "pareto"
-    args = [sys.executable, "benchmarks/pareto.py", "--out", str(out), "--quick", "--models", "mlp",
-            "--budgets", "0.5", "0.15", "--methods", "dense", "switch", "magnitude"]
+    args = [
+        sys.executable,
+        "benchmarks/pareto.py",
+        "--out",
+        str(out),
+        "--quick",
+        "--models",
+        "mlp",
+        "--budgets",
+        "0.5",
+        "0.15",
+        "--methods",
+        "dense",
+        "switch",
+        "magnitude",
+    ]
     proc = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((out / "pareto.json").read_text())

@@ -110,8 +110,10 @@ def test_a_run_page_shows_test_accuracy_kept_fraction_and_the_figures(store, ui,
     _click(browser, "figures", "kept_per_layer.png", "factor_histograms.png", "accuracy_and_kept.png")
     _click(browser, "kept_per_layer.png")
     deadline = time.time() + 30
-    while not any((img.get_attribute("src") or "").startswith("blob:") and img.get_property("naturalWidth") > 100
-                  for img in browser.find_elements("tag name", "img")):  # the figure itself, not a broken link
+    while not any(
+        (img.get_attribute("src") or "").startswith("blob:") and img.get_property("naturalWidth") > 100
+        for img in browser.find_elements("tag name", "img")
+    ):  # the figure itself, not a broken link
         assert time.time() < deadline, "the figure's preview did not load"
         time.sleep(0.5)
 

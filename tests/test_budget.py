@@ -115,16 +115,21 @@ def test_the_gradual_budget_falls_from_one_to_the_target_and_stays_there():
 
 
 def test_a_budget_below_what_min_kept_allows_is_refused_before_training():
-    cfg = make_config(model={"name": "lenet5"}, schedule={"finetune_epochs": 1}, switcher={"min_kept": 10},
-                      budget={"fraction": 0.05})
+    cfg = make_config(
+        model={"name": "lenet5"}, schedule={"finetune_epochs": 1}, switcher={"min_kept": 10}, budget={"fraction": 0.05}
+    )
     specs = _specs("lenet5")
-    with pytest.raises(ConfigError, match=r"budget.fraction: 0.05 of the dense macs cannot be met .* use budget.fraction >= "):
+    with pytest.raises(
+        ConfigError, match=r"budget.fraction: 0.05 of the dense macs cannot be met .* use budget.fraction >= "
+    ):
         budget_cost_model(cfg, create_tnn("lenet5", 1, 10, 28), specs, EXAMPLE)
 
 
 @pytest.mark.parametrize("min_width", [0.1, 0.3])
 def test_no_cut_takes_a_group_below_budget_min_width(min_width):
-    cfg = make_config(model={"name": "vgg16"}, schedule={"finetune_epochs": 1}, budget={"fraction": 0.5, "min_width": min_width})
+    cfg = make_config(
+        model={"name": "vgg16"}, schedule={"finetune_epochs": 1}, budget={"fraction": 0.5, "min_width": min_width}
+    )
     example = torch.zeros(1, 3, 32, 32)
     specs = find_gates(create_tnn("vgg16", 3, 10, 32), "all", "neuron", example)
     cost = budget_cost_model(cfg, create_tnn("vgg16", 3, 10, 32), specs, example)
@@ -138,28 +143,45 @@ def test_no_cut_takes_a_group_below_budget_min_width(min_width):
 
 
 def test_a_budget_min_width_cannot_meet_is_refused_naming_the_smallest_feasible_fraction():
-    cfg = make_config(model={"name": "lenet5"}, schedule={"finetune_epochs": 1}, budget={"fraction": 0.1, "min_width": 0.5})
+    cfg = make_config(
+        model={"name": "lenet5"}, schedule={"finetune_epochs": 1}, budget={"fraction": 0.1, "min_width": 0.5}
+    )
     specs = _specs("lenet5")
-    with pytest.raises(ConfigError, match=r"budget.min_width=0.5 .* use budget.fraction >= 0\.2\d\d or a smaller budget.min_width"):
+    with pytest.raises(
+        ConfigError, match=r"budget.min_width=0.5 .* use budget.fraction >= 0\.2\d\d or a smaller budget.min_width"
+    ):
         budget_cost_model(cfg, create_tnn("lenet5", 1, 10, 28), specs, EXAMPLE)
 
 
-@pytest.mark.parametrize("overrides, key", [
-    ({"budget": {"fraction": 0.5}, "prune": {"kept_fraction": 0.5}}, "prune.kept_fraction"),
-    ({"budget": {"fraction": 0.5}, "switcher": {"l1": 0.1, "target_kept": 0.5}}, "switcher.target_kept"),
-    ({"budget": {"fraction": 0.5}, "switcher": {"granularity": "connection"}, "schedule": {"finetune_epochs": 1}},
-     "switcher.granularity"),
-    ({"budget": {"fraction": 0.5}}, "schedule.finetune_epochs"),
-    ({"budget": {"fraction": 1.5}}, "budget.fraction"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"budget": {"fraction": 0.5}, "prune": {"kept_fraction": 0.5}}, "prune.kept_fraction"),
+        ({"budget": {"fraction": 0.5}, "switcher": {"l1": 0.1, "target_kept": 0.5}}, "switcher.target_kept"),
+        (
+            {
+                "budget": {"fraction": 0.5},
+                "switcher": {"granularity": "connection"},
+                "schedule": {"finetune_epochs": 1},
+            },
+            "switcher.granularity",
+        ),
+        ({"budget": {"fraction": 0.5}}, "schedule.finetune_epochs"),
+        ({"budget": {"fraction": 1.5}}, "budget.fraction"),
+    ],
+)
 def test_settings_that_contradict_a_budget_are_refused_naming_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key):
         make_config(**overrides)
 
 
 def test_the_switcher_s_mask_is_rederived_each_epoch_so_a_cut_unit_can_come_back():
-    cfg = make_config(model={"name": "mlp"}, train={"epochs": 6}, schedule={"warmup_epochs": 0, "finetune_epochs": 1},
-                      budget={"fraction": 0.3})
+    cfg = make_config(
+        model={"name": "mlp"},
+        train={"epochs": 6},
+        schedule={"warmup_epochs": 0, "finetune_epochs": 1},
+        budget={"fraction": 0.3},
+    )
     torch.manual_seed(0)
     _, gates, method = build(cfg, FASHION_INFO, 10, torch.device("cpu"))
     with torch.no_grad():  # a trained-looking switcher: factors that depend on the weights
@@ -179,19 +201,28 @@ def test_the_switcher_s_mask_is_rederived_each_epoch_so_a_cut_unit_can_come_back
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model, kind, methods", [
-    ("mlp", "macs", ["switch", "magnitude", "slimming", "torch-pruning"]),
-    ("mlp", "params", ["switch", "magnitude", "slimming", "torch-pruning"]),
-    ("lenet5", "macs", ["switch", "magnitude", "slimming"]),
-])
+@pytest.mark.parametrize(
+    "model, kind, methods",
+    [
+        ("mlp", "macs", ["switch", "magnitude", "slimming", "torch-pruning"]),
+        ("mlp", "params", ["switch", "magnitude", "slimming", "torch-pruning"]),
+        ("lenet5", "macs", ["switch", "magnitude", "slimming"]),
+    ],
+)
 def test_every_method_s_exported_model_meets_the_budget_within_a_percent(tmp_path, model, kind, methods):
     for method in methods:
         cfg = make_config(
-            model={"name": model}, method=method, budget={"kind": kind, "fraction": 0.3},
-            train={"epochs": 4, "batch_size": 128}, schedule={"warmup_epochs": 1, "finetune_epochs": 1},
-            prune={"finetune_epochs": 1}, switcher={"l1": 0.5},
-            data={"loader": "torch", "train_limit": 2048, "val_size": 512}, tracking={"enabled": False},
-            out_dir=str(tmp_path / f"{model}-{method}"))
+            model={"name": model},
+            method=method,
+            budget={"kind": kind, "fraction": 0.3},
+            train={"epochs": 4, "batch_size": 128},
+            schedule={"warmup_epochs": 1, "finetune_epochs": 1},
+            prune={"finetune_epochs": 1},
+            switcher={"l1": 0.5},
+            data={"loader": "torch", "train_limit": 2048, "val_size": 512},
+            tracking={"enabled": False},
+            out_dir=str(tmp_path / f"{model}-{method}"),
+        )
         summary = train(cfg)
         spent = summary["compact"][kind] / summary["dense"][kind]
         assert abs(spent - 0.3) <= 0.01, (method, spent)
@@ -201,8 +232,12 @@ def test_every_method_s_exported_model_meets_the_budget_within_a_percent(tmp_pat
 
 
 def test_a_loaded_state_after_the_final_cut_gives_the_frozen_factors_without_starting_an_epoch():
-    cfg = make_config(model={"name": "mlp"}, train={"epochs": 4}, schedule={"warmup_epochs": 0, "finetune_epochs": 1},
-                      budget={"fraction": 0.3})
+    cfg = make_config(
+        model={"name": "mlp"},
+        train={"epochs": 4},
+        schedule={"warmup_epochs": 0, "finetune_epochs": 1},
+        budget={"fraction": 0.3},
+    )
     torch.manual_seed(0)
     _, gates, method = build(cfg, FASHION_INFO, 10, torch.device("cpu"))
     method.on_epoch_start(3, gates.views())  # the final cut: factors frozen at the budget
@@ -217,8 +252,13 @@ def test_a_loaded_state_after_the_final_cut_gives_the_frozen_factors_without_sta
 def test_rank_allocation_cuts_the_same_share_of_every_group_and_global_follows_the_factors():
     kept = {}
     for allocation in ("global", "rank"):
-        cfg = make_config(model={"name": "lenet5"}, train={"epochs": 4}, schedule={"warmup_epochs": 0, "finetune_epochs": 1},
-                          budget={"fraction": 0.5, "kind": "units"}, switcher={"allocation": allocation})
+        cfg = make_config(
+            model={"name": "lenet5"},
+            train={"epochs": 4},
+            schedule={"warmup_epochs": 0, "finetune_epochs": 1},
+            budget={"fraction": 0.5, "kind": "units"},
+            switcher={"allocation": allocation},
+        )
         torch.manual_seed(0)
         _, gates, method = build(cfg, FASHION_INFO, 10, torch.device("cpu"))
         with torch.no_grad():  # conv2's factors far below the others': a global cut takes conv2 first
@@ -236,8 +276,13 @@ def test_rank_allocation_cuts_the_same_share_of_every_group_and_global_follows_t
 def _dark_switcher(**switcher):
     """An MLP under a 30% budget whose switcher's factors are all 0 (every score below the ReLU,
     each a different distance below it)."""
-    cfg = make_config(model={"name": "mlp"}, train={"epochs": 4}, schedule={"warmup_epochs": 0, "finetune_epochs": 1},
-                      budget={"fraction": 0.3}, switcher=switcher)
+    cfg = make_config(
+        model={"name": "mlp"},
+        train={"epochs": 4},
+        schedule={"warmup_epochs": 0, "finetune_epochs": 1},
+        budget={"fraction": 0.3},
+        switcher=switcher,
+    )
     torch.manual_seed(0)
     _, gates, method = build(cfg, FASHION_INFO, 10, torch.device("cpu"))
     with torch.no_grad():
@@ -282,8 +327,13 @@ def test_tied_zero_factors_are_cut_by_the_switcher_s_score_with_ties_score_and_b
 
 
 def test_torch_pruning_s_pruner_removes_the_units_of_lowest_group_norm_within_the_budget():
-    cfg = make_config(model={"name": "mlp"}, method="torch-pruning", train={"epochs": 4}, prune={"finetune_epochs": 1},
-                      budget={"fraction": 0.5})
+    cfg = make_config(
+        model={"name": "mlp"},
+        method="torch-pruning",
+        train={"epochs": 4},
+        prune={"finetune_epochs": 1},
+        budget={"fraction": 0.5},
+    )
     torch.manual_seed(0)
     _, gates, method = build(cfg, FASHION_INFO, 10, torch.device("cpu"))
     with torch.no_grad():  # units of very different sizes: the ranking is unambiguous
@@ -292,8 +342,11 @@ def test_torch_pruning_s_pruner_removes_the_units_of_lowest_group_norm_within_th
     spent = method.cost.evaluate_list([int(m.sum()) for m in masks]) / method.cost.dense
     assert 0.49 <= spent <= 0.5
     with torch.no_grad():
-        norms = (gates.model.fc1.weight.square().sum(1) + gates.model.fc1.bias.square()
-                 + gates.model.fc2.weight.square().sum(0)).sqrt()
+        norms = (
+            gates.model.fc1.weight.square().sum(1)
+            + gates.model.fc1.bias.square()
+            + gates.model.fc2.weight.square().sum(0)
+        ).sqrt()
     kept, gone = norms[masks[0] == 1], norms[masks[0] == 0]
     assert len(gone) > 0 and float(gone.max()) <= float(kept.min())
 

@@ -65,8 +65,12 @@ def test_a_checkpoint_resumes_onto_a_non_cpu_device_with_cpu_generators_and_host
     set_rng(state["rng"], rank=0)
     assert torch.equal(torch.rand(4), draws)  # the generators continue where the checkpoint left them
     for opt in engine.optimizers.values():
-        slots = [(name, t) for per_param in opt.state.values() for name, t in per_param.items()
-                 if isinstance(t, torch.Tensor)]
+        slots = [
+            (name, t)
+            for per_param in opt.state.values()
+            for name, t in per_param.items()
+            if isinstance(t, torch.Tensor)
+        ]
         assert slots
         for name, t in slots:  # momenta and moments next to their parameters; counters on the host
             assert t.device == (CPU if name == "step" else META), (name, t.device)
@@ -122,5 +126,9 @@ def test_a_checkpoint_of_another_format_version_is_refused_in_one_line(tmp_path)
     with pytest.raises(ConfigError) as refused:
         train(load_config(FIXTURE / "config.yaml", [f"out_dir={out}"]))
     message = str(refused.value)
-    assert "was written by another version of distswitch (format 'distswitch.ckpt/999'; this version reads " \
-           "'distswitch.ckpt/2')" in message and "\n" not in message
+    assert (
+        "was written by another version of distswitch (format 'distswitch.ckpt/999'; this version reads "
+        "'distswitch.ckpt/2')"
+        in message
+        and "\n" not in message
+    )

@@ -17,7 +17,9 @@ from distswitch.driver.claim import LOCK_FILE, claim
 
 def test_a_second_claim_on_a_held_out_dir_is_refused_naming_the_holder(tmp_path):
     with claim(tmp_path):
-        with pytest.raises(ConfigError, match=rf"in use by another distswitch run \(host \S+, pid {os.getpid()}, since "):
+        with pytest.raises(
+            ConfigError, match=rf"in use by another distswitch run \(host \S+, pid {os.getpid()}, since "
+        ):
             with claim(tmp_path):
                 pass
     with claim(tmp_path):  # released when the first ended
@@ -25,10 +27,18 @@ def test_a_second_claim_on_a_held_out_dir_is_refused_naming_the_holder(tmp_path)
 
 
 def test_a_claim_left_by_a_killed_driver_is_taken_over_in_one_line(tmp_path, capsys):
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from distswitch.driver.claim import claim\n"
-        f"with claim({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(60)")],
-        stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; from distswitch.driver.claim import claim\n"
+                f"with claim({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(60)"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(ConfigError, match=f"pid {holder.pid}"):
         with claim(tmp_path):

@@ -42,15 +42,20 @@ def test_compare_aggregates_seeds_per_setting_and_logs_its_figure(tmp_path, caps
     assert set(rows) == {"dense", "switch (switcher.describe=both)", "switch (switcher.describe=incoming)", "magnitude"}
     mean, std = statistics.fmean([0.90, 0.88]), statistics.stdev([0.90, 0.88])
     assert f"{mean:.4f} ± {std:.4f}" in rows["switch (switcher.describe=both)"]
-    assert "1,000,000 (0.500)" in rows["switch (switcher.describe=both)"] and rows["switch (switcher.describe=both)"].endswith("| 2 |")
+    assert "1,000,000 (0.500)" in rows["switch (switcher.describe=both)"] and rows[
+        "switch (switcher.describe=both)"
+    ].endswith("| 2 |")
     assert "0.8900 ± 0.0000" in rows["magnitude"] and rows["magnitude"].endswith("| 1 |")  # the unfinished one left out
     assert figure.stat().st_size > 10_000 and lines[-1].startswith(f"figure: {figure}")
 
     client = MlflowClient(uri)
-    [compare] = client.search_runs([client.get_experiment_by_name("lenet").experiment_id],
-                                   filter_string=f"tags.`{COMPARE_TAG}` = '1'")
-    assert {a.path for a in client.list_artifacts(compare.info.run_id, "compare")} == {"compare/trade-off.png",
-                                                                                       "compare/table.md"}
+    [compare] = client.search_runs(
+        [client.get_experiment_by_name("lenet").experiment_id], filter_string=f"tags.`{COMPARE_TAG}` = '1'"
+    )
+    assert {a.path for a in client.list_artifacts(compare.info.run_id, "compare")} == {
+        "compare/trade-off.png",
+        "compare/table.md",
+    }
     assert main(["compare", "--experiment", "lenet", "--out", str(figure)]) == 0  # again: the same run, updated
     assert len(client.search_runs([compare.info.experiment_id], filter_string=f"tags.`{COMPARE_TAG}` = '1'")) == 1
 

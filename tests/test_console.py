@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 def _tmux():
     assert shutil.which("tmux"), "tmux is missing: `make setup` installs it"
 
+
 BIN = Path(sys.executable).parent
 EPOCHS = 3
 BAR = re.compile(r"epoch (\d+)/\d+.*\d+%\|")  # tqdm's "desc: 40%|████  | 8/20 [...]"
@@ -37,14 +38,40 @@ def _pane(socket: str) -> list[str]:
 
 def test_a_terminal_run_shows_epoch_lines_one_live_bar_and_the_summary_without_ray_chatter(tmp_path, fashion_betons):
     out, stdout, done = tmp_path / "run", tmp_path / "stdout.txt", tmp_path / "status"
-    command = " ".join(shlex.quote(a) for a in [
-        str(BIN / "distswitch"), "train", str(DEFAULT_CONFIG), f"train.epochs={EPOCHS}", "data.train_limit=4000",
-        "train.device=cpu", f"out_dir={out}"])
+    command = " ".join(
+        shlex.quote(a)
+        for a in [
+            str(BIN / "distswitch"),
+            "train",
+            str(DEFAULT_CONFIG),
+            f"train.epochs={EPOCHS}",
+            "data.train_limit=4000",
+            "train.device=cpu",
+            f"out_dir={out}",
+        ]
+    )
     socket = f"distswitch-{uuid.uuid4().hex[:8]}"
     # stdout to a file (what a log keeps); stderr stays on the terminal, where the bar draws.
     script = f"cd {shlex.quote(str(REPO_ROOT))} && {command} > {shlex.quote(str(stdout))}; echo $? > {shlex.quote(str(done))}"
-    subprocess.run(["tmux", "-L", socket, "new-session", "-d", "-s", "run", "-x", "160", "-y", "60", "bash", "-c",
-                    script + "; sleep 600"], check=True)
+    subprocess.run(
+        [
+            "tmux",
+            "-L",
+            socket,
+            "new-session",
+            "-d",
+            "-s",
+            "run",
+            "-x",
+            "160",
+            "-y",
+            "60",
+            "bash",
+            "-c",
+            script + "; sleep 600",
+        ],
+        check=True,
+    )
     snapshots = []
     try:
         deadline = time.time() + 400

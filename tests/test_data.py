@@ -79,8 +79,15 @@ def test_any_number_of_workers_takes_each_global_batch_once_in_the_same_order(ti
     # 32 examples per global batch over 3 workers: 11 + 11 + 10 (an elastic group can have any size).
     splits = load_splits(DataConfig(dataset="mnist", root=str(tiny_mnist), val_size=10))
     whole = [y for _, y in BatchLoader(splits.train, splits.info, batch_size=32, train=True, seed=3)]
-    shares = [[y for _, y in BatchLoader(splits.train, splits.info, batch_size=32, train=True, seed=3, rank=r,
-                                         world_size=world)] for r in range(world)]
+    shares = [
+        [
+            y
+            for _, y in BatchLoader(
+                splits.train, splits.info, batch_size=32, train=True, seed=3, rank=r, world_size=world
+            )
+        ]
+        for r in range(world)
+    ]
     for step, batch in enumerate(whole):
         parts = [share[step] for share in shares]
         assert max(len(p) for p in parts) - min(len(p) for p in parts) <= 1

@@ -93,8 +93,9 @@ def two_workers(config, tmp_path_factory, tracking_server) -> Path:
     return out
 
 
-def test_a_two_worker_run_logs_through_the_tracking_server_and_runs_and_compare_read_it(two_workers, tracking_server,
-                                                                                        tmp_path, capsys):
+def test_a_two_worker_run_logs_through_the_tracking_server_and_runs_and_compare_read_it(
+    two_workers, tracking_server, tmp_path, capsys
+):
     from distswitch.cli import main
 
     summary = json.loads((two_workers / "summary.json").read_text())
@@ -111,7 +112,9 @@ def test_a_two_worker_run_logs_through_the_tracking_server_and_runs_and_compare_
     capsys.readouterr()
     assert main(["runs", "--uri", tracking_server, "--experiment", experiment]) == 0
     assert run.info.run_name in capsys.readouterr().out
-    assert main(["compare", "--uri", tracking_server, "--experiment", experiment, "--out", str(tmp_path / "c.png")]) == 0
+    assert (
+        main(["compare", "--uri", tracking_server, "--experiment", experiment, "--out", str(tmp_path / "c.png")]) == 0
+    )
     assert (tmp_path / "c.png").stat().st_size > 10_000
 
 
@@ -140,8 +143,10 @@ def test_two_workers_update_like_one_worker_with_the_whole_batch(config, tmp_pat
     # amplified over hundreds of steps, which says nothing about the updates themselves.
     short = ["train.epochs=1", "data.train_limit=640"]
     # The whole batch in one process, here (the same `run.train` a Ray worker runs, without Ray).
-    train(load_config(config, [f"out_dir={tmp_path / 'one'}", *short, "distributed.num_workers=1"]),
-          Session(tmp_path / "one"))
+    train(
+        load_config(config, [f"out_dir={tmp_path / 'one'}", *short, "distributed.num_workers=1"]),
+        Session(tmp_path / "one"),
+    )
     _run(config, tmp_path / "two", *short, "distributed.num_workers=2")
     a, b = _tensors(_final_state(tmp_path / "one")), _tensors(_final_state(tmp_path / "two"))
     assert a.keys() == b.keys()
@@ -165,7 +170,10 @@ def test_a_worker_leaves_no_scratch_files_whether_it_finishes_or_stops(config, t
     train(load_config(config, [f"out_dir={tmp_path / 'done'}", *short]), Session(tmp_path / "done"))
     assert list(scratch.iterdir()) == []
     with pytest.raises(TrainingStopped):
-        train(load_config(config, [f"out_dir={tmp_path / 'stop'}", *short, "optim.tnn.lr=1e30"]), Session(tmp_path / "stop"))
+        train(
+            load_config(config, [f"out_dir={tmp_path / 'stop'}", *short, "optim.tnn.lr=1e30"]),
+            Session(tmp_path / "stop"),
+        )
     assert list(scratch.iterdir()) == []
     assert (tmp_path / "stop" / "checkpoints").is_dir()  # the stop was reported before the cleanup
 
@@ -197,7 +205,8 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
 
 
 def test_a_worker_then_the_driver_killed_mid_epoch_and_the_newest_checkpoint_cut_resume_to_the_uninterrupted_parameters(
-        config, two_workers, tmp_path):
+    config, two_workers, tmp_path
+):
     """Three faults in one run. A worker SIGKILLed in epoch 2: Ray Train restarts the group from
     epoch 1's checkpoint (max_failures 1). Then the driver SIGKILLed in epoch 3, its local cluster
     going with it, and epoch 2's checkpoint cut short (a full disk, a node lost mid-write); the same
@@ -252,7 +261,8 @@ def test_a_worker_then_the_driver_killed_mid_epoch_and_the_newest_checkpoint_cut
 
 
 def test_sigterm_to_the_driver_s_process_group_ends_the_run_killed_and_the_same_command_resumes(
-        config, two_workers, tmp_path, mlflow_store):
+    config, two_workers, tmp_path, mlflow_store
+):
     """What `kill`, Kubernetes and SLURM send: SIGTERM to the launcher's process group, inside epoch 2
     (after a second launch on the same out_dir was refused). One line, exit 128 + 15, no traceback,
     the MLflow run KILLED with the signal named; the same command then continues from the newest
@@ -260,8 +270,9 @@ def test_sigterm_to_the_driver_s_process_group_ends_the_run_killed_and_the_same_
     out = tmp_path / "terminated"
     run_dir = out / "ray" / out.name
     logs = {name: (tmp_path / f"{name}.log").open("w+") for name in ("stdout", "stderr")}
-    proc = subprocess.Popen(_command(config, out), cwd=REPO_ROOT, stdout=logs["stdout"], stderr=logs["stderr"],
-                            start_new_session=True)  # its own group, as a shell or scheduler starts it
+    proc = subprocess.Popen(
+        _command(config, out), cwd=REPO_ROOT, stdout=logs["stdout"], stderr=logs["stderr"], start_new_session=True
+    )  # its own group, as a shell or scheduler starts it
     try:
         deadline = time.time() + 120
         while f'"pid": {proc.pid},' not in _read(out / ".distswitch.lock"):  # the first driver holds its claim
@@ -309,8 +320,9 @@ def test_ctrl_c_ends_the_run_as_sigterm_does_and_the_workers_stop_at_once(config
     out = tmp_path / "interrupted"
     run_dir = out / "ray" / out.name
     with (tmp_path / "stderr.log").open("w+") as sink:
-        proc = subprocess.Popen(_command(config, out), cwd=REPO_ROOT, stdout=sink, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            _command(config, out), cwd=REPO_ROOT, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             _wait_for(run_dir / "epoch_0000", proc)
             os.killpg(proc.pid, signal.SIGINT)
@@ -329,9 +341,13 @@ def test_ctrl_c_ends_the_run_as_sigterm_does_and_the_workers_stop_at_once(config
 
 
 def test_more_workers_than_local_cpus_is_refused_before_training(config, tmp_path):
-    proc = subprocess.run(_command(config, tmp_path / "big", "distributed.num_workers=64", "train.batch_size=128"),
-                          cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        _command(config, tmp_path / "big", "distributed.num_workers=64", "train.batch_size=128"),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("distswitch: error: distributed: 64 workers need 64 CPU"), last
@@ -351,12 +367,16 @@ def test_a_diverging_run_stops_once_in_one_line_keeps_its_last_good_checkpoint_a
     # switcher's factors to inf. max_failures=1: a stop must not be retried into the same divergence.
     out = tmp_path / "nan"
     short = ["train.epochs=2", "schedule.warmup_epochs=1", "data.train_limit=1280"]
-    proc = subprocess.run(_command(config, out, *short, "optim.snn.lr=1e30"), cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        _command(config, out, *short, "optim.snn.lr=1e30"), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert re.match(r"distswitch: stopped: training diverged: the (loss is|switcher's factors are) not finite at "
-                    r"step \d+ of epoch 2 \((TNN|SNN) phase, worker \d\)", last), last
+    assert re.match(
+        r"distswitch: stopped: training diverged: the (loss is|switcher's factors are) not finite at "
+        r"step \d+ of epoch 2 \((TNN|SNN) phase, worker \d\)",
+        last,
+    ), last
     # No distswitch frame in the output (Ray's controller may log its own), and one attempt, no retry.
     assert not re.search(r'File ".*/distswitch/', proc.stderr) and "resuming from" not in proc.stderr
     run_dir = out / "ray" / out.name
@@ -381,8 +401,9 @@ def test_a_diverging_run_stops_once_in_one_line_keeps_its_last_good_checkpoint_a
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == [0, 1]
 
 
-def test_a_checkpoint_of_two_workers_resumes_on_one_and_says_how_it_was_resharded(two_workers, config, tmp_path,
-                                                                                   capsys):
+def test_a_checkpoint_of_two_workers_resumes_on_one_and_says_how_it_was_resharded(
+    two_workers, config, tmp_path, capsys
+):
     # An elastic group that shrank, or a relaunch with fewer resources: the same global batches in the
     # same order, each worker's generators re-seeded (its saved ones belong to another split).
     newest = sorted((two_workers / "ray" / two_workers.name).glob("epoch_*"))[-1]
@@ -390,9 +411,13 @@ def test_a_checkpoint_of_two_workers_resumes_on_one_and_says_how_it_was_resharde
     shutil.copytree(newest, out / "checkpoints" / newest.name)
     epoch = int(newest.name.split("_")[1])
     # One epoch more than the two workers ran: the resumed worker trains it.
-    cfg = load_config(config, [f"out_dir={out}", "distributed.num_workers=1", "tracking.enabled=false", "train.epochs=4"])
+    cfg = load_config(
+        config, [f"out_dir={out}", "distributed.num_workers=1", "tracking.enabled=false", "train.epochs=4"]
+    )
     summary = train(local_paths(cfg), Session(out))  # the data paths as the launcher made them
     err = capsys.readouterr().err
-    assert ("resuming on 1 worker a checkpoint of 2: the same global batches of 64 in the same order, now split 64; "
-            "each worker's random generators re-seeded") in err
+    assert (
+        "resuming on 1 worker a checkpoint of 2: the same global batches of 64 in the same order, now split 64; "
+        "each worker's random generators re-seeded"
+    ) in err
     assert summary["resumed_at_epoch"] == epoch + 1 and len(summary["history"]) == 4 and summary["workers"] == 1

@@ -50,6 +50,7 @@ MODELS = ["mlp", "lenet5", "mobilenet_v2", "vgg16"]  # the last two: BatchNorm s
 
 # -- phase freezing ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", MODELS)
 def test_snn_steps_leave_every_tnn_parameter_and_buffer_bit_identical(name):
     engine = _engine(name)
@@ -139,8 +140,7 @@ def test_a_phase_without_steps_in_an_epoch_does_not_warn_about_its_scheduler():
 
 
 def test_finetune_epochs_keep_the_factors_but_freeze_the_switcher():
-    engine = _engine("mlp", schedule={"warmup_epochs": 0, "update_ratio": 1, "finetune_epochs": 1},
-                     train={"epochs": 2})
+    engine = _engine("mlp", schedule={"warmup_epochs": 0, "update_ratio": 1, "finetune_epochs": 1}, train={"epochs": 2})
     batches = [fake_batch(4, seed=i) for i in range(4)]
     assert engine.train_epoch(0, batches, batches[:1]).steps == {"tnn": 2, "snn": 2}
     source = _source_state(engine)
@@ -151,6 +151,7 @@ def test_finetune_epochs_keep_the_factors_but_freeze_the_switcher():
 
 
 # -- penalties and methods ------------------------------------------------------------------------
+
 
 def _mean_factor(engine: Engine) -> float:
     return float(torch.cat([f.flatten() for f in engine.compute_factors(0)]).mean())
@@ -216,11 +217,14 @@ def test_slimming_scales_train_with_the_tnn():
     assert [n for n in _changed(before, _source_state(engine)) if n.startswith("scales")]
 
 
-@pytest.mark.parametrize("name, kept_fraction, expected", [
-    ("lenet5", 0.5, {"conv1": 10, "conv2": 25, "fc1": 250}),
-    ("lenet5", 0.25, {"conv1": 5, "conv2": 13, "fc1": 125}),
-    ("mlp", 0.55, {"fc1": 165, "fc2": 55}),
-])
+@pytest.mark.parametrize(
+    "name, kept_fraction, expected",
+    [
+        ("lenet5", 0.5, {"conv1": 10, "conv2": 25, "fc1": 250}),
+        ("lenet5", 0.25, {"conv1": 5, "conv2": 13, "fc1": 125}),
+        ("mlp", 0.55, {"fc1": 165, "fc2": 55}),
+    ],
+)
 def test_magnitude_keeps_ceil_fraction_of_units_per_layer_at_the_prune_epoch(name, kept_fraction, expected):
     engine = _engine(name, method="magnitude", prune={"kept_fraction": kept_fraction, "finetune_epochs": 1})
     method, gates = engine.method, engine.gates
@@ -240,7 +244,9 @@ def test_magnitude_keeps_ceil_fraction_of_units_per_layer_at_the_prune_epoch(nam
 def test_group_magnitude_keeps_a_unit_whose_outgoing_weights_are_large_where_incoming_magnitude_cuts_it():
     kept = {}
     for importance in ("incoming", "group"):
-        engine = _engine("mlp", method="magnitude", prune={"kept_fraction": 0.5, "finetune_epochs": 1, "importance": importance})
+        engine = _engine(
+            "mlp", method="magnitude", prune={"kept_fraction": 0.5, "finetune_epochs": 1, "importance": importance}
+        )
         modules = dict(engine.tnn.named_modules())
         with torch.no_grad():  # fc1's unit 7: the weakest incoming row, but what it feeds is 100x
             modules["fc1"].weight[7].mul_(1e-3)
@@ -270,8 +276,11 @@ def _nan_at(index: int, n: int = 10) -> list:
 @pytest.mark.parametrize("index, phase", [(5, "TNN"), (4, "SNN")])
 def test_a_non_finite_loss_stops_the_epoch_naming_its_step_and_phase(index, phase):
     engine = _engine("mlp", schedule={"warmup_epochs": 0, "update_ratio": 4})  # steps 0-3 TNN, 4 SNN, ...
-    with pytest.raises(TrainingStopped, match=rf"loss is not finite at step {index + 1} of epoch 1 \({phase} phase, worker 0\); "
-                                              "lower optim.tnn.lr or optim.snn.lr"):
+    with pytest.raises(
+        TrainingStopped,
+        match=rf"loss is not finite at step {index + 1} of epoch 1 \({phase} phase, worker 0\); "
+        "lower optim.tnn.lr or optim.snn.lr",
+    ):
         engine.train_epoch(0, _nan_at(index), [fake_batch(4)])
 
 
@@ -279,19 +288,25 @@ def test_non_finite_factors_stop_training_at_the_first_step():
     engine = _engine("mlp", schedule={"warmup_epochs": 0, "update_ratio": 4})
     with torch.no_grad():
         engine.source.neuron_head.bias.fill_(float("inf"))
-    with pytest.raises(TrainingStopped, match=r"diverged: the switcher's factors are not finite at step 1 of epoch 1 .*lower optim.snn.lr"):
+    with pytest.raises(
+        TrainingStopped,
+        match=r"diverged: the switcher's factors are not finite at step 1 of epoch 1 .*lower optim.snn.lr",
+    ):
         engine.train_epoch(0, [fake_batch(4, seed=i) for i in range(3)], [fake_batch(4)])
 
 
 def test_a_layer_switched_entirely_off_stops_training_unless_min_kept_is_zero():
     batches = [fake_batch(4, seed=i) for i in range(3)]
     for floor in (1, 0):
-        engine = _engine("mlp", schedule={"warmup_epochs": 0, "update_ratio": 4},
-                         switcher={"init_factor": 1.0, "min_kept": floor})
+        engine = _engine(
+            "mlp", schedule={"warmup_epochs": 0, "update_ratio": 4}, switcher={"init_factor": 1.0, "min_kept": floor}
+        )
         with torch.no_grad():
             engine.source.neuron_head.bias.fill_(-10.0)  # every factor exactly 0
         if floor:
-            with pytest.raises(TrainingStopped, match=r"fewer than switcher.min_kept=1 units in .*\(0 of \d+\) after epoch 1"):
+            with pytest.raises(
+                TrainingStopped, match=r"fewer than switcher.min_kept=1 units in .*\(0 of \d+\) after epoch 1"
+            ):
                 engine.train_epoch(0, batches, batches[:1])
         else:
             assert engine.train_epoch(0, batches, batches[:1]).kept_fraction == 0
@@ -304,22 +319,33 @@ def test_min_kept_above_the_smallest_layer_is_a_config_error():
 
 
 def test_a_resumed_engine_takes_the_configs_new_learning_rate_not_the_checkpoints():
-    old = _engine("mlp", optim={"snn": {"name": "adam", "lr": 1.0}, "tnn": {"name": "sgd", "lr": 0.1, "scheduler": "cosine"}})
+    old = _engine(
+        "mlp", optim={"snn": {"name": "adam", "lr": 1.0}, "tnn": {"name": "sgd", "lr": 0.1, "scheduler": "cosine"}}
+    )
     batches = [fake_batch(4, seed=i) for i in range(5)]
     old.train_epoch(0, batches, batches[:1])
     state = old.state_dict()
-    new = _engine("mlp", optim={"snn": {"name": "adam", "lr": 1e-3}, "tnn": {"name": "sgd", "lr": 0.01, "scheduler": "cosine"}})
+    new = _engine(
+        "mlp", optim={"snn": {"name": "adam", "lr": 1e-3}, "tnn": {"name": "sgd", "lr": 0.01, "scheduler": "cosine"}}
+    )
     new.load_state_dict(state)
-    assert new.optimizers[Phase.SNN].param_groups[0]["lr"] == old.optimizers[Phase.SNN].param_groups[0]["lr"]  # a bare load
+    assert (
+        new.optimizers[Phase.SNN].param_groups[0]["lr"] == old.optimizers[Phase.SNN].param_groups[0]["lr"]
+    )  # a bare load
     new.retune(old.cfg.to_dict()["optim"])
     for ph, factor in ((Phase.SNN, 1e-3), (Phase.TNN, 0.1)):  # the new rate, at the same point of its schedule
-        assert new.optimizers[ph].param_groups[0]["lr"] == pytest.approx(old.optimizers[ph].param_groups[0]["lr"] * factor)
+        assert new.optimizers[ph].param_groups[0]["lr"] == pytest.approx(
+            old.optimizers[ph].param_groups[0]["lr"] * factor
+        )
         new.schedulers[ph].step()
         old.schedulers[ph].step()
-        assert new.optimizers[ph].param_groups[0]["lr"] == pytest.approx(old.optimizers[ph].param_groups[0]["lr"] * factor)
+        assert new.optimizers[ph].param_groups[0]["lr"] == pytest.approx(
+            old.optimizers[ph].param_groups[0]["lr"] * factor
+        )
 
 
 # -- sparse learning (budget.sparse_learning) -------------------------------------------------------
+
 
 def _group_norms(engine: Engine) -> list[torch.Tensor]:
     return [n.detach().sqrt() for n in engine.gates.unit_sq_norms()]
@@ -329,7 +355,9 @@ def test_a_units_group_norm_covers_its_incoming_weights_bias_and_outgoing_weight
     engine = _engine("lenet5", method="dense")
     conv2, fc1 = engine.tnn.conv2, engine.tnn.fc1
     c = 7  # conv2's channel 7: fc1 reads it at its 16 flattened positions (50 x 4 x 4, channel-major)
-    by_hand = conv2.weight[c].square().sum() + conv2.bias[c].square() + fc1.weight[:, c * 16:(c + 1) * 16].square().sum()
+    by_hand = (
+        conv2.weight[c].square().sum() + conv2.bias[c].square() + fc1.weight[:, c * 16 : (c + 1) * 16].square().sum()
+    )
     layer = [s.layer for s in engine.gates.specs].index("conv2")
     assert torch.allclose(engine.gates.unit_sq_norms()[layer][c], by_hand)
 
@@ -349,8 +377,12 @@ def test_a_units_group_norm_includes_the_batchnorm_that_follows_it():
 
 @pytest.mark.parametrize("method", ["switch", "magnitude"])
 def test_sparse_learning_shrinks_the_units_the_final_cut_removes_and_no_others(method):
-    sections = {"budget": {"fraction": 0.3, "sparse_learning": 0.5}, "schedule": {"warmup_epochs": 0, "finetune_epochs": 1},
-                "prune": {"finetune_epochs": 1, "schedule": "gradual"}, "train": {"epochs": 4}}
+    sections = {
+        "budget": {"fraction": 0.3, "sparse_learning": 0.5},
+        "schedule": {"warmup_epochs": 0, "finetune_epochs": 1},
+        "prune": {"finetune_epochs": 1, "schedule": "gradual"},
+        "train": {"epochs": 4},
+    }
     engine = _engine("mlp", method=method, **sections)
     quiet = _engine("mlp", method=method, **{**sections, "budget": {"fraction": 0.3}})
     if method == "switch":  # a trained switcher: a fresh one gives every unit the same factor

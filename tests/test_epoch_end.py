@@ -15,9 +15,21 @@ CPU = torch.device("cpu")
 
 
 def _stats(epoch: int, val_acc: float) -> EpochStats:
-    return EpochStats(epoch=epoch, gated=True, steps={"tnn": 1}, train_loss={"tnn": 1.0}, train_acc={"tnn": 0.5},
-                      val_loss=1.0, val_acc=val_acc, kept_fraction=0.5, kept={}, lr={"tnn": 0.1}, seconds=1.0,
-                      images_per_s=10.0, comm_bytes_per_step={})
+    return EpochStats(
+        epoch=epoch,
+        gated=True,
+        steps={"tnn": 1},
+        train_loss={"tnn": 1.0},
+        train_acc={"tnn": 0.5},
+        val_loss=1.0,
+        val_acc=val_acc,
+        kept_fraction=0.5,
+        kept={},
+        lr={"tnn": 0.1},
+        seconds=1.0,
+        images_per_s=10.0,
+        comm_bytes_per_step={},
+    )
 
 
 class _Session(Session):
@@ -33,8 +45,13 @@ class _Session(Session):
 
 
 def test_rank_0_checkpoints_every_second_epoch_keeps_the_best_and_only_the_latest_local_folder(tmp_path):
-    cfg = make_config(model={"name": "mlp"}, method="switch", train={"epochs": 4},
-                      distributed={"checkpoint_every": 2}, out_dir=str(tmp_path / "run"))
+    cfg = make_config(
+        model={"name": "mlp"},
+        method="switch",
+        train={"epochs": 4},
+        distributed={"checkpoint_every": 2},
+        out_dir=str(tmp_path / "run"),
+    )
     tnn, gates, method = build(cfg, FASHION_INFO, 10, CPU)
     engine = Engine(cfg, tnn, gates, method, CPU, make_replicas(tnn, method, CPU))
     scratch = tmp_path / "scratch"

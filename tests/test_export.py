@@ -33,8 +33,10 @@ def _gated(name: str, gated: str = "all", granularity: str = "neuron", size: int
 
 def _random_factors(specs, seed: int = 0, zero_prob: float = 0.4) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return [torch.rand(s.factor_shape, generator=gen) * 2 * (torch.rand(s.factor_shape, generator=gen) >= zero_prob)
-            for s in specs]
+    return [
+        torch.rand(s.factor_shape, generator=gen) * 2 * (torch.rand(s.factor_shape, generator=gen) >= zero_prob)
+        for s in specs
+    ]
 
 
 def _inputs(size: int = 32) -> torch.Tensor:
@@ -205,9 +207,13 @@ def test_a_compact_model_loads_inside_torch_no_grad(tmp_path):
 
 
 def test_the_small_models_name_their_layers():
-    assert [n for n, m in create_tnn("lenet5", 1, 10, 28).named_children() if isinstance(m, (nn.Conv2d, nn.Linear))] \
-        == ["conv1", "conv2", "fc1", "fc2"]
-    assert [s.layer for s in find_gates(create_tnn("mlp", 1, 10, 28), "all", "neuron", torch.zeros(1, 1, 28, 28))] == ["fc1", "fc2"]
+    assert [
+        n for n, m in create_tnn("lenet5", 1, 10, 28).named_children() if isinstance(m, (nn.Conv2d, nn.Linear))
+    ] == ["conv1", "conv2", "fc1", "fc2"]
+    assert [s.layer for s in find_gates(create_tnn("mlp", 1, 10, 28), "all", "neuron", torch.zeros(1, 1, 28, 28))] == [
+        "fc1",
+        "fc2",
+    ]
 
 
 def test_an_attention_head_is_removed_as_its_query_key_value_rows_and_projection_columns():

@@ -45,8 +45,10 @@ def mnist_betons(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _cfg(out: Path, root: Path, **data) -> object:
-    return make_config(data={"dataset": "mnist", "root": str(root), "beton_dir": str(out), "val_size": 40, **data},
-                       train={"batch_size": 32, "eval_batch_size": 16})
+    return make_config(
+        data={"dataset": "mnist", "root": str(root), "beton_dir": str(out), "val_size": 40, **data},
+        train={"batch_size": 32, "eval_batch_size": 16},
+    )
 
 
 # -- preparing ----------------------------------------------------------------------------------------
@@ -94,14 +96,29 @@ def cifar_batches(root: Path, name: str, n_train: int, n_test: int) -> Path:
 
     classes = 10 if name == "cifar10" else 100
     folder, train_files, test_file, meta, names_key, labels_key = (
-        ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "batches.meta", "label_names", "labels")
-        if name == "cifar10" else ("cifar-100-python", ["train"], "test", "meta", "fine_label_names", "fine_labels"))
+        (
+            "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)],
+            "test_batch",
+            "batches.meta",
+            "label_names",
+            "labels",
+        )
+        if name == "cifar10"
+        else ("cifar-100-python", ["train"], "test", "meta", "fine_label_names", "fine_labels")
+    )
     base = root / folder
     base.mkdir(parents=True)
 
     def batch(ids: np.ndarray) -> dict:
         labels = ids % classes
-        planes = np.stack([np.broadcast_to(v[:, None], (len(ids), 1024)) for v in (ids % 256, labels * 10 % 256, np.full(len(ids), 200))], 1)
+        planes = np.stack(
+            [
+                np.broadcast_to(v[:, None], (len(ids), 1024))
+                for v in (ids % 256, labels * 10 % 256, np.full(len(ids), 200))
+            ],
+            1,
+        )
         return {"data": planes.reshape(len(ids), 3072).astype(np.uint8), labels_key: labels.tolist()}
 
     for part, ids in zip(train_files, np.array_split(np.arange(n_train), len(train_files))):
@@ -119,14 +136,22 @@ def test_cifar_batches_are_prepared_as_rgb_32x32_with_their_classes_and_read_ali
     assert meta["image_shape"] == [3, 32, 32] and meta["info"]["augment"] == "crop_flip"
     assert len(meta["info"]["classes"]) == meta["info"]["num_classes"] == (10 if name == "cifar10" else 100)
     cfg = dict(dataset=name, root=str(root), beton_dir=str(out), val_size=50)
-    loaders = {kind: make_loaders(make_config(data={**cfg, "loader": kind}, train={"batch_size": 20, "eval_batch_size": 20}))
-               for kind in ("ffcv", "torch")}
+    loaders = {
+        kind: make_loaders(make_config(data={**cfg, "loader": kind}, train={"batch_size": 20, "eval_batch_size": 20}))
+        for kind in ("ffcv", "torch")
+    }
     (x, y), (xt, yt) = next(iter(loaders["ffcv"].test)), next(iter(loaders["torch"].test))
     assert torch.equal(x, xt) and torch.equal(y, yt) and x.shape == (20, 3, 32, 32)
     # Planes are R, G, B: test image i has red i, green its class * 10, blue 200 (before normalising).
-    pixels = (x * torch.tensor(meta["info"]["std"]).view(1, 3, 1, 1) + torch.tensor(meta["info"]["mean"]).view(1, 3, 1, 1)) * 255
-    expected = torch.stack([torch.arange(20.0), (torch.arange(20) % meta["info"]["num_classes"]) * 10.0, torch.full((20,), 200.0)], 1)
-    assert torch.allclose(pixels[:, :, 16, 16], expected, atol=0.01) and torch.equal(y, torch.arange(20) % meta["info"]["num_classes"])
+    pixels = (
+        x * torch.tensor(meta["info"]["std"]).view(1, 3, 1, 1) + torch.tensor(meta["info"]["mean"]).view(1, 3, 1, 1)
+    ) * 255
+    expected = torch.stack(
+        [torch.arange(20.0), (torch.arange(20) % meta["info"]["num_classes"]) * 10.0, torch.full((20,), 200.0)], 1
+    )
+    assert torch.allclose(pixels[:, :, 16, 16], expected, atol=0.01) and torch.equal(
+        y, torch.arange(20) % meta["info"]["num_classes"]
+    )
     xb, _ = next(iter(loaders["ffcv"].train))
     assert xb.shape == (20, 3, 32, 32)
 
@@ -144,8 +169,13 @@ def test_a_damaged_cifar_batch_is_named_in_one_line(tmp_path):
 def test_killed_prepare_leaves_no_folder_that_looks_complete(tmp_path, fashion_mnist_root):
     out = tmp_path / "fm"
     code = f"from distswitch.data.beton import prepare; prepare('fashion-mnist', {str(out)!r}, workers=1)"
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 120
     while not list(out.glob(".train.*.tmp.beton")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -184,14 +214,22 @@ def test_ranks_read_disjoint_shards_that_cover_the_split(mnist_betons, world):
     from distswitch.data.ffcv_loader import FfcvLoader
 
     betons = open_betons(_cfg(out, root).data)
-    train = [[i for x, _ in FfcvLoader(betons, "train", 30 * world, True, identity, rank=r, world_size=world)
-              for i in sample_ids(x)] for r in range(world)]
+    train = [
+        [
+            i
+            for x, _ in FfcvLoader(betons, "train", 30 * world, True, identity, rank=r, world_size=world)
+            for i in sample_ids(x)
+        ]
+        for r in range(world)
+    ]
     whole = [i for x, _ in FfcvLoader(betons, "train", 30 * world, True, identity) for i in sample_ids(x)]
     assert all(len(t) == len(train[0]) for t in train)  # equal steps on every rank
     assert set().union(*map(set, train)) == set(whole) and sum(map(len, train)) == len(whole) == len(set(whole))
     assert 260 - len(whole) < 30 * world  # only the last partial global batch is left out
-    val = [[i for x, _ in FfcvLoader(betons, "val", 16, False, identity, rank=r, world_size=world)
-            for i in sample_ids(x)] for r in range(world)]
+    val = [
+        [i for x, _ in FfcvLoader(betons, "val", 16, False, identity, rank=r, world_size=world) for i in sample_ids(x)]
+        for r in range(world)
+    ]
     assert sorted(i for v in val for i in v) == sorted(set(i for v in val for i in v)) and sum(map(len, val)) == 40
 
 
@@ -216,22 +254,31 @@ def test_seeded_crop_flip_is_reproducible_and_each_image_is_a_padded_crop_or_fli
     rng = np.random.default_rng(0)
     images = rng.integers(1, 256, (64, 8, 8, 3)).astype(np.uint8)  # no zeros: padding is recognisable
     path = tmp_path / "tiny.beton"
-    DatasetWriter(str(path), {"image": NDArrayField(np.dtype("uint8"), (8, 8, 3)), "label": IntField()},
-                  num_workers=1).from_indexed_dataset([(im, 0) for im in images])
+    DatasetWriter(
+        str(path), {"image": NDArrayField(np.dtype("uint8"), (8, 8, 3)), "label": IntField()}, num_workers=1
+    ).from_indexed_dataset([(im, 0) for im in images])
 
     def run(seed: int) -> np.ndarray:
-        loader = Loader(str(path), batch_size=16, num_workers=1, order=OrderOption.SEQUENTIAL,
-                        pipelines={"image": [NDArrayDecoder(), SeededCropFlip(pad=2, seed=seed), ToTensor()],
-                                   "label": None})
+        loader = Loader(
+            str(path),
+            batch_size=16,
+            num_workers=1,
+            order=OrderOption.SEQUENTIAL,
+            pipelines={"image": [NDArrayDecoder(), SeededCropFlip(pad=2, seed=seed), ToTensor()], "label": None},
+        )
         return np.concatenate([x.numpy().copy() for (x,) in loader])
 
     a = run(7)
     assert np.array_equal(a, run(7)) and not np.array_equal(a, run(8))
     padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
     for i, out in enumerate(a):
-        candidates = [c for dy in range(5) for dx in range(5)
-                      for c in (padded[i, dy:dy + 8, dx:dx + 8], padded[i, dy:dy + 8, dx:dx + 8][:, ::-1])]
-        flipped_crops = [padded[i, dy:dy + 8, :, :][:, ::-1][:, dx:dx + 8] for dy in range(5) for dx in range(5)]
+        candidates = [
+            c
+            for dy in range(5)
+            for dx in range(5)
+            for c in (padded[i, dy : dy + 8, dx : dx + 8], padded[i, dy : dy + 8, dx : dx + 8][:, ::-1])
+        ]
+        flipped_crops = [padded[i, dy : dy + 8, :, :][:, ::-1][:, dx : dx + 8] for dy in range(5) for dx in range(5)]
         assert any(np.array_equal(out, c) for c in candidates + flipped_crops), f"image {i} is not a crop/flip"
     assert len({a[i].tobytes() for i in range(64)} & {images[i].tobytes() for i in range(64)}) < 64
 
@@ -250,8 +297,15 @@ def _error(capsys, *args: str) -> str:
 @pytest.fixture
 def cli_args(mnist_betons, config_file, tmp_path):
     root, out = mnist_betons
-    return [str(config_file), "data.dataset=mnist", f"data.root={root}", f"data.beton_dir={out}", "data.val_size=40",
-            "train.batch_size=32", f"out_dir={tmp_path / 'run'}"], out
+    return [
+        str(config_file),
+        "data.dataset=mnist",
+        f"data.root={root}",
+        f"data.beton_dir={out}",
+        "data.val_size=40",
+        "train.batch_size=32",
+        f"out_dir={tmp_path / 'run'}",
+    ], out
 
 
 def test_missing_beton_folder_says_how_to_prepare(capsys, cli_args, tmp_path):
@@ -319,9 +373,13 @@ def test_imagefolder_is_prepared_and_trains_at_the_configured_crop(image_tree, t
     assert meta["info"]["classes"] == ["ant", "bee", "cat"] and meta["info"]["augment"] == "resized_crop"
     # Each class lifts one channel by 180/255 over noise in [0, 60): a third of the images per channel.
     assert all(0.2 < m < 0.4 for m in meta["info"]["mean"]) and all(s > 0.2 for s in meta["info"]["std"])
-    cfg = make_config(model={"name": "lenet5"}, method="dense",
-                      data={"dataset": "imagefolder", "beton_dir": str(out), "val_size": 6, "image_size": 32},
-                      train={"epochs": 1, "batch_size": 18, "eval_batch_size": 8}, out_dir=str(tmp_path / "run"))
+    cfg = make_config(
+        model={"name": "lenet5"},
+        method="dense",
+        data={"dataset": "imagefolder", "beton_dir": str(out), "val_size": 6, "image_size": 32},
+        train={"epochs": 1, "batch_size": 18, "eval_batch_size": 8},
+        out_dir=str(tmp_path / "run"),
+    )
     loaders = make_loaders(cfg)
     x, y = next(iter(loaders.train))
     assert x.shape == (18, 3, 32, 32) and y.shape == (18,) and set(y.tolist()) <= {0, 1, 2}
@@ -380,8 +438,9 @@ def _shard_worker(config: dict) -> None:
         loader = FfcvLoader(betons, "train", 60, True, identity, seed=0, rank=rank, world_size=world)
         loader.set_epoch(epoch)
         seen[f"train{epoch}"] = [i for x, _ in loader for i in sample_ids(x)]
-    seen["val"] = [i for x, _ in FfcvLoader(betons, "val", 16, False, identity, rank=rank, world_size=world)
-                   for i in sample_ids(x)]
+    seen["val"] = [
+        i for x, _ in FfcvLoader(betons, "val", 16, False, identity, rank=rank, world_size=world) for i in sample_ids(x)
+    ]
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps(seen))
 
 
@@ -395,10 +454,15 @@ def test_two_ray_workers_read_disjoint_shards_that_cover_each_epoch(mnist_betons
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
-        TorchTrainer(_shard_worker, scaling_config=ScalingConfig(num_workers=2),
-                     train_loop_config={"data": {"dataset": "mnist", "root": str(root), "beton_dir": str(out),
-                                                 "val_size": 40}, "out": str(tmp_path)},
-                     run_config=RunConfig(name="shards", storage_path=str(tmp_path / "ray"))).fit()
+        TorchTrainer(
+            _shard_worker,
+            scaling_config=ScalingConfig(num_workers=2),
+            train_loop_config={
+                "data": {"dataset": "mnist", "root": str(root), "beton_dir": str(out), "val_size": 40},
+                "out": str(tmp_path),
+            },
+            run_config=RunConfig(name="shards", storage_path=str(tmp_path / "ray")),
+        ).fit()
     finally:
         ray.shutdown()
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -69,6 +69,7 @@ def _randomise(switcher: nn.Module, weights: list[torch.Tensor], seed: int = 0) 
 
 # -- find_gates ----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name, gated, granularity", list(itertools.product(MODELS, GATED, GRANULARITIES)))
 def test_find_gates_raises_only_when_nothing_is_selected(name, gated, granularity):
     model = _model(name)
@@ -90,7 +91,9 @@ def test_all_neuron_gates_every_conv_and_linear_but_the_classifier_each_in_one_u
     specs = find_gates(model, "all", "neuron", _input(1))
     layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     members = [layer for s in specs for layer, _ in s.members]
-    assert len(members) == len(set(members)) and set(members) <= set(layers[:-1]), "a layer in two groups, or the classifier"
+    assert len(members) == len(set(members)) and set(members) <= set(layers[:-1]), (
+        "a layer in two groups, or the classifier"
+    )
     if name == "vit_tiny":  # the units are its heads and MLP units; its residual stream is not gated
         assert [s.layer for s in specs] == [f"blocks.{b}.{part}" for b in range(12) for part in ("attn.v", "mlp.0")]
         assert [(s.units, s.rows, s.heads_of) for s in specs[:2]] == [(3, 64, "blocks.0.attn"), (768, 1, "")]
@@ -178,7 +181,9 @@ def test_zero_factors_on_an_out_gate_make_that_output_exactly_zero(name):
         modules[s.point].register_forward_hook(lambda m, i, o, key=s.point: seen.__setitem__(key, o.detach().clone()))
     for parity in (0, 1):  # every other gated layer switched off, the rest left on
         off = {k for k in range(len(specs)) if k % 2 == parity}
-        gates.set([torch.zeros(s.factor_shape) if k in off else torch.ones(s.factor_shape) for k, s in enumerate(specs)])
+        gates.set(
+            [torch.zeros(s.factor_shape) if k in off else torch.ones(s.factor_shape) for k, s in enumerate(specs)]
+        )
         with torch.no_grad():
             model(x)
         for k in off:
@@ -207,6 +212,7 @@ def test_zero_connection_factors_leave_only_the_bias():
 
 # -- switcher properties ------------------------------------------------------------------------------
 
+
 def _mlp_switcher(arch: str = "rowwise", **kw):
     model = _model("mlp")
     specs = find_gates(model, "all", "neuron", _input(1))  # layers fc1 (300 units) and fc2 (100 units)
@@ -216,14 +222,16 @@ def _mlp_switcher(arch: str = "rowwise", **kw):
 
 def test_readers_map_each_conv_channel_to_its_flattened_columns_of_the_next_linear():
     model = create_tnn("lenet5", 1, 10, 28)
-    specs = find_gates(model, "all", "neuron", torch.zeros(1, 1, 28, 28))  # conv1 (20 channels), conv2 (50 channels), fc1 (500 units)
+    specs = find_gates(
+        model, "all", "neuron", torch.zeros(1, 1, 28, 28)
+    )  # conv1 (20 channels), conv2 (50 channels), fc1 (500 units)
     readers = find_readers(model, specs, torch.zeros(1, 1, 28, 28))
     assert [[name for name, _ in r] for r in readers] == [["conv2"], ["fc1"], ["fc2"]]
     _, idx = readers[1][0]
     assert idx.shape == (50, 16)  # 50 channels of 4x4 after pooling, flattened channel-major
     assert torch.equal(idx[7], torch.arange(7 * 16, 8 * 16))
     views = GateSet(model, specs, readers).views()
-    torch.testing.assert_close(views[1].outgoing[7], model[7].weight[:, 7 * 16:8 * 16].reshape(-1))
+    torch.testing.assert_close(views[1].outgoing[7], model[7].weight[:, 7 * 16 : 8 * 16].reshape(-1))
     torch.testing.assert_close(views[0].outgoing[2], model[3].weight[:, 2].reshape(-1))
 
 
@@ -233,7 +241,12 @@ def test_a_residual_channel_is_read_by_every_layer_that_reads_the_stream():
     readers = dict(zip([s.layer for s in specs], find_readers(model, specs, torch.zeros(1, 3, 32, 32))))
     # The stem, layer1.0.conv2 and layer1.1.conv2 write the 64-channel stream (one unit group, named
     # after the stem) that layer1's first convs and layer2.0 (conv1, shortcut) read.
-    assert {n for n, _ in readers["conv1"]} == {"layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1", "layer2.0.downsample.0"}
+    assert {n for n, _ in readers["conv1"]} == {
+        "layer1.0.conv1",
+        "layer1.1.conv1",
+        "layer2.0.conv1",
+        "layer2.0.downsample.0",
+    }
     views = GateSet(model, specs).views()  # without readers: the incoming side only, and BN gains
     assert all(v.outgoing is None for v in views)
     assert views[0].gain.shape == (64, 2 * 3), "the gains of the three BatchNorms after the stream's writers"
@@ -442,6 +455,7 @@ def test_check_factors_rejects_a_wrong_shape_and_a_wrong_count():
 
 
 # -- schedule -----------------------------------------------------------------------------------------
+
 
 def test_update_ratio_alternates_counted_from_the_end_of_warmup():
     alt = Alternation(update_ratio=3, warmup_epochs=1, steps_per_epoch=10)

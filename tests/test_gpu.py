@@ -26,9 +26,14 @@ def fashion_betons():
 def test_training_steps_never_wait_for_the_host(precision):
     gpu = torch.device("cuda")
     # The default job's switcher settings: the L1 term's target test runs in every SNN step.
-    cfg = make_config(model={"name": "lenet5"}, method="switch", schedule={"warmup_epochs": 0},
-                      switcher={"l1": 0.5, "target_kept": 0.6}, distributed={"use_gpu": True},
-                      train={"device": "cuda", "precision": precision})
+    cfg = make_config(
+        model={"name": "lenet5"},
+        method="switch",
+        schedule={"warmup_epochs": 0},
+        switcher={"l1": 0.5, "target_kept": 0.6},
+        distributed={"use_gpu": True},
+        train={"device": "cuda", "precision": precision},
+    )
     tnn, gates, meth = build(cfg, FASHION_INFO, 10, gpu)
     engine = Engine(cfg, tnn, gates, meth, gpu)
     x, y = (t.to(gpu) for t in fake_batch(64))
@@ -50,9 +55,18 @@ def test_ffcv_gpu_pipeline_hands_normalised_channels_last_batches_on_the_device(
 
     root, betons = indexed_mnist(tmp_path / "mnist", 600, 50), tmp_path / "betons"
     prepare("mnist", betons, root=str(root), val_size=40, log=lambda line: None)
-    cfg = make_config(data={"dataset": "mnist", "root": str(root), "beton_dir": str(betons), "val_size": 40,
-                            "channels": 3, "image_size": 32},
-                      train={"device": "cuda", "precision": "bf16", "batch_size": 128}, distributed={"use_gpu": True})
+    cfg = make_config(
+        data={
+            "dataset": "mnist",
+            "root": str(root),
+            "beton_dir": str(betons),
+            "val_size": 40,
+            "channels": 3,
+            "image_size": 32,
+        },
+        train={"device": "cuda", "precision": "bf16", "batch_size": 128},
+        distributed={"use_gpu": True},
+    )
     loaders = make_loaders(cfg, 0, 1, torch.device("cuda"))
     x, y = next(iter(loaders.train))
     assert x.device.type == "cuda" and y.device.type == "cuda"

@@ -23,9 +23,20 @@ from distswitch.manifest import MANIFEST_FILE, CheckpointDamaged, order, seal, u
 from distswitch.worker import train
 
 ROOT = Path(__file__).resolve().parents[1]
-SHORT = ["train.epochs=3", "schedule.warmup_epochs=1", "schedule.finetune_epochs=1", "budget.fraction=0.5", "data.train_limit=512",
-         "data.val_size=128", "data.loader=torch", "tracking.enabled=false", "train.progress=false",
-         "distributed.num_workers=1", "distributed.checkpoint_every=1", "train.batch_size=64"]
+SHORT = [
+    "train.epochs=3",
+    "schedule.warmup_epochs=1",
+    "schedule.finetune_epochs=1",
+    "budget.fraction=0.5",
+    "data.train_limit=512",
+    "data.val_size=128",
+    "data.loader=torch",
+    "tracking.enabled=false",
+    "train.progress=false",
+    "distributed.num_workers=1",
+    "distributed.checkpoint_every=1",
+    "train.batch_size=64",
+]
 
 
 def _cfg(out: Path):
@@ -67,12 +78,18 @@ def test_a_folder_without_a_manifest_is_damaged_however_whole_its_files(tmp_path
     (folder / MANIFEST_FILE).unlink()  # cut short between its files and its seal
     assert verify(folder) == f"it has no {MANIFEST_FILE} (cut short before its seal)"
 
+
 def test_checkpoint_names_order_by_epoch_and_are_never_reused():
     assert unused_name(2, set()) == "epoch_0002"
     assert unused_name(2, {"epoch_0002", "epoch_0002-2"}) == "epoch_0002-3"
     names = ["epoch_0001", "stopped_0002_ab12cd34", "epoch_0002-2", "epoch_0002", "epoch_0010"]
-    assert sorted(names, key=order) == ["epoch_0001", "stopped_0002_ab12cd34", "epoch_0002", "epoch_0002-2",
-                                        "epoch_0010"]
+    assert sorted(names, key=order) == [
+        "epoch_0001",
+        "stopped_0002_ab12cd34",
+        "epoch_0002",
+        "epoch_0002-2",
+        "epoch_0010",
+    ]
     assert order("final") is None and order("checkpoint_manager_snapshot.json") is None
 
 
@@ -90,7 +107,8 @@ def _cut(path: Path) -> int:
 
 
 def test_a_truncated_newest_checkpoint_is_named_and_the_previous_resumes_to_the_uninterrupted_end(
-        straight, tmp_path, capsys):
+    straight, tmp_path, capsys
+):
     out = _interrupted(straight, tmp_path / "resumed", ["epoch_0000", "epoch_0001"])
     _cut(out / "checkpoints/epoch_0001/state.pt")
     summary = train(_cfg(out))
@@ -116,7 +134,9 @@ def test_every_checkpoint_damaged_stops_for_good_in_one_error_naming_them(straig
     with pytest.raises(CheckpointDamaged) as caught:
         train(_cfg(out))
     message = str(caught.value)
-    assert "\n" not in message and message.startswith(f"no intact checkpoint to resume: {out / 'checkpoints/epoch_0001'}")
+    assert "\n" not in message and message.startswith(
+        f"no intact checkpoint to resume: {out / 'checkpoints/epoch_0001'}"
+    )
     assert "and 1 more are damaged" in message
     # Reported as a stop for good (under Ray: the latest checkpoint, so no restart retries it).
     [stopped] = (out / "checkpoints").glob("stopped_*")
@@ -129,11 +149,26 @@ def test_a_launch_whose_stored_checkpoints_are_all_damaged_is_refused_in_one_lin
     stored = out / "ray" / out.name / "epoch_0000"
     shutil.copytree(straight / "checkpoints/epoch_0000", stored)
     size = _cut(stored / "state.pt")
-    proc = subprocess.run([sys.executable, "-m", "distswitch.cli", "train", str(ROOT / "configs/fashion_mlp.yaml"),
-                           *SHORT, f"out_dir={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distswitch.cli",
+            "train",
+            str(ROOT / "configs/fashion_mlp.yaml"),
+            *SHORT,
+            f"out_dir={out}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
-    assert lines == [f"distswitch: error: no intact checkpoint to resume: {stored} (state.pt holds {size // 3} bytes, "
-                     f"{size} were written) is damaged; remove them to start again, or pass another out_dir "
-                     "(or distributed.name)"], proc.stderr[-3000:]
+    assert lines == [
+        f"distswitch: error: no intact checkpoint to resume: {stored} (state.pt holds {size // 3} bytes, "
+        f"{size} were written) is damaged; remove them to start again, or pass another out_dir "
+        "(or distributed.name)"
+    ], proc.stderr[-3000:]
     assert not (stored.parent / "checkpoint_manager_snapshot.json").exists()  # Ray Train never ran

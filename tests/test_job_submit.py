@@ -23,22 +23,33 @@ BIN = Path(sys.executable).parent  # the venv's `ray` and `distswitch`
 
 
 def _ray(*args: str, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO_ROOT)
+    return subprocess.run(
+        [str(BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT
+    )
 
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """`make head`: `ray start --head` bound to 127.0.0.1, token authentication on."""
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-           "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)  # jobs use the default store (conftest sets one for the tests)
     gcs, dash = free_port(), free_port()
     # The documented way (cluster/README.md's first section): `make head`, then RAY_AUTH_MODE=token.
-    started = subprocess.run(["make", "--no-print-directory", "head", f"HEAD_PORT={gcs}", f"DASHBOARD_PORT={dash}"],
-                             env={k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}, cwd=REPO_ROOT,
-                             capture_output=True, text=True, timeout=600)
+    started = subprocess.run(
+        ["make", "--no-print-directory", "head", f"HEAD_PORT={gcs}", f"DASHBOARD_PORT={dash}"],
+        env={k: v for k, v in env.items() if k != "RAY_AUTH_MODE"},
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
     try:
         yield {**env, "DISTSWITCH_TEST_GCS": str(gcs)}, f"http://127.0.0.1:{dash}"
@@ -51,18 +62,37 @@ def test_ray_job_submit_runs_distswitch_train_to_success(head, tmp_path, fashion
     out = tmp_path / "job"
     job_id = f"distswitch-test-{uuid.uuid4().hex[:8]}"
     submit = _ray(
-        "job", "submit", "--address", address, "--submission-id", job_id, "--working-dir", ".",
-        "--runtime-env", "cluster/runtime_env.yaml", "--",
-        "distswitch", "train", "configs/fashion_lenet5.yaml", f"out_dir={out}", "train.epochs=2",
-        "schedule.warmup_epochs=0", "schedule.finetune_epochs=0", "budget.fraction=null", "data.train_limit=2000", "train.progress=false",
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--submission-id",
+        job_id,
+        "--working-dir",
+        ".",
+        "--runtime-env",
+        "cluster/runtime_env.yaml",
+        "--",
+        "distswitch",
+        "train",
+        "configs/fashion_lenet5.yaml",
+        f"out_dir={out}",
+        "train.epochs=2",
+        "schedule.warmup_epochs=0",
+        "schedule.finetune_epochs=0",
+        "budget.fraction=null",
+        "data.train_limit=2000",
+        "train.progress=false",
         # /data is not uploaded: the .beton files are on "shared storage", as cluster/README.md says.
         f"data.beton_dir={fashion_betons}",
-        env=env, timeout=600,
+        env=env,
+        timeout=600,
     )
     status = _ray("job", "status", "--address", address, job_id, env=env)
     # `ray job status` ends with "Job '<id>' succeeded" (coloured) for status SUCCEEDED.
-    assert f"Job '{job_id}' succeeded" in status.stdout.replace("\x1b[32m", "").replace("\x1b[39m", ""), \
+    assert f"Job '{job_id}' succeeded" in status.stdout.replace("\x1b[32m", "").replace("\x1b[39m", ""), (
         status.stdout[-2000:] + submit.stdout[-3000:] + submit.stderr[-3000:]
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_acc"] > 0.5 and len(summary["history"]) == 2
     assert (out / "model.pt").is_file() and (out / "checkpoints" / "best.pt").is_file()
@@ -83,11 +113,31 @@ def test_ray_job_stop_ends_the_run_killed_with_its_checkpoints_kept(head, tmp_pa
     out = tmp_path / "stopped"
     job_id = f"distswitch-test-{uuid.uuid4().hex[:8]}"
     submit = _ray(
-        "job", "submit", "--no-wait", "--address", address, "--submission-id", job_id, "--working-dir", ".",
-        "--runtime-env", "cluster/runtime_env.yaml", "--",
-        "distswitch", "train", "configs/fashion_lenet5.yaml", f"out_dir={out}", "train.epochs=6",
-        "schedule.warmup_epochs=0", "schedule.finetune_epochs=0", "budget.fraction=null", "data.train_limit=2000",
-        "train.progress=false", f"data.beton_dir={fashion_betons}", env=env)
+        "job",
+        "submit",
+        "--no-wait",
+        "--address",
+        address,
+        "--submission-id",
+        job_id,
+        "--working-dir",
+        ".",
+        "--runtime-env",
+        "cluster/runtime_env.yaml",
+        "--",
+        "distswitch",
+        "train",
+        "configs/fashion_lenet5.yaml",
+        f"out_dir={out}",
+        "train.epochs=6",
+        "schedule.warmup_epochs=0",
+        "schedule.finetune_epochs=0",
+        "budget.fraction=null",
+        "data.train_limit=2000",
+        "train.progress=false",
+        f"data.beton_dir={fashion_betons}",
+        env=env,
+    )
     assert submit.returncode == 0, submit.stderr[-3000:]
     first = out / "ray" / out.name / "epoch_0000"
     deadline = time.time() + 300
@@ -109,8 +159,14 @@ def test_a_client_without_token_authentication_is_told_the_exact_commands_in_the
     env, address = head
     gcs = env["DISTSWITCH_TEST_GCS"]
     client_env = {**{k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}
-    proc = subprocess.run([str(BIN / "distswitch"), "train", "configs/fashion_lenet5.yaml", f"out_dir={tmp_path / 'run'}"],
-                          env=client_env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(BIN / "distswitch"), "train", "configs/fashion_lenet5.yaml", f"out_dir={tmp_path / 'run'}"],
+        env=client_env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     # Ray's GCS client prints its retries (InvalidAuthToken) first; distswitch's line is the last.
     line = proc.stderr.strip().splitlines()[-1]
@@ -121,6 +177,9 @@ def test_a_client_without_token_authentication_is_told_the_exact_commands_in_the
 def test_dashboard_and_job_server_listen_on_loopback_only(head):
     _, address = head
     port = int(address.rsplit(":", 1)[1])
-    hosts = {c.laddr.ip for c in psutil.net_connections(kind="inet")
-             if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    hosts = {
+        c.laddr.ip
+        for c in psutil.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    }
     assert hosts == {"127.0.0.1"}, hosts

@@ -19,7 +19,14 @@ LEVELS = [
     {"describe", "switcher", "schedule", "cost", "counting"},
     {"methods", "parallel"},
     {"engine", "export", "model_registry"},
-    {"build", "checkpoint", "summary", "run_results", "delivery", "tracking"},  # what the worker and the driver both need
+    {
+        "build",
+        "checkpoint",
+        "summary",
+        "run_results",
+        "delivery",
+        "tracking",
+    },  # what the worker and the driver both need
     {"artifacts", "compare"},
     {"worker", "driver"},  # siblings: neither imports the other (below)
     {"cli"},  # wires the worker's entry into the driver

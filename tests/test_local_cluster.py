@@ -52,8 +52,11 @@ def local_cluster():
         listening = set()
         for proc in psutil.Process().children(recursive=True):  # GCS, raylet, dashboard, agents, workers
             try:
-                listening |= {(c.laddr.ip, c.laddr.port, proc.name()) for c in proc.net_connections(kind="inet")
-                              if c.status == psutil.CONN_LISTEN}
+                listening |= {
+                    (c.laddr.ip, c.laddr.port, proc.name())
+                    for c in proc.net_connections(kind="inet")
+                    if c.status == psutil.CONN_LISTEN
+                }
             except psutil.NoSuchProcess:
                 pass
         yield get_dashboard_url(), listening
@@ -113,7 +116,6 @@ def test_a_sigterm_to_the_whole_process_group_leaves_the_cluster_running_for_the
     assert ray.get(answer.remote(), timeout=60) == 42
 
 
-
 STOP_WHILE_STARTING = """
 import json, sys
 import psutil
@@ -145,8 +147,13 @@ def test_a_stop_signal_while_the_cluster_starts_is_acted_on_once_it_is_up_and_le
 
     from conftest import REPO_ROOT
 
-    proc = subprocess.Popen([sys.executable, "-c", STOP_WHILE_STARTING], cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STOP_WHILE_STARTING],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().strip() == "starting"
         time.sleep(1.0)  # inside ray.init (~5 s on 2 cores)

@@ -37,9 +37,16 @@ def _engine(cfg) -> Engine:
 
 
 def _config(name: str, method: str, kind: str, tmp_path):
-    return make_config(model={"name": name, "gated": "all"}, method=method, budget={"kind": kind, "fraction": FRACTION},
-                       train={"epochs": 2, "batch_size": 8}, schedule={"warmup_epochs": 0, "finetune_epochs": 1, "update_ratio": 1},
-                       prune={"finetune_epochs": 1}, optim={"tnn": {"lr": 0.01}}, out_dir=str(tmp_path / "run"))
+    return make_config(
+        model={"name": name, "gated": "all"},
+        method=method,
+        budget={"kind": kind, "fraction": FRACTION},
+        train={"epochs": 2, "batch_size": 8},
+        schedule={"warmup_epochs": 0, "finetune_epochs": 1, "update_ratio": 1},
+        prune={"finetune_epochs": 1},
+        optim={"tnn": {"lr": 0.01}},
+        out_dir=str(tmp_path / "run"),
+    )
 
 
 def _prune_and_check(cfg, tmp_path) -> tuple[Engine, dict]:
@@ -92,7 +99,11 @@ def test_the_baselines_cut_the_same_unit_groups_to_the_budget(name, method, tmp_
 
 # The field's benchmark configs, ready for a GPU cluster: valid as shipped, and two steps of each phase
 # on inputs of their shape (CIFAR-10 32x32, ImageNet 224x224 with 1,000 classes) on this CPU.
-FIELD_CONFIGS = {"cifar10_resnet56.yaml": (10, 32), "cifar10_vit_tiny.yaml": (10, 32), "imagenet_resnet50.yaml": (1000, 224)}
+FIELD_CONFIGS = {
+    "cifar10_resnet56.yaml": (10, 32),
+    "cifar10_vit_tiny.yaml": (10, 32),
+    "imagenet_resnet50.yaml": (1000, 224),
+}
 
 
 @pytest.mark.parametrize("name", sorted(FIELD_CONFIGS))
@@ -100,8 +111,9 @@ def test_the_field_s_benchmark_configs_build_and_step_on_inputs_of_their_shape(n
     from distswitch.config import load_config
 
     classes, size = FIELD_CONFIGS[name]
-    cfg = load_config(f"configs/{name}", ["train.device=cpu", "train.precision=fp32", "train.compile=none",
-                                          "train.progress=false"])
+    cfg = load_config(
+        f"configs/{name}", ["train.device=cpu", "train.precision=fp32", "train.compile=none", "train.progress=false"]
+    )
     info = dataclasses.replace(INFO, num_classes=classes, image_size=size)
     torch.manual_seed(0)
     tnn, gates, method = build(cfg, info, 100, CPU)

@@ -72,8 +72,14 @@ def test_an_error_no_retry_cures_stops_the_sender_and_is_handed_to_the_waiter(tm
     def refuse(entry: dict) -> None:
         raise ValueError("INVALID_PARAMETER_VALUE: bad metric")
 
-    box = Outbox(tmp_path, "driver", refuse, "http://server", transient=lambda exc: isinstance(exc, OSError),
-                 log=lambda line: None)
+    box = Outbox(
+        tmp_path,
+        "driver",
+        refuse,
+        "http://server",
+        transient=lambda exc: isinstance(exc, OSError),
+        log=lambda line: None,
+    )
     box.put({"n": 0})
     start = time.monotonic()
     assert not box.flush(timeout=30)

@@ -37,8 +37,11 @@ def _inline_commands(text: str) -> list[str]:
     prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
     spans = [" ".join(s.split()) for s in re.findall(r"`([^`]+)`", prose)]
     names = {"distswitch train", "distswitch tune", "distswitch sweep"}  # the commands named, not run
-    return [s for s in spans if s.startswith(STARTS) and s not in names and "..." not in s
-            and not re.search(r"\b[A-Z]{3,}\b(?!=)", s)]
+    return [
+        s
+        for s in spans
+        if s.startswith(STARTS) and s not in names and "..." not in s and not re.search(r"\b[A-Z]{3,}\b(?!=)", s)
+    ]
 
 
 def _commands() -> list[tuple[str, str]]:
@@ -81,14 +84,15 @@ def _check(command: str) -> None:
         _check_distswitch(argv[1:])
     elif argv[0] == "ray":
         assert "--" in argv, "a submitted job's entrypoint follows `--`"
-        _check_distswitch(argv[argv.index("--") + 2:])
+        _check_distswitch(argv[argv.index("--") + 2 :])
     elif argv[0] == "make":
         targets = [a for a in argv[1:] if "=" not in a and not a.startswith("[")]
         variables = dict(a.split("=", 1) for a in argv[1:] if "=" in a and not a.startswith("["))
         assert set(targets) <= _make_targets(), f"no such make target: {sorted(set(targets) - _make_targets())}"
         if "train" in targets:
-            cfg = load_config(ROOT / variables.get("CONFIG", "configs/fashion_lenet5.yaml"),
-                              shlex.split(variables.get("ARGS", "")))
+            cfg = load_config(
+                ROOT / variables.get("CONFIG", "configs/fashion_lenet5.yaml"), shlex.split(variables.get("ARGS", ""))
+            )
             validate_names(cfg)
     else:
         raise AssertionError(f"no check for {command!r}")

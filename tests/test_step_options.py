@@ -15,8 +15,9 @@ CPU = torch.device("cpu")
 
 
 def _engine(name: str = "lenet5", **train) -> Engine:
-    cfg = make_config(model={"name": name}, method="switch", schedule={"warmup_epochs": 0},
-                      train={"epochs": 2, **train})
+    cfg = make_config(
+        model={"name": name}, method="switch", schedule={"warmup_epochs": 0}, train={"epochs": 2, **train}
+    )
     torch.manual_seed(0)
     tnn, gates, meth = build(cfg, FASHION_INFO, 10, CPU)
     return Engine(cfg, tnn, gates, meth, CPU)
@@ -89,9 +90,10 @@ def test_compiled_steps_give_the_eager_factors_and_losses(mode):
 def test_loaders_hand_batches_in_the_precision_s_dtype_and_the_configured_layout(loader):
     from distswitch.data import make_loaders
 
-    cfg = make_config(data={"dataset": "fashion-mnist", "loader": loader, "channels": 3, "image_size": 32,
-                            "train_limit": 256},
-                      train={"precision": "bf16", "channels_last": True, "batch_size": 64})
+    cfg = make_config(
+        data={"dataset": "fashion-mnist", "loader": loader, "channels": 3, "image_size": 32, "train_limit": 256},
+        train={"precision": "bf16", "channels_last": True, "batch_size": 64},
+    )
     x, y = next(iter(make_loaders(cfg, 0, 1, CPU).train))
     assert x.shape == (64, 3, 32, 32) and x.dtype == torch.bfloat16 and y.dtype == torch.int64
     assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

@@ -16,8 +16,15 @@ from conftest import REPO_ROOT, kill_ray_processes
 from distswitch.cli import main
 
 CONFIG = REPO_ROOT / "configs" / "sweep_fashion_lenet5.yaml"
-SHORT = ["train.epochs=3", "data.train_limit=1280", "data.val_size=500", "data.loader=torch", "train.progress=false",
-         "train.device=cpu", "tracking.system_metrics=false"]
+SHORT = [
+    "train.epochs=3",
+    "data.train_limit=1280",
+    "data.val_size=500",
+    "data.loader=torch",
+    "train.progress=false",
+    "train.device=cpu",
+    "tracking.system_metrics=false",
+]
 
 
 def _command(out, *overrides: str) -> list[str]:
@@ -30,13 +37,19 @@ def _sweep(out, *overrides: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_a_sweep_killed_mid_trial_is_resumed_by_the_same_command_and_logs_the_comparison_to_its_parent(
-        tmp_path, mlflow_store):
+    tmp_path, mlflow_store
+):
     """Four trials (2 methods x 2 seeds at 50%), two at a time. The driver SIGKILLed (its local
     cluster with it, as when the machine dies) inside the third trial; the same command finishes
     the grid, each trial once (one MLflow child each), and compares them."""
     out = tmp_path / "sweep"
-    command = _command(out, "sweep.methods=[switch,magnitude-gradual-group]", "sweep.budgets=[0.5]", "sweep.seeds=[0,1]",
-                       "tracking.experiment=sweep")
+    command = _command(
+        out,
+        "sweep.methods=[switch,magnitude-gradual-group]",
+        "sweep.budgets=[0.5]",
+        "sweep.seeds=[0,1]",
+        "tracking.experiment=sweep",
+    )
     log = tmp_path / "killed.log"  # a file, not a pipe: nobody reads it while the sweep runs
     with log.open("w") as sink:
         proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=sink, stderr=subprocess.STDOUT)
@@ -63,19 +76,29 @@ def test_a_sweep_killed_mid_trial_is_resumed_by_the_same_command_and_logs_the_co
     assert set(rows) == {"switch", "magnitude-gradual-group"}
     for row in rows.values():
         assert row["seeds"] == ["0", "1"] and row["budget"] == 0.5 and abs(row["macs"][0] - 0.5) < 0.02
-    assert "magnitude-gradual-group" in (out / "compare.md").read_text() and (out / "compare.png").stat().st_size > 10_000
+    assert (
+        "magnitude-gradual-group" in (out / "compare.md").read_text() and (out / "compare.png").stat().st_size > 10_000
+    )
     assert "| lenet5 | 50% | switch |" in proc.stdout
     client = MlflowClient(mlflow_store)
     parent = client.get_run(summary["mlflow"]["run_id"])
     assert parent.info.status == "FINISHED"
-    assert {a.path for a in client.list_artifacts(parent.info.run_id, "compare")} == {"compare/table.md",
-                                                                                      "compare/compare.png"}
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert sorted((c.data.params["method"], c.data.params["prune.importance"], c.data.params["train.seed"],
-                   c.info.status) for c in children) == [
-        ("magnitude", "group", "0", "FINISHED"), ("magnitude", "group", "1", "FINISHED"),
-        ("switch", "incoming", "0", "FINISHED"), ("switch", "incoming", "1", "FINISHED")]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "compare")} == {
+        "compare/table.md",
+        "compare/compare.png",
+    }
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert sorted(
+        (c.data.params["method"], c.data.params["prune.importance"], c.data.params["train.seed"], c.info.status)
+        for c in children
+    ) == [
+        ("magnitude", "group", "0", "FINISHED"),
+        ("magnitude", "group", "1", "FINISHED"),
+        ("switch", "incoming", "0", "FINISHED"),
+        ("switch", "incoming", "1", "FINISHED"),
+    ]
 
 
 @pytest.mark.slow

@@ -19,8 +19,10 @@ from conftest import REPO_ROOT, free_port
 pytestmark = pytest.mark.slow
 
 MARK = "make tracking-server &"
-SHORT = ("train.epochs=3 data.train_limit=1280 data.val_size=500 data.loader=torch train.progress=false "
-         "distributed.num_workers=1 tracking.system_metrics=false")
+SHORT = (
+    "train.epochs=3 data.train_limit=1280 data.val_size=500 data.loader=torch train.progress=false "
+    "distributed.num_workers=1 tracking.system_metrics=false"
+)
 SWEEP = "sweep.methods=[switch,magnitude-gradual-group] sweep.budgets=[0.5] sweep.seeds=[0]"
 
 
@@ -32,11 +34,16 @@ def _block() -> str:
 
 def _shortened(body: str, port: int, tmp: Path) -> str:
     lines = []
-    for line in body.replace("127.0.0.1:5001", f"127.0.0.1:{port}").replace("outputs/team", str(tmp / "team")).splitlines():
+    for line in (
+        body.replace("127.0.0.1:5001", f"127.0.0.1:{port}").replace("outputs/team", str(tmp / "team")).splitlines()
+    ):
         line = line.replace("uv run ", "")
         if line.startswith("make tracking-server"):
-            line = line.replace("make tracking-server", f"make -s tracking-server TRACKING_PORT={port} "
-                                                        f"TRACKING_ARTIFACTS={tmp / 'artifacts'}", 1)
+            line = line.replace(
+                "make tracking-server",
+                f"make -s tracking-server TRACKING_PORT={port} TRACKING_ARTIFACTS={tmp / 'artifacts'}",
+                1,
+            )
         elif line.startswith("distswitch train"):
             line = f"{line} {SHORT}"
         elif line.startswith("distswitch sweep"):
@@ -61,8 +68,9 @@ def test_the_team_setup_in_cluster_readme_runs_as_written(tmp_path):
     env.pop("MLFLOW_TRACKING_URI", None)  # the block sets it
     # Files, not pipes: the server the block leaves in the background would hold a pipe open.
     with (tmp_path / "out.txt").open("w") as out, (tmp_path / "err.txt").open("w") as err:
-        proc = subprocess.Popen(["bash", "-c", script], cwd=REPO_ROOT, env=env, stdout=out, stderr=err,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            ["bash", "-c", script], cwd=REPO_ROOT, env=env, stdout=out, stderr=err, start_new_session=True
+        )
         try:
             proc.wait(timeout=1500)
         finally:

@@ -86,8 +86,16 @@ def test_a_relaunch_first_sends_the_last_attempt_s_unsent_end_then_runs(tmp_path
     cfg = _cfg(tmp_path)
     uri, first = open_run(cfg, "store/run")
     journal = Journal(outbox_dir(cfg.out_dir), "driver")
-    journal.append({"kind": "end", "uri": uri, "run_id": first, "timestamp": 1, "status": "FAILED",
-                    "tags": {"distswitch.error": "RuntimeError: worker lost"}})
+    journal.append(
+        {
+            "kind": "end",
+            "uri": uri,
+            "run_id": first,
+            "timestamp": 1,
+            "status": "FAILED",
+            "tags": {"distswitch.error": "RuntimeError: worker lost"},
+        }
+    )
     assert unsent(outbox_dir(cfg.out_dir)) == 1
     _, second = open_run(cfg, "store/run")
     run = MlflowClient(uri).get_run(first)
@@ -124,8 +132,9 @@ def test_metrics_are_logged_per_epoch_step(tmp_path):
 
 def test_an_unreachable_tracking_server_is_one_line_and_exit_2_in_seconds(config_file, out_dir, capsys):
     start = time.time()
-    status = main(["train", str(config_file), f"out_dir={out_dir}", "tracking.uri=http://127.0.0.1:9",
-                   "train.progress=false"])
+    status = main(
+        ["train", str(config_file), f"out_dir={out_dir}", "tracking.uri=http://127.0.0.1:9", "train.progress=false"]
+    )
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert status == 2 and len(lines) == 1 and "tracking.uri" in lines[0]
     assert time.time() - start < 30
@@ -139,15 +148,47 @@ def test_open_run_refuses_an_unusable_store(tmp_path):
 def test_runs_lists_each_run_with_its_settings_and_results(tmp_path, capsys):
     cfg = _cfg(tmp_path, switcher={"width": 24}, schedule={"update_ratio": 2})
     uri, run_id = open_run(cfg, "store/run")
-    log_metrics(uri, run_id, {"best/test_acc": 0.8765, "best/val_acc": 0.88, "best/kept_fraction": 0.5,
-                              "best/compact_params": 12345, "best/compact_macs": 67890}, step=3)
+    log_metrics(
+        uri,
+        run_id,
+        {
+            "best/test_acc": 0.8765,
+            "best/val_acc": 0.88,
+            "best/kept_fraction": 0.5,
+            "best/compact_params": 12345,
+            "best/compact_macs": 67890,
+        },
+        step=3,
+    )
     MlflowClient(uri).set_terminated(run_id, "FINISHED")
     assert main(["runs"]) == 0  # the store MLFLOW_TRACKING_URI names
     header, row = capsys.readouterr().out.strip().splitlines()
-    assert header.split() == ["experiment", "run", "status", "method", "model", "budget", "val_acc", "test_acc", "kept",
-                              "params", "macs"]
-    assert row.split() == ["distswitch", "run", "FINISHED", "switch", "lenet5", "-", "0.8800", "0.8765", "50.0%",
-                           "12,345", "67,890"]
+    assert header.split() == [
+        "experiment",
+        "run",
+        "status",
+        "method",
+        "model",
+        "budget",
+        "val_acc",
+        "test_acc",
+        "kept",
+        "params",
+        "macs",
+    ]
+    assert row.split() == [
+        "distswitch",
+        "run",
+        "FINISHED",
+        "switch",
+        "lenet5",
+        "-",
+        "0.8800",
+        "0.8765",
+        "50.0%",
+        "12,345",
+        "67,890",
+    ]
 
 
 def test_runs_lists_every_experiment_and_sorts_by_a_metric(tmp_path, capsys):
@@ -183,8 +224,13 @@ def test_make_ui_serves_the_store_on_loopback_only(tmp_path):
         port = s.getsockname()[1]
     log = tmp_path / "ui.log"
     with log.open("w") as sink:
-        proc = subprocess.Popen(["make", "--no-print-directory", "ui", f"STORE={tmp_path}", f"PORT={port}"],
-                                cwd=REPO_ROOT, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            ["make", "--no-print-directory", "ui", f"STORE={tmp_path}", f"PORT={port}"],
+            cwd=REPO_ROOT,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline, answered = time.time() + 180, False
         while time.time() < deadline and not answered and proc.poll() is None:
@@ -194,8 +240,11 @@ def test_make_ui_serves_the_store_on_loopback_only(tmp_path):
             except OSError:
                 time.sleep(0.5)
         assert answered, f"make ui: no answer on port {port} (exit {proc.poll()}): {log.read_text()[-2000:]}"
-        hosts = {c.laddr.ip for c in psutil.net_connections(kind="inet")
-                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+        hosts = {
+            c.laddr.ip
+            for c in psutil.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+        }
         assert hosts == {"127.0.0.1"}, hosts
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -227,13 +276,17 @@ def test_marking_a_run_failed_in_a_store_that_is_gone_only_warns(tmp_path, capsy
     from distswitch.tracking import fail_run
 
     start = time.time()
-    fail_run("http://127.0.0.1:9", "abc", tmp_path, RuntimeError("the real error"), timeout=30)  # port 9: nothing listens
+    fail_run(
+        "http://127.0.0.1:9", "abc", tmp_path, RuntimeError("the real error"), timeout=30
+    )  # port 9: nothing listens
     err = capsys.readouterr().err
     assert "could not mark MLflow run abc FAILED" in err and f"distswitch sync {tmp_path.resolve()}" in err
     assert time.time() - start < 15  # not MLflow's minutes of retries
 
 
-@pytest.mark.parametrize("name", ["fashion-lenet5", "a b", "", " ", "a/b", "a:b", "..", ".", "a//b", "./a", "../a", "a/"])
+@pytest.mark.parametrize(
+    "name", ["fashion-lenet5", "a b", "", " ", "a/b", "a:b", "..", ".", "a//b", "./a", "../a", "a/"]
+)
 def test_a_registered_model_name_is_refused_exactly_when_mlflow_would_refuse_it(name):
     from mlflow.exceptions import MlflowException
     from mlflow.utils.validation import _validate_model_name
@@ -262,11 +315,25 @@ def test_registered_versions_carry_their_tags_and_best_loads_in_a_fresh_process_
 
     summaries = {}
     for seed in (0, 1):
-        cfg = load_config(REPO_ROOT / "configs/fashion_mlp.yaml", [
-            "train.progress=false", "train.device=cpu", "train.epochs=3", "schedule.warmup_epochs=1",
-            "schedule.finetune_epochs=1", "prune.finetune_epochs=1", "data.train_limit=2000", "data.val_size=500",
-            "data.loader=torch", "distributed.num_workers=1", "tracking.enabled=false", f"train.seed={seed}",
-            "tracking.register=fashion-mlp-macs50", f"out_dir={tmp_path / f'run{seed}'}"])
+        cfg = load_config(
+            REPO_ROOT / "configs/fashion_mlp.yaml",
+            [
+                "train.progress=false",
+                "train.device=cpu",
+                "train.epochs=3",
+                "schedule.warmup_epochs=1",
+                "schedule.finetune_epochs=1",
+                "prune.finetune_epochs=1",
+                "data.train_limit=2000",
+                "data.val_size=500",
+                "data.loader=torch",
+                "distributed.num_workers=1",
+                "tracking.enabled=false",
+                f"train.seed={seed}",
+                "tracking.register=fashion-mlp-macs50",
+                f"out_dir={tmp_path / f'run{seed}'}",
+            ],
+        )
         summary = train(cfg)
         uri, run_id = open_run(cfg, f"registry/{seed}")
         assert finish_run(uri, run_id, tmp_path / f"run{seed}", summary, timeout=120)
@@ -288,22 +355,33 @@ def test_registered_versions_carry_their_tags_and_best_loads_in_a_fresh_process_
 
     with global_tracking_uri(mlflow_store):
         info = mlflow.models.get_model_info("models:/fashion-mlp-macs50@best")
-        files = Path(mlflow.artifacts.download_artifacts("models:/fashion-mlp-macs50@best", dst_path=str(tmp_path / "dl")))
+        files = Path(
+            mlflow.artifacts.download_artifacts("models:/fashion-mlp-macs50@best", dst_path=str(tmp_path / "dl"))
+        )
     assert info.signature is not None and info.saved_input_example_info is not None
     assert [p.name for p in files.rglob("model.arch.json")] == ["model.arch.json"]
     # A fresh process with plain MLflow (no distswitch import) gets the same outputs as model.pt.
     x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     torch.save(x, tmp_path / "x.pt")
-    script = ("import sys, mlflow, torch; x = torch.load(sys.argv[1]); "
-              "m = mlflow.pytorch.load_model('models:/fashion-mlp-macs50@best'); "
-              "torch.save(m(x).detach(), sys.argv[2])")
-    subprocess.run([sys.executable, "-c", script, str(tmp_path / "x.pt"), str(tmp_path / "y.pt")], check=True,
-                   env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}, timeout=300)
+    script = (
+        "import sys, mlflow, torch; x = torch.load(sys.argv[1]); "
+        "m = mlflow.pytorch.load_model('models:/fashion-mlp-macs50@best'); "
+        "torch.save(m(x).detach(), sys.argv[2])"
+    )
+    subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+        check=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_store},
+        timeout=300,
+    )
     from distswitch.export import load_compact
 
     expected = load_compact(tmp_path / f"run{best_seed}" / "model.pt")(x)
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected.detach())
-    assert json.loads((tmp_path / f"run{best_seed}" / "summary.json").read_text())["val_acc"] == summaries[best_seed]["val_acc"]
+    assert (
+        json.loads((tmp_path / f"run{best_seed}" / "summary.json").read_text())["val_acc"]
+        == summaries[best_seed]["val_acc"]
+    )
 
 
 def test_system_metrics_are_sampled_every_10_s_by_default_and_can_be_switched_off():
@@ -313,9 +391,9 @@ def test_system_metrics_are_sampled_every_10_s_by_default_and_can_be_switched_of
     assert system_metrics_interval(make_config(tracking={"system_metrics": False})) is None
 
 
-def test_the_team_s_tracking_server_keeps_runs_in_postgresql_and_serves_their_artifacts(tracking_server,
-                                                                                          server_experiment, tmp_path,
-                                                                                          capsys):
+def test_the_team_s_tracking_server_keeps_runs_in_postgresql_and_serves_their_artifacts(
+    tracking_server, server_experiment, tmp_path, capsys
+):
     cfg = make_config(out_dir=str(tmp_path / "run"), tracking={"uri": tracking_server, "experiment": server_experiment})
     uri, run_id = open_run(cfg, "server/run")
     assert uri == tracking_server

@@ -35,7 +35,8 @@ def _wait_for(predicate, proc, seconds: float, what: str) -> None:
 
 
 def test_a_run_whose_server_is_away_for_two_epochs_ends_finished_with_every_metric_once_and_its_model(
-        tracking_server, tmp_path):
+    tracking_server, tmp_path
+):
     # tracking_server: PostgreSQL is up and the database exists; this test's server is its own (it stops it).
     server = TrackingServer(free_port(), tmp_path)
     server.start()
@@ -46,11 +47,29 @@ def test_a_run_whose_server_is_away_for_two_epochs_ends_finished_with_every_metr
     # MLflow's client would retry a refused connection for minutes: turned down, so the outage is short.
     env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "distswitch.cli", "train", str(config), f"out_dir={out}", f"train.epochs={EPOCHS}",
-         "schedule.warmup_epochs=1", "data.train_limit=12800", "data.loader=torch", "distributed.num_workers=1",
-         f"tracking.uri={server.uri}", f"tracking.experiment={experiment}", "tracking.system_metrics_interval=1",
-         "tracking.send_timeout=180"],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "distswitch.cli",
+            "train",
+            str(config),
+            f"out_dir={out}",
+            f"train.epochs={EPOCHS}",
+            "schedule.warmup_epochs=1",
+            "data.train_limit=12800",
+            "data.loader=torch",
+            "distributed.num_workers=1",
+            f"tracking.uri={server.uri}",
+            f"tracking.experiment={experiment}",
+            "tracking.system_metrics_interval=1",
+            "tracking.send_timeout=180",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait_for(lambda: 0 in _journal_steps(out), proc, 300, "epoch 1's metrics")
         server.stop()
@@ -80,7 +99,9 @@ def test_a_run_whose_server_is_away_for_two_epochs_ends_finished_with_every_metr
         assert run.data.metrics["best/test_acc"] == pytest.approx(summary["test_acc"])
         files = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"summary.json", "model.arch.json", "figures", "config.yaml"} <= files
-        assert client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+        assert client.search_logged_models(
+            [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+        )
         # The node's system metrics every second, those sampled while the server was away included.
         [cpu] = [k for k in run.data.metrics if k.startswith("system/") and k.endswith("/cpu_utilization_percentage")]
         samples = client.get_metric_history(run.info.run_id, cpu)

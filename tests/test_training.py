@@ -33,7 +33,9 @@ def _train_in_process(out: Path, *overrides: str) -> dict:
 
 def _train(out: Path, *overrides: str) -> dict:
     summary_path = out.parent / f"{out.name}_summary.json"
-    status = main(["train", str(DEFAULT_CONFIG), *QUIET, *overrides, f"out_dir={out}", "--summary-json", str(summary_path)])
+    status = main(
+        ["train", str(DEFAULT_CONFIG), *QUIET, *overrides, f"out_dir={out}", "--summary-json", str(summary_path)]
+    )
     assert status == 0
     return json.loads(summary_path.read_text())
 
@@ -43,8 +45,14 @@ def switch_run(tmp_path_factory, fashion_mnist_root) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("switch") / "run"
     # The shipped default job, shortened: 1 dense warm-up, 1 alternating and 1 fine-tuning epoch; the
     # system metrics sampled every second.
-    return out, _train(out, "data.train_limit=5000", "train.epochs=3", "schedule.warmup_epochs=1",
-                       "schedule.finetune_epochs=1", "tracking.system_metrics_interval=1")
+    return out, _train(
+        out,
+        "data.train_limit=5000",
+        "train.epochs=3",
+        "schedule.warmup_epochs=1",
+        "schedule.finetune_epochs=1",
+        "tracking.system_metrics_interval=1",
+    )
 
 
 def test_the_default_job_leaves_one_finished_mlflow_run_with_metrics_architecture_model_and_figures(switch_run):
@@ -54,13 +62,27 @@ def test_the_default_job_leaves_one_finished_mlflow_run_with_metrics_architectur
     client = MlflowClient(summary["mlflow"]["tracking_uri"])
     experiment = client.get_experiment_by_name("fashion_lenet5")  # named by the config file
     assert summary["mlflow"]["experiment"] == "fashion_lenet5"
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`distswitch.out_dir` = '{out.resolve()}'")
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`distswitch.out_dir` = '{out.resolve()}'"
+    )
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].info.run_id == summary["mlflow"]["run_id"]
     run = runs[0]
     assert run.data.params["model.name"] == "lenet5" and run.data.params["train.epochs"] == "3"
     assert run.data.tags["mlflow.source.git.commit"] == summary["git_sha"]
-    for key in ("tnn/loss", "val/acc", "val/loss", "kept_fraction", "compact/params", "compact/macs",
-                "params_kept", "macs_kept", "tnn/lr", "snn/lr", "seconds", "images_per_s"):
+    for key in (
+        "tnn/loss",
+        "val/acc",
+        "val/loss",
+        "kept_fraction",
+        "compact/params",
+        "compact/macs",
+        "params_kept",
+        "macs_kept",
+        "tnn/lr",
+        "snn/lr",
+        "seconds",
+        "images_per_s",
+    ):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1, 2], key
     # SNN steps run in the alternating epoch only (epoch 0 is the warm-up, epoch 2 fine-tuning).
     assert [m.step for m in client.get_metric_history(run.info.run_id, "snn/loss")] == [1]
@@ -78,7 +100,9 @@ def test_the_default_job_leaves_one_finished_mlflow_run_with_metrics_architectur
     figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
     assert {"figures/kept_per_layer.png", "figures/accuracy_and_kept.png"} <= figures
     (out.parent / "dl").mkdir(exist_ok=True)
-    kept = json.loads(Path(client.download_artifacts(run.info.run_id, "architecture/kept.json", str(out.parent / "dl"))).read_text())
+    kept = json.loads(
+        Path(client.download_artifacts(run.info.run_id, "architecture/kept.json", str(out.parent / "dl"))).read_text()
+    )
     assert kept["widths"] == summary["widths"]
     # The logged model reproduces the logged test accuracy on the test split.
     with global_tracking_uri(summary["mlflow"]["tracking_uri"]):  # a bare set_tracking_uri leaks into later tests
@@ -87,7 +111,10 @@ def test_the_default_job_leaves_one_finished_mlflow_run_with_metrics_architectur
         model = mlflow.pytorch.load_model(logged[0].model_uri)
         # Saved with torch.export (pt2): loading unpickles none of distswitch's classes.
         files = Path(mlflow.artifacts.download_artifacts(logged[0].model_uri)).rglob("model.*")
-        assert sorted(p.name for p in files) == ["model.arch.json", "model.pt2"]  # no pickle; the architecture beside it
+        assert sorted(p.name for p in files) == [
+            "model.arch.json",
+            "model.pt2",
+        ]  # no pickle; the architecture beside it
     test = make_loaders(load_config(out / "config.yaml")).test
     assert abs(_accuracy(model, test) - summary["test_acc"]) <= 1e-3
 
@@ -112,11 +139,42 @@ def _accuracy(model: torch.nn.Module, loader) -> float:
 
 # What summary.json held before the worker / driver redesign (distswitch 9ac5b9e), for a launch with tracking.
 PRE_REDESIGN_KEYS = {
-    "model", "method", "dataset", "device", "workers", "selected_epoch", "resumed_at_epoch", "val_acc", "test_acc",
-    "test_loss", "kept_fraction", "kept_units", "gated_units", "kept_per_layer", "dense", "compact",
-    "export_max_abs_diff", "model_path", "widths", "startup_seconds", "startup_origin", "startup_timeline",
-    "seconds_per_epoch", "images_per_s", "comm_bytes_per_step", "train_examples", "data_loader", "git_sha",
-    "factor_histograms", "torch", "out_dir", "history", "config", "checkpoint_path", "mlflow"}
+    "model",
+    "method",
+    "dataset",
+    "device",
+    "workers",
+    "selected_epoch",
+    "resumed_at_epoch",
+    "val_acc",
+    "test_acc",
+    "test_loss",
+    "kept_fraction",
+    "kept_units",
+    "gated_units",
+    "kept_per_layer",
+    "dense",
+    "compact",
+    "export_max_abs_diff",
+    "model_path",
+    "widths",
+    "startup_seconds",
+    "startup_origin",
+    "startup_timeline",
+    "seconds_per_epoch",
+    "images_per_s",
+    "comm_bytes_per_step",
+    "train_examples",
+    "data_loader",
+    "git_sha",
+    "factor_histograms",
+    "torch",
+    "out_dir",
+    "history",
+    "config",
+    "checkpoint_path",
+    "mlflow",
+}
 SINCE = {"format"}  # summaries carry their format version since issue 38
 
 
@@ -220,8 +278,9 @@ def test_training_on_betons_lands_in_the_torch_paths_accuracy_band(baseline_runs
     # baseline_runs["dense"] read .beton files (the default loader); the same run on the torch path.
     # Both loaders give the same batches in the same order, so the runs stay within a small band.
     assert baseline_runs["dense"]["data_loader"] == "ffcv"
-    torch_run = _train_in_process(tmp_path / "dense_torch", "data.train_limit=3000", "train.epochs=2", "method=dense",
-                                  "data.loader=torch")
+    torch_run = _train_in_process(
+        tmp_path / "dense_torch", "data.train_limit=3000", "train.epochs=2", "method=dense", "data.loader=torch"
+    )
     assert torch_run["data_loader"] == "torch"
     assert abs(torch_run["test_acc"] - baseline_runs["dense"]["test_acc"]) <= 0.005
     assert abs(torch_run["val_acc"] - baseline_runs["dense"]["val_acc"]) <= 0.005

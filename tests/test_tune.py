@@ -20,19 +20,24 @@ from distswitch.driver.tune import TRIAL_TAG, max_concurrent, trial_config
 
 def test_a_trial_config_takes_the_trial_values_and_its_own_out_dir(tmp_path):
     cfg = load_config(DEFAULT_CONFIG)
-    trial = trial_config(cfg.to_dict(), {"switcher.width": 8, "optim.snn.lr": 0.002}, tmp_path / "t", "t0", "sqlite:///x.db")
+    trial = trial_config(
+        cfg.to_dict(), {"switcher.width": 8, "optim.snn.lr": 0.002}, tmp_path / "t", "t0", "sqlite:///x.db"
+    )
     assert trial.switcher.width == 8 and trial.optim.snn.lr == 0.002
     assert trial.out_dir == str(tmp_path / "t") and trial.distributed.name == "t0"
     assert trial.tracking.uri == "sqlite:///x.db" and trial.tune.space == {}
     assert trial.model == cfg.model and trial.train == cfg.train
 
 
-@pytest.mark.parametrize("space, key", [
-    ("{switcher.widht: {choice: [8]}}", "switcher.widht"),
-    ("{switcher.width: {choice: [0]}}", "switcher.width"),
-    ("{optim.snn.lr: {loguniform: [0.1, 0.01]}}", "optim.snn.lr"),
-    ("{switcher.width: {normal: [1, 2]}}", "switcher.width"),
-])
+@pytest.mark.parametrize(
+    "space, key",
+    [
+        ("{switcher.widht: {choice: [8]}}", "switcher.widht"),
+        ("{switcher.width: {choice: [0]}}", "switcher.width"),
+        ("{optim.snn.lr: {loguniform: [0.1, 0.01]}}", "optim.snn.lr"),
+        ("{switcher.width: {normal: [1, 2]}}", "switcher.width"),
+    ],
+)
 def test_a_bad_search_space_names_the_key(space, key):
     with pytest.raises(ConfigError, match=f"tune.space.{key}"):
         load_config(DEFAULT_CONFIG, [f"tune.space={space}"])
@@ -46,13 +51,16 @@ class _Cluster:
         return self.resources
 
 
-@pytest.mark.parametrize("cpus, gpus, overrides, expected", [
-    (2, 0, ["distributed.num_workers=1"], 2),  # the trial's driver takes no CPU: two 1-worker trials in 2 CPUs
-    (16, 0, ["distributed.num_workers=2"], 8),
-    (16, 0, ["distributed.num_workers=[2,4]"], 4),  # elastic: counted at its largest
-    (64, 8, ["distributed.use_gpu=true", "distributed.num_workers=2"], 4),  # GPUs bound it
-    (2, 0, ["distributed.num_workers=1", "tune.max_concurrent_trials=3"], 3),
-])
+@pytest.mark.parametrize(
+    "cpus, gpus, overrides, expected",
+    [
+        (2, 0, ["distributed.num_workers=1"], 2),  # the trial's driver takes no CPU: two 1-worker trials in 2 CPUs
+        (16, 0, ["distributed.num_workers=2"], 8),
+        (16, 0, ["distributed.num_workers=[2,4]"], 4),  # elastic: counted at its largest
+        (64, 8, ["distributed.use_gpu=true", "distributed.num_workers=2"], 4),  # GPUs bound it
+        (2, 0, ["distributed.num_workers=1", "tune.max_concurrent_trials=3"], 3),
+    ],
+)
 def test_concurrent_trials_follow_the_cluster_and_the_workers_per_trial(cpus, gpus, overrides, expected):
     cfg = load_config(DEFAULT_CONFIG, ["train.batch_size=128", *overrides])
     assert max_concurrent(_Cluster(cpus, gpus), cfg) == expected
@@ -75,10 +83,26 @@ def test_asha_stops_a_weak_trial_mid_run_and_a_killed_search_resumes_with_no_dup
     # trial 3 (first to report) runs on, and trial 4 learns, so beats it at every rung, wherever in
     # its epochs trial 3 resumed (a kill before or after Train registers its epoch-1 checkpoint).
     out = tmp_path / "search"
-    command = [sys.executable, "-m", "distswitch.cli", "tune", str(DEFAULT_CONFIG), f"out_dir={out}",
-               "tune.num_samples=1", "train.epochs=3", "schedule.warmup_epochs=0", "schedule.finetune_epochs=0", "budget.fraction=null",
-               "data.train_limit=1024", "distributed.num_workers=1", "train.progress=false",
-               "tune.grace_period=1", "tune.reduction_factor=2", "tune.max_concurrent_trials=1", "tune.space={optim.tnn.lr: {grid: [0.05, 1.0e-6, 1.0e-6, 0.05]}}"]
+    command = [
+        sys.executable,
+        "-m",
+        "distswitch.cli",
+        "tune",
+        str(DEFAULT_CONFIG),
+        f"out_dir={out}",
+        "tune.num_samples=1",
+        "train.epochs=3",
+        "schedule.warmup_epochs=0",
+        "schedule.finetune_epochs=0",
+        "budget.fraction=null",
+        "data.train_limit=1024",
+        "distributed.num_workers=1",
+        "train.progress=false",
+        "tune.grace_period=1",
+        "tune.reduction_factor=2",
+        "tune.max_concurrent_trials=1",
+        "tune.space={optim.tnn.lr: {grid: [0.05, 1.0e-6, 1.0e-6, 0.05]}}",
+    ]
     proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 400
@@ -159,21 +183,48 @@ def test_a_trial_that_ends_without_closing_its_run_is_closed_killed(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_search_and_a_training_started_together_on_one_machine_both_finish(tmp_path, tracking_server,
-                                                                          server_experiment):
+def test_a_search_and_a_training_started_together_on_one_machine_both_finish(
+    tmp_path, tracking_server, server_experiment
+):
     # Each starts its own local cluster; Train's placement-group cleaner used to find both by
     # auto-detection ("Found multiple active Ray instances") and the search's next trial never started.
     # Both log to the team's tracking server (`make tracking-server`).
-    quick = ["train.epochs=2", "schedule.warmup_epochs=0", "schedule.finetune_epochs=0", "budget.fraction=null",
-             "data.train_limit=512", "distributed.num_workers=1", "train.progress=false",
-             f"tracking.uri={tracking_server}", f"tracking.experiment={server_experiment}"]
-    search = subprocess.Popen([sys.executable, "-m", "distswitch.cli", "tune", str(DEFAULT_CONFIG), *quick,
-                               f"out_dir={tmp_path / 'search'}", "tune.num_samples=1",
-                               "tune.space={optim.tnn.lr: {grid: [0.05, 0.02, 0.01]}}"],
-                              cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    quick = [
+        "train.epochs=2",
+        "schedule.warmup_epochs=0",
+        "schedule.finetune_epochs=0",
+        "budget.fraction=null",
+        "data.train_limit=512",
+        "distributed.num_workers=1",
+        "train.progress=false",
+        f"tracking.uri={tracking_server}",
+        f"tracking.experiment={server_experiment}",
+    ]
+    search = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distswitch.cli",
+            "tune",
+            str(DEFAULT_CONFIG),
+            *quick,
+            f"out_dir={tmp_path / 'search'}",
+            "tune.num_samples=1",
+            "tune.space={optim.tnn.lr: {grid: [0.05, 0.02, 0.01]}}",
+        ],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     time.sleep(15)
-    train = subprocess.run([sys.executable, "-m", "distswitch.cli", "train", str(DEFAULT_CONFIG), *quick,
-                            f"out_dir={tmp_path / 'train'}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    train = subprocess.run(
+        [sys.executable, "-m", "distswitch.cli", "train", str(DEFAULT_CONFIG), *quick, f"out_dir={tmp_path / 'train'}"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     try:
         out, _ = search.communicate(timeout=600)
     finally:
@@ -192,4 +243,6 @@ def test_a_search_and_a_training_started_together_on_one_machine_both_finish(tmp
     assert len(trials) == 3 and parents[0].info.status == "FINISHED"
     # A trial ASHA stops early is closed KILLED; every other run FINISHED, none left RUNNING.
     assert {r.info.status for r in trials} <= {"FINISHED", "KILLED"}
-    assert all(r.info.status == "FINISHED" for r in runs if r not in trials), [(r.info.run_name, r.info.status) for r in runs]
+    assert all(r.info.status == "FINISHED" for r in runs if r not in trials), [
+        (r.info.run_name, r.info.status) for r in runs
+    ]

@@ -52,10 +52,16 @@ class Cluster:
         self.tmp = tmp
         self.head_only = tmp / "head-only"  # the worker node sees an empty folder here
         self.head_only.mkdir()
-        self.env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-                    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_USAGE_STATS_ENABLED": "0",
-                    # A lost node is declared dead after ~3 s instead of ~15 s.
-                    "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+        self.env = {
+            **os.environ,
+            "PATH": f"{BIN}:{os.environ['PATH']}",
+            "RAY_AUTH_MODE": "token",
+            "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            # A lost node is declared dead after ~3 s instead of ~15 s.
+            "RAY_health_check_period_ms": "1000",
+            "RAY_health_check_failure_threshold": "3",
+        }
         self.env.pop("RAY_ADDRESS", None)
         # The cluster's own token (as `ray get-auth-token --generate` makes one): a fresh machine has
         # no ~/.ray/auth_token, and one left there by another cluster is not this test's business.
@@ -82,22 +88,47 @@ class Cluster:
         # Both namespaces share the machine's hostname, which resolves to loopback: gloo must be
         # told its interface (as on any multi-homed node; cluster/README.md).
         env = {**self.env, "GLOO_SOCKET_IFNAME": self.devices[ns]}
-        return subprocess.run(["ip", "netns", "exec", ns, *args], env=env, capture_output=True, text=True,
-                              cwd=REPO_ROOT, **kwargs)
+        return subprocess.run(
+            ["ip", "netns", "exec", ns, *args], env=env, capture_output=True, text=True, cwd=REPO_ROOT, **kwargs
+        )
 
     def start_head(self) -> None:
-        started = self.exec(self.head, str(BIN / "ray"), "start", "--head", f"--node-ip-address={HEAD_IP}",
-                            f"--port={GCS_PORT}", "--num-cpus=1", "--dashboard-host=127.0.0.1",
-                            f"--temp-dir={self.tmp / 'h'}", "--disable-usage-stats", timeout=180)
+        started = self.exec(
+            self.head,
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            f"--node-ip-address={HEAD_IP}",
+            f"--port={GCS_PORT}",
+            "--num-cpus=1",
+            "--dashboard-host=127.0.0.1",
+            f"--temp-dir={self.tmp / 'h'}",
+            "--disable-usage-stats",
+            timeout=180,
+        )
         assert started.returncode == 0, started.stderr[-3000:]
 
     def start_worker(self) -> None:
         # `ip netns exec` gives the command a mount namespace of its own: the tmpfs hides head_only
         # from this node's raylet and its workers only.
-        ray_start = [str(BIN / "ray"), "start", f"--address={HEAD_IP}:{GCS_PORT}", f"--node-ip-address={WORKER_IP}",
-                     "--num-cpus=1", f"--temp-dir={self.tmp / 'w'}", "--disable-usage-stats"]
-        started = self.exec(self.worker, "sh", "-c", f'mount -t tmpfs none "{self.head_only}" && exec "$@"', "sh",
-                            *ray_start, timeout=180)
+        ray_start = [
+            str(BIN / "ray"),
+            "start",
+            f"--address={HEAD_IP}:{GCS_PORT}",
+            f"--node-ip-address={WORKER_IP}",
+            "--num-cpus=1",
+            f"--temp-dir={self.tmp / 'w'}",
+            "--disable-usage-stats",
+        ]
+        started = self.exec(
+            self.worker,
+            "sh",
+            "-c",
+            f'mount -t tmpfs none "{self.head_only}" && exec "$@"',
+            "sh",
+            *ray_start,
+            timeout=180,
+        )
         assert started.returncode == 0, started.stderr[-3000:]
 
     def pids(self, ns: str) -> list[int]:
@@ -164,15 +195,33 @@ def team_server(cluster, tmp_path_factory) -> str:
 def _train(cluster: Cluster, out: Path, betons: Path, *overrides: str, tracking: str | None = None) -> subprocess.Popen:
     """`distswitch train` in the head's namespace, logging to `tracking` (default: the test's own
     store); its output goes to out's sibling <name>.log."""
-    args = [sys.executable, "-m", "distswitch.cli", "train", str(DEFAULT_CONFIG), f"out_dir={out}",
-            "distributed.num_workers=2", "schedule.warmup_epochs=0", "schedule.finetune_epochs=0", "budget.fraction=null",
-            "data.train_limit=6000", "train.progress=false", f"data.beton_dir={betons}", *overrides]
+    args = [
+        sys.executable,
+        "-m",
+        "distswitch.cli",
+        "train",
+        str(DEFAULT_CONFIG),
+        f"out_dir={out}",
+        "distributed.num_workers=2",
+        "schedule.warmup_epochs=0",
+        "schedule.finetune_epochs=0",
+        "budget.fraction=null",
+        "data.train_limit=6000",
+        "train.progress=false",
+        f"data.beton_dir={betons}",
+        *overrides,
+    ]
     # The cluster's env is the module's; the store is this test's (conftest's mlflow_store).
-    env = {**cluster.env, "RAY_ADDRESS": f"{HEAD_IP}:{GCS_PORT}", "MLFLOW_TRACKING_URI": tracking or os.environ["MLFLOW_TRACKING_URI"]}
+    env = {
+        **cluster.env,
+        "RAY_ADDRESS": f"{HEAD_IP}:{GCS_PORT}",
+        "MLFLOW_TRACKING_URI": tracking or os.environ["MLFLOW_TRACKING_URI"],
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     with (out.parent / f"{out.name}.log").open("w") as log:
-        return subprocess.Popen(["ip", "netns", "exec", cluster.head, *args], env=env, cwd=REPO_ROOT,
-                                stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            ["ip", "netns", "exec", cluster.head, *args], env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
 
 
 def _output(out: Path) -> str:
@@ -193,25 +242,37 @@ def _kill_worker_node_during_epoch(cluster: Cluster, proc: subprocess.Popen, out
     run_dir = out / "ray" / out.name
     deadline = time.time() + 400
     # The run spans both nodes: one Train worker in each namespace (after a restart, once it is back).
-    while not (_registered(run_dir, f"epoch_{epoch - 2:04d}")
-               and len(cluster.processes(cluster.head, "ray::RayTrainWorker")) == 1
-               and len(cluster.processes(cluster.worker, "ray::RayTrainWorker")) == 1):
-        assert proc.poll() is None and time.time() < deadline, f"epoch {epoch} never ran on both nodes: {_output(out)[-4000:]}"
+    while not (
+        _registered(run_dir, f"epoch_{epoch - 2:04d}")
+        and len(cluster.processes(cluster.head, "ray::RayTrainWorker")) == 1
+        and len(cluster.processes(cluster.worker, "ray::RayTrainWorker")) == 1
+    ):
+        assert proc.poll() is None and time.time() < deadline, (
+            f"epoch {epoch} never ran on both nodes: {_output(out)[-4000:]}"
+        )
         time.sleep(0.1)
     assert not (run_dir / f"epoch_{epoch - 1:04d}").exists(), f"the kill must land inside epoch {epoch}"
     cluster.kill_all(cluster.worker)
 
 
-def test_a_lost_worker_node_is_survived_then_reported_in_one_line_with_the_checkpoint_intact(cluster, team_server, tmp_path,
-                                                                                          fashion_betons, server_experiment):
+def test_a_lost_worker_node_is_survived_then_reported_in_one_line_with_the_checkpoint_intact(
+    cluster, team_server, tmp_path, fashion_betons, server_experiment
+):
     """max_failures=1, 4 epochs, 2 workers spanning the two nodes. The worker node's processes all killed
     in epoch 2: the node comes back (as a replaced node would) and the run resumes from epoch 1's
     checkpoint on both nodes. Killed again in epoch 3, with no restart left: one clear line naming
     the intact checkpoint, exit status 1, the MLflow run FAILED with the error."""
     out = tmp_path / "span"
     run_dir = out / "ray" / out.name
-    proc = _train(cluster, out, fashion_betons, "distributed.max_failures=1", "train.epochs=4",
-                  f"tracking.experiment={server_experiment}", tracking=team_server)
+    proc = _train(
+        cluster,
+        out,
+        fashion_betons,
+        "distributed.max_failures=1",
+        "train.epochs=4",
+        f"tracking.experiment={server_experiment}",
+        tracking=team_server,
+    )
     try:
         _kill_worker_node_during_epoch(cluster, proc, out, 2)
         time.sleep(5)  # the node is declared dead (health checks every 1 s, 3 misses)
@@ -244,8 +305,13 @@ def test_sqlite_tracking_on_a_folder_another_node_cannot_see_is_refused_in_one_l
     """Rank 0 may run on the worker node, where the driver's mlflow.db does not exist: refused before
     any worker starts, with exit status 2 and the opened MLflow run FAILED, not left RUNNING."""
     out = cluster.head_only / "tracked"
-    proc = _train(cluster, out, fashion_betons, f"distributed.storage_path={tmp_path / 'ray'}",
-                  f"tracking.uri=sqlite:///{out / 'mlflow.db'}")
+    proc = _train(
+        cluster,
+        out,
+        fashion_betons,
+        f"distributed.storage_path={tmp_path / 'ray'}",
+        f"tracking.uri=sqlite:///{out / 'mlflow.db'}",
+    )
     proc.wait(timeout=300)
     output = _output(out)
     lines = output.strip().splitlines()
@@ -267,17 +333,27 @@ def _wait_for_line(proc: subprocess.Popen, out: Path, text: str, seconds: float)
     return time.time() - start
 
 
-def test_an_elastic_run_goes_on_with_the_node_left_and_grows_back_when_it_returns(cluster, team_server, tmp_path,
-                                                                                 fashion_betons, server_experiment):
+def test_an_elastic_run_goes_on_with_the_node_left_and_grows_back_when_it_returns(
+    cluster, team_server, tmp_path, fashion_betons, server_experiment
+):
     """num_workers [1, 2] across the two nodes: the worker node lost in epoch 2, the run goes on with
     the head's worker alone within a minute; the node back, it grows to 2 again; it finishes with
     one MLflow run holding every epoch once. start_timeout 20: Ray's first try after the loss is a
     group of 2 (its view of free resources lags), which fails after that long."""
     out = tmp_path / "elastic"
     epochs = 30
-    proc = _train(cluster, out, fashion_betons, "distributed.num_workers=[1,2]", "distributed.max_failures=-1",
-                  "distributed.resize_interval=5", "distributed.start_timeout=20", f"train.epochs={epochs}",
-                  f"tracking.experiment={server_experiment}", tracking=team_server)
+    proc = _train(
+        cluster,
+        out,
+        fashion_betons,
+        "distributed.num_workers=[1,2]",
+        "distributed.max_failures=-1",
+        "distributed.resize_interval=5",
+        "distributed.start_timeout=20",
+        f"train.epochs={epochs}",
+        f"tracking.experiment={server_experiment}",
+        tracking=team_server,
+    )
     try:
         _kill_worker_node_during_epoch(cluster, proc, out, 2)
         shrunk = _wait_for_line(proc, out, "resuming on 1 worker a checkpoint of 2", 60)

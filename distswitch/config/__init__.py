@@ -30,6 +30,24 @@ from distswitch.config.schema import (
     channels_last_on,
 )
 
-__all__ = ["BudgetConfig", "Config", "ConfigError", "DataConfig", "DistributedConfig", "ModelConfig", "OptimConfig",
-           "OptimizerConfig", "PruneConfig", "ScheduleConfig", "SwitcherConfig", "TrackingConfig", "TrainConfig",
-           "TuneConfig", "channels_last_on", "load_config", "merge_overrides", "parse_override", "set_dotted"]
+__all__ = [
+    "BudgetConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DistributedConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "OptimizerConfig",
+    "PruneConfig",
+    "ScheduleConfig",
+    "SwitcherConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "TuneConfig",
+    "channels_last_on",
+    "load_config",
+    "merge_overrides",
+    "parse_override",
+    "set_dotted",
+]

@@ -35,7 +35,9 @@ def describe(tp: Any) -> str:
         return "a list of " + describe(typing.get_args(tp)[0])
     if tp is type(None):
         return "null"
-    return {int: "an integer", float: "a number", bool: "true/false", str: "a string", dict: "a mapping"}.get(tp, str(tp))
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string", dict: "a mapping"}.get(
+        tp, str(tp)
+    )
 
 
 def _number(value: Any) -> bool:

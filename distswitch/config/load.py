@@ -28,7 +28,6 @@ def _yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
-
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'train.epochs=3' -> (['train', 'epochs'], 3); the value is parsed as YAML (3, 0.1, true, null)."""
     if "=" not in text:
@@ -63,14 +62,18 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist; pass a YAML file such as configs/fashion_lenet5.yaml")
+            raise ConfigError(
+                f"config file {str(p)!r} does not exist; pass a YAML file such as configs/fashion_lenet5.yaml"
+            )
         try:
             data = _yaml_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(p)!r}: expected a mapping of sections (model:, train:, ...), "
-                              f"got {describe(type(data))}")
+            raise ConfigError(
+                f"config file {str(p)!r}: expected a mapping of sections (model:, train:, ...), "
+                f"got {describe(type(data))}"
+            )
     merged = merge_overrides(data, list(overrides))
     tracking = merged.get("tracking") or {}
     if path is not None and isinstance(tracking, dict) and tracking.get("experiment") is None:

@@ -264,8 +264,12 @@ class TuneConfig:
 
     # Dotted config key -> one of {choice: [...]}, {grid: [...]} (every value, each num_samples
     # times, in order), {uniform: [lo, hi]}, {loguniform: [lo, hi]}, {randint: [lo, hi]} (hi exclusive).
-    space: dict = field(default_factory=lambda: {"switcher.width": {"choice": [16, 32, 64]},
-                                                 "schedule.update_ratio": {"choice": [1, 2, 4, 8]}})
+    space: dict = field(
+        default_factory=lambda: {
+            "switcher.width": {"choice": [16, 32, 64]},
+            "schedule.update_ratio": {"choice": [1, 2, 4, 8]},
+        }
+    )
     num_samples: int = 8
     # val/acc, or tune/score = val/acc - kept_weight * kept_fraction (accuracy traded against size).
     metric: Literal["val/acc", "tune/score"] = "val/acc"

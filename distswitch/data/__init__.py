@@ -5,5 +5,15 @@ from distswitch.data.datasets import DATASETS, ArrayDataset, DataError, DatasetI
 from distswitch.data.loaders import Loaders, check_data, make_loaders
 from distswitch.data.torch_loader import BatchLoader
 
-__all__ = ["DATASETS", "ArrayDataset", "DataError", "DatasetInfo", "Splits", "load_splits", "BatchLoader",
-           "Loaders", "check_data", "make_loaders"]
+__all__ = [
+    "DATASETS",
+    "ArrayDataset",
+    "DataError",
+    "DatasetInfo",
+    "Splits",
+    "load_splits",
+    "BatchLoader",
+    "Loaders",
+    "check_data",
+    "make_loaders",
+]

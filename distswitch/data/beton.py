@@ -75,27 +75,40 @@ def open_betons(cfg: DataConfig) -> BetonSet:
     prepare_cmd = f"`distswitch data prepare {cfg.dataset} --out {folder}`"
     meta_path = folder / "metadata.json"
     if not meta_path.is_file():
-        raise DataError(f"data.beton_dir: no prepared dataset in {str(folder)!r} (metadata.json missing); run {prepare_cmd}")
+        raise DataError(
+            f"data.beton_dir: no prepared dataset in {str(folder)!r} (metadata.json missing); run {prepare_cmd}"
+        )
     try:
         meta = json.loads(meta_path.read_text())
         stored_format = meta.get("format")
     except (OSError, ValueError, AttributeError) as exc:
         raise DataError(f"data.beton_dir: {meta_path} is unreadable ({exc}); run {prepare_cmd} again") from None
     if stored_format != FORMAT:
-        raise DataError(f"data.beton_dir: {meta_path} is format {stored_format!r}, not {FORMAT!r}; run {prepare_cmd} again")
+        raise DataError(
+            f"data.beton_dir: {meta_path} is format {stored_format!r}, not {FORMAT!r}; run {prepare_cmd} again"
+        )
     if meta["dataset"] != cfg.dataset:
-        raise DataError(f"data.beton_dir: {str(folder)!r} holds {meta['dataset']}, but data.dataset is {cfg.dataset}; "
-                        f"point data.beton_dir at a {cfg.dataset} folder or run {prepare_cmd}")
+        raise DataError(
+            f"data.beton_dir: {str(folder)!r} holds {meta['dataset']}, but data.dataset is {cfg.dataset}; "
+            f"point data.beton_dir at a {cfg.dataset} folder or run {prepare_cmd}"
+        )
     split = meta["split"]
     if (split["val_size"], split["split_seed"]) != (cfg.val_size, cfg.split_seed):
         raise DataError(
             f"data.val_size/split_seed: {str(folder)!r} was prepared with val_size {split['val_size']}, split_seed "
             f"{split['split_seed']}, the config asks {cfg.val_size}, {cfg.split_seed}; set those or run "
-            f"`distswitch data prepare {cfg.dataset} --out {folder} --val-size {cfg.val_size} --split-seed {cfg.split_seed}`")
+            f"`distswitch data prepare {cfg.dataset} --out {folder} --val-size {cfg.val_size} --split-seed {cfg.split_seed}`"
+        )
     for name in SPLITS:
         _check_file(folder, meta, name, prepare_cmd)
-    info = DatasetInfo(**{**meta["info"], "mean": tuple(meta["info"]["mean"]), "std": tuple(meta["info"]["std"]),
-                          "classes": tuple(meta["info"]["classes"])})
+    info = DatasetInfo(
+        **{
+            **meta["info"],
+            "mean": tuple(meta["info"]["mean"]),
+            "std": tuple(meta["info"]["std"]),
+            "classes": tuple(meta["info"]["classes"]),
+        }
+    )
     return BetonSet(folder, meta, info)
 
 
@@ -106,23 +119,35 @@ def _check_file(folder: Path, meta: dict, split: str, prepare_cmd: str) -> None:
         raise DataError(f"data.beton_dir: {path} is missing; run {prepare_cmd} again")
     size = path.stat().st_size
     if size != entry["bytes"]:
-        raise DataError(f"data.beton_dir: {path} has {size} bytes, metadata.json says {entry['bytes']} "
-                        f"(truncated or replaced); run {prepare_cmd} again")
+        raise DataError(
+            f"data.beton_dir: {path} has {size} bytes, metadata.json says {entry['bytes']} "
+            f"(truncated or replaced); run {prepare_cmd} again"
+        )
     try:
         fields, samples = beton_header(path)
     except ValueError as exc:
         raise DataError(f"data.beton_dir: {path} is not a readable .beton ({exc}); run {prepare_cmd} again") from None
     if fields != ["image", "label"] or samples != meta["counts"][split]:
-        raise DataError(f"data.beton_dir: {path} holds fields {fields} and {samples} samples, metadata.json says "
-                        f"['image', 'label'] and {meta['counts'][split]}; run {prepare_cmd} again")
+        raise DataError(
+            f"data.beton_dir: {path} holds fields {fields} and {samples} samples, metadata.json says "
+            f"['image', 'label'] and {meta['counts'][split]}; run {prepare_cmd} again"
+        )
 
 
 # FFCV's .beton header (format version 2, ffcv/types.py), read here without importing FFCV: its
 # import takes ~5 s on a small CPU (numba), too much for the launcher's checks. A test keeps these
 # equal to FFCV's own definitions.
 BETON_VERSION = 2
-HEADER = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"), ("num_samples", "<u8"),
-                   ("alloc_table_ptr", "<u8")], align=True)
+HEADER = np.dtype(
+    [
+        ("version", "<u2"),
+        ("num_fields", "<u2"),
+        ("page_size", "<u4"),
+        ("num_samples", "<u8"),
+        ("alloc_table_ptr", "<u8"),
+    ],
+    align=True,
+)
 FIELD_DESC = np.dtype([("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))], align=True)
 
 
@@ -147,15 +172,26 @@ def beton_header(path: Path) -> tuple[list[str], int]:
 # -- writing -------------------------------------------------------------------------------------
 
 
-def prepare(dataset: str, out: str | Path, root: str | None = None, download: bool = False, val_size: int = 5000,
-            split_seed: int = 0, workers: int = 0, max_resolution: int | None = None, jpeg_quality: int = 90,
-            force: bool = False, log=print) -> tuple[dict, bool]:
+def prepare(
+    dataset: str,
+    out: str | Path,
+    root: str | None = None,
+    download: bool = False,
+    val_size: int = 5000,
+    split_seed: int = 0,
+    workers: int = 0,
+    max_resolution: int | None = None,
+    jpeg_quality: int = 90,
+    force: bool = False,
+    log=print,
+) -> tuple[dict, bool]:
     """Write `out`/{train,val,test}.beton and metadata.json; returns (metadata, whether anything was
     written). Same inputs (source checksum, split, write options) as the folder's metadata = no-op."""
     out = Path(out)
     DATASETS.get(dataset)  # unknown names fail here, listing the choices
-    cfg = DataConfig(dataset=dataset, root=root, download=download, loader="torch", val_size=val_size,
-                     split_seed=split_seed)
+    cfg = DataConfig(
+        dataset=dataset, root=root, download=download, loader="torch", val_size=val_size, split_seed=split_seed
+    )
     source = {"arrays": _Arrays, "images": _ImageFolder}[DATASETS.traits(dataset).get("stored_as", "arrays")](cfg)
     wanted = {
         "format": FORMAT,
@@ -177,13 +213,21 @@ def prepare(dataset: str, out: str | Path, root: str | None = None, download: bo
     import ffcv
 
     files, counts = _write_splits(source, out, (max_resolution, jpeg_quality), workers, log)
-    meta = {**wanted, "info": asdict(source.info), "counts": counts, "files": files,
-            "image_shape": [source.info.channels, source.info.image_size, source.info.image_size],
-            "storage": source.storage, "ffcv": getattr(ffcv, "__version__", "1.0.2")}
+    meta = {
+        **wanted,
+        "info": asdict(source.info),
+        "counts": counts,
+        "files": files,
+        "image_shape": [source.info.channels, source.info.image_size, source.info.image_size],
+        "storage": source.storage,
+        "ffcv": getattr(ffcv, "__version__", "1.0.2"),
+    }
     meta["info"]["mean"], meta["info"]["std"] = list(source.info.mean), list(source.info.std)
     meta["info"]["classes"] = list(source.info.classes)
     write_json(meta_path, meta, indent=1)
-    log(f"{meta_path}: {counts['train']} train / {counts['val']} val / {counts['test']} test, {source.info.num_classes} classes")
+    log(
+        f"{meta_path}: {counts['train']} train / {counts['val']} val / {counts['test']} test, {source.info.num_classes} classes"
+    )
     return meta, True
 
 
@@ -197,8 +241,12 @@ def _write_splits(source, out: Path, options: tuple, workers: int, log) -> tuple
         name = f"{split}.beton"
         log(f"writing {out / name}: {len(items)} images")
         with atomic_path(out / name) as partial:
-            writer = DatasetWriter(str(partial), source.fields(*options), page_size=source.page_size,
-                                   num_workers=workers or len(os.sched_getaffinity(0)))
+            writer = DatasetWriter(
+                str(partial),
+                source.fields(*options),
+                page_size=source.page_size,
+                num_workers=workers or len(os.sched_getaffinity(0)),
+            )
             writer.from_indexed_dataset(items, chunksize=256)
         files[split] = {"name": name, "bytes": (out / name).stat().st_size}
         counts[split] = len(items)
@@ -212,7 +260,9 @@ def _up_to_date(out: Path, meta_path: Path, wanted: dict) -> bool:
         return False
     if any(meta.get(key) != value for key, value in wanted.items()):
         return False
-    return all((out / f["name"]).is_file() and (out / f["name"]).stat().st_size == f["bytes"] for f in meta["files"].values())
+    return all(
+        (out / f["name"]).is_file() and (out / f["name"]).stat().st_size == f["bytes"] for f in meta["files"].values()
+    )
 
 
 class _Items:
@@ -329,8 +379,10 @@ class _ImageFolder:
     def fields(self, max_resolution, jpeg_quality):
         from ffcv.fields import IntField, RGBImageField
 
-        return {"image": RGBImageField(write_mode="smart", max_resolution=max_resolution, jpeg_quality=jpeg_quality),
-                "label": IntField()}
+        return {
+            "image": RGBImageField(write_mode="smart", max_resolution=max_resolution, jpeg_quality=jpeg_quality),
+            "label": IntField(),
+        }
 
     def split(self, name: str) -> _Items:
         files = self.parts[name]

@@ -41,13 +41,17 @@ def input_info(info: DatasetInfo, channels: int | None, image_size: int | None) 
     (a grayscale channel replicated; smaller images padded with black, centred)."""
     if channels is not None and channels != info.channels:
         if info.channels != 1:
-            raise DataError(f"data.channels: {info.name} has {info.channels} channels and cannot be shown as {channels}; "
-                            "use null or 3")
+            raise DataError(
+                f"data.channels: {info.name} has {info.channels} channels and cannot be shown as {channels}; "
+                "use null or 3"
+            )
         info = replace(info, channels=channels, mean=info.mean * channels, std=info.std * channels)
     if image_size is not None and image_size != info.image_size:
         if image_size < info.image_size and info.augment != "resized_crop":
-            raise DataError(f"data.image_size: {image_size} is smaller than {info.name}'s {info.image_size}x{info.image_size} "
-                            "images (only padding is done); use null or a larger size")
+            raise DataError(
+                f"data.image_size: {image_size} is smaller than {info.name}'s {info.image_size}x{info.image_size} "
+                "images (only padding is done); use null or a larger size"
+            )
         info = replace(info, image_size=image_size)
     return info
 
@@ -99,11 +103,15 @@ def split_indices(n: int, val_size: int, split_seed: int) -> tuple[torch.Tensor,
 
 def check_batch(batch_size: int, n_train: int, world_size: int) -> None:
     if batch_size > n_train:
-        raise ConfigError(f"train.batch_size: {batch_size} is larger than the training split ({n_train} examples); "
-                          "lower it or raise data.train_limit")
+        raise ConfigError(
+            f"train.batch_size: {batch_size} is larger than the training split ({n_train} examples); "
+            "lower it or raise data.train_limit"
+        )
     if batch_size < 2 * world_size:
-        raise ConfigError(f"train.batch_size: {batch_size} gives {world_size} workers fewer than 2 examples each; "
-                          "raise it or use fewer workers")
+        raise ConfigError(
+            f"train.batch_size: {batch_size} gives {world_size} workers fewer than 2 examples each; "
+            "raise it or use fewer workers"
+        )
 
 
 def batch_share(batch_size: int, rank: int, world_size: int) -> slice:
@@ -152,13 +160,28 @@ def _mnist_like(cfg: DataConfig, name: str, default_root: str, tv_class: str, me
             getattr(tvd, tv_class)(str(root), train=split, download=True)
         train, test = _idx_dataset(root, "train"), _idx_dataset(root, "t10k")
     if train is None or test is None:
-        hint = "install Debian's dataset-fashion-mnist (make setup)" if name == "fashion-mnist" else "set data.download=true on a connected machine"
+        hint = (
+            "install Debian's dataset-fashion-mnist (make setup)"
+            if name == "fashion-mnist"
+            else "set data.download=true on a connected machine"
+        )
         raise DataError(f"data.root: no {name} IDX files under {str(root)!r}; {hint}, or point data.root at them")
     return train, test, DatasetInfo(name, 10, 1, 28, (mean,), (std,), "none", CLASSES[name])
 
 
 CLASSES = {
-    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+    "fashion-mnist": (
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ),
     "mnist": tuple(str(d) for d in range(10)),
 }
 
@@ -175,8 +198,15 @@ def mnist(cfg: DataConfig):
 
 # name: (torchvision class, folder in the archive, train files, test files, meta file, class-name key, label key)
 _CIFAR = {
-    "cifar10": ("CIFAR10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
-                "batches.meta", "label_names", "labels"),
+    "cifar10": (
+        "CIFAR10",
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        "batches.meta",
+        "label_names",
+        "labels",
+    ),
     "cifar100": ("CIFAR100", "cifar-100-python", ["train"], ["test"], "meta", "fine_label_names", "fine_labels"),
 }
 
@@ -194,8 +224,10 @@ def _cifar(cfg: DataConfig, name: str):
         getattr(tvd, tv_class)(str(root), train=True, download=True)  # one archive, both splits, MD5-checked
     missing = [f for f in [*train_files, *test_files, meta_file] if not (base / f).is_file()]
     if missing:
-        raise DataError(f"data.root: no {name} batches under {str(base)!r} (missing {', '.join(missing)}); set "
-                        f"data.download=true on a connected machine, or point data.root at the folder holding {folder}/")
+        raise DataError(
+            f"data.root: no {name} batches under {str(base)!r} (missing {', '.join(missing)}); set "
+            f"data.download=true on a connected machine, or point data.root at the folder holding {folder}/"
+        )
     classes = tuple(str(c) for c in _unpickle(base / meta_file)[names_key])
     train, test = (_cifar_split(base, files, labels_key, len(classes)) for files in (train_files, test_files))
     # The authors' normalisation (method notes): mean (125.3, 123.0, 113.9)/255, std (63.0, 62.1, 66.7)/255.
@@ -211,8 +243,10 @@ def _unpickle(path: Path) -> dict:
         with open(path, "rb") as fh:
             entry = pickle.load(fh, encoding="latin1")
     except Exception as exc:  # truncated or foreign: name the file, not the unpickler's state
-        raise DataError(f"data.root: {str(path)!r} cannot be read as a CIFAR batch ({type(exc).__name__}); "
-                        "download it again (data.download=true after deleting the folder)") from None
+        raise DataError(
+            f"data.root: {str(path)!r} cannot be read as a CIFAR batch ({type(exc).__name__}); "
+            "download it again (data.download=true after deleting the folder)"
+        ) from None
     if not isinstance(entry, dict):
         raise DataError(f"data.root: {str(path)!r} is not a CIFAR batch (no dict inside)")
     return entry
@@ -224,8 +258,10 @@ def _cifar_split(base: Path, files: list[str], labels_key: str, num_classes: int
         entry = _unpickle(base / name)
         data, targets = np.asarray(entry.get("data", []), dtype=np.uint8), np.asarray(entry.get(labels_key, []))
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(targets) != len(data) or len(data) == 0:
-            raise DataError(f"data.root: {str(base / name)!r} is not a CIFAR batch: expected 'data' [N, 3072] uint8 "
-                            f"and N '{labels_key}', got data {data.shape} and {len(targets)} labels")
+            raise DataError(
+                f"data.root: {str(base / name)!r} is not a CIFAR batch: expected 'data' [N, 3072] uint8 "
+                f"and N '{labels_key}', got data {data.shape} and {len(targets)} labels"
+            )
         if targets.min() < 0 or targets.max() >= num_classes:
             raise DataError(f"data.root: {str(base / name)!r} has labels outside 0..{num_classes - 1}")
         images.append(data)
@@ -247,5 +283,7 @@ def cifar100(cfg: DataConfig):
 @DATASETS.register("imagefolder", stored_as="images")  # for FFCV: RGB images, not raw arrays
 def imagefolder(cfg: DataConfig):
     # A class-per-folder tree (ImageNet size) does not fit in memory: it is read from .beton files only.
-    raise DataError("data.dataset: imagefolder is read from .beton files only; run `distswitch data prepare "
-                    "imagefolder --root TREE --out DIR` and set data.loader=ffcv data.beton_dir=DIR")
+    raise DataError(
+        "data.dataset: imagefolder is read from .beton files only; run `distswitch data prepare "
+        "imagefolder --root TREE --out DIR` and set data.loader=ffcv data.beton_dir=DIR"
+    )

@@ -106,7 +106,9 @@ class _Order(TraversalOrder):
         # torch.randperm with this seed: the permutation the torch path's RandomSampler draws.
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 10_007 + epoch)).numpy()
         steps = n // self.global_batch
-        mine = perm[: steps * self.global_batch].reshape(steps, self.global_batch)[:, batch_share(self.global_batch, r, w)]
+        mine = perm[: steps * self.global_batch].reshape(steps, self.global_batch)[
+            :, batch_share(self.global_batch, r, w)
+        ]
         return self.base[mine.reshape(-1)]
 
 
@@ -117,9 +119,21 @@ class FfcvLoader:
     The FFCV Loader is built (its pipeline generated and compiled, about 2 s each on a small CPU) at
     the first iteration, so the validation and test loaders do not delay the first training step."""
 
-    def __init__(self, betons: BetonSet, split: str, batch_size: int, train: bool, transform: InputTransform,
-                 seed: int = 0, augment: bool = True, threads: int = 0, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu", limit: int | None = None) -> None:
+    def __init__(
+        self,
+        betons: BetonSet,
+        split: str,
+        batch_size: int,
+        train: bool,
+        transform: InputTransform,
+        seed: int = 0,
+        augment: bool = True,
+        threads: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+        limit: int | None = None,
+    ) -> None:
         self.device = torch.device(device)
         self.betons, self.split, self.transform, self.train = betons, split, transform, train
         self.augment, self.seed, self.threads, self.epoch = augment, seed, threads, 0
@@ -136,8 +150,11 @@ class FfcvLoader:
         image: list = []
         if info.augment == "resized_crop":  # imagefolder: decode straight to the model's size
             size = self.transform.target.image_size
-            image.append(RandomResizedCropRGBImageDecoder((size, size)) if self.train else
-                         CenterCropRGBImageDecoder((size, size), ratio=224 / 256))
+            image.append(
+                RandomResizedCropRGBImageDecoder((size, size))
+                if self.train
+                else CenterCropRGBImageDecoder((size, size), ratio=224 / 256)
+            )
         else:
             image.append(NDArrayDecoder())
         if self.train and self.augment and info.augment in ("crop_flip", "resized_crop"):
@@ -149,9 +166,13 @@ class FfcvLoader:
             label.append(ToDevice(self.device, non_blocking=True))
         image.append(ToTorchImage(channels_last=on_gpu))
         loader = Loader(
-            str(self.betons.path(self.split)), batch_size=self.local_batch,
-            num_workers=self.threads or _cores_per_worker(), order=OrderOption.SEQUENTIAL,
-            indices=self.order.base, drop_last=self.train, pipelines={"image": image, "label": label},
+            str(self.betons.path(self.split)),
+            batch_size=self.local_batch,
+            num_workers=self.threads or _cores_per_worker(),
+            order=OrderOption.SEQUENTIAL,
+            indices=self.order.base,
+            drop_last=self.train,
+            pipelines={"image": image, "label": label},
         )
         # FFCV 1.0.2 cannot take a TraversalOrder subclass through its constructor (it checks
         # isinstance on the class), so the order is set afterwards; __len__ reads first_traversal_order.

@@ -39,20 +39,39 @@ def make_loaders(cfg: Config, rank: int = 0, world_size: int = 1, device: torch.
 
         threads = {"threads": data.num_workers}
         return Loaders(
-            FfcvLoader(store, "train", train.batch_size, True, seed=train.seed, augment=data.augment,
-                       limit=data.train_limit, **threads, **common),
+            FfcvLoader(
+                store,
+                "train",
+                train.batch_size,
+                True,
+                seed=train.seed,
+                augment=data.augment,
+                limit=data.train_limit,
+                **threads,
+                **common,
+            ),
             FfcvLoader(store, "val", train.eval_batch_size, False, **threads, **common),
             FfcvLoader(store, "test", train.eval_batch_size, False, **threads, **common),
-            target, n_train,
+            target,
+            n_train,
         )
     from distswitch.data.torch_loader import BatchLoader
 
     return Loaders(
-        BatchLoader(store.train, source, train.batch_size, True, seed=train.seed, augment=data.augment,
-                    num_workers=data.num_workers, **common),
+        BatchLoader(
+            store.train,
+            source,
+            train.batch_size,
+            True,
+            seed=train.seed,
+            augment=data.augment,
+            num_workers=data.num_workers,
+            **common,
+        ),
         BatchLoader(store.val, source, train.eval_batch_size, False, **common),
         BatchLoader(store.test, source, train.eval_batch_size, False, **common),
-        target, n_train,
+        target,
+        n_train,
     )
 
 

@@ -55,9 +55,20 @@ class BatchLoader:
     1/world_size of the split in batches of `batch_size`; sum the metrics across workers.
     """
 
-    def __init__(self, data: ArrayDataset, info: DatasetInfo, batch_size: int, train: bool, seed: int = 0,
-                 augment: bool = True, num_workers: int = 0, rank: int = 0, world_size: int = 1,
-                 transform: InputTransform | None = None, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        data: ArrayDataset,
+        info: DatasetInfo,
+        batch_size: int,
+        train: bool,
+        seed: int = 0,
+        augment: bool = True,
+        num_workers: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        transform: InputTransform | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
         if train:
             check_batch(batch_size, len(data), world_size)
         self.data, self.info, self.batch_size, self.train = data, info, batch_size, train
@@ -89,8 +100,13 @@ class BatchLoader:
             part = slice(None)
         batches = BatchSampler(sampler, self.batch_size, drop_last=self.train)
         dataset = _Batches(self.data, self.info, self.augment, seed)
-        loader = DataLoader(dataset, sampler=_Parts(batches, part), batch_size=None, num_workers=self.num_workers,
-                            pin_memory=self.device.type == "cuda")
+        loader = DataLoader(
+            dataset,
+            sampler=_Parts(batches, part),
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
         for x, y in loader:  # uint8 crosses to the device: a quarter of float32's bytes
             yield self.transform(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
 

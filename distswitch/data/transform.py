@@ -18,8 +18,13 @@ AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class InputTransform:
-    def __init__(self, source: DatasetInfo, target: DatasetInfo, dtype: torch.dtype = torch.float32,
-                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
+    def __init__(
+        self,
+        source: DatasetInfo,
+        target: DatasetInfo,
+        dtype: torch.dtype = torch.float32,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ) -> None:
         self.source, self.target, self.dtype, self.memory_format = source, target, dtype, memory_format
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         # Crop-based sources (imagefolder) are already decoded at the target size.

@@ -44,14 +44,18 @@ def claim(out_dir: str | Path, what: str = "run"):
     except BlockingIOError:
         held = path.read_text(errors="replace")
         os.close(fd)
-        raise ConfigError(f"out_dir: {str(folder)!r} is in use by another distswitch {what} ({_holder(held)}); "
-                          "wait for it to end or stop it (the same command then resumes), "
-                          "or pass another out_dir=... for a new run") from None
+        raise ConfigError(
+            f"out_dir: {str(folder)!r} is in use by another distswitch {what} ({_holder(held)}); "
+            "wait for it to end or stop it (the same command then resumes), "
+            "or pass another out_dir=... for a new run"
+        ) from None
     try:
         left = os.pread(fd, 4096, 0).decode(errors="replace").strip()
         if left:  # the previous holder died without emptying the file
-            print(f"distswitch: taking over out_dir {str(folder)!r} from a driver that is gone ({_holder(left)})",
-                  file=sys.stderr)
+            print(
+                f"distswitch: taking over out_dir {str(folder)!r} from a driver that is gone ({_holder(left)})",
+                file=sys.stderr,
+            )
         me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
         os.ftruncate(fd, 0)
         os.pwrite(fd, me.encode(), 0)

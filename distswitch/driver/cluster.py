@@ -127,7 +127,7 @@ def disconnect(ray, started: bool) -> None:
 
     node, ray_worker._global_node = getattr(ray_worker, "_global_node", None), None
     processes = []
-    for infos in (node.all_processes.values() if node is not None else []):
+    for infos in node.all_processes.values() if node is not None else []:
         for info in infos:
             try:
                 process = psutil.Process(info.process.pid)
@@ -153,13 +153,18 @@ def _init(ray, cfg: Config) -> None:
         except (ConnectionError, ValueError, RuntimeError) as exc:
             # A cluster with token authentication refuses a client without a token, and Ray's own
             # error then names no cause (its GCS client's retry warnings say it): give the commands.
-            auth = ("" if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else
-                    "; if the cluster uses token authentication (`ray start` with RAY_AUTH_MODE=token, "
-                    "`make head`): `export RAY_AUTH_MODE=token` and the head's token in ~/.ray/auth_token "
-                    "or `export RAY_AUTH_TOKEN=...` (what `ray get-auth-token` prints on the head), "
-                    "cluster/README.md section 0")
-            raise ConfigError(f"RAY_ADDRESS={address!r}: cannot connect ({str(exc).splitlines()[0]}); "
-                              f"check the address, or unset RAY_ADDRESS to start a local cluster{auth}") from None
+            auth = (
+                ""
+                if os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+                else "; if the cluster uses token authentication (`ray start` with RAY_AUTH_MODE=token, "
+                "`make head`): `export RAY_AUTH_MODE=token` and the head's token in ~/.ray/auth_token "
+                "or `export RAY_AUTH_TOKEN=...` (what `ray get-auth-token` prints on the head), "
+                "cluster/README.md section 0"
+            )
+            raise ConfigError(
+                f"RAY_ADDRESS={address!r}: cannot connect ({str(exc).splitlines()[0]}); "
+                f"check the address, or unset RAY_ADDRESS to start a local cluster{auth}"
+            ) from None
         return
     for key, value in LOCAL_CLUSTER_ENV.items():
         os.environ.setdefault(key, value)
@@ -212,11 +217,16 @@ def check_cuda(cfg: Config) -> None:
 
     if not cfg.distributed.use_gpu or torch.cuda.is_available():
         return
-    built = (f"torch {torch.__version__} is built for CUDA {torch.version.cuda}, which needs an NVIDIA driver "
-             f">= {CUDA_DRIVERS.get(torch.version.cuda.split('.')[0], '?')} (`nvidia-smi` shows yours)"
-             if torch.version.cuda else f"torch {torch.__version__} is a CPU-only build")
-    raise ConfigError(f"distributed.use_gpu: true, but CUDA is not usable on this machine ({built}); "
-                      "set distributed.use_gpu: false, or run where a GPU and its driver are")
+    built = (
+        f"torch {torch.__version__} is built for CUDA {torch.version.cuda}, which needs an NVIDIA driver "
+        f">= {CUDA_DRIVERS.get(torch.version.cuda.split('.')[0], '?')} (`nvidia-smi` shows yours)"
+        if torch.version.cuda
+        else f"torch {torch.__version__} is a CPU-only build"
+    )
+    raise ConfigError(
+        f"distributed.use_gpu: true, but CUDA is not usable on this machine ({built}); "
+        "set distributed.use_gpu: false, or run where a GPU and its driver are"
+    )
 
 
 def local_resources(cfg: Config) -> dict:
@@ -236,8 +246,11 @@ def check_fits(cfg: Config, total: dict, remote: bool) -> None:
         need, have = amount * d.min_workers, total.get(name, 0.0)  # elastic: the run starts with min
         if need > have:
             where = "this cluster" if remote else "the local cluster"
-            hint = ("lower distributed.num_workers or resources_per_worker" if name != "GPU"
-                    else "set distributed.use_gpu: false or run on a cluster with GPUs")
+            hint = (
+                "lower distributed.num_workers or resources_per_worker"
+                if name != "GPU"
+                else "set distributed.use_gpu: false or run on a cluster with GPUs"
+            )
             msg = f"distributed: {d.min_workers} workers need {need:g} {name}, {where} has {have:g}; {hint}"
             if remote:  # an autoscaler may add nodes: warn only
                 print(f"distswitch: warning: {msg} (waiting for the autoscaler)", file=sys.stderr)
@@ -256,9 +269,11 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as exc:
-        raise ConfigError(f"RAY_ADDRESS={address!r}: nothing answers at {host}:{port} ({exc.strerror or exc}); "
-                          "start the cluster (`ray start --head`), fix the address, or unset RAY_ADDRESS "
-                          "to start a local cluster") from None
+        raise ConfigError(
+            f"RAY_ADDRESS={address!r}: nothing answers at {host}:{port} ({exc.strerror or exc}); "
+            "start the cluster (`ray start --head`), fix the address, or unset RAY_ADDRESS "
+            "to start a local cluster"
+        ) from None
 
 
 def check_storage(ray, storage: str) -> None:
@@ -269,14 +284,17 @@ def check_storage(ray, storage: str) -> None:
         try:
             pyarrow.fs.FileSystem.from_uri(storage)
         except Exception as exc:  # unknown scheme, missing credentials library, ...
-            raise ConfigError(f"distributed.storage_path: {storage!r} is not usable ({exc}); "
-                              "use a shared path or s3://bucket/prefix") from None
+            raise ConfigError(
+                f"distributed.storage_path: {storage!r} is not usable ({exc}); use a shared path or s3://bucket/prefix"
+            ) from None
         return
     writable(Path(storage), "distributed.storage_path")
     blind = blind_nodes(ray, Path(storage))
     if blind:
-        raise ConfigError(f"distributed.storage_path: {storage!r} is local to this node; nodes {', '.join(blind)} "
-                          "cannot see it. Use a filesystem mounted on every node or s3://bucket/prefix")
+        raise ConfigError(
+            f"distributed.storage_path: {storage!r} is local to this node; nodes {', '.join(blind)} "
+            "cannot see it. Use a filesystem mounted on every node or s3://bucket/prefix"
+        )
 
 
 def check_tracking(ray, uri: str | None) -> None:
@@ -284,12 +302,14 @@ def check_tracking(ray, uri: str | None) -> None:
     on several nodes its folder must be visible from all of them (a shared filesystem)."""
     if uri is None or not uri.startswith("sqlite:///"):
         return
-    folder = Path(uri[len("sqlite:///"):]).parent
+    folder = Path(uri[len("sqlite:///") :]).parent
     blind = blind_nodes(ray, folder)
     if blind:
-        raise ConfigError(f"tracking: MLflow logs to {uri}, a folder nodes {', '.join(blind)} cannot see "
-                          "(rank 0 may run there); set tracking.uri or MLFLOW_TRACKING_URI to a server every node "
-                          "reaches, or to a sqlite:/// store on a filesystem mounted on every node")
+        raise ConfigError(
+            f"tracking: MLflow logs to {uri}, a folder nodes {', '.join(blind)} cannot see "
+            "(rank 0 may run there); set tracking.uri or MLFLOW_TRACKING_URI to a server every node "
+            "reaches, or to a sqlite:/// store on a filesystem mounted on every node"
+        )
 
 
 def blind_nodes(ray, folder: Path) -> list[str]:
@@ -307,8 +327,12 @@ def blind_nodes(ray, folder: Path) -> list[str]:
         def sees(path: str) -> bool:
             return os.path.exists(path)
 
-        checks = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                  .remote(str(marker)) for n in nodes]
+        checks = [
+            sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+                str(marker)
+            )
+            for n in nodes
+        ]
         return [n["NodeManagerAddress"] for n, ok in zip(nodes, ray.get(checks, timeout=120)) if not ok]
     finally:
         marker.unlink(missing_ok=True)
@@ -321,5 +345,6 @@ def writable(path: Path, key: str) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise ConfigError(f"{key}: cannot write to {str(path)!r} ({exc.strerror}); choose a writable directory") from None
-
+        raise ConfigError(
+            f"{key}: cannot write to {str(path)!r} ({exc.strerror}); choose a writable directory"
+        ) from None

@@ -31,8 +31,9 @@ def prepare(cfg: Config, finished: str, what: str) -> tuple[Config, Path]:
         cluster.check_fits(cfg, cluster.local_resources(cfg), remote=False)
     out = Path(cfg.out_dir)
     if (out / finished).is_file():
-        raise ConfigError(f"out_dir: {str(out)!r} already holds a finished {what} ({finished}); "
-                          f"pass another out_dir=... or remove it")
+        raise ConfigError(
+            f"out_dir: {str(out)!r} already holds a finished {what} ({finished}); pass another out_dir=... or remove it"
+        )
     cluster.writable(out, "out_dir")
     return cfg, out
 

@@ -27,16 +27,18 @@ class RunHandle:
     run_id: str | None = None
 
     @classmethod
-    def open(cls, cfg: Config, storage: str, name: str, run_key: str | None = None,
-             parent: "RunHandle | None" = None) -> "RunHandle":
+    def open(
+        cls, cfg: Config, storage: str, name: str, run_key: str | None = None, parent: "RunHandle | None" = None
+    ) -> "RunHandle":
         """The handle, with its MLflow run opened (or found again by `run_key`: a relaunch continues
         the same run) when tracking is on; a nested run under `parent`'s when given."""
         if not cfg.tracking.enabled:
             return cls(cfg, Path(cfg.out_dir), storage, name)
         from distswitch.tracking import open_run
 
-        uri, run_id = open_run(cfg, run_key=run_key or f"{storage}/{name}",
-                               parent_run_id=parent.run_id if parent is not None else None)
+        uri, run_id = open_run(
+            cfg, run_key=run_key or f"{storage}/{name}", parent_run_id=parent.run_id if parent is not None else None
+        )
         return cls(cfg, Path(cfg.out_dir), storage, name, uri, run_id)
 
     @property

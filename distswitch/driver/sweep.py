@@ -26,8 +26,11 @@ def grid(cfg: Config) -> dict:
     from ray import tune
 
     s = cfg.sweep
-    return {VARIANT_KEY: tune.grid_search(list(s.methods)), "budget.fraction": tune.grid_search(list(s.budgets)),
-            "train.seed": tune.grid_search(list(s.seeds))}
+    return {
+        VARIANT_KEY: tune.grid_search(list(s.methods)),
+        "budget.fraction": tune.grid_search(list(s.budgets)),
+        "train.seed": tune.grid_search(list(s.seeds)),
+    }
 
 
 def apply_variant(data: dict, name: str) -> None:
@@ -54,8 +57,10 @@ def check(cfg: Config) -> None:
                 validate_names(Config.from_dict(data))
         except UnknownNameError as exc:
             if name not in known:
-                raise ConfigError(f"sweep.methods: unknown {name!r}; name a registered method or a variant "
-                                  f"({', '.join(sorted(known))}, or your own in sweep.variants)") from None
+                raise ConfigError(
+                    f"sweep.methods: unknown {name!r}; name a registered method or a variant "
+                    f"({', '.join(sorted(known))}, or your own in sweep.variants)"
+                ) from None
             raise ConfigError(f"sweep.variants.{name}: {exc}") from None
         except ConfigError as exc:
             raise ConfigError(f"sweep.methods: {name!r}: {exc}") from None
@@ -69,10 +74,20 @@ def comparison(trials_dir: Path, out: Path, title: str) -> dict | None:
         s = json.loads(path.read_text())
         variant = (s["config"].get("sweep") or {}).get("variant") or s["config"]["method"]
         budget = s["config"]["budget"].get("fraction")
-        records.append({"model": s["config"]["model"]["name"], "method": variant, "budget": budget,
-                        "seed": s["config"]["train"]["seed"], "setting": (("variant", variant), ("budget", budget)),
-                        "test_acc": s["test_acc"], "macs": s["compact"]["macs"], "params": s["compact"]["params"],
-                        "dense_macs": s["dense"]["macs"], "dense_params": s["dense"]["params"]})
+        records.append(
+            {
+                "model": s["config"]["model"]["name"],
+                "method": variant,
+                "budget": budget,
+                "seed": s["config"]["train"]["seed"],
+                "setting": (("variant", variant), ("budget", budget)),
+                "test_acc": s["test_acc"],
+                "macs": s["compact"]["macs"],
+                "params": s["compact"]["params"],
+                "dense_macs": s["dense"]["macs"],
+                "dense_params": s["dense"]["params"],
+            }
+        )
     if not records:
         return None
     rows = aggregate(records)

@@ -45,7 +45,9 @@ def run_name(cfg: Config) -> str:
     return cfg.distributed.name or Path(cfg.out_dir).resolve().name
 
 
-def launch(cfg: Config, worker: Worker, summary_json: str | Path | None = None, launched_at: float | None = None) -> dict:
+def launch(
+    cfg: Config, worker: Worker, summary_json: str | Path | None = None, launched_at: float | None = None
+) -> dict:
     """Train `cfg` on Ray Train, `worker` on every worker; returns the summary (also written to
     out_dir/summary.json).
 
@@ -77,8 +79,15 @@ def _launch(cfg: Config, worker: Worker, out: Path, summary_json: str | Path | N
     return result
 
 
-def make_trainer(cfg: Config, worker: Worker, storage: str, marks: dict, launched_at: float,
-                 tracking: tuple[str, str] | None, callbacks: list | None = None):
+def make_trainer(
+    cfg: Config,
+    worker: Worker,
+    storage: str,
+    marks: dict,
+    launched_at: float,
+    tracking: tuple[str, str] | None,
+    callbacks: list | None = None,
+):
     """The TorchTrainer that runs `worker` on every worker (train and tune share it)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -90,9 +99,12 @@ def make_trainer(cfg: Config, worker: Worker, storage: str, marks: dict, launche
         train_loop_config={"config": cfg.to_dict(), "launched_at": launched_at, "marks": marks, "tracking": tracking},
         torch_config=TorchConfig(backend=backend),
         # [min, max]: Ray Train's elastic worker group (a tuple), which resizes between them.
-        scaling_config=ScalingConfig(num_workers=d.num_workers if isinstance(d.num_workers, int) else tuple(d.num_workers),
-                                     elastic_resize_monitor_interval_s=d.resize_interval, use_gpu=d.use_gpu,
-                                     resources_per_worker=dict(d.resources_per_worker) or None),
+        scaling_config=ScalingConfig(
+            num_workers=d.num_workers if isinstance(d.num_workers, int) else tuple(d.num_workers),
+            elastic_resize_monitor_interval_s=d.resize_interval,
+            use_gpu=d.use_gpu,
+            resources_per_worker=dict(d.resources_per_worker) or None,
+        ),
         run_config=RunConfig(
             name=run_name(cfg),
             storage_path=storage,
@@ -127,9 +139,11 @@ def fit(trainer, cfg: Config, storage: str):
         rank, failure = min(exc.worker_failures.items(), key=lambda item: item[0])
         cause = getattr(failure, "cause", failure)
         first = (str(cause).strip().splitlines() or [""])[0][:300]
-        raise RunFailed(f"worker {rank} failed ({type(cause).__name__}{': ' + first if first else ''}); "
-                        f"distributed.max_failures={cfg.distributed.max_failures} allows no more restarts; "
-                        f"{resume_hint(cfg, storage)}") from exc
+        raise RunFailed(
+            f"worker {rank} failed ({type(cause).__name__}{': ' + first if first else ''}); "
+            f"distributed.max_failures={cfg.distributed.max_failures} allows no more restarts; "
+            f"{resume_hint(cfg, storage)}"
+        ) from exc
 
 
 def _in_thread(call: Callable):
@@ -184,7 +198,9 @@ def check_previous_launch(cfg: Config, out: Path, storage: str) -> None:
             old = None  # written by another version: the workers' check on the checkpoint decides
         for key in RESUME_KEYS:
             if old is not None and getattr(old, key) != getattr(cfg, key):
-                raise ConfigError(f"{key}: differs from the checkpoint in {run_dir} that this run would resume; "
-                                  f"use another out_dir (or distributed.name) for a new run, or the earlier {key} settings")
+                raise ConfigError(
+                    f"{key}: differs from the checkpoint in {run_dir} that this run would resume; "
+                    f"use another out_dir (or distributed.name) for a new run, or the earlier {key} settings"
+                )
     # Every checkpoint damaged: one line now, not one attempt per allowed failure on the same files.
     checkpoint.choose(stored, say=lambda line: None)

@@ -39,8 +39,13 @@ TRIAL_TAG = "distswitch.tune_trial_id"
 def search_space(cfg: Config) -> dict:
     from ray import tune
 
-    make = {"choice": tune.choice, "grid": tune.grid_search, "uniform": lambda v: tune.uniform(*v),
-            "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(*v)}
+    make = {
+        "choice": tune.choice,
+        "grid": tune.grid_search,
+        "uniform": lambda v: tune.uniform(*v),
+        "loguniform": lambda v: tune.loguniform(*v),
+        "randint": lambda v: tune.randint(*v),
+    }
     return {key: make[kind](values) for key, spec in cfg.tune.space.items() for kind, values in spec.items()}
 
 
@@ -74,9 +79,11 @@ def max_concurrent(ray, cfg: Config, sweep: bool = False) -> int:
             # Elastic trials are counted at their largest, so that they can grow.
             fits.append(int(have.get(name, 0) // (amount * d.max_workers)))
             if per_trial > have.get(name, 0):
-                raise ConfigError(f"distributed: one trial needs {per_trial:g} {name} ({d.min_workers} workers), the "
-                                  f"cluster has {have.get(name, 0):g}; lower distributed.num_workers or "
-                                  "distributed.resources_per_worker")
+                raise ConfigError(
+                    f"distributed: one trial needs {per_trial:g} {name} ({d.min_workers} workers), the "
+                    f"cluster has {have.get(name, 0):g}; lower distributed.num_workers or "
+                    "distributed.resources_per_worker"
+                )
     chosen = cfg.sweep.max_concurrent_trials if sweep else cfg.tune.max_concurrent_trials
     return chosen or max(1, min(fits) if fits else 1)
 
@@ -117,12 +124,28 @@ def _tune(cfg: Config, worker: Worker, out: Path, launched_at: float, sweep: boo
     return summary
 
 
-def _search(ray, cfg: Config, worker: Worker, out: Path, name: str, storage: str, search: RunHandle,
-            launched_at: float, sweep: bool) -> dict:
+def _search(
+    ray,
+    cfg: Config,
+    worker: Worker,
+    out: Path,
+    name: str,
+    storage: str,
+    search: RunHandle,
+    launched_at: float,
+    sweep: bool,
+) -> dict:
     from ray import tune as rtune
 
-    trainable = rtune.with_parameters(_trial, base=cfg.to_dict(), worker=worker, trials_dir=str(out.resolve() / "trials"),
-                                      storage=storage, search=search, launched_at=launched_at)
+    trainable = rtune.with_parameters(
+        _trial,
+        base=cfg.to_dict(),
+        worker=worker,
+        trials_dir=str(out.resolve() / "trials"),
+        storage=storage,
+        search=search,
+        launched_at=launched_at,
+    )
     trainable = rtune.with_resources(trainable, TRIAL_DRIVER_RESOURCES)
     path = f"{storage}/{name}"
     grid = _tuner(ray, cfg, trainable, name, storage, search, sweep).fit()
@@ -135,10 +158,16 @@ def _search(ray, cfg: Config, worker: Worker, out: Path, name: str, storage: str
     best_cfg = dataclasses.replace(best_cfg, distributed=dataclasses.replace(best_cfg.distributed, name=None))
     write_text(out / "best_config.yaml", best_cfg.to_yaml())
     return {
-        "name": name, "metric": cfg.tune.metric, "trials": rows, "num_trials": len(rows),
-        "best": {"config": best.config, "metrics": {k: best.metrics.get(k) for k in ("val/acc", "test/acc",
-                                                                                     "kept_fraction", "tune/score")}},
-        "best_config_path": str(out / "best_config.yaml"), "path": path,
+        "name": name,
+        "metric": cfg.tune.metric,
+        "trials": rows,
+        "num_trials": len(rows),
+        "best": {
+            "config": best.config,
+            "metrics": {k: best.metrics.get(k) for k in ("val/acc", "test/acc", "kept_fraction", "tune/score")},
+        },
+        "best_config_path": str(out / "best_config.yaml"),
+        "path": path,
         "mlflow": {"tracking_uri": search.uri, "run_id": search.run_id} if search.run_id is not None else None,
     }
 
@@ -149,8 +178,10 @@ def _row(result) -> dict:
     return {
         "trial": result.path.rsplit("/", 1)[-1] if result.path else None,
         **{f"config.{k}": v for k, v in (result.config or {}).items()},
-        "val/acc": metrics.get("val/acc"), "test/acc": metrics.get("test/acc"),
-        "kept_fraction": metrics.get("kept_fraction"), "tune/score": metrics.get("tune/score"),
+        "val/acc": metrics.get("val/acc"),
+        "test/acc": metrics.get("test/acc"),
+        "kept_fraction": metrics.get("kept_fraction"),
+        "tune/score": metrics.get("tune/score"),
         "epochs_reported": metrics.get("training_iteration"),
         "error": str(result.error)[:300] if result.error else None,
     }
@@ -170,22 +201,34 @@ def _tuner(ray, cfg: Config, trainable, name: str, storage: str, search: RunHand
     # trial that reaches max_t, so max_t lies beyond the last report: a trial that survives
     # the rungs ends by itself and closes its MLflow run with the model logged.
     # A sweep runs every trial to the end: the comparison needs them all.
-    scheduler = None if sweep else ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs + 2,
-                                                 grace_period=cfg.tune.grace_period,
-                                                 reduction_factor=cfg.tune.reduction_factor)
+    scheduler = (
+        None
+        if sweep
+        else ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=cfg.train.epochs + 2,
+            grace_period=cfg.tune.grace_period,
+            reduction_factor=cfg.tune.reduction_factor,
+        )
+    )
     callbacks = [close_runs_callback(search.uri)] if search.run_id is not None else []
     return rtune.Tuner(
         trainable,
         param_space=space,
-        tune_config=rtune.TuneConfig(metric=cfg.tune.metric, mode="max", scheduler=scheduler,
-                                     num_samples=1 if sweep else cfg.tune.num_samples,
-                                     max_concurrent_trials=max_concurrent(ray, cfg, sweep)),
+        tune_config=rtune.TuneConfig(
+            metric=cfg.tune.metric,
+            mode="max",
+            scheduler=scheduler,
+            num_samples=1 if sweep else cfg.tune.num_samples,
+            max_concurrent_trials=max_concurrent(ray, cfg, sweep),
+        ),
         run_config=rtune.RunConfig(name=name, storage_path=storage, callbacks=callbacks),
     )
 
 
-def _trial(values: dict, base: dict, worker: Worker, trials_dir: str, storage: str, search: RunHandle,
-           launched_at: float) -> None:
+def _trial(
+    values: dict, base: dict, worker: Worker, trials_dir: str, storage: str, search: RunHandle, launched_at: float
+) -> None:
     """One trial: the `train` launch with this trial's values, reporting its epochs to Tune."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback

@@ -41,7 +41,9 @@ def budget_cost(cfg: Config, cost: CostModel | None) -> CostModel | None:
 def min_units(cfg: Config, specs: list[GateSpec]) -> list[int]:
     """Fewest units each unit group keeps in a cut: budget.min_width of its width (rounded up), and
     switcher.min_kept, at least 1 (a layer needs a unit)."""
-    return [min(s.units, max(1, cfg.switcher.min_kept, math.ceil(cfg.budget.min_width * s.units - 1e-9))) for s in specs]
+    return [
+        min(s.units, max(1, cfg.switcher.min_kept, math.ceil(cfg.budget.min_width * s.units - 1e-9))) for s in specs
+    ]
 
 
 class Method:
@@ -94,8 +96,9 @@ class Method:
         """TNN steps' extra loss: `budget.sparse_learning` times the group norms of the units to shrink."""
         if self.shrink is None:
             return 0.0
-        return self.cfg.budget.sparse_learning * sum((t * (n + 1e-12).sqrt()).sum()
-                                                     for t, n in zip(self.shrink, sq_norms) if n is not None)
+        return self.cfg.budget.sparse_learning * sum(
+            (t * (n + 1e-12).sqrt()).sum() for t, n in zip(self.shrink, sq_norms) if n is not None
+        )
 
     def selectable(self, epoch: int) -> bool:
         """Whether the model after `epoch` may be chosen as the result (validation accuracy)."""
@@ -110,9 +113,7 @@ class FixedFactors(nn.Module):
 
     def __init__(self, specs: list[GateSpec], learnable: bool) -> None:
         super().__init__()
-        self.scales = nn.ParameterList(
-            nn.Parameter(torch.ones(s.factor_shape), requires_grad=learnable) for s in specs
-        )
+        self.scales = nn.ParameterList(nn.Parameter(torch.ones(s.factor_shape), requires_grad=learnable) for s in specs)
         for k, s in enumerate(specs):
             self.register_buffer(f"mask{k}", torch.ones(s.factor_shape))
 

@@ -27,8 +27,9 @@ class Dense(Method):
 
 
 class _PruneOnce(Method):
-    def __init__(self, cfg: Config, specs: list[GateSpec], steps_per_epoch: int, cost: CostModel | None,
-                 learnable: bool) -> None:
+    def __init__(
+        self, cfg: Config, specs: list[GateSpec], steps_per_epoch: int, cost: CostModel | None, learnable: bool
+    ) -> None:
         super().__init__(cfg, specs, steps_per_epoch, budget_cost(cfg, cost))
         cost = self.cost
         self.source = FixedFactors(specs, learnable)
@@ -158,9 +159,15 @@ class TorchPruning(Magnitude):
         gated = set(roots)
         ignored = [m for m in modules.values() if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in gated]
         pruner = tp.pruner.MetaPruner(
-            model, example, importance=tp.importance.GroupMagnitudeImportance(p=2), global_pruning=True,
-            pruning_ratio=1 - self.cfg.budget.min_width, max_pruning_ratio=1 - self.cfg.budget.min_width,
-            iterative_steps=self.STEPS, ignored_layers=ignored)
+            model,
+            example,
+            importance=tp.importance.GroupMagnitudeImportance(p=2),
+            global_pruning=True,
+            pruning_ratio=1 - self.cfg.budget.min_width,
+            max_pruning_ratio=1 - self.cfg.budget.min_width,
+            iterative_steps=self.STEPS,
+            ignored_layers=ignored,
+        )
         left = [list(range(s.units)) for s in self.specs]  # original indices still in each group
         removed: list[tuple[int, int]] = []  # (group, original index) in the pruner's order
         target = fraction * self.cost.dense

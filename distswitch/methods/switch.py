@@ -98,11 +98,14 @@ class Switch(Method):
         else:
             self.source = OnOffSwitcher(switcher) if hard else switcher
         if self.budgeted and cfg.switcher.ties == "score" and not hasattr(switcher, "scores"):
-            raise ValueError(f"switcher.ties=score: switcher.arch={cfg.switcher.arch} has no scores(views) "
-                             "(its factors before the final ReLU); set switcher.ties=index")
+            raise ValueError(
+                f"switcher.ties=score: switcher.arch={cfg.switcher.arch} has no scores(views) "
+                "(its factors before the final ReLU); set switcher.ties=index"
+            )
         self.cut_epoch = cfg.train.epochs - cfg.schedule.finetune_epochs
-        self.alternation = Alternation(cfg.schedule.update_ratio, cfg.schedule.warmup_epochs, steps_per_epoch,
-                                       finetune_from=self.cut_epoch)
+        self.alternation = Alternation(
+            cfg.schedule.update_ratio, cfg.schedule.warmup_epochs, steps_per_epoch, finetune_from=self.cut_epoch
+        )
         self._coeffs = None  # the cost polynomial on the factors' device, made at first use
 
     def phase_at(self, epoch: int, step: int) -> Phase:
@@ -145,8 +148,11 @@ class Switch(Method):
         shrinking = self.cfg.budget.sparse_learning > 0 and start <= epoch < self.cut_epoch
         if start <= epoch <= self.cut_epoch:
             scores = self._scores(views)  # one pass serves the cut and sparse learning
-            self._cut(scores, scheduled_fraction(self.cfg.budget.fraction, epoch, start, self.cut_epoch),
-                      final=epoch == self.cut_epoch)
+            self._cut(
+                scores,
+                scheduled_fraction(self.cfg.budget.fraction, epoch, start, self.cut_epoch),
+                final=epoch == self.cut_epoch,
+            )
         if self.cfg.budget.sparse_learning > 0:  # (the first cut's epoch on: the scores mean something)
             self.set_shrink(self.budget_cut(scores, self.cfg.budget.fraction) if shrinking else None)
         self.source.set_cut(epoch >= self.cut_epoch)  # a resumed run gets the frozen factors from its checkpoint

@@ -19,4 +19,3 @@ def create_tnn(name: str, in_channels: int, num_classes: int, image_size: int) -
 
 def list_models() -> list[str]:
     return MODELS.names()
-

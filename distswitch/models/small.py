@@ -15,14 +15,16 @@ from distswitch.models.registry import MODELS
 
 @MODELS.register("mlp")
 def mlp(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
-    return nn.Sequential(OrderedDict(
-        flatten=nn.Flatten(),
-        fc1=nn.Linear(in_channels * image_size * image_size, 300),
-        relu1=nn.ReLU(),
-        fc2=nn.Linear(300, 100),
-        relu2=nn.ReLU(),
-        fc3=nn.Linear(100, num_classes),
-    ))
+    return nn.Sequential(
+        OrderedDict(
+            flatten=nn.Flatten(),
+            fc1=nn.Linear(in_channels * image_size * image_size, 300),
+            relu1=nn.ReLU(),
+            fc2=nn.Linear(300, 100),
+            relu2=nn.ReLU(),
+            fc3=nn.Linear(100, num_classes),
+        )
+    )
 
 
 @MODELS.register("lenet5")
@@ -31,15 +33,17 @@ def lenet5(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     side = ((image_size - 4) // 2 - 4) // 2
     if side < 1:
         raise ValueError(f"lenet5 needs images of at least 16x16, got {image_size}x{image_size}")
-    return nn.Sequential(OrderedDict(
-        conv1=nn.Conv2d(in_channels, 20, 5),
-        relu1=nn.ReLU(),
-        pool1=nn.MaxPool2d(2),
-        conv2=nn.Conv2d(20, 50, 5),
-        relu2=nn.ReLU(),
-        pool2=nn.MaxPool2d(2),
-        flatten=nn.Flatten(),
-        fc1=nn.Linear(50 * side * side, 500),
-        relu3=nn.ReLU(),
-        fc2=nn.Linear(500, num_classes),
-    ))
+    return nn.Sequential(
+        OrderedDict(
+            conv1=nn.Conv2d(in_channels, 20, 5),
+            relu1=nn.ReLU(),
+            pool1=nn.MaxPool2d(2),
+            conv2=nn.Conv2d(20, 50, 5),
+            relu2=nn.ReLU(),
+            pool2=nn.MaxPool2d(2),
+            flatten=nn.Flatten(),
+            fc1=nn.Linear(50 * side * side, 500),
+            relu3=nn.ReLU(),
+            fc2=nn.Linear(500, num_classes),
+        )
+    )

@@ -72,7 +72,9 @@ class CifarResNet(nn.Module):
                 stride = 2 if stage > 1 and b == 0 else 1
                 shortcut = None
                 if stride != 1 or planes_in != planes:
-                    shortcut = nn.Sequential(nn.Conv2d(planes_in, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+                    shortcut = nn.Sequential(
+                        nn.Conv2d(planes_in, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+                    )
                 blocks.append(BasicBlock(planes_in, planes, stride, shortcut))
                 planes_in = planes
             setattr(self, f"layer{stage}", nn.Sequential(*blocks))
@@ -128,14 +130,27 @@ def _vgg_features(config: str, in_channels: int, image_size: int) -> tuple[nn.Se
 def _vgg(config: str, in_channels: int, image_size: int, classifier) -> nn.Module:
     """VGG's BN features, global pooling, and `classifier(feature channels)`."""
     features, channels = _vgg_features(config, in_channels, image_size)
-    return nn.Sequential(OrderedDict(features=features, pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(),
-                                     classifier=classifier(channels)))
+    return nn.Sequential(
+        OrderedDict(
+            features=features, pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), classifier=classifier(channels)
+        )
+    )
 
 
 @MODELS.register("vgg16")
 def vgg16(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
-    return _vgg("D", in_channels, image_size, lambda c: nn.Sequential(
-        nn.Linear(c, 512), nn.ReLU(inplace=True), nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Linear(512, num_classes)))
+    return _vgg(
+        "D",
+        in_channels,
+        image_size,
+        lambda c: nn.Sequential(
+            nn.Linear(c, 512),
+            nn.ReLU(inplace=True),
+            nn.Linear(512, 512),
+            nn.ReLU(inplace=True),
+            nn.Linear(512, num_classes),
+        ),
+    )
 
 
 @MODELS.register("vgg19")

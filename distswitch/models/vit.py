@@ -40,8 +40,10 @@ class Attention(nn.Module):
     def prune_heads(self, heads: list[int]) -> None:
         """Remove these heads in place (their q/k/v rows, their output-projection columns)."""
         drop = set(heads)
-        keep = torch.tensor([i for h in range(self.heads) if h not in drop
-                             for i in range(h * self.head_dim, (h + 1) * self.head_dim)], dtype=torch.long)
+        keep = torch.tensor(
+            [i for h in range(self.heads) if h not in drop for i in range(h * self.head_dim, (h + 1) * self.head_dim)],
+            dtype=torch.long,
+        )
         for name in ("q", "k", "v"):
             old = getattr(self, name)
             new = nn.Linear(old.in_features, len(keep), bias=old.bias is not None).to(old.weight)
@@ -70,8 +72,17 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, in_channels: int, num_classes: int, image_size: int, patch: int, dim: int = 192,
-                 depth: int = 12, heads: int = 3, mlp: int = 768) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        image_size: int,
+        patch: int,
+        dim: int = 192,
+        depth: int = 12,
+        heads: int = 3,
+        mlp: int = 768,
+    ) -> None:
         super().__init__()
         if image_size % patch:
             raise ValueError(f"vit_tiny: image size {image_size} is not a multiple of its patch size {patch}")

@@ -40,8 +40,18 @@ class RunState:
 
 
 class EpochEnd:
-    def __init__(self, cfg: Config, info: DatasetInfo, engine: Engine, replicas: Replicas, session, state: RunState,
-                 steps_per_epoch: int, scratch: Path, observers: list) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        info: DatasetInfo,
+        engine: Engine,
+        replicas: Replicas,
+        session,
+        state: RunState,
+        steps_per_epoch: int,
+        scratch: Path,
+        observers: list,
+    ) -> None:
         self.cfg, self.info, self.engine, self.replicas, self.session = cfg, info, engine, replicas, session
         self.state, self.steps, self.scratch, self.observers = state, steps_per_epoch, scratch, observers
         self.lead = session.rank == 0
@@ -72,8 +82,10 @@ class EpochEnd:
         rng = self.replicas.gather(checkpoint.rng_state())
         stats.replica_digests = self.replicas.gather(state_digest(self.engine.tnn, self.engine.method.source))
         if len(set(stats.replica_digests)) > 1:
-            raise RuntimeError(f"worker replicas diverged by the end of epoch {stats.epoch + 1} "
-                               f"(parameter digests {stats.replica_digests}); please report this")
+            raise RuntimeError(
+                f"worker replicas diverged by the end of epoch {stats.epoch + 1} "
+                f"(parameter digests {stats.replica_digests}); please report this"
+            )
         return rng
 
     def save(self, stats: EpochStats, is_best: bool, rng: list[dict] | None) -> Path | None:
@@ -95,7 +107,9 @@ class EpochEnd:
 
     def report(self, stats: EpochStats, folder: Path | None) -> None:
         metrics = epoch_metrics(stats)
-        metrics["tune/score"] = stats.val_acc - self.cfg.tune.kept_weight * stats.kept_fraction  # `distswitch tune`'s trade-off
+        metrics["tune/score"] = (
+            stats.val_acc - self.cfg.tune.kept_weight * stats.kept_fraction
+        )  # `distswitch tune`'s trade-off
         self.session.report(metrics, folder, folder.name if folder is not None else f"epoch_{stats.epoch:04d}")
 
 
@@ -115,8 +129,9 @@ def log_epoch(cfg: Config, info: DatasetInfo, engine: Engine, tracker):
     return observe
 
 
-def epoch_end(run: Run, info: DatasetInfo, engine: Engine, replicas: Replicas, state: RunState,
-              steps_per_epoch: int) -> EpochEnd:
+def epoch_end(
+    run: Run, info: DatasetInfo, engine: Engine, replicas: Replicas, state: RunState, steps_per_epoch: int
+) -> EpochEnd:
     """The epoch's end for this rank, its observers chosen once."""
     lead = run.session.rank == 0
     observers = [print_epoch(run.cfg)] if lead else []
@@ -127,8 +142,14 @@ def epoch_end(run: Run, info: DatasetInfo, engine: Engine, replicas: Replicas, s
 
 def epoch_metrics(s: EpochStats) -> dict:
     """Flat per-epoch metrics (what Ray Train records; MLflow-style names)."""
-    m = {"epoch": s.epoch, "val/acc": s.val_acc, "val/loss": s.val_loss, "kept_fraction": s.kept_fraction,
-         "seconds": s.seconds, "images_per_s": s.images_per_s}
+    m = {
+        "epoch": s.epoch,
+        "val/acc": s.val_acc,
+        "val/loss": s.val_loss,
+        "kept_fraction": s.kept_fraction,
+        "seconds": s.seconds,
+        "images_per_s": s.images_per_s,
+    }
     for ph, v in s.train_loss.items():
         m[f"{ph}/loss"] = v
     for ph, v in s.train_acc.items():
@@ -149,8 +170,14 @@ def tracking_metrics(stats: EpochStats, size: dict | None, dense: dict) -> dict:
     every = epoch_metrics(stats)
     metrics = {"val/acc": every.pop("val/acc"), "kept_fraction": every.pop("kept_fraction")}
     if size is not None:
-        metrics.update({"compact/macs": size["macs"], "compact/params": size["params"],
-                        "macs_kept": size["macs"] / dense["macs"], "params_kept": size["params"] / dense["params"]})
+        metrics.update(
+            {
+                "compact/macs": size["macs"],
+                "compact/params": size["params"],
+                "macs_kept": size["macs"] / dense["macs"],
+                "params_kept": size["params"] / dense["params"],
+            }
+        )
     del every["epoch"]
     metrics.update(every)
     for layer, row in stats.kept.get("layers", {}).items():
@@ -162,5 +189,7 @@ def epoch_line(cfg: Config, s: EpochStats) -> str:
     losses = " ".join(f"{ph}/loss={v:.4f}" for ph, v in s.train_loss.items())
     layers = (s.kept or {}).get("layers") or {}
     widths = f" [{widths_line(layers)}]" if layers else ""
-    return (f"epoch {s.epoch + 1}/{cfg.train.epochs} {losses} val/acc={s.val_acc:.4f} "
-            f"kept={s.kept_fraction:.3f}{widths} ({s.seconds:.1f}s, {s.images_per_s:.0f} img/s)")
+    return (
+        f"epoch {s.epoch + 1}/{cfg.train.epochs} {losses} val/acc={s.val_acc:.4f} "
+        f"kept={s.kept_fraction:.3f}{widths} ({s.seconds:.1f}s, {s.images_per_s:.0f} img/s)"
+    )

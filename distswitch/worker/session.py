@@ -78,10 +78,17 @@ class RaySession(Session):
             return []
         parent = posixpath.dirname(latest.path.rstrip("/"))
         infos = latest.filesystem.get_file_info(pafs.FileSelector(parent))
-        others = [ray.train.Checkpoint(info.path, filesystem=latest.filesystem) for info in infos
-                  if info.type == pafs.FileType.Directory and order(info.base_name) and info.path.rstrip("/") != latest.path.rstrip("/")]
-        return [Stored(posixpath.basename(c.path), c.path, lambda c=c: self._fetch(c), latest=c is latest)
-                for c in [latest, *others]]
+        others = [
+            ray.train.Checkpoint(info.path, filesystem=latest.filesystem)
+            for info in infos
+            if info.type == pafs.FileType.Directory
+            and order(info.base_name)
+            and info.path.rstrip("/") != latest.path.rstrip("/")
+        ]
+        return [
+            Stored(posixpath.basename(c.path), c.path, lambda c=c: self._fetch(c), latest=c is latest)
+            for c in [latest, *others]
+        ]
 
     def _fetch(self, checkpoint) -> Path:
         """A local copy (downloaded when the storage is remote), removed when the run ends."""

@@ -35,8 +35,14 @@ from distswitch.worker.callbacks import RunState, epoch_end
 from distswitch.worker.session import RaySession, Run, Session
 
 
-def train(cfg: Config, session: Session | None = None, device: torch.device | None = None,
-          launched_at: float | None = None, marks: dict[str, float] | None = None, tracker=None) -> dict:
+def train(
+    cfg: Config,
+    session: Session | None = None,
+    device: torch.device | None = None,
+    launched_at: float | None = None,
+    marks: dict[str, float] | None = None,
+    tracker=None,
+) -> dict:
     """Train (resuming from the session's latest checkpoint), select on validation, test once and
     export; returns the summary (complete on rank 0, {} elsewhere). Rank 0's final report carries
     summary.json, model.pt (the compact model) and best.pt. `launched_at` (wall clock of the
@@ -137,9 +143,11 @@ def restore_rng(cfg: Config, saved: list[dict], session: Session, epoch: int, sa
     seed_everything((cfg.train.seed * 1_000_003 + epoch) * 1_009 + session.rank)
     B = cfg.train.batch_size
     sizes = "+".join(str(batch_share(B, r, w).stop - batch_share(B, r, w).start) for r in range(w))
-    say(f"resuming on {w} worker{'s' if w > 1 else ''} a checkpoint of {len(saved)}: the same global batches of "
+    say(
+        f"resuming on {w} worker{'s' if w > 1 else ''} a checkpoint of {len(saved)}: the same global batches of "
         f"{B} in the same order, now split {sizes}; each worker's random generators re-seeded from train.seed, "
-        f"the epoch and its rank")
+        f"the epoch and its rank"
+    )
 
 
 def finish(run: Run, engine: Engine, loaders, state: RunState, start_epoch: int) -> dict:
@@ -159,26 +167,47 @@ def finish(run: Run, engine: Engine, loaders, state: RunState, start_epoch: int)
         export["model_path"] = str(Path(cfg.out_dir) / "model.pt")  # where the launcher puts it
         first_step = engine.first_step_at
         record = Summary(
-            model=cfg.model.name, method=cfg.method, dataset=cfg.data.dataset, device=str(run.device),
-            workers=session.world_size, selected_epoch=epoch, resumed_at_epoch=start_epoch,
-            val_acc=state.best["val_acc"], test_acc=test_acc, test_loss=test_loss, **export,
+            model=cfg.model.name,
+            method=cfg.method,
+            dataset=cfg.data.dataset,
+            device=str(run.device),
+            workers=session.world_size,
+            selected_epoch=epoch,
+            resumed_at_epoch=start_epoch,
+            val_acc=state.best["val_acc"],
+            test_acc=test_acc,
+            test_loss=test_loss,
+            **export,
             **_startup(run, first_step),
             seconds_per_epoch=float(np.mean([h.seconds for h in history])),
             images_per_s=float(np.mean([h.images_per_s for h in history])),
             comm_bytes_per_step=history[-1].comm_bytes_per_step if history else {},
-            train_examples=loaders.train_examples, data_loader=cfg.data.loader, git_sha=git_sha(),
-            factor_histograms=factor_histograms(engine, epoch), torch=torch.__version__, out_dir=str(cfg.out_dir),
-            history=[h.to_dict() for h in history], config=cfg.to_dict())
+            train_examples=loaders.train_examples,
+            data_loader=cfg.data.loader,
+            git_sha=git_sha(),
+            factor_histograms=factor_histograms(engine, epoch),
+            torch=torch.__version__,
+            out_dir=str(cfg.out_dir),
+            history=[h.to_dict() for h in history],
+            config=cfg.to_dict(),
+        )
         record.write(final / "summary.json")
         summary = record.to_dict()
         shutil.copyfile(scratch / "best.pt", final / "best.pt")
         if first_step is not None and launched_at is not None:
-            print(f"start-up: {record.startup_seconds:.1f} s from launch to the first step", file=sys.stderr, flush=True)
+            print(
+                f"start-up: {record.startup_seconds:.1f} s from launch to the first step", file=sys.stderr, flush=True
+            )
     # The selected epoch's validation figures ride along: a search ranks trials on every report.
     selected = next((h for h in history if h.epoch == epoch), history[-1])
-    final_metrics = {"test/acc": test_acc, "test/loss": test_loss, "epoch": cfg.train.epochs - 1,
-                     "val/acc": state.best["val_acc"], "kept_fraction": selected.kept_fraction,
-                     "tune/score": state.best["val_acc"] - cfg.tune.kept_weight * selected.kept_fraction}
+    final_metrics = {
+        "test/acc": test_acc,
+        "test/loss": test_loss,
+        "epoch": cfg.train.epochs - 1,
+        "val/acc": state.best["val_acc"],
+        "kept_fraction": selected.kept_fraction,
+        "tune/score": state.best["val_acc"] - cfg.tune.kept_weight * selected.kept_fraction,
+    }
     session.report(final_metrics, final if session.rank == 0 else None, "final")
     return summary
 
@@ -189,9 +218,11 @@ def _startup(run: Run, first_step: float | None) -> dict:
     if launched_at is None:
         return {"startup_seconds": None, "startup_origin": None, "startup_timeline": {}}
     marks = {**run.marks, "first_step": first_step or float("nan")}
-    return {"startup_seconds": first_step - launched_at if first_step is not None else None,
-            "startup_origin": launched_at,  # wall clock (time.time) of the timeline's 0
-            "startup_timeline": {k: round(v - launched_at, 2) for k, v in marks.items()}}
+    return {
+        "startup_seconds": first_step - launched_at if first_step is not None else None,
+        "startup_origin": launched_at,  # wall clock (time.time) of the timeline's 0
+        "startup_timeline": {k: round(v - launched_at, 2) for k, v in marks.items()},
+    }
 
 
 class StoppedAt(Exception):
@@ -256,10 +287,18 @@ def ray_main(loop_config: dict) -> None:
         from distswitch.delivery import system_metrics, system_metrics_interval
 
         uri, run_id, out_dir = loop_config["tracking"]
-        monitor = system_metrics(uri, run_id, out_dir, node=get_node_ip_address(), interval=system_metrics_interval(cfg))
+        monitor = system_metrics(
+            uri, run_id, out_dir, node=get_node_ip_address(), interval=system_metrics_interval(cfg)
+        )
     try:
-        train(cfg, session, ray.train.torch.get_device(), launched_at=loop_config.get("launched_at"),
-              marks=loop_config.get("marks"), tracker=tracker)
+        train(
+            cfg,
+            session,
+            ray.train.torch.get_device(),
+            launched_at=loop_config.get("launched_at"),
+            marks=loop_config.get("marks"),
+            tracker=tracker,
+        )
     except stop.STOPS:
         # The Ray boundary: raising would make Ray Train retry from the last checkpoint, into the
         # same stop. `train` reported it as the latest checkpoint; the driver raises it.
