@@ -59,7 +59,7 @@ bench-pareto: setup
 
 ## results: issue 36's tables, from the committed run summaries in benchmarks/results/issue36 alone (runs nothing)
 RECORDS := $(BENCH)/pareto.py --record benchmarks/results/issue36 --report-only --no-mcnemar
-SELECTION := switch switch-hard switch-ties switch-extra switch-fair switch-fair-rank switch-fair-graph magnitude-gradual magnitude-gradual-group
+SELECTION := switch switch-hard switch-ties switch-extra switch-fair switch-fair-rank switch-fair-graph switch-fair-graph-rank magnitude-gradual magnitude-gradual-group
 CONFIRMATION := switch-fair-rank magnitude-gradual magnitude-gradual-group torch-pruning
 results: setup
 	$(RECORDS) --out outputs/results/mlp-selection --models mlp --budgets 0.3 0.15 --metric val_acc --reference magnitude-gradual --methods $(SELECTION)

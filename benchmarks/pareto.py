@@ -81,6 +81,15 @@ VARIANTS = {
         "switcher.ties=score",
         "schedule.snn_steps=extra",
     ],
+    # The relational switcher choosing the units within magnitude's per-layer shares (rank allocation).
+    "switch-fair-graph-rank": [
+        *SWITCH,
+        "switcher.arch=graph",
+        "switcher.gate=hard",
+        "switcher.ties=score",
+        "schedule.snn_steps=extra",
+        "switcher.allocation=rank",
+    ],
     "magnitude": ["method=magnitude"],
     "magnitude-group": ["method=magnitude", "prune.importance=group"],
     "magnitude-gradual-group": ["method=magnitude", "prune.schedule=gradual", "prune.importance=group"],
