@@ -28,8 +28,8 @@ STARTS = ("distswitch ", "uv run distswitch ", "make ", "ray job submit ")
 
 
 def _fenced(text: str) -> list[tuple[str, str]]:
-    """(language, body) of every fenced block."""
-    return re.findall(r"^```(\w*)\n(.*?)^```", text, flags=re.S | re.M)
+    """(language, body) of every fenced block, indented ones (in a list item) too."""
+    return re.findall(r"^[ \t]*```(\w*)\n(.*?)^[ \t]*```", text, flags=re.S | re.M)
 
 
 def _shell_commands(body: str) -> list[str]:
@@ -55,7 +55,7 @@ def _shell_commands(body: str) -> list[str]:
 
 def _inline_commands(text: str) -> list[str]:
     """Code spans in prose that are whole commands (placeholders such as DIR or `...` are not)."""
-    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    prose = re.sub(r"^[ \t]*```.*?^[ \t]*```", "", text, flags=re.S | re.M)
     spans = [" ".join(s.split()) for s in re.findall(r"`([^`]+)`", prose)]
     names = {f"distswitch {c}" for c in ("train", "tune", "sweep", "export", "data prepare")}  # named, not run
     return [
