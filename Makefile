@@ -38,6 +38,7 @@ train: data
 ## test: the whole suite, slow (real training) tests included
 test: setup
 	$(UV) run --locked ruff check distswitch tests benchmarks
+	$(UV) run --locked ruff format --check distswitch tests benchmarks
 	$(UV) run --locked pytest -q $(ARGS)
 
 ## test-fast: skip the slow tests while developing
