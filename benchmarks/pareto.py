@@ -49,6 +49,9 @@ SWITCH = [
     "schedule.snn_steps=replace",
     "switcher.allocation=global",
 ]
+# Issue 36's fair dynamics: a 0/1 gate (factors straight through), tied zeros ordered by the switcher's
+# score, and an SNN step as an extra step (the TNN steps every batch).
+FAIR = ["switcher.gate=hard", "switcher.ties=score", "schedule.snn_steps=extra"]
 # Method variants: name -> overrides.
 VARIANTS = {
     "dense": ["method=dense"],
@@ -64,32 +67,13 @@ VARIANTS = {
     "switch-hard": [*SWITCH, "switcher.gate=hard"],
     "switch-ties": [*SWITCH, "switcher.ties=score"],
     "switch-extra": [*SWITCH, "schedule.snn_steps=extra"],
-    "switch-fair": [*SWITCH, "switcher.gate=hard", "switcher.ties=score", "schedule.snn_steps=extra"],
-    "switch-fair-rank": [
-        *SWITCH,
-        "switcher.gate=hard",
-        "switcher.ties=score",
-        "schedule.snn_steps=extra",
-        "switcher.allocation=rank",
-    ],
+    "switch-fair": [*SWITCH, *FAIR],
+    "switch-fair-rank": [*SWITCH, *FAIR, "switcher.allocation=rank"],
     # Issue 36's relational switcher (messages along the weights between units), alone and with the fair dynamics.
     "switch-graph": [*SWITCH, "switcher.arch=graph"],
-    "switch-fair-graph": [
-        *SWITCH,
-        "switcher.arch=graph",
-        "switcher.gate=hard",
-        "switcher.ties=score",
-        "schedule.snn_steps=extra",
-    ],
+    "switch-fair-graph": [*SWITCH, "switcher.arch=graph", *FAIR],
     # The relational switcher choosing the units within magnitude's per-layer shares (rank allocation).
-    "switch-fair-graph-rank": [
-        *SWITCH,
-        "switcher.arch=graph",
-        "switcher.gate=hard",
-        "switcher.ties=score",
-        "schedule.snn_steps=extra",
-        "switcher.allocation=rank",
-    ],
+    "switch-fair-graph-rank": [*SWITCH, "switcher.arch=graph", *FAIR, "switcher.allocation=rank"],
     "magnitude": ["method=magnitude"],
     "magnitude-group": ["method=magnitude", "prune.importance=group"],
     "magnitude-gradual-group": ["method=magnitude", "prune.schedule=gradual", "prune.importance=group"],

@@ -105,7 +105,7 @@ class EpochLogger:
         if step in self.logged:
             return
         self.logged.add(step)
-        values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        values = _numbers(metrics)
         self.outbox.put(outbox_entry("metrics", self.uri, self.run_id, step=step, metrics=values, epoch=True))
 
     def close(self, timeout: float) -> None:
@@ -123,9 +123,14 @@ def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> 
             uri,
             run_id,
             step=step,
-            metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
+            metrics=_numbers(metrics),
         )
     )
+
+
+def _numbers(metrics: dict) -> dict[str, float]:
+    """The numeric entries of `metrics`, as floats (MLflow takes nothing else as a metric)."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 def system_metrics_interval(cfg: Config) -> float | None:

@@ -107,6 +107,7 @@ def find_gates(
         raise ConfigError(f"model.gated: got {gated!r}; choose one of: {', '.join(GATED_MODES)}")
     modules = list(model.named_modules())
     by_name = dict(modules)
+    position = {name: i for i, (name, _) in enumerate(modules)}
     classifier = _classifier_name(model)
     specs, covered = [], set()
     for name, layer in modules:
@@ -143,7 +144,7 @@ def find_gates(
                 and classifier not in writers
                 and (gated != "fc" or all(isinstance(by_name[n], nn.Linear) for n in writers))
             ):
-                specs.append(_group_spec(modules, writers))
+                specs.append(_group_spec(modules, position, writers))
     if not specs:
         raise ConfigError(
             f"model.gated: {gated!r} with switcher.granularity {granularity!r} selects no layer of "
@@ -152,9 +153,8 @@ def find_gates(
     return specs
 
 
-def _group_spec(modules: list[tuple[str, nn.Module]], writers: list[str]) -> GateSpec:
+def _group_spec(modules: list[tuple[str, nn.Module]], position: dict[str, int], writers: list[str]) -> GateSpec:
     """One ``out`` unit group: the channels every writer in `writers` writes, named after the first."""
-    position = {name: i for i, (name, _) in enumerate(modules)}
     members = tuple((n, _affine_output(modules, position[n])) for n in writers)
     weights = [modules[position[n]][1].weight for n in writers]
     return GateSpec(

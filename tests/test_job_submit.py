@@ -28,6 +28,41 @@ def _ray(*args: str, env: dict, timeout: int = 300) -> subprocess.CompletedProce
     )
 
 
+def _submit_train(env: dict, address: str, job_id: str, out: Path, betons: Path, *extra: str, timeout: int = 300):
+    """`ray job submit` of a short `distswitch train` of the shipped LeNet5 config as cluster/README.md
+    shows it; `extra`: its overrides, and `--no-wait` to return once the job is submitted."""
+    flags = [e for e in extra if e.startswith("--")]
+    overrides = [e for e in extra if not e.startswith("--")]
+    return _ray(
+        "job",
+        "submit",
+        *flags,
+        "--address",
+        address,
+        "--submission-id",
+        job_id,
+        "--working-dir",
+        ".",
+        "--runtime-env",
+        "cluster/runtime_env.yaml",
+        "--",
+        "distswitch",
+        "train",
+        "configs/fashion_lenet5.yaml",
+        f"out_dir={out}",
+        *overrides,
+        "schedule.warmup_epochs=0",
+        "schedule.finetune_epochs=0",
+        "budget.fraction=null",
+        "data.train_limit=2000",
+        "train.progress=false",
+        # /data is not uploaded: the .beton files are on "shared storage", as cluster/README.md says.
+        f"data.beton_dir={betons}",
+        env=env,
+        timeout=timeout,
+    )
+
+
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """`make head`: `ray start --head` bound to 127.0.0.1, token authentication on."""
@@ -61,33 +96,7 @@ def test_ray_job_submit_runs_distswitch_train_to_success(head, tmp_path, fashion
     env, address = head
     out = tmp_path / "job"
     job_id = f"distswitch-test-{uuid.uuid4().hex[:8]}"
-    submit = _ray(
-        "job",
-        "submit",
-        "--address",
-        address,
-        "--submission-id",
-        job_id,
-        "--working-dir",
-        ".",
-        "--runtime-env",
-        "cluster/runtime_env.yaml",
-        "--",
-        "distswitch",
-        "train",
-        "configs/fashion_lenet5.yaml",
-        f"out_dir={out}",
-        "train.epochs=2",
-        "schedule.warmup_epochs=0",
-        "schedule.finetune_epochs=0",
-        "budget.fraction=null",
-        "data.train_limit=2000",
-        "train.progress=false",
-        # /data is not uploaded: the .beton files are on "shared storage", as cluster/README.md says.
-        f"data.beton_dir={fashion_betons}",
-        env=env,
-        timeout=600,
-    )
+    submit = _submit_train(env, address, job_id, out, fashion_betons, "train.epochs=2", timeout=600)
     status = _ray("job", "status", "--address", address, job_id, env=env)
     # `ray job status` ends with "Job '<id>' succeeded" (coloured) for status SUCCEEDED.
     assert f"Job '{job_id}' succeeded" in status.stdout.replace("\x1b[32m", "").replace("\x1b[39m", ""), (
@@ -112,32 +121,7 @@ def test_ray_job_stop_ends_the_run_killed_with_its_checkpoints_kept(head, tmp_pa
     env, address = head
     out = tmp_path / "stopped"
     job_id = f"distswitch-test-{uuid.uuid4().hex[:8]}"
-    submit = _ray(
-        "job",
-        "submit",
-        "--no-wait",
-        "--address",
-        address,
-        "--submission-id",
-        job_id,
-        "--working-dir",
-        ".",
-        "--runtime-env",
-        "cluster/runtime_env.yaml",
-        "--",
-        "distswitch",
-        "train",
-        "configs/fashion_lenet5.yaml",
-        f"out_dir={out}",
-        "train.epochs=6",
-        "schedule.warmup_epochs=0",
-        "schedule.finetune_epochs=0",
-        "budget.fraction=null",
-        "data.train_limit=2000",
-        "train.progress=false",
-        f"data.beton_dir={fashion_betons}",
-        env=env,
-    )
+    submit = _submit_train(env, address, job_id, out, fashion_betons, "train.epochs=6", "--no-wait")
     assert submit.returncode == 0, submit.stderr[-3000:]
     first = out / "ray" / out.name / "epoch_0000"
     deadline = time.time() + 300

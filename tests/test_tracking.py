@@ -4,9 +4,8 @@ resume, marked FAILED with its error, and a clear error for a server that cannot
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +19,9 @@ from distswitch.config import ConfigError, load_config
 from distswitch.delivery import EpochLogger, log_metrics, outbox_dir
 from distswitch.outbox import Journal, unsent
 from distswitch.tracking import RUN_KEY_TAG, fail_run, flatten, open_run
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+from mlflow_screenshot import serve  # noqa: E402  (the same `make ui` start the browser test uses)
 
 
 def _cfg(tmp_path, **sections):
@@ -216,39 +218,15 @@ def test_make_ui_serves_the_store_on_loopback_only(tmp_path):
     # workers, each importing all of MLflow, on 2 cores still shared with the previous test's Ray
     # processes (70 s under load, against 29 s with the one worker `make ui` now asks for). The wait
     # is for the server's own answer, and a server that exits says why.
-    import urllib.request
-
     open_run(_cfg(tmp_path), "store/run")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path / "ui.log"
-    with log.open("w") as sink:
-        proc = subprocess.Popen(
-            ["make", "--no-print-directory", "ui", f"STORE={tmp_path}", f"PORT={port}"],
-            cwd=REPO_ROOT,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline, answered = time.time() + 180, False
-        while time.time() < deadline and not answered and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                    answered = r.status == 200
-            except OSError:
-                time.sleep(0.5)
-        assert answered, f"make ui: no answer on port {port} (exit {proc.poll()}): {log.read_text()[-2000:]}"
+    with serve(tmp_path) as url:  # `make ui` on a free port, once the server answers /health (else it raises)
+        port = int(url.rsplit(":", 1)[1])
         hosts = {
             c.laddr.ip
             for c in psutil.net_connections(kind="inet")
             if c.status == psutil.CONN_LISTEN and c.laddr.port == port
         }
         assert hosts == {"127.0.0.1"}, hosts
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 @pytest.mark.parametrize("before", [None, "sqlite:///elsewhere.db"])

@@ -148,7 +148,7 @@ def _search(
     )
     trainable = rtune.with_resources(trainable, TRIAL_DRIVER_RESOURCES)
     path = f"{storage}/{name}"
-    grid = _tuner(ray, cfg, trainable, name, storage, search, sweep).fit()
+    grid = _tuner(ray, cfg, trainable, name, storage, path, search, sweep).fit()
     rows = [_row(result) for result in grid]
     ok = [r for r in grid if not r.error and (r.metrics or {}).get(cfg.tune.metric) is not None]
     if not ok:
@@ -187,12 +187,11 @@ def _row(result) -> dict:
     }
 
 
-def _tuner(ray, cfg: Config, trainable, name: str, storage: str, search: RunHandle, sweep: bool):
-    """The search's Tuner: restored from `storage/name` when an earlier driver left it there."""
+def _tuner(ray, cfg: Config, trainable, name: str, storage: str, path: str, search: RunHandle, sweep: bool):
+    """The search's Tuner: restored from `path` (storage/name) when an earlier driver left it there."""
     from ray import tune as rtune
     from ray.tune.schedulers import ASHAScheduler
 
-    path = f"{storage}/{name}"
     space = sweeping.grid(cfg) if sweep else search_space(cfg)
     if rtune.Tuner.can_restore(path):
         print(f"resuming the {'sweep' if sweep else 'search'} in {path}", flush=True)
